@@ -1,0 +1,319 @@
+"""The embedded default dataset: a deterministic generator with planted structure.
+
+Each signal is planted so a good model can find it and a weak one cannot:
+
+- **tastes**: every user has a Dirichlet preference over item categories, partly shared with users of the
+  same (gender, age bucket) so profile features carry signal for new users;
+- **popularity**: item exposure follows a power law (Zipf) within a category, so in-batch negatives are
+  heavily skewed (what log-Q correction is for);
+- **sequence**: each category has two successor categories; an impression often comes from a successor of
+  a recent click, and the click probability rises when the target's category succeeds one of the last
+  three clicked categories (what DIN attention over the history is for);
+- **price sensitivity**: the penalty on log price depends on the user's age bucket;
+- **cold start**: a fraction of the catalogue is created during the observed period; an item is never
+  shown before it exists;
+- **impressions**: every event is an impression, clicked with a logistic probability (label 1) or not (0);
+- **item quality**: a hidden per-item offset that only an item-id embedding can learn.
+
+Generation is vectorised: users are sorted by activity so that "the s-th event of every user who has at
+least s+1 events" is a prefix of that order, and one numpy step handles all of them. There is no per-event
+Python loop; the loop runs over event *positions* (at most ``max_events_per_user`` steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from components.config import SyntheticSizes, SyntheticSource
+
+SECOND_NS = 1_000_000_000
+DAY_S = 86_400
+AGE_BUCKETS = np.array([18, 25, 35, 45, 50, 56])
+AGE_PROBS = np.array([0.18, 0.30, 0.22, 0.14, 0.09, 0.07])
+# price sensitivity per age bucket: the young are the most price sensitive
+AGE_PRICE_SENSITIVITY = np.array([1.1, 0.8, 0.45, 0.25, 0.15, 0.35])
+GENDERS = np.array(["F", "M"])
+N_OCCUPATIONS = 21
+N_ZIP_PREFIXES = 50
+HISTORY_DEPTH = 3  # clicks that shape the next impression and its click probability
+
+
+def generate(cfg: SyntheticSource, seed: int) -> dict[str, pd.DataFrame]:
+    """Return the raw ``users``, ``items`` and ``events`` tables; the same ``seed`` gives the same data."""
+    sizes = cfg.sizes()
+    rng = np.random.default_rng(seed)
+    start_s = int(pd.Timestamp(cfg.start_date).timestamp())
+    end_s = start_s + sizes.days * DAY_S
+    users, world_users = _users(rng, sizes, cfg, start_s, end_s)
+    items, world_items = _items(rng, sizes, cfg, start_s, end_s)
+    events = _events(rng, sizes, cfg, world_users, world_items, end_s)
+    return {"users": users, "items": items, "events": events}
+
+
+@dataclass
+class _UserWorld:
+    taste: np.ndarray  # [n_users, C] float32 rows summing to 1
+    taste_cdf: np.ndarray  # [n_users, C] cumulative
+    price_sensitivity: np.ndarray  # [n_users]
+    first_event_s: np.ndarray  # [n_users] earliest possible event time (signup or period start)
+    n_events: np.ndarray  # [n_users] events per user
+
+
+@dataclass
+class _ItemWorld:
+    ids_by_key: np.ndarray  # item ids sorted by (category, created time)
+    key: np.ndarray  # category * 2**32 + created seconds since origin, sorted
+    origin_s: int
+    cum_weight: np.ndarray  # [n_items + 1] cumulative popularity in the sorted order, leading 0
+    category: np.ndarray  # [n_items + 1] category index by item id (index 0 unused)
+    log_price_z: np.ndarray  # [n_items + 1] standardised log price by item id
+    quality: np.ndarray  # [n_items + 1] hidden per-item click offset
+    log_popularity: np.ndarray  # [n_items + 1]
+    successors: np.ndarray  # [C, 2] successor categories
+
+
+def _users(
+    rng: np.random.Generator, sizes: SyntheticSizes, cfg: SyntheticSource, start_s: int, end_s: int
+) -> tuple[pd.DataFrame, _UserWorld]:
+    n, n_cat = sizes.n_users, sizes.n_categories
+    gender_idx = rng.integers(0, 2, n)
+    age_idx = rng.choice(len(AGE_BUCKETS), size=n, p=AGE_PROBS)
+    occupation = rng.integers(0, N_OCCUPATIONS, n)
+    zip_prefix = rng.integers(0, N_ZIP_PREFIXES, n)
+
+    # 85% signed up before the period; the rest during its first 70% (new users arrive over time)
+    new_user = rng.random(n) < 0.15
+    period = end_s - start_s
+    signup_s = np.where(
+        new_user,
+        start_s + (rng.random(n) * 0.7 * period).astype(np.int64),
+        start_s - (rng.random(n) * 365 * DAY_S).astype(np.int64) - 1,
+    )
+
+    group = gender_idx * len(AGE_BUCKETS) + age_idx
+    group_taste = rng.gamma(0.3, size=(2 * len(AGE_BUCKETS), n_cat))
+    group_taste /= group_taste.sum(axis=1, keepdims=True)
+    own_taste = rng.gamma(cfg.taste_concentration, size=(n, n_cat)) + 1e-9
+    own_taste /= own_taste.sum(axis=1, keepdims=True)
+    taste = (0.65 * own_taste + 0.35 * group_taste[group]).astype(np.float32)
+    taste_cdf = np.cumsum(taste, axis=1)
+    taste_cdf[:, -1] = 1.0
+
+    sensitivity = AGE_PRICE_SENSITIVITY[age_idx] * rng.lognormal(0.0, 0.2, n)
+    n_events = _events_per_user(rng, sizes)
+
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(1, n + 1, dtype=np.int64),
+            "gender": GENDERS[gender_idx].astype(object),
+            "age_bucket": AGE_BUCKETS[age_idx].astype(np.int64),
+            "occupation": np.char.add("occ_", occupation.astype(str)).astype(object),
+            "zip_prefix": np.char.add("z", np.char.zfill(zip_prefix.astype(str), 2)).astype(object),
+            "signup_timestamp": _to_utc(signup_s),
+        }
+    )
+    world = _UserWorld(
+        taste=taste,
+        taste_cdf=taste_cdf,
+        price_sensitivity=sensitivity.astype(np.float32),
+        first_event_s=np.maximum(signup_s + 1, start_s),
+        n_events=n_events,
+    )
+    return users, world
+
+
+def _events_per_user(rng: np.random.Generator, sizes: SyntheticSizes) -> np.ndarray:
+    """Heavy-tailed activity that sums exactly to ``n_events`` with nobody above the per-user cap."""
+    cap = sizes.max_events_per_user
+    if sizes.n_events > cap * sizes.n_users:
+        raise ValueError(
+            f"data.synthetic: n_events={sizes.n_events} cannot fit n_users={sizes.n_users} x "
+            f"max_events_per_user={cap}"
+        )
+    weight = rng.lognormal(0.0, 1.0, sizes.n_users)
+    counts = np.minimum(rng.multinomial(sizes.n_events, weight / weight.sum()), cap)
+    while (deficit := sizes.n_events - int(counts.sum())) > 0:
+        room = (counts < cap) * weight
+        counts = np.minimum(counts + rng.multinomial(deficit, room / room.sum()), cap)
+    return counts.astype(np.int64)
+
+
+def _items(
+    rng: np.random.Generator, sizes: SyntheticSizes, cfg: SyntheticSource, start_s: int, end_s: int
+) -> tuple[pd.DataFrame, _ItemWorld]:
+    n, n_cat = sizes.n_items, sizes.n_categories
+    category_share = rng.dirichlet(np.full(n_cat, 2.0))
+    category = rng.choice(n_cat, size=n, p=category_share)
+    category[:n_cat] = np.arange(n_cat)  # every category has at least one item
+    brand = category * 7919 % sizes.n_brands + rng.integers(0, max(1, sizes.n_brands // n_cat), n)
+    brand %= sizes.n_brands
+    category_log_price = rng.uniform(1.5, 5.0, n_cat)
+    log_price = category_log_price[category] + rng.normal(0.0, 0.45, n)
+    price = np.round(np.exp(log_price), 2)
+
+    cold = rng.random(n) < cfg.cold_start_fraction
+    cold[:n_cat] = False  # the first item of each category exists before the period starts
+    created_s = np.where(
+        cold,
+        start_s + (rng.random(n) * (end_s - start_s - DAY_S)).astype(np.int64),
+        start_s - (rng.random(n) * 2 * 365 * DAY_S).astype(np.int64) - 1,
+    )
+    rank = rng.permutation(n) + 1
+    popularity = rank.astype(np.float64) ** -cfg.popularity_exponent
+
+    origin_s = int(created_s.min())
+    key = category.astype(np.int64) * 2**32 + (created_s - origin_s)
+    order = np.argsort(key, kind="stable")
+    successors = np.stack([rng.permutation(n_cat), rng.permutation(n_cat)], axis=1)
+
+    def by_id(values: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        out = np.zeros(n + 1, dtype=dtype)
+        out[1:] = values
+        return out
+
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, n + 1, dtype=np.int64),
+            "category": np.char.add("cat_", np.char.zfill(category.astype(str), 2)).astype(object),
+            "brand": np.char.add("brand_", brand.astype(str)).astype(object),
+            "price": price.astype(np.float64),
+            "created_timestamp": _to_utc(created_s),
+        }
+    )
+    world = _ItemWorld(
+        ids_by_key=(order + 1).astype(np.int64),
+        key=key[order],
+        origin_s=origin_s,
+        cum_weight=np.concatenate([[0.0], np.cumsum(popularity[order])]),
+        category=by_id(category, np.int64),
+        log_price_z=by_id((log_price - log_price.mean()) / log_price.std()),
+        quality=by_id(rng.normal(0.0, 0.5, n)),
+        log_popularity=by_id(np.log(popularity / popularity.max())),
+        successors=successors,
+    )
+    return items, world
+
+
+def _events(
+    rng: np.random.Generator,
+    sizes: SyntheticSizes,
+    cfg: SyntheticSource,
+    users: _UserWorld,
+    items: _ItemWorld,
+    end_s: int,
+) -> pd.DataFrame:
+    n_cat = sizes.n_categories
+    # users by activity, descending: at position s the active users are a prefix of this order
+    order = np.argsort(-users.n_events, kind="stable")
+    counts = users.n_events[order]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    active_at = np.searchsorted(-counts, -np.arange(counts.max() if total else 0), side="left")
+
+    ts = _event_times(rng, counts, users.first_event_s[order], end_s)
+    item_out = np.empty(total, dtype=np.int64)
+    label_out = np.empty(total, dtype=np.int8)
+    recent = np.full((len(order), HISTORY_DEPTH), -1, dtype=np.int64)  # last clicked categories
+
+    for position, n_active in enumerate(active_at):
+        slot = offsets[:n_active] + position
+        who = order[:n_active]
+        last = recent[:n_active]
+        category = _impression_category(rng, cfg, users.taste_cdf[who], last, items.successors, n_cat)
+        item = _pick_items(rng, items, category, ts[slot])
+        logit = _click_logit(cfg, users, items, who, item, category, last)
+        clicked = rng.random(n_active) < 1.0 / (1.0 + np.exp(-logit))
+        item_out[slot] = item
+        label_out[slot] = clicked
+        shifted = np.concatenate([category[:, None], last[:, :-1]], axis=1)
+        recent[:n_active] = np.where(clicked[:, None], shifted, last)
+
+    user_ids = np.repeat(order + 1, counts).astype(np.int64)
+    events = pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "item_id": item_out,
+            "event_timestamp": _to_utc(ts),
+            "label": label_out.astype(np.int64),
+            "event_type": np.where(label_out == 1, "click", "impression").astype(object),
+        }
+    )
+    return events.sort_values(["event_timestamp", "user_id"], kind="stable", ignore_index=True)
+
+
+def _event_times(rng: np.random.Generator, counts: np.ndarray, first_s: np.ndarray, end_s: int) -> np.ndarray:
+    """Strictly increasing times per user between their first possible time and the period end."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    within = np.sort(owner + rng.random(len(owner))) - owner  # sorted uniforms per user block
+    rank = np.arange(len(owner)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    span = np.maximum(end_s - first_s[owner] - counts[owner] - 1, 0)
+    return first_s[owner] + (within * span).astype(np.int64) + rank
+
+
+def _impression_category(
+    rng: np.random.Generator,
+    cfg: SyntheticSource,
+    taste_cdf: np.ndarray,
+    last: np.ndarray,
+    successors: np.ndarray,
+    n_cat: int,
+) -> np.ndarray:
+    """The logging policy: successors of the last click, the user's taste, or exploration."""
+    n = len(taste_cdf)
+    u = rng.random(n, dtype=np.float32)
+    by_taste = (taste_cdf < u[:, None]).sum(axis=1).clip(max=n_cat - 1)
+    explore = rng.integers(0, n_cat, n)
+    successor = successors[np.maximum(last[:, 0], 0), rng.integers(0, 2, n)]
+    draw = rng.random(n)
+    has_click = last[:, 0] >= 0
+    seq = has_click & (draw < cfg.sequential_prob)
+    return np.where(seq, successor, np.where(draw < cfg.sequential_prob + 0.35, by_taste, explore))
+
+
+def _pick_items(
+    rng: np.random.Generator, items: _ItemWorld, category: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """Popularity-weighted choice among the category's items that already exist at ``ts``."""
+    base = category.astype(np.int64) * 2**32
+    lo = np.searchsorted(items.key, base, side="left")
+    hi = np.searchsorted(items.key, base + (ts - items.origin_s), side="right")
+    hi = np.maximum(hi, lo + 1)
+    cw = items.cum_weight
+    target = cw[lo] + rng.random(len(category)) * (cw[hi] - cw[lo])
+    pos = np.clip(np.searchsorted(cw, target, side="right") - 1, lo, hi - 1)
+    return items.ids_by_key[pos]
+
+
+def _click_logit(
+    cfg: SyntheticSource,
+    users: _UserWorld,
+    items: _ItemWorld,
+    who: np.ndarray,
+    item: np.ndarray,
+    category: np.ndarray,
+    last: np.ndarray,
+) -> np.ndarray:
+    n_cat = users.taste.shape[1]
+    affinity = np.log(users.taste[who, category] * n_cat + 1e-3).clip(-3.0, 2.5)
+    follows = np.zeros(len(who), dtype=np.float32)
+    for depth, weight in enumerate((1.6, 0.9, 0.5)):
+        prev = last[:, depth]
+        succ = items.successors[np.maximum(prev, 0)]
+        hit = (prev >= 0) & ((succ[:, 0] == category) | (succ[:, 1] == category))
+        follows += weight * hit
+    price_penalty = users.price_sensitivity[who] * items.log_price_z[item]
+    return (
+        cfg.base_ctr_logit
+        + 0.9 * affinity
+        + follows
+        + items.quality[item]
+        + 0.15 * items.log_popularity[item].clip(-8.0, 0.0)
+        - price_penalty
+    )
+
+
+def _to_utc(seconds: np.ndarray) -> pd.Series:
+    return pd.Series(pd.to_datetime(np.asarray(seconds, dtype=np.int64) * SECOND_NS, utc=True))

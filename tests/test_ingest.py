@@ -1,0 +1,111 @@
+"""Ingest: determinism, contract checks, and all-or-nothing writes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from components import ingest
+from components.contracts import DataContractError, check_raw_table, read_raw_tables
+
+
+def _digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*"))}
+
+
+def test_same_seed_gives_byte_identical_parquet(tiny_params, tiny_raw_dir, tmp_path):
+    ingest.run(tiny_params.data, tiny_params.seed, tmp_path)
+    assert _digests(tmp_path) == _digests(tiny_raw_dir)
+    assert set(_digests(tmp_path)) == {"users.parquet", "items.parquet", "events.parquet"}
+
+
+def test_other_seed_gives_other_data(tiny_params, tiny_raw, tmp_path):
+    ingest.run(tiny_params.data, tiny_params.seed + 1, tmp_path)
+    other = pd.read_parquet(tmp_path / "events.parquet")
+    assert not other["item_id"].equals(tiny_raw["events"]["item_id"])
+
+
+def test_raw_tables_follow_the_contract(tiny_raw, tiny_params):
+    sizes = tiny_params.data.synthetic.sizes()
+    events, users, items = tiny_raw["events"], tiny_raw["users"], tiny_raw["items"]
+    assert len(events) == sizes.n_events and len(users) == sizes.n_users and len(items) == sizes.n_items
+    assert str(events["event_timestamp"].dt.tz) == "UTC"
+    assert set(events["label"].unique()) == {0, 1}
+    assert not events.duplicated(["user_id", "event_timestamp"]).any()
+    assert set(events["event_type"].unique()) == {"click", "impression"}
+    assert (events["event_type"] == "click").eq(events["label"] == 1).all()
+    merged = events.merge(users, on="user_id").merge(items, on="item_id")
+    assert len(merged) == len(events)  # every event references a known user and item
+    assert (merged["event_timestamp"] > merged["signup_timestamp"]).all()
+    assert (merged["event_timestamp"] >= merged["created_timestamp"]).all()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t["events"].drop(columns=["label"]), "missing column(s) ['label']"),
+        (lambda t: t["events"].iloc[0:0], "is empty"),
+        (lambda t: t["events"].assign(label=t["events"]["label"] * 2), "must be 0 or 1"),
+        (lambda t: t["events"].assign(user_id=t["events"]["user_id"].astype(str)), "'user_id'"),
+        (
+            lambda t: t["events"].assign(event_timestamp=t["events"]["event_timestamp"].dt.tz_localize(None)),
+            "UTC timestamp",
+        ),
+    ],
+)
+def test_contract_violations_name_file_and_column(tiny_raw, mutate, message):
+    with pytest.raises(DataContractError) as err:
+        check_raw_table("events", mutate(tiny_raw), "events.parquet")
+    assert "events.parquet" in str(err.value) and message in str(err.value)
+
+
+def test_failed_ingest_keeps_previous_tables_and_leaves_no_partial_file(
+    tiny_params, tiny_raw_dir, tmp_path, monkeypatch
+):
+    for p in tiny_raw_dir.glob("*.parquet"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    before = _digests(tmp_path)
+    params = tiny_params
+    # fail while writing the second table: nothing may be renamed into place
+    real_write = pq.write_table
+    calls = {"n": 0}
+
+    def failing_write(table, where, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        ingest.run(params.data, params.seed + 7, tmp_path)
+    assert _digests(tmp_path) == before  # old tables intact, no temp files left behind
+
+
+def test_source_with_dangling_reference_is_rejected_before_writing(tiny_params, tmp_path, monkeypatch):
+    from components import synthetic
+
+    real = synthetic.generate
+
+    def broken(cfg, seed):
+        tables = real(cfg, seed)
+        tables["items"] = tables["items"].iloc[1:]
+        return tables
+
+    monkeypatch.setattr(synthetic, "generate", broken)
+    with pytest.raises(DataContractError, match="missing from table 'items'"):
+        ingest.run(tiny_params.data, tiny_params.seed, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_a_missing_or_corrupt_raw_file_names_it(tiny_raw_dir, tmp_path):
+    with pytest.raises(DataContractError, match=r"users\.parquet.*not found"):
+        read_raw_tables(tmp_path)
+    for p in tiny_raw_dir.glob("*.parquet"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "items.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataContractError, match=r"items\.parquet.*cannot be read"):
+        read_raw_tables(tmp_path)
