@@ -43,37 +43,15 @@ class SyntheticSizes(Section):
     max_events_per_user: int = Field(gt=1)
 
 
+_SIZE_FIELDS = ("n_users", "n_items", "n_events", "n_categories", "n_brands", "days", "max_events_per_user")
 SYNTHETIC_PRESETS: dict[str, SyntheticSizes] = {
-    # a few seconds end to end: unit tests and the KFP local run
-    "tiny": SyntheticSizes(
-        n_users=400,
-        n_items=300,
-        n_events=30_000,
-        n_categories=12,
-        n_brands=20,
-        days=60,
-        max_events_per_user=300,
-    ),
-    # the embedded default: `dvc repro` with four models in a few minutes on 2 CPU cores
-    "default": SyntheticSizes(
-        n_users=5_000,
-        n_items=3_000,
-        n_events=400_000,
-        n_categories=24,
-        n_brands=60,
-        days=90,
-        max_events_per_user=400,
-    ),
-    # benchmarks: >= 10 M events, >= 1 M users, >= 100 k items
-    "large": SyntheticSizes(
-        n_users=1_000_000,
-        n_items=100_000,
-        n_events=10_000_000,
-        n_categories=64,
-        n_brands=500,
-        days=90,
-        max_events_per_user=200,
-    ),
+    name: SyntheticSizes(**dict(zip(_SIZE_FIELDS, sizes, strict=True)))
+    for name, sizes in {
+        # users, items, events, categories, brands, days, max events per user
+        "tiny": (400, 300, 30_000, 12, 20, 60, 300),  # a few seconds: unit tests, the KFP local run
+        "default": (5_000, 3_000, 400_000, 24, 60, 90, 400),  # `dvc repro` in minutes on 2 CPU cores
+        "large": (1_000_000, 100_000, 10_000_000, 64, 500, 90, 200),  # benchmarks: >= 10M events
+    }.items()
 }
 
 
