@@ -1,0 +1,66 @@
+"""PyTorch recommender models: feature encoding, two-tower retrieval, MultiTower / MultiTowerDIN / DLRM
+rankers, one trainer, metrics and safetensors serialisation. Knows nothing of KFP, DVC, Feast or KServe.
+
+Typical use (what components/train.py does)::
+
+    encoder = FeatureEncoder.fit(params.models.features, train_df)    # train split only
+    train, valid = encoder.encode(train_df), encoder.encode(valid_df)
+    counts = encoder.id_counts(train_df, "item_id")                    # log-Q frequencies (two_tower)
+    model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
+    result = fit(model, train, valid, params.training, checkpoint_dir=...)
+    save_model(model, encoder, params.models.model(kind), out_dir)
+    write_history_csv(result.history, out_dir / "history.csv")
+
+The names below are loaded on first use, so ``import models.config`` (done by components/config.py for
+every step) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "models.build": ["MODEL_CLASSES", "build_model"],
+    "models.config": [
+        "MODEL_KINDS",
+        "DLRMConfig",
+        "FeatureGroup",
+        "FeatureSpec",
+        "ModelConfigError",
+        "ModelsConfig",
+        "MultiTowerConfig",
+        "MultiTowerDINConfig",
+        "TrainingConfig",
+        "TwoTowerConfig",
+    ],
+    "models.features": ["EmbeddingGroup", "FeatureEncoder"],
+    "models.metrics": [
+        "ItemSets",
+        "auc",
+        "full_catalogue_topk",
+        "gauc",
+        "logloss",
+        "ranking_metrics",
+        "retrieval_metrics",
+    ],
+    "models.model": ["RecModel"],
+    "models.ranking": ["DLRM", "MultiTower", "MultiTowerDIN", "Ranker"],
+    "models.retrieval": ["TwoTower"],
+    "models.serialization": ["load_model", "save_model"],
+    "models.trainer": ["TrainingResult", "fit", "write_history_csv"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'models' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,612 @@
+"""Typed configuration of the models package: features, feature groups, the four models and training.
+
+The classes mirror TorchEasyRec's model config: features are declared once, each model lists named
+``feature_groups`` (so adding a feature to a group is a config change, not a code change) and names the
+groups its towers read. The package keeps its own pydantic base class so it does not depend on the
+pipeline's ``components`` package; ``components/config.py`` embeds :class:`ModelsConfig` and
+:class:`TrainingConfig` as the ``models:`` and ``training:`` sections of ``params.yaml``.
+
+Cross-references (a group naming an unknown feature, a tower reading an unknown group, DLRM dimension
+rules) are checked by :class:`ModelsConfig` at load time and again when a model is built, with messages
+that name the model, the group and the feature.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
+ModelKind = Literal["two_tower", "multi_tower", "multi_tower_din", "dlrm"]
+
+# Keys of an encoded batch that are not feature names (see models/features.py).
+RESERVED_NAMES = frozenset({"dense", "label", "group"})
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot be built; the message names the model, group and feature."""
+
+
+class ModelSection(BaseModel):
+    """Base of every models config class: unknown keys are errors (a typo must not become a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+
+
+class SparseFeature(ModelSection):
+    """A categorical id feature -> one embedding table (vocabulary with an OOV bucket, or hashing)."""
+
+    name: str
+    embedding_dim: int = Field(default=16, gt=0)
+    # vocabulary: values seen at least min_count times in TRAIN get their own row, the rest share OOV
+    min_count: int = Field(default=1, ge=1)
+    # hashing instead of a vocabulary: value -> one of hash_buckets rows (no OOV, collisions accepted)
+    hash_buckets: int | None = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return _check_name(name)
+
+
+class SequenceFeature(ModelSection):
+    """A behaviour sequence (list column, most recent LAST) -> padded ids [B, L] + lengths [B].
+
+    ``shares`` names the sparse feature whose vocabulary and embedding table the sequence uses
+    (hist_item_ids shares item_id), so the history and the target item live in one embedding space.
+    """
+
+    name: str
+    shares: str
+    max_length: int = Field(default=30, gt=0, le=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return _check_name(name)
+
+
+class DenseFeature(ModelSection):
+    """A numeric feature -> one float column, standardised with mean/std fitted on train."""
+
+    name: str
+    # log1p before standardising: right for non-negative counts and prices with heavy tails
+    transform: Literal["none", "log1p"] = "none"
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return _check_name(name)
+
+
+class FeatureSpec(ModelSection):
+    """Every feature a model may read, declared once and shared by all models."""
+
+    sparse: list[SparseFeature] = Field(default_factory=list)
+    sequence: list[SequenceFeature] = Field(default_factory=list)
+    dense: list[DenseFeature] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        names = [f.name for f in self.sparse] + [f.name for f in self.sequence] + [f.name for f in self.dense]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"features: feature name(s) declared twice: {dupes}")
+        sparse = {f.name for f in self.sparse}
+        for seq in self.sequence:
+            if seq.shares not in sparse:
+                raise ValueError(
+                    f"features.sequence '{seq.name}': shares '{seq.shares}', which is not a sparse feature "
+                    f"(sparse features: {sorted(sparse)})"
+                )
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.sparse] + [f.name for f in self.sequence] + [f.name for f in self.dense]
+
+    def kind_of(self, name: str) -> Literal["sparse", "sequence", "dense"] | None:
+        """Which list declares ``name`` (None when it is not declared)."""
+        for kind in ("sparse", "sequence", "dense"):
+            if any(f.name == name for f in getattr(self, kind)):
+                return kind  # type: ignore[return-value]
+        return None
+
+    def sparse_feature(self, name: str) -> SparseFeature:
+        return next(f for f in self.sparse if f.name == name)
+
+    def sequence_feature(self, name: str) -> SequenceFeature:
+        return next(f for f in self.sequence if f.name == name)
+
+    def embedding_dim(self, name: str) -> int:
+        """Embedding width of a sparse or sequence feature (a sequence uses its shared table's width)."""
+        if self.kind_of(name) == "sequence":
+            name = self.sequence_feature(name).shares
+        return self.sparse_feature(name).embedding_dim
+
+
+class FeatureGroup(ModelSection):
+    """A named list of features, TorchEasyRec-style.
+
+    ``deep``: sparse embeddings, mean-pooled sequences and dense columns concatenated into [B, D].
+    ``sequence``: for DIN; the sparse features are the query (the target item), the sequence features
+    the keys; the query and the sequence must have the same total embedding width.
+    """
+
+    name: str
+    type: Literal["deep", "sequence"] = "deep"
+    features: list[str] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(f"'{name}' is not a valid group name (letters, digits and underscores)")
+        return name
+
+
+# --------------------------------------------------------------------------------------------------
+# layers
+
+
+class MLPConfig(ModelSection):
+    """Linear -> [norm] -> activation -> [dropout], once per entry of hidden_units."""
+
+    hidden_units: list[int] = Field(min_length=1)
+    activation: Literal["relu", "leaky_relu", "prelu", "gelu", "silu", "tanh", "sigmoid"] = "relu"
+    norm: Literal["none", "batch", "layer"] = "none"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("hidden_units")
+    @classmethod
+    def _positive_units(cls, units: list[int]) -> list[int]:
+        if any(u <= 0 for u in units):
+            raise ValueError(f"hidden_units must all be positive, got {units}")
+        return units
+
+
+class TowerConfig(ModelSection):
+    """An MLP over one deep feature group."""
+
+    input: str
+    mlp: MLPConfig
+
+
+class DINTowerConfig(ModelSection):
+    """A DIN attention over one sequence feature group (query = target item, keys = history)."""
+
+    input: str
+    attn_mlp: MLPConfig = MLPConfig(hidden_units=[64, 32], activation="relu")
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+class TwoTowerConfig(ModelSection):
+    """Retrieval: user tower and item tower -> L2-normalised d-vectors, trained with in-batch softmax."""
+
+    feature_groups: list[FeatureGroup]
+    user_group: str = "user"
+    item_group: str = "item"
+    user_tower: MLPConfig = MLPConfig(hidden_units=[128, 64])
+    item_tower: MLPConfig = MLPConfig(hidden_units=[128, 64])
+    embedding_dim: int = Field(default=64, gt=0)  # output width d of both towers
+    history_pooling: Literal["mean", "attention"] = "mean"
+    attention_mlp: MLPConfig = MLPConfig(hidden_units=[64, 32])
+    # history sequences use the item tower's id table (False: a separate table with the same vocabulary)
+    share_item_id_embedding: bool = True
+    # cold start: during training each listed id is replaced by the OOV row with this probability, so
+    # the tower learns to work from content alone for ids it has never seen
+    id_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    id_dropout_features: list[str] = Field(default_factory=lambda: ["item_id"])
+    loss: Literal["softmax", "bce"] = "softmax"
+    temperature: float = Field(default=0.05, gt=0.0, le=10.0)
+    learn_temperature: bool = False
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    mixed_negatives: int = Field(default=0, ge=0)  # extra uniform negatives per batch from the catalogue
+    item_id_feature: str = "item_id"  # the id that defines "the same item" (hits, log-Q, catalogue)
+
+    @model_validator(mode="after")
+    def _groups(self) -> TwoTowerConfig:
+        _check_group_names(self.feature_groups, "two_tower")
+        names = {g.name for g in self.feature_groups}
+        for role, group in (("user_group", self.user_group), ("item_group", self.item_group)):
+            if group not in names:
+                raise ValueError(
+                    f"two_tower.{role}: no feature group named '{group}' (groups: {sorted(names)})"
+                )
+        for g in self.feature_groups:
+            if g.type != "deep":
+                raise ValueError(f"two_tower.feature_groups '{g.name}': towers read deep groups only")
+        return self
+
+
+class MultiTowerConfig(ModelSection):
+    """Ranking: one MLP tower per deep group -> concat -> final MLP -> logit (TorchEasyRec MultiTower)."""
+
+    feature_groups: list[FeatureGroup]
+    towers: list[TowerConfig] = Field(min_length=1)
+    final: MLPConfig = MLPConfig(hidden_units=[64])
+
+    @model_validator(mode="after")
+    def _groups(self) -> MultiTowerConfig:
+        _check_towers(self.feature_groups, self.towers, [], "multi_tower")
+        return self
+
+
+class MultiTowerDINConfig(ModelSection):
+    """MultiTower plus DIN towers over sequence groups (TorchEasyRec MultiTowerDIN)."""
+
+    feature_groups: list[FeatureGroup]
+    towers: list[TowerConfig] = Field(default_factory=list)
+    din_towers: list[DINTowerConfig] = Field(min_length=1)
+    final: MLPConfig = MLPConfig(hidden_units=[64])
+
+    @model_validator(mode="after")
+    def _groups(self) -> MultiTowerDINConfig:
+        _check_towers(self.feature_groups, self.towers, self.din_towers, "multi_tower_din")
+        return self
+
+
+class DLRMConfig(ModelSection):
+    """DLRM: dense MLP + pairwise dot interaction of [dense, sparse...] + top MLP (TorchEasyRec DLRM).
+
+    Groups are named ``dense`` (dense features only, optional) and ``sparse`` (sparse id features whose
+    embedding widths are all equal to the dense MLP's last hidden unit).
+    """
+
+    feature_groups: list[FeatureGroup]
+    dense_mlp: MLPConfig = MLPConfig(hidden_units=[64, 16])
+    arch_with_sparse: bool = False
+    final: MLPConfig = MLPConfig(hidden_units=[128, 64])
+
+    @model_validator(mode="after")
+    def _groups(self) -> DLRMConfig:
+        _check_group_names(self.feature_groups, "dlrm")
+        names = {g.name for g in self.feature_groups}
+        if "sparse" not in names:
+            raise ValueError(
+                f"dlrm.feature_groups: a group named 'sparse' is required (groups: {sorted(names)})"
+            )
+        extra = names - {"dense", "sparse"}
+        if extra:
+            raise ValueError(
+                f"dlrm.feature_groups: only 'dense' and 'sparse' groups are allowed, got {sorted(extra)}"
+            )
+        return self
+
+
+ModelConfig = TwoTowerConfig | MultiTowerConfig | MultiTowerDINConfig | DLRMConfig
+CONFIG_CLASSES: dict[str, type[ModelSection]] = {
+    "two_tower": TwoTowerConfig,
+    "multi_tower": MultiTowerConfig,
+    "multi_tower_din": MultiTowerDINConfig,
+    "dlrm": DLRMConfig,
+}
+
+
+def _default_features() -> FeatureSpec:
+    """Every feature of the training-set contract (components/contracts.py), windows 7 and 30 days."""
+    sparse = [
+        SparseFeature(name=n)
+        for n in (
+            "user_id",
+            "item_id",
+            "gender",
+            "age_bucket",
+            "occupation",
+            "zip_prefix",
+            "category",
+            "brand",
+        )
+    ]
+    sequence = [
+        SequenceFeature(name="hist_item_ids", shares="item_id"),
+        SequenceFeature(name="hist_categories", shares="category"),
+    ]
+    dense = [
+        DenseFeature(name="price", transform="log1p"),
+        DenseFeature(name="hist_length", transform="log1p"),
+    ]
+    dense += _stats_features("user") + _stats_features("item")
+    return FeatureSpec(sparse=sparse, sequence=sequence, dense=dense)
+
+
+def _stats_features(prefix: str) -> list[DenseFeature]:
+    return [DenseFeature(name=n, transform="none" if "_ctr_" in n else "log1p") for n in _stat_names(prefix)]
+
+
+def _stat_names(prefix: str) -> list[str]:
+    """contracts.stats_features(prefix, [7, 30]), repeated here: models does not import components."""
+    names = []
+    for days in (7, 30):
+        names += [f"{prefix}_impressions_{days}d", f"{prefix}_clicks_{days}d", f"{prefix}_ctr_{days}d"]
+    return names
+
+
+_USER_PROFILE = ["user_id", "gender", "age_bucket", "occupation", "zip_prefix"]
+_ITEM_PROFILE = ["item_id", "category", "brand", "price"]
+_USER_STATS = _stat_names("user")
+_ITEM_STATS = _stat_names("item")
+_HISTORY = ["hist_item_ids", "hist_categories"]
+
+
+def _default_two_tower() -> TwoTowerConfig:
+    return TwoTowerConfig(
+        feature_groups=[
+            FeatureGroup(name="user", features=_USER_PROFILE + _HISTORY + ["hist_length"] + _USER_STATS),
+            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
+        ]
+    )
+
+
+def _default_multi_tower() -> MultiTowerConfig:
+    return MultiTowerConfig(
+        feature_groups=[
+            FeatureGroup(name="user", features=[*_USER_PROFILE, "hist_length", *_USER_STATS]),
+            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
+            FeatureGroup(name="history", features=_HISTORY),
+        ],
+        towers=[
+            TowerConfig(input="user", mlp=MLPConfig(hidden_units=[128, 64])),
+            TowerConfig(input="item", mlp=MLPConfig(hidden_units=[128, 64])),
+            TowerConfig(input="history", mlp=MLPConfig(hidden_units=[64])),
+        ],
+        final=MLPConfig(hidden_units=[64]),
+    )
+
+
+def _default_multi_tower_din() -> MultiTowerDINConfig:
+    return MultiTowerDINConfig(
+        feature_groups=[
+            FeatureGroup(name="user", features=[*_USER_PROFILE, "hist_length", *_USER_STATS]),
+            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
+            FeatureGroup(name="seq", type="sequence", features=["item_id", "category", *_HISTORY]),
+        ],
+        towers=[
+            TowerConfig(input="user", mlp=MLPConfig(hidden_units=[128, 64])),
+            TowerConfig(input="item", mlp=MLPConfig(hidden_units=[128, 64])),
+        ],
+        din_towers=[DINTowerConfig(input="seq")],
+        final=MLPConfig(hidden_units=[64]),
+    )
+
+
+def _default_dlrm() -> DLRMConfig:
+    return DLRMConfig(
+        feature_groups=[
+            FeatureGroup(name="dense", features=["price", "hist_length", *_USER_STATS, *_ITEM_STATS]),
+            FeatureGroup(
+                name="sparse",
+                features=[
+                    "user_id",
+                    "item_id",
+                    "gender",
+                    "age_bucket",
+                    "occupation",
+                    "zip_prefix",
+                    "category",
+                    "brand",
+                ],
+            ),
+        ],
+        dense_mlp=MLPConfig(hidden_units=[64, 16]),
+        final=MLPConfig(hidden_units=[128, 64]),
+    )
+
+
+class ModelsConfig(ModelSection):
+    """The ``models:`` section: the shared feature declarations and one config per model kind."""
+
+    features: FeatureSpec = Field(default_factory=_default_features)
+    two_tower: TwoTowerConfig = Field(default_factory=_default_two_tower, validate_default=True)
+    multi_tower: MultiTowerConfig = Field(default_factory=_default_multi_tower, validate_default=True)
+    multi_tower_din: MultiTowerDINConfig = Field(
+        default_factory=_default_multi_tower_din, validate_default=True
+    )
+    dlrm: DLRMConfig = Field(default_factory=_default_dlrm, validate_default=True)
+
+    @field_validator(*MODEL_KINDS)
+    @classmethod
+    def _model_fits_features(cls, config: ModelSection, info: ValidationInfo) -> ModelSection:
+        """Check each model against the declared features, so the error's key path names the model."""
+        features = info.data.get("features")
+        if features is not None:  # else the features themselves failed and are reported
+            try:
+                check_model_config(str(info.field_name), config, features)
+            except ModelConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return config
+
+    def model(self, kind: str) -> ModelConfig:
+        """The config of one model kind (``two_tower`` | ``multi_tower`` | ``multi_tower_din`` | ``dlrm``)."""
+        if kind not in MODEL_KINDS:
+            raise ModelConfigError(f"unknown model kind '{kind}'; expected one of {list(MODEL_KINDS)}")
+        return getattr(self, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+class TrainingConfig(ModelSection):
+    """The ``training:`` section: one loop for all four models (models/trainer.py)."""
+
+    batch_size: int = Field(default=1024, gt=1)  # per process; the global batch is batch_size * world size
+    eval_batch_size: int = Field(default=8192, gt=0)
+    epochs: int = Field(default=10, gt=0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    grad_clip_norm: float | None = Field(default=None, gt=0.0)
+    # "auto": auc for rankers, recall@<eval_k> for two_tower; else any key of the validation metrics
+    # (auc, gauc, logloss, loss, recall@K, ndcg@K, hitrate@K); loss/logloss are minimised
+    early_stopping_metric: str = "auto"
+    patience: int = Field(default=2, ge=0)  # epochs without improvement before stopping; 0 disables
+    restore_best: bool = True  # end with the weights of the best validation epoch
+    eval_k: int = Field(default=50, gt=0)  # K of the two-tower validation recall
+    seed: int = Field(default=42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # torch intra-op CPU threads (0 keeps torch's default); batches are index slices, no loader workers
+    num_workers: int = Field(default=0, ge=0)
+    # CUDA: hold the encoded training set in GPU memory (fastest); false keeps it in pinned host memory
+    data_on_device: bool = True
+    checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints when a directory is given
+
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        if name in ("auto", "auc", "gauc", "logloss", "loss") or re.fullmatch(
+            r"(recall|ndcg|hitrate)@\d+", name
+        ):
+            return name
+        raise ValueError(
+            f"unknown early-stopping metric '{name}'; use auto, auc, gauc, logloss, loss, recall@K, ndcg@K "
+            "or hitrate@K"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-checks shared by the config and the model constructors
+
+
+def check_model_config(kind: str, config: ModelSection, features: FeatureSpec) -> None:
+    """Raise :class:`ModelConfigError` unless ``config`` (of model ``kind``) can be built on ``features``."""
+    groups: list[FeatureGroup] = config.feature_groups  # type: ignore[attr-defined]
+    for group in groups:
+        _check_group_features(kind, group, features)
+    if kind == "two_tower":
+        assert isinstance(config, TwoTowerConfig)
+        sparse = {f.name for f in features.sparse}
+        for name in config.id_dropout_features:
+            if name not in sparse:
+                raise ModelConfigError(
+                    f"two_tower.id_dropout_features: '{name}' is not a sparse feature "
+                    f"(sparse: {sorted(sparse)})"
+                )
+        if config.item_id_feature not in sparse:
+            raise ModelConfigError(
+                f"two_tower.item_id_feature: '{config.item_id_feature}' is not a sparse feature"
+            )
+        item = next(g for g in groups if g.name == config.item_group)
+        if config.item_id_feature not in item.features:
+            raise ModelConfigError(
+                f"two_tower: the item group '{item.name}' must contain the item id '{config.item_id_feature}'"
+            )
+        if any(features.kind_of(n) == "sequence" for n in item.features):
+            raise ModelConfigError(f"two_tower: the item group '{item.name}' cannot hold sequence features")
+    elif kind == "dlrm":
+        _check_dlrm(config, features)  # type: ignore[arg-type]
+
+
+def _check_group_features(kind: str, group: FeatureGroup, features: FeatureSpec) -> None:
+    where = f"{kind}.feature_groups '{group.name}'"
+    for name in group.features:
+        if features.kind_of(name) is None:
+            raise ModelConfigError(
+                f"{where}: unknown feature '{name}'; declare it under models.features "
+                f"(known: {features.names})"
+            )
+    if len(set(group.features)) != len(group.features):
+        raise ModelConfigError(f"{where}: a feature is listed twice: {group.features}")
+    if group.type == "sequence":
+        query = [n for n in group.features if features.kind_of(n) == "sparse"]
+        seqs = [n for n in group.features if features.kind_of(n) == "sequence"]
+        dense = [n for n in group.features if features.kind_of(n) == "dense"]
+        if dense:
+            raise ModelConfigError(f"{where}: a sequence group cannot hold dense features {dense}")
+        if not query or not seqs:
+            raise ModelConfigError(
+                f"{where}: a sequence group needs query (sparse) and sequence features, got query={query} "
+                f"sequence={seqs}"
+            )
+        query_dim = sum(features.embedding_dim(n) for n in query)
+        seq_dim = sum(features.embedding_dim(n) for n in seqs)
+        if query_dim != seq_dim:
+            raise ModelConfigError(
+                f"{where}: query dim {query_dim} ({query}) must equal sequence dim {seq_dim} ({seqs})"
+            )
+        lengths = {features.sequence_feature(n).max_length for n in seqs}
+        if len(lengths) > 1:
+            raise ModelConfigError(
+                f"{where}: sequence features must share one max_length, got {sorted(lengths)}"
+            )
+
+
+def _check_dlrm(config: DLRMConfig, features: FeatureSpec) -> None:
+    groups = {g.name: g for g in config.feature_groups}
+    sparse = groups["sparse"]
+    not_sparse = [n for n in sparse.features if features.kind_of(n) != "sparse"]
+    if not_sparse:
+        kinds = {n: features.kind_of(n) for n in not_sparse}
+        raise ModelConfigError(f"dlrm: the sparse group must hold sparse id features only, got {kinds}")
+    dims = {n: features.embedding_dim(n) for n in sparse.features}
+    if len(set(dims.values())) > 1:
+        raise ModelConfigError(f"dlrm: sparse group feature dims must be the same, but found {dims}")
+    if "dense" in groups:
+        not_dense = [n for n in groups["dense"].features if features.kind_of(n) != "dense"]
+        if not_dense:
+            raise ModelConfigError(f"dlrm: the dense group must hold dense features only, got {not_dense}")
+        last = config.dense_mlp.hidden_units[-1]
+        sparse_dim = next(iter(dims.values()))
+        if last != sparse_dim:
+            raise ModelConfigError(
+                f"dlrm: dense_mlp last hidden_unit ({last}) must equal the sparse feature embedding_dim "
+                f"({sparse_dim})"
+            )
+
+
+def _check_group_names(groups: list[FeatureGroup], kind: str) -> None:
+    names = [g.name for g in groups]
+    if not names:
+        raise ValueError(f"{kind}.feature_groups: at least one group is required")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{kind}.feature_groups: group name(s) used twice: {dupes}")
+
+
+def _check_towers(
+    groups: list[FeatureGroup], towers: list[TowerConfig], din_towers: list[DINTowerConfig], kind: str
+) -> None:
+    _check_group_names(groups, kind)
+    by_name = {g.name: g for g in groups}
+    for tower in towers:
+        group = by_name.get(tower.input)
+        if group is None:
+            raise ValueError(
+                f"{kind}.towers: input '{tower.input}' is not a feature group ({sorted(by_name)})"
+            )
+        if group.type != "deep":
+            raise ValueError(
+                f"{kind}.towers: input '{tower.input}' is a {group.type} group; towers need deep"
+            )
+    for tower in din_towers:
+        group = by_name.get(tower.input)
+        if group is None:
+            raise ValueError(
+                f"{kind}.din_towers: input '{tower.input}' is not a feature group ({sorted(by_name)})"
+            )
+        if group.type != "sequence":
+            raise ValueError(
+                f"{kind}.din_towers: input '{tower.input}' is a {group.type} group; "
+                "DIN needs a sequence group"
+            )
+    if len({t.input for t in towers}) != len(towers):
+        raise ValueError(f"{kind}.towers: two towers read the same group")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"'{name}' is not a valid name (letters, digits and underscores)")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"'{name}' is reserved for the encoded batch ({sorted(RESERVED_NAMES)})")
+    return name

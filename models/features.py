@@ -1,0 +1,514 @@
+"""Feature encoding (frame -> tensors) and the feature-group embedding layer (tensors -> group vectors).
+
+:class:`FeatureEncoder` is fitted on the TRAIN frame only, so validation and test values that training
+never saw fall into the out-of-vocabulary bucket exactly as unseen values will at serving time. Its
+state is plain JSON (saved in the model's ``config.json``). Encoding is vectorised: pandas hash
+indexes for vocabulary lookups and pyarrow offsets for list columns, no Python loop over rows.
+
+An encoded batch is a ``dict[str, Tensor]``:
+
+- every sparse feature ``name``: int64 [B] (0 = padding, 1 = out of vocabulary, 2.. = vocabulary),
+- every sequence feature ``name``: int64 [B, L], left-aligned, oldest first, most recent last, padded
+  with 0; ``name + "__length"``: int64 [B] (the number of valid positions),
+- ``"dense"``: float32 [B, D], the dense features in declaration order, standardised,
+- ``"label"``: float32 [B] when the frame has a label column,
+- ``"group"``: int64 [B] (the user id, for GAUC) when the frame has the group column.
+
+:class:`EmbeddingGroup` turns such a batch into one tensor per feature group, following TorchEasyRec:
+a deep group ``g`` -> ``out[g]`` [B, D_g]; a sequence group ``g`` -> ``out[g + ".query"]`` [B, Dq],
+``out[g + ".sequence"]`` [B, L, Ds] and ``out[g + ".sequence_length"]`` [B].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import FeatureGroup, FeatureSpec, ModelConfigError
+
+PAD_ID = 0
+OOV_ID = 1
+FIRST_ID = 2  # the first vocabulary row
+# The data contract's default for a string feature with no value; always encoded as OOV, never learned
+# as a category of its own.
+MISSING_CATEGORY = ""
+LENGTH_SUFFIX = "__length"
+DENSE_KEY = "dense"
+LABEL_KEY = "label"
+GROUP_KEY = "group"
+
+Batch = dict[str, torch.Tensor]
+Frame = pd.DataFrame | pa.Table
+ValueKind = Literal["int", "str"]
+
+
+class FeatureEncoder:
+    """Vocabularies, hash settings and dense statistics of the declared features (fitted on train)."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        vocabs: Mapping[str, np.ndarray | None],
+        value_kinds: Mapping[str, ValueKind],
+        dense_stats: Mapping[str, tuple[float, float]],
+        label_column: str = "label",
+        group_column: str = "user_id",
+    ) -> None:
+        self.spec = spec
+        self.vocabs = dict(vocabs)
+        self.value_kinds = dict(value_kinds)
+        self.dense_stats = dict(dense_stats)
+        self.label_column = label_column
+        self.group_column = group_column
+        self._indexes: dict[str, pd.Index] = {}
+
+    # ---- fitting --------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls, spec: FeatureSpec, train: Frame, label_column: str = "label", group_column: str = "user_id"
+    ) -> FeatureEncoder:
+        """Learn vocabularies (values seen >= min_count times) and dense mean/std from ``train`` only."""
+        vocabs: dict[str, np.ndarray | None] = {}
+        kinds: dict[str, ValueKind] = {}
+        for feature in spec.sparse:
+            raw = _column(train, feature.name)
+            kind = _value_kind(raw, feature.name)
+            values = _as_kind(raw, kind, feature.name)
+            kinds[feature.name] = kind
+            if feature.hash_buckets is not None:
+                vocabs[feature.name] = None
+                continue
+            counts = pd.Series(values).value_counts(sort=False)
+            keep = counts[counts >= feature.min_count].index.to_numpy()
+            if kind == "str":
+                keep = keep[keep != MISSING_CATEGORY]
+            vocabs[feature.name] = np.sort(keep)
+        stats: dict[str, tuple[float, float]] = {}
+        for feature in spec.dense:
+            values = _dense_values(_column(train, feature.name), feature.transform, feature.name)
+            mean = float(values.mean()) if len(values) else 0.0
+            std = float(values.std()) if len(values) else 1.0
+            stats[feature.name] = (mean, std if std > 1e-12 else 1.0)
+        return cls(spec, vocabs, kinds, stats, label_column, group_column)
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def num_embeddings(self, name: str) -> int:
+        """Rows of the embedding table of a sparse feature, or of the table a sequence feature shares."""
+        if self.spec.kind_of(name) == "sequence":
+            name = self.spec.sequence_feature(name).shares
+        feature = self.spec.sparse_feature(name)
+        if feature.hash_buckets is not None:
+            return FIRST_ID + feature.hash_buckets
+        vocab = self.vocabs[name]
+        assert vocab is not None
+        return FIRST_ID + len(vocab)
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.spec.dense]
+
+    def dense_index(self, name: str) -> int:
+        return self.dense_names.index(name)
+
+    # ---- encoding -------------------------------------------------------------------------------
+
+    def encode(self, frame: Frame, features: Iterable[str] | None = None) -> Batch:
+        """Encode ``frame`` into a batch (see the module docstring); vectorised, no per-row Python.
+
+        ``features`` restricts encoding to those features (serving's user tower needs no item
+        columns); dense columns that are not requested are left at 0, i.e. the training mean.
+        """
+        wanted = set(self.spec.names if features is None else features)
+        unknown = sorted(wanted - set(self.spec.names))
+        if unknown:
+            raise KeyError(f"encode: unknown feature(s) {unknown}; declared: {self.spec.names}")
+        batch: Batch = {}
+        for feature in self.spec.sparse:
+            if feature.name in wanted:
+                batch[feature.name] = torch.from_numpy(
+                    self.encode_ids(feature.name, _column(frame, feature.name))
+                )
+        for feature in self.spec.sequence:
+            if feature.name in wanted:
+                ids, lengths = self._encode_sequence(feature.name, _column(frame, feature.name))
+                batch[feature.name] = torch.from_numpy(ids)
+                batch[feature.name + LENGTH_SUFFIX] = torch.from_numpy(lengths)
+        n_rows = _num_rows(frame)
+        dense = np.zeros((n_rows, len(self.spec.dense)), dtype=np.float32)
+        for j, feature in enumerate(self.spec.dense):
+            if feature.name in wanted:
+                values = _dense_values(_column(frame, feature.name), feature.transform, feature.name)
+                mean, std = self.dense_stats[feature.name]
+                dense[:, j] = (values - mean) / std
+        batch[DENSE_KEY] = torch.from_numpy(dense)
+        columns = _column_names(frame)
+        if self.label_column in columns:
+            batch[LABEL_KEY] = torch.from_numpy(_column_numpy(frame, self.label_column).astype(np.float32))
+        if self.group_column in columns:
+            batch[GROUP_KEY] = torch.from_numpy(_group_codes(_column_numpy(frame, self.group_column)))
+        return batch
+
+    def encode_ids(self, name: str, values: Any) -> np.ndarray:
+        """Map raw values of sparse feature ``name`` to table rows (OOV for unseen and missing values)."""
+        feature = self.spec.sparse_feature(name)
+        kind = self.value_kinds[name]
+        arr = _as_kind(values, kind, name)
+        if feature.hash_buckets is not None:
+            hashed = pd.util.hash_array(arr).astype(np.uint64) % np.uint64(feature.hash_buckets)
+            ids = hashed.astype(np.int64) + FIRST_ID
+            if kind == "str":
+                ids[arr == MISSING_CATEGORY] = OOV_ID
+            return ids
+        positions = self._index(name).get_indexer(arr)
+        return np.where(positions >= 0, positions + FIRST_ID, OOV_ID).astype(np.int64)
+
+    def id_counts(self, frame: Frame, name: str) -> np.ndarray:
+        """Occurrences of each table row of sparse feature ``name`` in ``frame`` (log-Q frequencies)."""
+        ids = self.encode_ids(name, _column(frame, name))
+        return np.bincount(ids, minlength=self.num_embeddings(name)).astype(np.int64)
+
+    def _encode_sequence(self, name: str, column: Any) -> tuple[np.ndarray, np.ndarray]:
+        feature = self.spec.sequence_feature(name)
+        lengths, flat, flat_valid = _list_parts(column, name)
+        codes = self.encode_ids(feature.shares, flat) if len(flat) else np.zeros(0, dtype=np.int64)
+        codes[~flat_valid] = OOV_ID
+        max_len = feature.max_length
+        n_rows = len(lengths)
+        starts = np.cumsum(lengths) - lengths
+        row = np.repeat(np.arange(n_rows), lengths)
+        pos = np.arange(len(flat)) - np.repeat(starts, lengths)
+        # keep the most recent max_len entries (the input is oldest first, most recent last)
+        drop = np.repeat(np.maximum(lengths - max_len, 0), lengths)
+        keep = pos >= drop
+        out = np.zeros((n_rows, max_len), dtype=np.int64)
+        out[row[keep], (pos - drop)[keep]] = codes[keep]
+        return out, np.minimum(lengths, max_len).astype(np.int64)
+
+    def _index(self, name: str) -> pd.Index:
+        if name not in self._indexes:
+            vocab = self.vocabs[name]
+            assert vocab is not None
+            self._indexes[name] = pd.Index(
+                vocab, dtype=np.int64 if self.value_kinds[name] == "int" else object
+            )
+        return self._indexes[name]
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state: the spec, vocabularies, value kinds and dense statistics."""
+        return {
+            "format_version": 1,
+            "spec": self.spec.model_dump(mode="json"),
+            "label_column": self.label_column,
+            "group_column": self.group_column,
+            "sparse": {
+                name: {
+                    "kind": self.value_kinds[name],
+                    "vocab": None if vocab is None else vocab.tolist(),
+                }
+                for name, vocab in self.vocabs.items()
+            },
+            "dense": {name: {"mean": mean, "std": std} for name, (mean, std) in self.dense_stats.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> FeatureEncoder:
+        if state.get("format_version") != 1:
+            raise ValueError(
+                f"feature encoder state: unsupported format_version {state.get('format_version')!r}"
+            )
+        spec = FeatureSpec.model_validate(state["spec"])
+        vocabs: dict[str, np.ndarray | None] = {}
+        kinds: dict[str, ValueKind] = {}
+        for name, entry in state["sparse"].items():
+            kinds[name] = entry["kind"]
+            vocab = entry["vocab"]
+            if vocab is None:
+                vocabs[name] = None
+            else:
+                vocabs[name] = np.asarray(vocab, dtype=np.int64 if entry["kind"] == "int" else object)
+        stats = {name: (float(v["mean"]), float(v["std"])) for name, v in state["dense"].items()}
+        return cls(spec, vocabs, kinds, stats, state["label_column"], state["group_column"])
+
+
+class EmbeddingGroup(nn.Module):
+    """Embedding tables for the features of ``groups`` and the per-group tensors built from a batch.
+
+    Only the tables the groups read are created (unused parameters would break DDP). Sequence
+    features look up the table of the sparse feature they share unless ``share_sequence_tables`` is
+    False. With ``pool_sequences`` False, a deep group's sequences are not mean-pooled but returned as
+    ``g.sequence`` / ``g.sequence_length`` for the caller to pool (the two-tower's attention pooling).
+    With ``jagged_sequences``, ``g.sequence`` is replaced by ``g.sequence_values``: the valid positions
+    only, [N, Ds] (what DIN consumes, without padded lookups).
+    ``id_dropout`` replaces each id of ``id_dropout_features`` by the OOV row with that probability
+    while training (cold start: the rest of the group must carry the signal).
+    """
+
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        groups: list[FeatureGroup],
+        *,
+        share_sequence_tables: bool = True,
+        pool_sequences: bool = True,
+        jagged_sequences: bool = False,
+        id_dropout: float = 0.0,
+        id_dropout_features: Iterable[str] = (),
+    ) -> None:
+        super().__init__()
+        self.spec = encoder.spec
+        self.groups = {g.name: g for g in groups}
+        self.pool_sequences = pool_sequences
+        self.jagged_sequences = jagged_sequences
+        self.id_dropout = id_dropout
+        self.id_dropout_features = frozenset(id_dropout_features)
+        self._share = share_sequence_tables
+        self.tables = nn.ModuleDict()
+        for group in groups:
+            for name in group.features:
+                kind = self.spec.kind_of(name)
+                if kind is None:
+                    raise ModelConfigError(f"feature group '{group.name}': unknown feature '{name}'")
+                if kind == "dense":
+                    continue
+                table = self._table_name(name)
+                if table not in self.tables:
+                    emb = nn.Embedding(
+                        encoder.num_embeddings(name), self.spec.embedding_dim(name), padding_idx=PAD_ID
+                    )
+                    nn.init.normal_(emb.weight, std=self.spec.embedding_dim(name) ** -0.5)
+                    with torch.no_grad():
+                        # padding contributes nothing; OOV starts neutral, so an id never seen in training
+                        # (a cold user or item at evaluation) adds no random noise unless OOV was trained
+                        emb.weight[PAD_ID].zero_()
+                        emb.weight[OOV_ID].zero_()
+                    self.tables[table] = emb
+        self._dense_columns = {
+            g.name: [encoder.dense_index(n) for n in g.features if self.spec.kind_of(n) == "dense"]
+            for g in groups
+        }
+        for g in groups:
+            seqs = self._sequences(g)
+            if seqs and (g.type == "sequence" or not pool_sequences):
+                lengths = {self.spec.sequence_feature(n).max_length for n in seqs}
+                if len(lengths) > 1:
+                    raise ModelConfigError(
+                        f"feature group '{g.name}': sequence features must share one max_length, "
+                        f"got {sorted(lengths)}"
+                    )
+        for g, cols in self._dense_columns.items():
+            self.register_buffer(f"_dense_idx_{g}", torch.tensor(cols, dtype=torch.long), persistent=False)
+
+    # ---- dimensions -----------------------------------------------------------------------------
+
+    def group_dim(self, name: str) -> int:
+        """Width of ``out[name]`` for a deep group (pooled sequences included only when pooled)."""
+        group = self.groups[name]
+        dim = len(self._dense_columns[name])
+        for f in group.features:
+            kind = self.spec.kind_of(f)
+            if kind == "sparse" or (kind == "sequence" and self.pool_sequences):
+                dim += self.spec.embedding_dim(f)
+        return dim
+
+    def query_dim(self, name: str) -> int:
+        return sum(
+            self.spec.embedding_dim(f) for f in self.groups[name].features if self.spec.kind_of(f) == "sparse"
+        )
+
+    def sequence_dim(self, name: str) -> int:
+        return sum(self.spec.embedding_dim(f) for f in self._sequences(self.groups[name]))
+
+    def feature_names(self, group_names: Iterable[str] | None = None) -> list[str]:
+        """The features the given groups (default: all) read, in first-seen order."""
+        names: list[str] = []
+        for g in group_names if group_names is not None else self.groups:
+            names += [f for f in self.groups[g].features if f not in names]
+        return names
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, torch.Tensor], group_names: Iterable[str] | None = None) -> Batch:
+        """Tensors of the named groups (default: all), keyed as in the module docstring."""
+        out: Batch = {}
+        for name in group_names if group_names is not None else self.groups:
+            group = self.groups[name]
+            if group.type == "sequence":
+                out[name + ".query"] = torch.cat(
+                    [self._lookup(f, batch) for f in self._sparse(group)], dim=-1
+                )
+                self._sequence_outputs(group, batch, out)
+                continue
+            parts = [self._lookup(f, batch) for f in group.features if self.spec.kind_of(f) == "sparse"]
+            if self.pool_sequences:
+                parts += [self._mean_pooled(f, batch) for f in self._sequences(group)]
+            elif self._sequences(group):
+                self._sequence_outputs(group, batch, out)
+            if self._dense_columns[name]:
+                dense = _required(batch, DENSE_KEY)
+                parts.append(dense.index_select(1, getattr(self, f"_dense_idx_{name}")))
+            out[name] = torch.cat(parts, dim=-1) if parts else _required(batch, DENSE_KEY)[:, :0]
+        return out
+
+    def _lookup(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ids = _required(batch, name)
+        if self.training and self.id_dropout > 0 and name in self.id_dropout_features:
+            drop = torch.rand(ids.shape, device=ids.device) < self.id_dropout
+            ids = torch.where(drop & (ids != PAD_ID), torch.full_like(ids, OOV_ID), ids)
+        return self.tables[self._table_name(name)](ids)
+
+    def _sequence_outputs(self, group: FeatureGroup, batch: Mapping[str, torch.Tensor], out: Batch) -> None:
+        """Padded ``g.sequence`` [B, L, Ds], or with ``jagged_sequences`` ``g.sequence_values`` [N, Ds]:
+        only the valid positions, row by row, looked up without touching the padding. The group's
+        first sequence feature's lengths apply to all of its sequences (they are parallel lists)."""
+        seqs = self._sequences(group)
+        max_length = _required(batch, seqs[0]).shape[1]
+        lengths = _required(batch, seqs[0] + LENGTH_SUFFIX).clamp(max=max_length)
+        out[group.name + ".sequence_length"] = lengths
+        if self.jagged_sequences:
+            mask = sequence_mask(lengths, max_length)
+            parts = [self.tables[self._table_name(f)](_required(batch, f)[mask]) for f in seqs]
+            out[group.name + ".sequence_values"] = torch.cat(parts, dim=-1)
+            return
+        parts = [self.tables[self._table_name(f)](self._valid_ids(f, batch)) for f in seqs]
+        out[group.name + ".sequence"] = torch.cat(parts, dim=-1)
+
+    def _mean_pooled(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the valid positions' embeddings (zeros for an empty sequence); one fused
+        embedding_bag, with positions past the length forced to the padding row it skips."""
+        ids = self._valid_ids(name, batch)
+        table = self.tables[self._table_name(name)]
+        return F.embedding_bag(ids, table.weight, mode="mean", padding_idx=PAD_ID)
+
+    def _valid_ids(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The sequence ids with every position past the row's length set to PAD, so whatever a caller
+        left in the padding can never reach the output."""
+        ids = _required(batch, name)
+        mask = sequence_mask(_required(batch, name + LENGTH_SUFFIX), ids.shape[1])
+        return torch.where(mask, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
+
+    def _table_name(self, name: str) -> str:
+        if self.spec.kind_of(name) == "sequence" and self._share:
+            return self.spec.sequence_feature(name).shares
+        return name
+
+    def _sparse(self, group: FeatureGroup) -> list[str]:
+        return [f for f in group.features if self.spec.kind_of(f) == "sparse"]
+
+    def _sequences(self, group: FeatureGroup) -> list[str]:
+        return [f for f in group.features if self.spec.kind_of(f) == "sequence"]
+
+
+def sequence_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """[B, L] True at the valid (left-aligned) positions of each row."""
+    return torch.arange(max_length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+# ---- private helpers ------------------------------------------------------------------------------
+
+
+def _required(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    try:
+        return batch[key]
+    except KeyError:
+        raise KeyError(
+            f"the batch has no '{key}' (keys: {sorted(batch)}); encode the feature with FeatureEncoder.encode"
+        ) from None
+
+
+def _column_names(frame: Frame) -> list[str]:
+    return list(frame.column_names) if isinstance(frame, pa.Table) else list(frame.columns)
+
+
+def _num_rows(frame: Frame) -> int:
+    return frame.num_rows if isinstance(frame, pa.Table) else len(frame)
+
+
+def _column(frame: Frame, name: str) -> Any:
+    if name not in _column_names(frame):
+        raise KeyError(f"the frame has no column '{name}' (columns: {_column_names(frame)})")
+    return frame.column(name) if isinstance(frame, pa.Table) else frame[name]
+
+
+def _column_numpy(frame: Frame, name: str) -> np.ndarray:
+    return _to_numpy(_column(frame, name))
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values.to_numpy(zero_copy_only=False)
+    if isinstance(values, pd.Series):
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            return values.astype(object).to_numpy()
+        return values.to_numpy()
+    return np.asarray(values)
+
+
+def _value_kind(values: Any, name: str) -> ValueKind:
+    arr = _to_numpy(values)
+    if arr.dtype.kind in "iub":
+        return "int"
+    if arr.dtype.kind in "OUSa":
+        return "str"
+    raise ValueError(f"sparse feature '{name}': values of dtype {arr.dtype} are neither integers nor strings")
+
+
+def _as_kind(values: Any, kind: ValueKind, name: str) -> np.ndarray:
+    arr = _to_numpy(values)
+    if kind == "int":
+        if arr.dtype.kind not in "iub":
+            raise ValueError(f"sparse feature '{name}': expected integer values, got dtype {arr.dtype}")
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "O":
+        return np.where(pd.isna(arr), MISSING_CATEGORY, arr).astype(str).astype(object)
+    return arr.astype(str).astype(object)
+
+
+def _dense_values(values: Any, transform: str, name: str) -> np.ndarray:
+    arr = _to_numpy(values)
+    if arr.dtype.kind not in "iufb":
+        raise ValueError(f"dense feature '{name}': expected numbers, got dtype {arr.dtype}")
+    out = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if transform == "log1p":
+        out = np.log1p(np.maximum(out, 0.0))
+    return out
+
+
+def _list_parts(column: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lengths [B], flat values, flat validity) of a list column, from pyarrow offsets (no row loop)."""
+    if isinstance(column, pd.Series):
+        column = pa.array(column.to_numpy() if column.dtype == object else column, from_pandas=True)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise ValueError(f"sequence feature '{name}': expected a list column, got {column.type}")
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(column)
+    valid = pc.is_valid(flat).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(flat.type):
+        values = pc.fill_null(flat, 0).to_numpy().astype(np.int64)
+    else:
+        values = flat.to_numpy(zero_copy_only=False)
+    return lengths, values, valid
+
+
+def _group_codes(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    codes, _ = pd.factorize(values)
+    return codes.astype(np.int64)

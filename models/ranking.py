@@ -1,0 +1,198 @@
+"""Rankers with TorchEasyRec semantics: MultiTower, MultiTowerDIN and DLRM on one base contract.
+
+Every ranker turns a batch into one logit per row (``predict``), trains with binary cross-entropy on
+``batch["label"]`` (``loss``) and reports AUC, GAUC and logloss (``metrics``). Configuration mistakes
+(unknown group, DIN on a deep group, DLRM dims that cannot interact) raise :class:`ModelConfigError`
+at construction, naming the offending group or feature, as TorchEasyRec does.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import (
+    DLRMConfig,
+    ModelConfigError,
+    MultiTowerConfig,
+    MultiTowerDINConfig,
+    check_model_config,
+)
+from models.features import GROUP_KEY, LABEL_KEY, EmbeddingGroup, FeatureEncoder
+from models.layers import MLP, DINAttention, DotInteraction
+from models.metrics import ranking_metrics
+from models.model import RecModel, eval_batches, model_device
+
+
+class Ranker(RecModel):
+    """Base of the rankers: ``predict`` -> logits [B]; BCE ``loss``; AUC / GAUC / logloss ``metrics``."""
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.predict(batch)
+
+    @abstractmethod
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B] (apply a sigmoid for click probabilities)."""
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if LABEL_KEY not in batch:
+            raise KeyError("ranker loss: the batch has no 'label' (encode a frame with a label column)")
+        logits = self.predict(batch)
+        return F.binary_cross_entropy_with_logits(logits.float(), batch[LABEL_KEY].float())
+
+    @staticmethod
+    def metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+        """AUC, logloss and (with per-row user groups) GAUC."""
+        return ranking_metrics(labels, logits, groups)
+
+    def default_metric(self, k: int) -> str:
+        return "auc"
+
+    def feature_names(self) -> list[str]:
+        return self.embedding.feature_names()
+
+    @torch.no_grad()
+    def predict_split(self, data: Mapping[str, torch.Tensor], batch_size: int) -> np.ndarray:
+        """Logits of a whole encoded split, in eval mode, as float64 numpy."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = model_device(self)
+            keys = [k for k in self.input_keys() if k in data and k not in (LABEL_KEY, GROUP_KEY)]
+            parts = [
+                self.predict(b).float().cpu()
+                for b in eval_batches({k: data[k] for k in keys}, batch_size, device)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(parts).numpy().astype(np.float64)
+
+    def validation_metrics(
+        self, data: Mapping[str, torch.Tensor], batch_size: int, k: int = 50
+    ) -> dict[str, float]:
+        logits = self.predict_split(data, batch_size)
+        labels = data[LABEL_KEY].numpy()
+        groups = data[GROUP_KEY].numpy() if GROUP_KEY in data else None
+        out = self.metrics(logits, labels, groups)
+        out["loss"] = out["logloss"]
+        return out
+
+
+class MultiTower(Ranker):
+    """One MLP tower per deep feature group -> concat -> final MLP -> linear logit."""
+
+    kind = "multi_tower"
+
+    def __init__(self, encoder: FeatureEncoder, config: MultiTowerConfig | MultiTowerDINConfig) -> None:
+        super().__init__(encoder, config)
+        check_model_config(self.kind, config, encoder.spec)
+        # DIN reads only the valid history positions: no padded lookups for the sequence groups
+        self.embedding = EmbeddingGroup(
+            encoder, config.feature_groups, jagged_sequences=isinstance(config, MultiTowerDINConfig)
+        )
+        self.towers = nn.ModuleDict(
+            {t.input: MLP.from_config(self._group_dim(t.input), t.mlp) for t in config.towers}
+        )
+        head_dim = sum(t.output_dim for t in self.towers.values()) + self._build_sequence_towers()
+        self.final = MLP.from_config(head_dim, config.final)
+        self.output = nn.Linear(self.final.output_dim, 1)
+
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        groups = self.embedding(batch)
+        return self.output(self.final(torch.cat(self._tower_outputs(groups), dim=-1))).squeeze(-1)
+
+    def _build_sequence_towers(self) -> int:
+        """Hook for MultiTowerDIN: build the sequence towers, return their total output width."""
+        return 0
+
+    def _tower_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [tower(groups[name]) for name, tower in self.towers.items()]
+
+    def _group_dim(self, name: str) -> int:
+        dim = self.embedding.group_dim(name)
+        if dim == 0:
+            raise ModelConfigError(f"{self.kind}: feature group '{name}' is empty")
+        return dim
+
+
+class MultiTowerDIN(MultiTower):
+    """MultiTower plus one DIN attention tower per sequence group (target item attends to history)."""
+
+    kind = "multi_tower_din"
+
+    def _build_sequence_towers(self) -> int:
+        self.din_towers = nn.ModuleDict()
+        for tower in self.config.din_towers:
+            query_dim = self.embedding.query_dim(tower.input)
+            seq_dim = self.embedding.sequence_dim(tower.input)
+            if query_dim != seq_dim:
+                raise ModelConfigError(
+                    f"multi_tower_din: din tower '{tower.input}': query dim {query_dim} "
+                    f"!= sequence dim {seq_dim}"
+                )
+            self.din_towers[tower.input] = DINAttention.from_config(seq_dim, tower.attn_mlp)
+        return sum(t.output_dim for t in self.din_towers.values())
+
+    def _tower_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = super()._tower_outputs(groups)
+        for name, din in self.din_towers.items():
+            query, lengths = groups[name + ".query"], groups[name + ".sequence_length"]
+            outputs.append(din.forward_jagged(query, groups[name + ".sequence_values"], lengths))
+        return outputs
+
+
+class DLRM(Ranker):
+    """Dense MLP -> one vector; pairwise dots of [dense vector, sparse embeddings...] -> top MLP -> logit.
+
+    The top MLP reads the interactions, the dense vector and (``arch_with_sparse``) the raw sparse
+    embeddings. All sparse widths must be equal and equal to the dense MLP's output width.
+    """
+
+    kind = "dlrm"
+
+    def __init__(self, encoder: FeatureEncoder, config: DLRMConfig) -> None:
+        super().__init__(encoder, config)
+        check_model_config(self.kind, config, encoder.spec)
+        self.embedding = EmbeddingGroup(encoder, config.feature_groups)
+        groups = {g.name: g for g in config.feature_groups}
+        self._num_sparse = len(groups["sparse"].features)
+        self._sparse_dim = encoder.spec.embedding_dim(groups["sparse"].features[0])
+        self.dense_mlp = (
+            MLP.from_config(self.embedding.group_dim("dense"), config.dense_mlp)
+            if "dense" in groups
+            else None
+        )
+        num_vectors = self._num_sparse + (1 if self.dense_mlp is not None else 0)
+        if num_vectors < 2:
+            raise ModelConfigError(
+                "dlrm: the interaction needs at least two vectors (dense + sparse features)"
+            )
+        self.interaction = DotInteraction(num_vectors)
+        top_dim = self.interaction.output_dim
+        if self.dense_mlp is not None:
+            top_dim += self.dense_mlp.output_dim
+        if config.arch_with_sparse:
+            top_dim += self._num_sparse * self._sparse_dim
+        self.final = MLP.from_config(top_dim, config.final)
+        self.output = nn.Linear(self.final.output_dim, 1)
+
+    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        groups = self.embedding(batch)
+        sparse = groups["sparse"]
+        vectors = sparse.view(-1, self._num_sparse, self._sparse_dim)
+        parts = []
+        if self.dense_mlp is not None:
+            dense = self.dense_mlp(groups["dense"])
+            vectors = torch.cat([dense.unsqueeze(1).to(vectors.dtype), vectors], dim=1)
+            parts.append(dense)
+        interactions = self.interaction(vectors)
+        parts.insert(0, interactions)
+        if self.config.arch_with_sparse:
+            parts.append(sparse)
+        top = torch.cat([p.to(interactions.dtype) for p in parts], dim=-1)
+        return self.output(self.final(top)).squeeze(-1)

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from models.config import DenseFeature, FeatureGroup, FeatureSpec, SequenceFeature, SparseFeature
+from models.features import FIRST_ID, OOV_ID, PAD_ID, EmbeddingGroup, FeatureEncoder
+from tests.models.conftest import make_frame
+
+
+def test_encode_shapes_and_dtypes(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    batch = encoder.encode(frame)
+    n = len(frame)
+    for name in ("user_id", "item_id", "gender", "category"):
+        assert batch[name].shape == (n,) and batch[name].dtype == torch.int64
+    assert batch["hist_item_ids"].shape == (n, 30) and batch["hist_item_ids"].dtype == torch.int64
+    assert torch.equal(batch["hist_item_ids__length"], torch.from_numpy(frame["hist_length"].to_numpy()))
+    assert (
+        batch["dense"].shape == (n, len(models_config.features.dense))
+        and batch["dense"].dtype == torch.float32
+    )
+    assert batch["label"].dtype == torch.float32
+    assert torch.equal(batch["group"], torch.from_numpy(frame["user_id"].to_numpy()))
+
+
+def test_vocabulary_is_fitted_on_train_only():
+    spec = FeatureSpec(sparse=[SparseFeature(name="brand"), SparseFeature(name="user_id", min_count=2)])
+    train = pd.DataFrame({"brand": ["a", "b", "b", ""], "user_id": [1, 1, 2, 3]})
+    valid = pd.DataFrame({"brand": ["b", "zzz", "", "a"], "user_id": [1, 2, 9, 1]})
+    encoder = FeatureEncoder.fit(spec, train)
+    assert encoder.num_embeddings("brand") == FIRST_ID + 2  # "" (missing) never gets a row
+    brand = encoder.encode(valid)["brand"].tolist()
+    assert brand[1] == OOV_ID and brand[2] == OOV_ID  # unseen in train / missing
+    assert brand[0] != brand[3] and min(brand[0], brand[3]) >= FIRST_ID
+    # min_count=2: only user 1 made the vocabulary; user 2 (seen once) and 9 (unseen) share OOV
+    assert encoder.encode(valid)["user_id"].tolist() == [FIRST_ID, OOV_ID, OOV_ID, FIRST_ID]
+
+
+def test_sequences_share_vocab_keep_most_recent_and_pad_with_zero():
+    spec = FeatureSpec(
+        sparse=[SparseFeature(name="item_id")],
+        sequence=[SequenceFeature(name="hist", shares="item_id", max_length=3)],
+    )
+    train = pd.DataFrame({"item_id": [10, 20, 30, 40], "hist": [[10], [], [10, 20], [30]]})
+    encoder = FeatureEncoder.fit(spec, train)
+    frame = pd.DataFrame(
+        {"item_id": [10, 20, 30], "hist": [[10, 20, 30, 40, 99], [], [40]]}, dtype=object
+    ).astype({"item_id": np.int64})
+    batch = encoder.encode(frame)
+    code = dict(zip([10, 20, 30, 40], encoder.encode_ids("item_id", np.array([10, 20, 30, 40])), strict=True))
+    # the last 3 of 5 (most recent last), left-aligned; 99 is unseen -> OOV, still a valid position
+    assert batch["hist"][0].tolist() == [code[30], code[40], OOV_ID]
+    assert batch["hist"][1].tolist() == [PAD_ID] * 3
+    assert batch["hist"][2].tolist() == [code[40], PAD_ID, PAD_ID]
+    assert batch["hist__length"].tolist() == [3, 0, 1]
+    assert batch["item_id"].tolist() == [code[10], code[20], code[30]]
+
+
+def test_list_columns_from_pyarrow_and_pandas_agree(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    from_pandas = encoder.encode(frame)
+    from_arrow = encoder.encode(pa.Table.from_pandas(frame, preserve_index=False))
+    assert from_pandas.keys() == from_arrow.keys()
+    for key in from_pandas:
+        assert torch.equal(from_pandas[key], from_arrow[key]), key
+
+
+def test_dense_statistics_come_from_train_and_state_round_trips_through_json(models_config):
+    train, valid = make_frame(seed=1), make_frame(seed=2)
+    encoder = FeatureEncoder.fit(models_config.features, train)
+    dense = encoder.encode(train)["dense"]
+    assert torch.allclose(dense.mean(0), torch.zeros(dense.shape[1]), atol=1e-4)
+    assert torch.allclose(dense.std(0, unbiased=False), torch.ones(dense.shape[1]), atol=1e-3)
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(encoder.to_dict())))
+    a, b = encoder.encode(valid), restored.encode(valid)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_price = np.log1p(valid["price"].to_numpy())
+    mean, std = encoder.dense_stats["price"]
+    expected = torch.tensor((log_price - mean) / std, dtype=torch.float32)
+    assert torch.allclose(a["dense"][:, encoder.dense_index("price")], expected)
+
+
+def test_hashing_is_deterministic_and_in_range():
+    spec = FeatureSpec(
+        sparse=[SparseFeature(name="zip_prefix", hash_buckets=7)], dense=[DenseFeature(name="x")]
+    )
+    train = pd.DataFrame({"zip_prefix": ["001", "002"], "x": [1.0, 2.0]})
+    encoder = FeatureEncoder.fit(spec, train)
+    frame = pd.DataFrame({"zip_prefix": ["001", "999", "001", ""], "x": [0.0] * 4})
+    ids = encoder.encode(frame)["zip_prefix"]
+    assert ids[0] == ids[2] and ids[3] == OOV_ID
+    assert ((ids[:3] >= FIRST_ID) & (ids[:3] < FIRST_ID + 7)).all()
+    restored = FeatureEncoder.from_dict(json.loads(json.dumps(encoder.to_dict())))
+    assert torch.equal(restored.encode(frame)["zip_prefix"], ids)
+
+
+def test_encode_subset_and_id_counts(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    users = encoder.encode(frame, features=["user_id", "hist_item_ids", "user_ctr_7d"])
+    assert "item_id" not in users and "hist_item_ids__length" in users
+    assert users["dense"][:, encoder.dense_index("price")].abs().sum() == 0
+    counts = encoder.id_counts(frame, "item_id")
+    assert counts.shape == (encoder.num_embeddings("item_id"),) and counts.sum() == len(frame)
+    assert counts[PAD_ID] == 0 and counts[OOV_ID] == 0
+
+
+def test_embedding_group_dims_match_outputs(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    batch = encoder.encode(frame)
+    groups = models_config.multi_tower_din.feature_groups
+    layer = EmbeddingGroup(encoder, groups)
+    out = layer(batch)
+    n = len(frame)
+    assert out["user"].shape == (n, layer.group_dim("user"))
+    assert layer.group_dim("user") == 5 * 16 + 7  # 5 sparse ids + hist_length + 6 user stats
+    assert out["seq.query"].shape == (n, 32) and out["seq.sequence"].shape == (n, 30, 32)
+    assert torch.equal(out["seq.sequence_length"], batch["hist_item_ids__length"])
+    # history shares the item-id table, so only one item_id table exists
+    assert "hist_item_ids" not in layer.tables and "item_id" in layer.tables
+    for table in layer.tables.values():  # padding and unseen ids start as zero vectors
+        assert not table.weight[PAD_ID].any() and not table.weight[OOV_ID].any()
+    unshared = EmbeddingGroup(
+        encoder, [FeatureGroup(name="h", features=["hist_item_ids"])], share_sequence_tables=False
+    )
+    assert list(unshared.tables) == ["hist_item_ids"]
+    assert unshared.tables["hist_item_ids"].num_embeddings == encoder.num_embeddings("item_id")
+
+
+def test_mean_pooling_ignores_padding_and_empty_rows_are_zero(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    batch = encoder.encode(frame)
+    layer = EmbeddingGroup(encoder, [FeatureGroup(name="h", features=["hist_item_ids"])])
+    before = layer(batch)["h"]
+    noisy = dict(batch)
+    ids = batch["hist_item_ids"].clone()
+    pad = ids == PAD_ID
+    ids[pad] = torch.randint(FIRST_ID, encoder.num_embeddings("item_id"), (int(pad.sum()),))
+    noisy["hist_item_ids"] = ids
+    assert torch.equal(layer(noisy)["h"], before)
+    empty = batch["hist_item_ids__length"] == 0
+    assert empty.any() and (before[empty] == 0).all()
+    row = int(torch.nonzero(~empty)[0])
+    length = int(batch["hist_item_ids__length"][row])
+    expected = layer.tables["item_id"].weight[batch["hist_item_ids"][row, :length]].mean(0)
+    assert torch.allclose(before[row], expected, atol=1e-6)
+
+
+def test_jagged_sequence_values_are_the_valid_positions_of_the_padded_ones(frame, models_config):
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    batch = encoder.encode(frame)
+    groups = models_config.multi_tower_din.feature_groups
+    padded = EmbeddingGroup(encoder, groups)
+    jagged = EmbeddingGroup(encoder, groups, jagged_sequences=True)
+    jagged.load_state_dict(padded.state_dict())
+    lengths = batch["hist_item_ids__length"]
+    mask = torch.arange(30).unsqueeze(0) < lengths.unsqueeze(1)
+    values = jagged(batch)["seq.sequence_values"]
+    assert values.shape == (int(lengths.sum()), 32)
+    assert torch.equal(values, padded(batch)["seq.sequence"][mask])
+    assert "seq.sequence" not in jagged(batch)
