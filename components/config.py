@@ -7,12 +7,15 @@ a default. Errors are re-raised as :class:`ConfigError` with the dotted key path
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.config import ModelsConfig, TrainingConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -132,6 +135,320 @@ class FeaturesConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# feast, training_set, validation (components/training_set.py, components/validate.py)
+
+
+class FeatureViewTTLs(Section):
+    """Days a feature row stays valid for the as-of join (and online reads); older rows give defaults."""
+
+    user_profile: float = Field(default=3650, gt=0)
+    item_profile: float = Field(default=3650, gt=0)
+    user_history: float = Field(default=180, gt=0)
+    user_stats: float = Field(default=2, gt=0)
+    item_stats: float = Field(default=2, gt=0)
+
+
+class FeastConfig(Section):
+    """The Feast feature repo (feature_repo/): where it lives, which store config, the views' TTLs."""
+
+    # resolved against the working directory, else against the project root (so any cwd works)
+    repo_path: Path = Path("feature_repo")
+    # null: $FEAST_FS_YAML_FILE_PATH when set (the cluster's production config), else
+    # <repo_path>/feature_store.yaml; a relative path is taken inside repo_path
+    config_file: Path | None = None
+    ttl_days: FeatureViewTTLs = FeatureViewTTLs()
+    materialize: bool = True  # backfill the online store up to the end of the data after the training sets
+
+
+class TrainingSetConfig(Section):
+    """Point-in-time training sets from Feast, split by event time into train < valid < test."""
+
+    output_dir: Path = Path("data/training")
+    metrics_file: Path = Path("metrics/training_set.json")
+    report_file: Path = Path("reports/training_set.md")
+    # the last test_fraction of the days is test, the valid_fraction before it valid (whole UTC days)
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # explicit cut points (both or neither) override the fractions: valid = [valid_start, test_start)
+    valid_start: datetime | None = None
+    test_start: datetime | None = None
+    # entity rows per get_historical_features call; each call reads only the feature rows it can use
+    chunk_rows: int = Field(default=8000, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent_splits(self) -> TrainingSetConfig:
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError("valid_fraction + test_fraction must leave some days for training (< 1)")
+        if (self.valid_start is None) != (self.test_start is None):
+            raise ValueError("valid_start and test_start: give both cut points or neither")
+        for name in ("valid_start", "test_start"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                setattr(self, name, value.replace(tzinfo=UTC))
+        if self.valid_start is not None and self.test_start is not None and self.valid_start >= self.test_start:
+            raise ValueError("valid_start must be before test_start")
+        return self
+
+
+class RowCountBounds(Section):
+    """Inclusive row-count bounds per raw table; null max = unbounded."""
+
+    users_min: int = Field(default=10, ge=1)
+    users_max: int | None = Field(default=None, ge=1)
+    items_min: int = Field(default=10, ge=1)
+    items_max: int | None = Field(default=None, ge=1)
+    events_min: int = Field(default=1000, ge=1)
+    events_max: int | None = Field(default=None, ge=1)
+
+
+class ValidationConfig(Section):
+    """great-expectations gates on the raw tables and the training sets (components/validate.py)."""
+
+    reports_dir: Path = Path("reports/validation")  # <target>_summary.json and Data Docs in <target>/
+    # event times must lie in [earliest_timestamp, now]
+    earliest_timestamp: datetime = datetime(1990, 1, 1, tzinfo=UTC)
+    row_counts: RowCountBounds = RowCountBounds()
+    # share of positive labels in the raw events and in each ranking split
+    positive_rate_min: float = Field(default=0.005, ge=0, le=1)
+    positive_rate_max: float = Field(default=0.95, ge=0, le=1)
+    max_null_fraction: float = Field(default=0.0, ge=0, lt=1)  # per training-set column
+    unexpected_examples: int = Field(default=10, ge=1, le=200)  # bad values shown per failure
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> ValidationConfig:
+        if self.positive_rate_min > self.positive_rate_max:
+            raise ValueError("positive_rate_min must not exceed positive_rate_max")
+        if self.earliest_timestamp.tzinfo is None:
+            self.earliest_timestamp = self.earliest_timestamp.replace(tzinfo=UTC)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# index, bundle, gate
+
+
+class IndexConfig(Section):
+    """The FAISS index over the item embeddings (components/build_index.py); always inner product."""
+
+    item_embeddings: Path = Path("artifacts/embeddings/item_embeddings.safetensors")
+    query_embeddings: Path = Path("artifacts/embeddings/user_embeddings_valid.safetensors")
+    output: Path = Path("artifacts/index/items.faiss")
+    metrics_file: Path = Path("metrics/index.json")
+    type: Literal["auto", "flat", "hnsw", "ivf_pq"] = "auto"
+    # auto: exact IndexFlatIP below flat_max_items, IVF-PQ from ivf_pq_min_items, HNSW in between
+    flat_max_items: int = Field(default=50_000, gt=0)
+    ivf_pq_min_items: int = Field(default=5_000_000, gt=0)
+    k: int = Field(default=10, gt=0)
+    recall_target: float = Field(default=0.95, gt=0, le=1)
+    tune_queries: int = Field(default=2_000, gt=0)
+    tune_margin_sigmas: float = Field(default=2.0, ge=0)
+    norm_tolerance: float = Field(default=1e-3, gt=0, lt=1)
+    hnsw_m: int = Field(default=32, ge=4, le=256)
+    hnsw_ef_construction: int = Field(default=100, gt=0)
+    ef_search_max: int = Field(default=4_096, gt=0)
+    ivf_nlist: int | None = Field(default=None, gt=0)
+    ivf_train_per_list: int = Field(default=64, ge=39)
+    pq_m: int | None = Field(default=None, gt=0)
+    pq_nbits: int = Field(default=8, ge=4, le=12)
+    refine_k_factor: float | None = Field(default=8.0, ge=1)
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> IndexConfig:
+        if self.flat_max_items > self.ivf_pq_min_items:
+            raise ValueError("flat_max_items must not exceed ivf_pq_min_items")
+        return self
+
+
+class BundleConfig(Section):
+    """The versioned bundle serving loads as a unit (components/bundle.py): bundle name -> source path."""
+
+    out_dir: Path = Path("artifacts/bundle")
+    files: dict[str, Path] = Field(
+        default={
+            "item_embeddings.safetensors": Path("artifacts/embeddings/item_embeddings.safetensors"),
+            "items.faiss": Path("artifacts/index/items.faiss"),
+            "items.faiss.json": Path("artifacts/index/items.faiss.json"),
+        },
+        min_length=1,
+    )
+    metrics_file: Path = Path("metrics/evaluation.json")
+
+
+class GateConfig(Section):
+    """Deploy gate (components/gate.py): new metrics vs the deployed bundle's, per metric direction."""
+
+    metrics_file: Path = Path("metrics/evaluation.json")
+    output: Path = Path("metrics/gate.json")
+    deployed_bundle: str | None = None
+    tolerance: float = Field(default=0.01, ge=0, lt=1)
+    metrics: dict[str, Literal["higher", "lower"]] = Field(
+        default={"retrieval.two_tower.recall@50": "higher", "ranking.multitower.auc": "higher"},
+        min_length=1,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# pipeline (Kubeflow) and deploy (KServe)
+
+_QUANTITY = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_IMAGE_REPO = r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+$"
+_IMAGE_TAG = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+_CRON_FIELDS = (  # KFP's cron (robfig/cron with seconds): name, lowest, highest, names for values
+    ("second", 0, 59, ()),
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+    ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+_CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def kfp_cron(expression: str) -> str:
+    """Check a cron expression in KFP's format (6 fields, seconds first) and return it normalised.
+
+    KFP hands the expression to robfig/cron with a seconds field, so the 5-field crontab form most people
+    type means something else there (or is rejected by the server long after the pipeline was uploaded).
+    """
+    text = " ".join(expression.split())
+    if text in _CRON_DESCRIPTORS or re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
+        return text
+    fields = text.split(" ") if text else []
+    if len(fields) != len(_CRON_FIELDS):
+        hint = f" (did you mean '0 {text}'?)" if len(fields) == 5 else ""
+        raise ValueError(
+            f"cron {expression!r} has {len(fields)} field(s); KFP's cron has 6, seconds first: "
+            f"'second minute hour day-of-month month day-of-week', e.g. '0 0 3 * * *' for 03:00 daily{hint}"
+        )
+    for value, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in value.split(","):
+            _check_cron_item(item, name, low, high, names, wildcard_question=name.startswith("day of"))
+    return text
+
+
+def _check_cron_item(
+    item: str, name: str, low: int, high: int, names: tuple[str, ...], wildcard_question: bool
+) -> None:
+    base, _, step = item.partition("/")
+    if step and not (step.isdigit() and int(step) > 0):
+        raise ValueError(f"cron {name} field {item!r}: the step after '/' must be a positive integer")
+    if base == "*" or (base == "?" and wildcard_question):
+        return
+    bounds = base.split("-")
+    if len(bounds) > 2 or not all(bounds):
+        raise ValueError(f"cron {name} field {item!r}: expected '*', a value, or a range 'a-b'")
+    numbers = [_cron_value(part, name, low, high, names) for part in bounds]
+    if len(numbers) == 2 and numbers[0] > numbers[1]:
+        raise ValueError(f"cron {name} field {item!r}: the range runs backwards")
+
+
+def _cron_value(part: str, name: str, low: int, high: int, names: tuple[str, ...]) -> int:
+    if part.upper() in names:
+        return names.index(part.upper()) + low
+    if not part.isdigit() or not low <= int(part) <= high:
+        allowed = f"{low}-{high}" + (f" or {names[0]}-{names[-1]}" if names else "")
+        raise ValueError(f"cron {name} value {part!r} is out of range (allowed {allowed})")
+    return int(part)
+
+
+class Resources(Section):
+    """Kubernetes requests and limits of one container (quantities as Kubernetes writes them)."""
+
+    cpu_request: str = Field(pattern=_QUANTITY)
+    cpu_limit: str = Field(pattern=_QUANTITY)
+    memory_request: str = Field(pattern=_QUANTITY)
+    memory_limit: str = Field(pattern=_QUANTITY)
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Resources:
+        from kubernetes.utils.quantity import parse_quantity
+
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(f"{kind}_request {request} exceeds {kind}_limit {limit}")
+        return self
+
+    def requests(self) -> dict[str, str]:
+        return {"cpu": self.cpu_request, "memory": self.memory_request}
+
+    def limits(self) -> dict[str, str]:
+        return {"cpu": self.cpu_limit, "memory": self.memory_limit}
+
+
+class PipelineConfig(Section):
+    """The Kubeflow pipeline (pipelines/): its image, cluster settings, resources and schedule.
+
+    These are compile-time defaults; the image tag, GPU type, namespace and data source are also
+    pipeline parameters, so a run can override them without recompiling.
+    """
+
+    name: str = Field(default="recsys-training", pattern=_DNS_LABEL)
+    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-pipeline", pattern=_IMAGE_REPO)
+    # one release tag for both images (pipeline and serving); pinned, never "latest"
+    image_tag: str = Field(default="0.1.0", pattern=_IMAGE_TAG)
+    namespace: str = Field(default="recsys", pattern=_DNS_LABEL)
+    service_account: str = Field(default="recsys-pipeline", pattern=_DNS_LABEL)
+    experiment: str = Field(default="recsys-training", min_length=1)
+    cron: str = "0 0 3 * * *"
+    max_concurrency: int = Field(default=1, ge=1)
+    accelerator_type: str = Field(default="nvidia.com/gpu", min_length=1)
+    accelerator_limit: int = Field(default=1, ge=1)
+    train_resources: Resources = Resources(
+        cpu_request="4", cpu_limit="8", memory_request="16Gi", memory_limit="32Gi"
+    )
+    step_resources: Resources = Resources(
+        cpu_request="1", cpu_limit="2", memory_request="4Gi", memory_limit="8Gi"
+    )
+    retries: int = Field(default=1, ge=0, le=5)
+
+    @field_validator("image_tag")
+    @classmethod
+    def _tag_pinned(cls, tag: str) -> str:
+        if tag == "latest":
+            raise ValueError("pin a release tag; 'latest' makes runs unreproducible")
+        return tag
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_is_kfp(cls, cron: str) -> str:
+        return kfp_cron(cron)
+
+    @property
+    def image(self) -> str:
+        return f"{self.image_repo}:{self.image_tag}"
+
+
+class DeployConfig(Section):
+    """The KServe InferenceService that components/deploy.py creates or updates."""
+
+    isvc_name: str = Field(default="recsys", pattern=_DNS_LABEL)
+    namespace: str = Field(default="recsys", pattern=_DNS_LABEL)
+    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-serving", pattern=_IMAGE_REPO)
+    # the bundle to serve when deploying by hand / from the manifests; the pipeline passes its own bundle
+    storage_uri: str = Field(default="s3://recsys-models/bundles/current", pattern=r"^[a-z][a-z0-9+.-]*://.+")
+    service_account: str = Field(default="recsys-serving", pattern=_DNS_LABEL)
+    http_port: int = Field(default=8080, ge=1024, le=65535)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=3, ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    scale_target: int = Field(default=8, gt=0)
+    resources: Resources = Resources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi")
+    run_as_user: int = Field(default=1000, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+    # where the production Feast config lives in the cluster (names only: values are never committed)
+    feast_config_map: str = Field(default="recsys-feast-config", pattern=_DNS_LABEL)
+    feast_secret: str = Field(default="recsys-feast-credentials", pattern=_DNS_LABEL)
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> DeployConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # the whole file
 
 
@@ -139,6 +456,17 @@ class Params(Section):
     seed: int = Field(default=42, ge=0)
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
+    feast: FeastConfig = FeastConfig()
+    training_set: TrainingSetConfig = TrainingSetConfig()
+    validation: ValidationConfig = ValidationConfig()
+    index: IndexConfig = IndexConfig()
+    bundle: BundleConfig = BundleConfig()
+    gate: GateConfig = GateConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    deploy: DeployConfig = DeployConfig()
+    # the models package's own sections (models/config.py): features, feature groups, the four models
+    models: ModelsConfig = ModelsConfig()
+    training: TrainingConfig = TrainingConfig()
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:

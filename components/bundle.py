@@ -1,0 +1,296 @@
+"""The versioned bundle: user tower, item embeddings + index, rankers and encoders in one checksummed dir.
+
+Serving loads the bundle as a unit, so model and index cannot drift apart: the manifest records the SHA-256
+and size of every file, the params and git revision it came from and its evaluation metrics, and the
+embedding dim of every index and embedding table in it (which must agree). The bundle is built in a
+temporary sibling directory and renamed into place, so a half-built bundle never appears under its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import faiss
+import yaml
+from safetensors import SafetensorError, safe_open
+
+from components.config import BundleConfig, load_params
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# an unlisted file with one of these harmless suffixes is tolerated (with a warning); any other is refused
+NON_CRITICAL_SUFFIXES = frozenset({".md", ".txt", ".log"})
+EMBEDDINGS_TENSOR = "embeddings"
+
+
+class BundleIntegrityError(ValueError):
+    """A bundle that must not be served; the message names the bundle and the offending file."""
+
+
+def run(config: BundleConfig, params_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Assemble ``config.files`` with ``config.metrics_file``'s metrics and the params file's text."""
+    params_path, metrics_path = Path(params_path), Path(config.metrics_file)
+    if not metrics_path.exists():
+        raise BundleIntegrityError(f"{metrics_path}: evaluation metrics not found (bundle.metrics_file)")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleIntegrityError(f"{metrics_path}: not valid JSON: {exc}") from exc
+    return assemble_bundle(
+        config.files, Path(out_dir or config.out_dir), params_text=params_path.read_text(), metrics=metrics
+    )
+
+
+def assemble_bundle(
+    files: Mapping[str, str | Path],
+    out_dir: str | Path,
+    *,
+    params_text: str,
+    metrics: Mapping[str, Any],
+    git_revision: str | None = None,
+    embedding_dims: Mapping[str, int] | None = None,
+) -> Path:
+    """Copy ``files`` (bundle name -> source) into ``out_dir`` with a manifest; all or nothing.
+
+    ``embedding_dims`` declares the output dim of members the bundle cannot read a dim from (e.g. the user
+    tower); it is checked against every index (``*.faiss``) and ``embeddings`` tensor in the bundle.
+    """
+    out_dir = Path(out_dir)
+    names = {name: _check_name(name, out_dir) for name in files}
+    for name, source in files.items():
+        if not Path(source).is_file():
+            raise BundleIntegrityError(f"{out_dir}: bundle member '{name}' source {source} is not a file")
+        if name.endswith(".faiss") and name + ".json" not in files:
+            raise BundleIntegrityError(
+                f"{out_dir}: index '{name}' needs its sidecar '{name}.json' (search parameter, metric) too"
+            )
+    try:
+        metrics_json = json.loads(json.dumps(metrics, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise BundleIntegrityError(f"{out_dir}: metrics are not plain JSON: {exc}") from exc
+    try:
+        params = yaml.safe_load(params_text) or {}
+    except yaml.YAMLError as exc:
+        raise BundleIntegrityError(f"{out_dir}: params_text is not valid YAML: {exc}") from exc
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        entries: dict[str, dict[str, Any]] = {}
+        for name, source in sorted(files.items()):
+            target = staging / names[name]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sha, size = _copy_and_hash(Path(source), target)
+            entries[name] = {"sha256": sha, "bytes": size}
+        dims = _read_dims(staging, sorted(files), out_dir)
+        dims.update({f"declared:{name}": int(dim) for name, dim in (embedding_dims or {}).items()})
+        _check_dims_agree(dims, out_dir)
+        params_sha = hashlib.sha256(params_text.encode()).hexdigest()
+        content_sha = _content_sha256(entries, params_sha)
+        created = datetime.now(UTC)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": f"{created:%Y%m%dT%H%M%SZ}-{content_sha[:12]}",
+            "content_sha256": content_sha,
+            "created_at": created.isoformat(),
+            "git_revision": git_revision if git_revision is not None else _git_revision(),
+            "params": params,
+            "params_sha256": params_sha,
+            "metrics": metrics_json,
+            "dims": dims,
+            "files": entries,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("bundle: %s (%d files) -> %s", manifest["version"], len(entries), out_dir)
+    return out_dir
+
+
+def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The bundle's manifest; with ``verify``, refuse missing, changed or unlisted files and dim drift."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleIntegrityError(f"{bundle_dir}: no {MANIFEST}; not a bundle (or a half-copied one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleIntegrityError(f"{path}: not valid JSON: {exc}") from exc
+    missing = [key for key in ("format", "version", "files", "dims", "metrics") if key not in manifest]
+    if missing:
+        raise BundleIntegrityError(f"{path}: missing keys {missing}")
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise BundleIntegrityError(
+            f"{path}: manifest format {manifest['format']}, expected {MANIFEST_FORMAT}"
+        )
+    if not verify:
+        return manifest
+    entries: dict[str, dict[str, Any]] = manifest["files"]
+    if _content_sha256(entries, manifest.get("params_sha256", "")) != manifest.get("content_sha256"):
+        raise BundleIntegrityError(f"{path}: file list does not match content_sha256 (manifest edited)")
+    for name, entry in sorted(entries.items()):
+        member = bundle_dir / _check_name(name, bundle_dir)
+        if not member.is_file():
+            raise BundleIntegrityError(f"{bundle_dir}: file '{name}' listed in the manifest is missing")
+        size = member.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleIntegrityError(
+                f"{bundle_dir}: file '{name}' has {size} bytes, manifest says {entry['bytes']} (changed)"
+            )
+        if _sha256(member) != entry["sha256"]:
+            raise BundleIntegrityError(
+                f"{bundle_dir}: file '{name}' SHA-256 differs from the manifest (changed)"
+            )
+    for member in sorted(p for p in bundle_dir.rglob("*") if p.is_file() or p.is_symlink()):
+        name = member.relative_to(bundle_dir).as_posix()
+        if name == MANIFEST or name in entries:
+            continue
+        if member.suffix.lower() in NON_CRITICAL_SUFFIXES and not member.is_symlink():
+            log.warning("bundle %s: ignoring unlisted file '%s'", bundle_dir, name)
+            continue
+        raise BundleIntegrityError(f"{bundle_dir}: file '{name}' is not listed in the manifest (unverified)")
+    _check_dims_agree(manifest["dims"], bundle_dir)
+    return manifest
+
+
+def _check_name(name: str, bundle_dir: Path) -> PurePosixPath:
+    """A bundle name is a relative POSIX path inside the bundle, never the manifest itself."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or str(pure) != name:
+        raise BundleIntegrityError(f"{bundle_dir}: bundle name '{name}' must be a plain relative path")
+    if name == MANIFEST:
+        raise BundleIntegrityError(f"{bundle_dir}: '{MANIFEST}' is reserved for the bundle's manifest")
+    return pure
+
+
+def _read_dims(staging: Path, names: list[str], out_dir: Path) -> dict[str, int]:
+    """The vector dim of every FAISS index and every safetensors file holding an ``embeddings`` tensor."""
+    dims: dict[str, int] = {}
+    for name in names:
+        member = staging / name
+        if name.endswith(".faiss"):
+            try:
+                index = faiss.read_index(str(member))
+            except RuntimeError as exc:
+                raise BundleIntegrityError(f"{out_dir}: index '{name}' is not readable: {exc}") from exc
+            dims[name] = int(index.d)
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(str(member), framework="numpy") as fh:
+                    if EMBEDDINGS_TENSOR in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                        shape = fh.get_slice(EMBEDDINGS_TENSOR).get_shape()
+                        dims[name] = int(shape[-1])
+            except (SafetensorError, OSError) as exc:
+                raise BundleIntegrityError(f"{out_dir}: '{name}' is not a readable safetensors file") from exc
+    return dims
+
+
+def _check_dims_agree(dims: Mapping[str, int], bundle_dir: Path) -> None:
+    if len(set(dims.values())) > 1:
+        listing = ", ".join(f"'{name}'={dim}" for name, dim in sorted(dims.items()))
+        raise BundleIntegrityError(
+            f"{bundle_dir}: embedding dims disagree ({listing}); model and index drifted"
+        )
+
+
+def _content_sha256(entries: Mapping[str, Mapping[str, Any]], params_sha: str) -> str:
+    listing = {"files": {name: entries[name]["sha256"] for name in sorted(entries)}, "params": params_sha}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished bundle onto ``out_dir``; an old bundle moves aside first and is then removed."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_and_hash(source: Path, target: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest(), size
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_revision() -> str | None:
+    """HEAD's commit when run inside a git checkout with commits; None otherwise (best effort)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    revision = done.stdout.strip()
+    return revision or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.bundle", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    assemble = commands.add_parser("assemble", help="build the bundle from params (bundle.*)")
+    assemble.add_argument("--params", default="params.yaml", help="the project configuration file")
+    assemble.add_argument("--out-dir", default=None, help="default: bundle.out_dir")
+    verify = commands.add_parser("verify", help="check every file of a bundle against its manifest")
+    verify.add_argument("bundle_dir", help="the bundle directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "assemble":
+        params = load_params(args.params)
+        run(params.bundle, args.params, args.out_dir)
+        return 0
+    try:
+        manifest = load_manifest(args.bundle_dir, verify=True)
+    except BundleIntegrityError as exc:
+        print(f"bundle verify FAILED: {exc}", file=sys.stderr)
+        return 1
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    dim = next(iter(manifest["dims"].values()), None)
+    print(
+        f"bundle {args.bundle_dir}: OK version {manifest['version']}, {len(manifest['files'])} files, "
+        f"{total:,} bytes, dim {dim}, git {manifest.get('git_revision')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Gate step: deploy a new bundle only if none of the chosen metrics got worse than the deployed bundle's.
+
+The decision is data, not an exception: ``metrics/gate.json`` says ``passed`` and why, and the pipeline
+branches on it (KFP ``dsl.If``), so the step exits 0 either way unless ``--fail-on-reject``. A metric
+that cannot be compared (absent on either side, not a finite number) fails the gate: a deploy must never
+pass because evaluation silently stopped writing the number it was judged by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from components.artifact_io import write_json
+from components.bundle import load_manifest
+from components.config import GateConfig, load_params
+
+log = logging.getLogger(__name__)
+
+# absolute slack on top of the relative tolerance so "exactly at the tolerance" is not lost to float error
+_FLOAT_SLACK = 1e-12
+
+
+class GateError(ValueError):
+    """The gate cannot run (unreadable metrics, unusable deployed-bundle reference); not a rejection."""
+
+
+def run(
+    config: GateConfig,
+    *,
+    metrics_file: str | Path | None = None,
+    deployed_bundle: str | None = None,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compare ``metrics_file`` with the deployed bundle's manifest metrics and write the decision."""
+    metrics_path = Path(metrics_file or config.metrics_file)
+    output = Path(output or config.output)
+    reference = deployed_bundle if deployed_bundle is not None else config.deployed_bundle
+    new = _read_metrics(metrics_path)
+    deployed_dir = _local_bundle_dir(reference)
+    old, version = None, None
+    if deployed_dir is not None:
+        # only the recorded metrics are needed: a full checksum pass over the serving bundle is not
+        manifest = load_manifest(deployed_dir, verify=False)
+        old, version = manifest["metrics"], manifest["version"]
+    decision = decide(new, old, config.metrics, config.tolerance)
+    decision |= {
+        "metrics_file": str(metrics_path),
+        "deployed_bundle": None if deployed_dir is None else str(deployed_dir),
+        "deployed_version": version,
+    }
+    write_json(decision, output)
+    log.info("gate: %s — %s", "PASSED" if decision["passed"] else "REJECTED", "; ".join(decision["reasons"]))
+    return decision
+
+
+def decide(
+    new: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    rules: Mapping[str, str],
+    tolerance: float,
+) -> dict[str, Any]:
+    """Per-metric comparison: ``old is None`` is a first deploy (only the new metrics must be present)."""
+    results: dict[str, dict[str, Any]] = {}
+    reasons: list[str] = []
+    for path, direction in rules.items():
+        if direction not in ("higher", "lower"):
+            raise GateError(f"gate.metrics.{path}: direction must be 'higher' or 'lower', got {direction!r}")
+        new_value, new_problem = _number_at(new, path)
+        old_value, old_problem = (None, None) if old is None else _number_at(old, path)
+        row: dict[str, Any] = {"direction": direction, "new": new_value, "old": old_value, "delta": None}
+        if new_problem:
+            row["ok"], row["reason"] = False, f"{path}: {new_problem} in the new metrics"
+        elif old is None:
+            row["ok"], row["reason"] = True, f"{path}: {new_value:.6g} (first deploy, nothing to compare)"
+        elif old_problem:
+            row["ok"], row["reason"] = False, f"{path}: {old_problem} in the deployed bundle's metrics"
+        else:
+            row |= _compare(path, new_value, old_value, direction, tolerance)
+        results[path] = row
+        if not row["ok"]:
+            reasons.append(row["reason"])
+    passed = not reasons
+    if passed:
+        reasons = (
+            ["first deploy: no deployed bundle to compare against"]
+            if old is None
+            else [f"all {len(rules)} metric(s) within tolerance {tolerance:g} of the deployed bundle"]
+        )
+    return {
+        "passed": passed,
+        "first_deploy": old is None,
+        "tolerance": tolerance,
+        "metrics": results,
+        "reasons": reasons,
+    }
+
+
+def metric_at(metrics: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted path; a key may itself contain dots (``recall@0.5``): longest key wins."""
+    parts, node, i = dotted.split("."), metrics, 0
+    while i < len(parts):
+        if not isinstance(node, Mapping):
+            raise KeyError(dotted)
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if key in node:
+                node, i = node[key], j
+                break
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def _compare(path: str, new: float, old: float, direction: str, tolerance: float) -> dict[str, Any]:
+    delta = new - old
+    allowed = tolerance * abs(old) + _FLOAT_SLACK
+    worse_by = -delta if direction == "higher" else delta
+    ok = worse_by <= allowed
+    relative = None if old == 0 else delta / abs(old)
+    shown = "" if relative is None else f" ({relative:+.2%})"
+    verdict = "ok" if ok else f"worse than the tolerance {tolerance:g} allows"
+    return {
+        "delta": delta,
+        "relative_delta": relative,
+        "ok": ok,
+        "reason": f"{path}: {new:.6g} vs deployed {old:.6g}{shown}, {direction} is better: {verdict}",
+    }
+
+
+def _number_at(metrics: Mapping[str, Any], path: str) -> tuple[float | None, str | None]:
+    try:
+        value = metric_at(metrics, path)
+    except KeyError:
+        return None, "missing"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, f"not a number ({value!r})"
+    if not math.isfinite(value):
+        return None, f"not finite ({value})"
+    return float(value), None
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise GateError(f"{path}: new metrics file not found (gate.metrics_file)")
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GateError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise GateError(f"{path}: the top level must be an object of metrics")
+    return metrics
+
+
+def _local_bundle_dir(reference: str | None) -> Path | None:
+    """``gate.deployed_bundle`` as a local directory: a path or ``file://`` URI; None = first deploy."""
+    if reference is None or not str(reference).strip():
+        return None
+    parsed = urlparse(str(reference))
+    if parsed.scheme == "file":
+        path = Path(parsed.path)
+    elif not parsed.scheme:
+        path = Path(reference)
+    else:
+        raise GateError(
+            f"gate.deployed_bundle: {reference!r}: only local paths and file:// URIs are read; copy the "
+            "deployed bundle locally (e.g. the KFP deploy step's artifact) and point at it"
+        )
+    if not path.is_dir():
+        raise GateError(f"gate.deployed_bundle: {path} is not a bundle directory (null means first deploy)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.gate", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--metrics", default=None, help="new metrics JSON (default: gate.metrics_file)")
+    parser.add_argument("--deployed-bundle", default=None, help="default: gate.deployed_bundle")
+    parser.add_argument("--output", default=None, help="decision JSON (default: gate.output)")
+    parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the gate rejects")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    decision = run(
+        params.gate, metrics_file=args.metrics, deployed_bundle=args.deployed_bundle, output=args.output
+    )
+    return 1 if args.fail_on_reject and not decision["passed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""FAISS index build: inner-product metric, id mapping, recall tuning against exact search, rejections."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from components import build_index as bi
+from components.config import IndexConfig
+
+DIM = 32
+N_ITEMS = 20_000
+N_CLUSTERS = 100
+
+
+def clustered_unit_vectors(n: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
+    """A gaussian mixture around unit centres, normalised: near neighbours are hard to tell apart."""
+    which = rng.integers(0, len(centers), n)
+    x = centers[which] + 0.15 * rng.standard_normal((n, centers.shape[1])).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[bi.Embeddings, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((N_CLUSTERS, DIM)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    # ids deliberately sparse and shuffled, so a row-number-for-id bug cannot pass
+    ids = rng.permutation(np.arange(N_ITEMS, dtype=np.int64) * 13 + 1_000_003)
+    items = bi.Embeddings(ids=ids, vectors=clustered_unit_vectors(N_ITEMS, rng, centers), source="memory")
+    tune_q = clustered_unit_vectors(600, rng, centers)
+    holdout_q = clustered_unit_vectors(600, rng, centers)
+    return items, tune_q, holdout_q
+
+
+@pytest.fixture(scope="module")
+def built(data) -> dict[str, faiss.Index]:
+    items, _, _ = data
+    config = IndexConfig(hnsw_m=16, hnsw_ef_construction=64, ivf_nlist=64, pq_m=8)
+    return {kind: bi.build_index(items, kind, config, seed=0) for kind in ("flat", "hnsw", "ivf_pq")}
+
+
+def exact_top_k(items: bi.Embeddings, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by brute-force numpy (independent of FAISS): item ids and scores."""
+    scores = queries @ items.vectors.T
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return items.ids[top], np.take_along_axis(scores, top, axis=1)
+
+
+def overlap_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_pq"])
+def test_ids_map_back_to_the_right_items(data, built, kind):
+    items, _, _ = data
+    index = built[kind]
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if kind != "flat":
+        faiss.ParameterSpace().set_index_parameter(index, bi._SEARCH_PARAM[kind], 64)
+    rows = np.arange(0, N_ITEMS, 97)
+    ids, scores = bi.search(index, items.vectors[rows], k=1)
+    # an item's own vector is its nearest neighbour (score 1), reported under its item id, not its row
+    assert (ids[:, 0] == items.ids[rows]).mean() >= 0.98
+    assert np.allclose(scores[ids[:, 0] == items.ids[rows], 0], 1.0, atol=1e-3 if kind != "ivf_pq" else 1e-2)
+
+
+def test_flat_matches_numpy_exact_search(data, built):
+    items, tune_q, _ = data
+    ids, scores = bi.search(built["flat"], tune_q[:50], k=10)
+    truth_ids, truth_scores = exact_top_k(items, tune_q[:50], 10)
+    np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
+    assert overlap_recall(ids, truth_ids) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf_pq"])
+def test_tuned_approximate_search_agrees_with_exact_to_the_target(data, built, kind):
+    items, tune_q, holdout_q = data
+    index = built[kind]
+    exact_scores = exact_top_k(items, tune_q, 10)[1]
+    tuned = bi.tune_search_param(index, kind, items, tune_q, exact_scores, recall_target=0.95)
+
+    assert tuned.name == bi._SEARCH_PARAM[kind]
+    assert min(tuned.curve) >= (10 if kind == "hnsw" else 1)  # HNSW never searches below ef = k anyway
+    assert tuned.recall >= 0.95
+    # the tuner keeps the smallest passing value it saw: every smaller value tried fell short
+    assert tuned.curve[tuned.value] == tuned.recall
+    assert all(r < 0.95 for v, r in tuned.curve.items() if v < tuned.value)
+    # the index is left at the tuned value
+    if kind == "hnsw":
+        assert faiss.downcast_index(index.index).hnsw.efSearch == tuned.value
+    else:
+        assert faiss.extract_index_ivf(index).nprobe == tuned.value
+    # asking for a safety margin of standard errors never tunes to a smaller value
+    careful = bi.tune_search_param(index, kind, items, tune_q, exact_scores, 0.95, margin_sigmas=2.0)
+    assert careful.value >= tuned.value - max(1, tuned.value // 16)  # bisection stops within ~6%
+    assert careful.recall >= 0.95
+    # on queries the tuner never saw, by an independent recall computation
+    found, _ = bi.search(index, holdout_q, k=10)
+    assert overlap_recall(found, exact_top_k(items, holdout_q, 10)[0]) >= 0.93
+
+
+def test_unreachable_recall_target_fails_clearly(data):
+    items, tune_q, _ = data
+    # 4-byte PQ codes without exact re-ranking cannot separate near neighbours, whatever nprobe
+    config = IndexConfig(ivf_nlist=16, pq_m=4, refine_k_factor=None)
+    index = bi.build_index(items, "ivf_pq", config, seed=0)
+    exact_scores = exact_top_k(items, tune_q, 10)[1]
+    with pytest.raises(bi.RecallTargetError, match=r"not reachable with ivf_pq.*nprobe") as err:
+        bi.tune_search_param(index, "ivf_pq", items, tune_q, exact_scores, recall_target=0.99)
+    assert max(err.value.curve) == 16  # it tried up to nprobe = nlist
+    assert max(err.value.curve.values()) < 0.99
+
+
+def test_recall_counts_ties_with_the_kth_score_as_hits():
+    vectors = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]  # items 10 and 11 are the same vector
+    items = bi.Embeddings(ids=np.array([10, 11, 12, 13]), vectors=vectors, source="memory")
+    query = np.eye(4, dtype=np.float32)[[0]]
+    exact = np.array([[1.0]], dtype=np.float32)
+    assert bi.recall_at_k(np.array([[11]]), query, items, exact) == 1.0
+    assert bi.recall_at_k(np.array([[12]]), query, items, exact) == 0.0
+    assert bi.recall_at_k(np.array([[-1]]), query, items, exact) == 0.0
+
+
+def test_auto_type_by_catalogue_size():
+    config = IndexConfig(flat_max_items=1_000, ivf_pq_min_items=100_000)
+    assert bi.choose_index_type(999, config) == "flat"
+    assert bi.choose_index_type(1_000, config) == "hnsw"
+    assert bi.choose_index_type(100_000, config) == "ivf_pq"
+    assert bi.choose_index_type(10, config.model_copy(update={"type": "hnsw"})) == "hnsw"
+
+
+def _write_embeddings(path, ids, vectors, id_key="item_ids"):
+    save_file({id_key: np.asarray(ids, dtype=np.int64), "embeddings": np.asarray(vectors)}, str(path))
+    return path
+
+
+@pytest.fixture()
+def exported(tmp_path, data):
+    """The export contract on disk: 3k items and 400 validation users."""
+    items, tune_q, _ = data
+    item_file = _write_embeddings(
+        tmp_path / "item_embeddings.safetensors", items.ids[:3000], items.vectors[:3000]
+    )
+    query_file = _write_embeddings(
+        tmp_path / "user_embeddings_valid.safetensors", np.arange(400), tune_q[:400], "user_ids"
+    )
+    return item_file, query_file
+
+
+def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exported):
+    item_file, query_file = exported
+    config = IndexConfig(
+        type="hnsw",
+        hnsw_m=16,
+        hnsw_ef_construction=64,
+        tune_queries=200,
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=tmp_path / "index" / "items.faiss",
+        metrics_file=tmp_path / "metrics" / "index.json",
+    )
+    metrics = bi.run(config, seed=0)
+
+    on_disk = json.loads((tmp_path / "metrics" / "index.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert metrics["recall_at_k"] >= 0.95 and metrics["n_tune_queries"] == 200
+    assert metrics["n_holdout_queries"] == 200 and metrics["recall_at_k_holdout"] is not None
+    assert metrics["qps_single_query"] > 0 and metrics["qps_batched"] > 0
+    assert metrics["memory_bytes"] == (tmp_path / "index" / "items.faiss").stat().st_size
+    assert metrics["search_param"]["name"] == "efSearch"
+
+    index, meta = bi.load_index(tmp_path / "index" / "items.faiss", expected_dim=DIM)
+    assert meta["metric"] == "inner_product" and meta["dim"] == DIM and meta["count"] == 3000
+    assert meta["k"] == 10 and meta["type"] == "hnsw" and meta["faiss_class"] == "IndexHNSWFlat"
+    assert faiss.downcast_index(index.index).hnsw.efSearch == meta["search_param"]["value"]
+    ids, scores = bi.search(index, _read(query_file)["embeddings"][:5], k=10)
+    assert ids.shape == (5, 10) and scores.shape == (5, 10)
+    assert set(ids.ravel()) <= set(_read(item_file)["item_ids"].tolist())
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+def test_auto_small_catalogue_is_exact(tmp_path, exported):
+    item_file, query_file = exported
+    config = IndexConfig(
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=tmp_path / "items.faiss",
+        metrics_file=tmp_path / "index.json",
+    )
+    metrics = bi.run(config)
+    assert metrics["type"] == "flat" and metrics["search_param"] is None
+    assert metrics["recall_at_k"] == 1.0
+
+
+def test_non_unit_embeddings_are_rejected(tmp_path, data):
+    items, _, _ = data
+    vectors = items.vectors[:100].copy()
+    vectors[3] *= 2.0
+    path = _write_embeddings(tmp_path / "items.safetensors", items.ids[:100], vectors)
+    with pytest.raises(
+        bi.IndexContractError, match=r"items\.safetensors: 1 of 100 embeddings are not unit-norm"
+    ):
+        bi.read_embeddings(path, "item_ids")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"item_ids": np.arange(3), "vectors": np.eye(3, dtype=np.float32)}, "missing tensor 'embeddings'"),
+        ({"item_ids": np.arange(2), "embeddings": np.eye(3, dtype=np.float32)}, "must pair up"),
+        ({"item_ids": np.array([1, 1, 2]), "embeddings": np.eye(3, dtype=np.float32)}, "duplicate item_ids"),
+        ({"item_ids": np.arange(3), "embeddings": np.full((3, 3), np.nan, np.float32)}, "NaN or inf"),
+    ],
+)
+def test_malformed_embeddings_are_rejected(tmp_path, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(bi.IndexContractError, match=message):
+        bi.read_embeddings(path, "item_ids", unique_ids=True)
+
+
+def test_query_dim_mismatch_is_rejected(tmp_path, exported):
+    item_file, _ = exported
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((50, DIM + 8)).astype(np.float32)
+    query_file = _write_embeddings(
+        tmp_path / "users.safetensors",
+        np.arange(50),
+        q / np.linalg.norm(q, axis=1, keepdims=True),
+        "user_ids",
+    )
+    config = IndexConfig(item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss")
+    with pytest.raises(
+        bi.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
+    ):
+        bi.run(config)
+    assert not (tmp_path / "x.faiss").exists()
+
+
+def test_search_rejects_wrong_query_dim(built):
+    with pytest.raises(bi.IndexContractError, match="do not match index dim 32"):
+        bi.search(built["flat"], np.zeros((2, 16), np.float32), k=5)
+
+
+@pytest.fixture()
+def saved_index(tmp_path, exported):
+    item_file, query_file = exported
+    config = IndexConfig(
+        type="flat",
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=tmp_path / "idx" / "items.faiss",
+        metrics_file=tmp_path / "index.json",
+    )
+    bi.run(config)
+    return tmp_path / "idx" / "items.faiss"
+
+
+def test_load_rejects_dim_mismatch_naming_the_file(saved_index):
+    with pytest.raises(bi.IndexContractError, match=r"items\.faiss: index dim 32 != query dim 64"):
+        bi.load_index(saved_index, expected_dim=64)
+
+
+def test_load_rejects_an_l2_index_naming_the_file(saved_index):
+    # a peer's bug: the same vectors in an L2 index, with a sidecar that claims inner product
+    items = _read(saved_index.parent.parent / "item_embeddings.safetensors")
+    l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))
+    l2.add_with_ids(items["embeddings"], items["item_ids"])
+    faiss.write_index(l2, str(saved_index))
+    with pytest.raises(
+        bi.IndexContractError, match=r"items\.faiss: index metric is L2 .*METRIC_INNER_PRODUCT"
+    ):
+        bi.load_index(saved_index, verify_checksum=False)
+    # with the checksum on, the swapped file is caught even before its metric is read
+    with pytest.raises(bi.IndexContractError, match=r"items\.faiss: SHA-256 differs from items\.faiss\.json"):
+        bi.load_index(saved_index)
+
+
+def test_load_requires_the_sidecar(saved_index):
+    bi.sidecar_path(saved_index).unlink()
+    with pytest.raises(bi.IndexContractError, match=r"sidecar items\.faiss\.json missing"):
+        bi.load_index(saved_index)
+
+
+def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
+    item_file, query_file = exported
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "index:\n"
+        f"  item_embeddings: {item_file}\n"
+        f"  query_embeddings: {query_file}\n"
+        f"  output: {tmp_path / 'out' / 'items.faiss'}\n"
+        f"  metrics_file: {tmp_path / 'out' / 'index.json'}\n"
+        "  k: 5\n"
+    )
+    assert bi.main(["--params", str(params)]) == 0
+    index, meta = bi.load_index(tmp_path / "out" / "items.faiss")
+    assert meta["k"] == 5 and index.ntotal == 3000
+
+
+def _read(path):
+    return load_file(str(path))
