@@ -1,0 +1,280 @@
+"""Point-in-time training sets from Feast: the as-of join, kept rows, defaults, splits, the online store."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from components import training_set
+from components.config import ConfigError, FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
+from components.contracts import FEATURE_TABLE_KEYS, stats_features
+from tests.feast_fixtures import (
+    HANDMADE_EVENTS,
+    copy_feature_repo,
+    day,
+    handmade_dataset,
+    handmade_training_config,
+)
+
+FEATURES = FeaturesConfig(history_length=30, stats_windows_days=[7, 30])
+
+
+@pytest.fixture(scope="module")
+def handmade_run(tmp_path_factory):
+    """One run of the step on the hand-made case, shared by the tests that read its outputs."""
+    tmp_path = tmp_path_factory.mktemp("handmade")
+    feast_config = FeastConfig(repo_path=copy_feature_repo(tmp_path))
+    raw_dir, features_dir = handmade_dataset(tmp_path / "data")
+    config = handmade_training_config(tmp_path)
+    report = training_set.run(config, features_dir, raw_dir, feast=feast_config, features=FEATURES)
+    frames = {
+        f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
+        for name in training_set.TRAINING_SETS
+        for split in training_set.SPLITS
+    }
+    return report, frames, config, feast_config, features_dir
+
+
+def _by_event(frames: dict[str, pd.DataFrame], name: str = "ranking") -> pd.DataFrame:
+    """All splits of one set, indexed by the event's position in HANDMADE_EVENTS (row_id = time order)."""
+    frame = pd.concat([frames[f"{name}_{s}"] for s in training_set.SPLITS], ignore_index=True)
+    order = sorted(range(len(HANDMADE_EVENTS)), key=lambda i: HANDMADE_EVENTS[i][2])
+    event_of_row = {row_id: event for row_id, event in enumerate(order)}
+    return frame.assign(event=frame["row_id"].map(event_of_row)).set_index("event").sort_index()
+
+
+def test_feature_changed_after_the_event_gives_the_older_value(handmade_run):
+    _, frames, *_ = handmade_run
+    rows = _by_event(frames)
+    assert rows.loc[0, "user_impressions_7d"] == 1  # day-1 snapshot, not the day-3 value 5
+    assert rows.loc[0, "item_impressions_7d"] == 11
+    assert list(rows.loc[3, "hist_item_ids"]) == [10]  # the row at the event, not the later [10, 11]
+    assert list(rows.loc[3, "hist_categories"]) == ["cat_a"]
+    assert rows.loc[3, "hist_length"] == 1
+    assert list(rows.loc[0, "hist_item_ids"]) == []  # nothing clicked before the first event
+    assert rows.loc[4, "user_impressions_7d"] == 4 and list(rows.loc[4, "hist_item_ids"]) == []
+
+
+def test_rows_beyond_ttl_or_before_any_feature_row_are_kept_with_defaults(handmade_run):
+    report, frames, *_ = handmade_run
+    rows = _by_event(frames)
+    # e1: user 2's stats are 5 days old (TTL 2) -> defaults; its profile and history still joined
+    assert rows.loc[1, ["user_impressions_7d", "user_clicks_30d"]].tolist() == [0, 0]
+    assert rows.loc[1, "user_ctr_7d"] == 0.0
+    assert rows.loc[1, "gender"] == "M" and rows.loc[1, "item_impressions_7d"] == 12
+    # e2: before user 3 signed up and without any user row -> every user feature is a default
+    assert rows.loc[2, ["gender", "occupation", "zip_prefix"]].tolist() == ["", "", ""]
+    assert rows.loc[2, "age_bucket"] == 0 and rows.loc[2, "hist_length"] == 0
+    assert list(rows.loc[2, "hist_item_ids"]) == [] and list(rows.loc[2, "hist_categories"]) == []
+    assert rows.loc[2, "category"] == "cat_a"  # item features are unaffected
+    assert report["defaulted_rows"]["ranking"]["user_stats"] == 3  # e1, e2, e5
+    assert report["defaulted_rows"]["ranking"]["user_profile"] == 1  # e2
+
+
+def test_feast_alone_drops_those_rows(handmade_run):
+    """The premise of the left join: Feast's file offline store returns fewer rows than it is given."""
+    _, _, config, feast_cfg, _ = handmade_run
+    store = training_set.open_feature_store(feast_cfg)
+    entity = training_set.entity_frames(pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet"))
+    ranking = entity["ranking"]
+    returned = store.get_historical_features(
+        entity_df=ranking, features=store.get_feature_service("ranking")
+    ).to_df()
+    assert len(returned) < len(ranking)
+    assert set(ranking["row_id"]) - set(returned["row_id"])  # rows Feast dropped ...
+
+
+def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
+    _, frames, config, *_ = handmade_run
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS])
+    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_set.SPLITS])
+    assert sorted(ranking["row_id"]) == list(range(len(HANDMADE_EVENTS)))
+    assert len(retrieval) == sum(e[3] for e in HANDMADE_EVENTS) and set(retrieval["label"]) == {1}
+    assert set(retrieval["row_id"]) <= set(ranking["row_id"])
+    schema = pq.read_schema(config.output_dir / "ranking_train.parquet")
+    expected = ["row_id", "user_id", "item_id", "event_timestamp", "label"]
+    expected += ["gender", "age_bucket", "occupation", "zip_prefix", "hist_item_ids", "hist_categories"]
+    expected += ["hist_length", *stats_features("user", [7, 30]), "category", "brand", "price"]
+    expected += stats_features("item", [7, 30])
+    assert schema.names == expected
+    assert schema.field("hist_item_ids").type == pa.list_(pa.int64())
+    assert schema.field("hist_categories").type == pa.list_(pa.string())
+    assert schema.field("event_timestamp").type == pa.timestamp("ns", tz="UTC")
+    for frame in frames.values():
+        assert not frame.isna().any().any()
+    manifest = json.loads((config.output_dir / "manifest.json").read_text())
+    assert manifest["entity_rows"] == {name: len(frame) for name, frame in frames.items()}
+    assert manifest["feature_columns"] == expected[5:]
+    assert json.loads(config.metrics_file.read_text())["sets"]["ranking_test"]["rows"] == 2
+    assert "ranking_valid" in config.report_file.read_text()
+
+
+def test_splits_follow_the_cut_points_and_do_not_overlap(handmade_run):
+    _, frames, *_ = handmade_run
+    for name in training_set.TRAINING_SETS:
+        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_set.SPLITS)
+        assert train.max() < day(7) <= valid.min() and valid.max() < day(9) <= test.min()
+    assert len(frames["ranking_train"]) == 3 and len(frames["ranking_valid"]) == 1
+
+
+def test_online_store_after_materialize_serves_the_latest_values(handmade_run):
+    report, _, _, feast_cfg, _ = handmade_run
+    store = training_set.open_feature_store(feast_cfg)
+    online = store.get_online_features(
+        features=["user_stats:user_impressions_7d", "user_history:hist_item_ids", "user_profile:gender"],
+        entity_rows=[{"user_id": 1}, {"user_id": 2}],
+    ).to_dict()
+    assert online["user_impressions_7d"] == [8, 4]  # the newest snapshots, not the ones of any event
+    assert online["hist_item_ids"] == [[10, 11], [10]]  # the trailing rows after the last events
+    assert online["gender"] == ["F", "M"]
+    assert report["materialized"]["end"] > day(9, 10).isoformat()
+
+
+def test_repo_objects_are_registered_with_absolute_sources(handmade_run):
+    _, _, _, feast_cfg, features_dir = handmade_run
+    store = training_set.open_feature_store(feast_cfg)
+    assert sorted(v.name for v in store.list_feature_views()) == sorted(FEATURE_TABLE_KEYS)
+    for view in store.list_feature_views():
+        assert view.batch_source.path == str(features_dir.resolve() / f"{view.name}.parquet")
+
+
+def test_split_cuts_from_fractions_are_whole_days():
+    stamps = pd.Series(pd.date_range("2026-06-01 00:10", periods=90 * 24, freq="h", tz="UTC"))
+    cuts = training_set.split_cuts(stamps, TrainingSetConfig())
+    assert cuts.test_start == pd.Timestamp("2026-08-21", tz="UTC")  # the last 9 of 90 days
+    assert cuts.valid_start == pd.Timestamp("2026-08-12", tz="UTC")
+    assert list(cuts.split_of(stamps.iloc[[0, -1]])) == ["train", "test"]
+    with pytest.raises(ValueError, match="too few to split"):
+        training_set.split_cuts(stamps.iloc[:30], TrainingSetConfig(valid_fraction=0.4, test_fraction=0.4))
+
+
+def test_split_config_is_validated():
+    with pytest.raises(ConfigError, match="valid_start and test_start"):
+        load_params(overrides={"training_set.valid_start": "2026-08-01T00:00:00Z"})
+    with pytest.raises(ConfigError, match="must leave some days"):
+        load_params(overrides={"training_set.valid_fraction": 0.5, "training_set.test_fraction": 0.5})
+
+
+def test_a_duplicated_row_id_from_the_join_is_an_error(tmp_path):
+    repo = training_set.feature_repo(FeastConfig(repo_path=copy_feature_repo(tmp_path)), FEATURES, tmp_path)
+    entity = pd.DataFrame(
+        {"row_id": [0, 1], "user_id": [1, 2], "item_id": [10, 10], "event_timestamp": [day(1), day(2)]}
+    ).assign(label=[0, 1])
+    joined = pd.concat([entity, entity.iloc[[0]]], ignore_index=True)
+    for column in training_set.feature_columns(repo):
+        joined[column] = None
+    with pytest.raises(pd.errors.MergeError):
+        training_set.complete_training_rows(entity, joined, repo)
+
+
+def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
+    ns = [int(day(d).value) for d in (0, 1, 2, 3, 4, 5)]
+    table = pa.table(
+        {
+            "user_id": pa.array([1, 1, 1, 2, 2, 1], pa.int64()),
+            "event_timestamp": pa.array(ns, pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+            "value": pa.array([10, 11, 12, 20, 21, 13], pa.int64()),
+        }
+    )
+    rows = training_set._AsOfRows(table, "user_id")
+    first = rows.rows_for(np.array([1]), ns[2], ns[3])  # user 1: last before day 2 is day 1; day 2 inside
+    assert _real_values(first) == [11, 12]
+    second = rows.rows_for(np.array([1, 2]), ns[4], ns[5])  # day 2 (user 1), day 3 (user 2), both inside
+    assert _real_values(second) == [12, 13, 20, 21]
+    placeholders = second.filter(pc.is_null(second.column("event_timestamp")))
+    assert placeholders.column("user_id").to_pylist() == [1, 2]
+    assert placeholders.column("value").null_count == 2
+    with pytest.raises(RuntimeError, match="time order"):
+        rows.rows_for(np.array([1]), ns[0], ns[1])
+
+
+def _real_values(table: pa.Table) -> list[int]:
+    return sorted(v for v in table.column("value").to_pylist() if v is not None)
+
+
+# ---- end to end on the generated tiny dataset -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_training(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_training")
+    feast = FeastConfig(repo_path=copy_feature_repo(root))
+    config = tiny_params.training_set.model_copy(
+        update={
+            "output_dir": root / "training",
+            "metrics_file": root / "training_set.json",
+            "report_file": root / "training_set.md",
+        }
+    )
+    report = training_set.run(
+        config, tiny_features_dir, tiny_raw_dir, feast=feast, features=tiny_params.features
+    )
+    frames = {
+        f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
+        for name in training_set.TRAINING_SETS
+        for split in training_set.SPLITS
+    }
+    return report, frames, feast
+
+
+@pytest.mark.slow
+def test_generated_rows_equal_entity_rows_and_splits_are_disjoint(tiny_training, tiny_raw):
+    _, frames, _ = tiny_training
+    events = tiny_raw["events"]
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS])
+    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_set.SPLITS])
+    assert len(ranking) == len(events) and ranking["row_id"].is_unique
+    assert sorted(ranking["row_id"]) == list(range(len(events)))
+    assert len(retrieval) == int(events["label"].sum()) and retrieval["row_id"].is_unique
+    for name in training_set.TRAINING_SETS:
+        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_set.SPLITS)
+        assert train.max() < valid.min() and valid.max() < test.min()
+
+
+@pytest.mark.slow
+def test_generated_history_and_stats_use_only_the_past(tiny_training, tiny_raw, tiny_params):
+    """Every history item was clicked strictly before the event; stats count only days before it."""
+    _, frames, _ = tiny_training
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS], ignore_index=True)
+    events = tiny_raw["events"].sort_values("event_timestamp")
+    n = tiny_params.features.history_length
+    clicks = {u: g for u, g in events[events["label"] == 1].groupby("user_id")}
+    for row in ranking.sample(1500, random_state=0).itertuples():
+        past = clicks.get(row.user_id)
+        expected = [] if past is None else past.loc[past["event_timestamp"] < row.event_timestamp, "item_id"]
+        assert list(row.hist_item_ids) == list(expected)[-n:], row.row_id
+    # user_impressions_7d = the user's events in [day - 7, day) where day = the event's 00:00 UTC
+    day_of = events.assign(day=events["event_timestamp"].dt.floor("D"))
+    sample = ranking.sample(1500, random_state=1)
+    for row in sample.itertuples():
+        start = row.event_timestamp.floor("D")
+        mine = day_of[day_of["user_id"] == row.user_id]
+        count = int(((mine["day"] >= start - pd.Timedelta(days=7)) & (mine["day"] < start)).sum())
+        assert row.user_impressions_7d == count, row.row_id
+
+
+@pytest.mark.slow
+def test_pruned_chunks_give_the_same_rows_as_one_unpruned_feast_join(
+    tiny_training, tiny_params, tiny_features_dir, tiny_raw
+):
+    _, _, feast = tiny_training
+    store = training_set.open_feature_store(feast)
+    build = functools.partial(training_set.feature_repo, feast, tiny_params.features)
+    sources = {n: training_set._read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
+    entity = training_set.entity_frames(tiny_raw["events"])["ranking"].iloc[::20]
+    chunked, _ = training_set.historical_features(store, entity, "ranking", sources, build, chunk_rows=97)
+    whole = store.get_historical_features(entity_df=entity, features=store.get_feature_service("ranking"))
+    reference, _ = training_set.complete_training_rows(entity, whole.to_df(), build(tiny_features_dir))
+    assert len(chunked) == len(entity) == len(reference)
+    for column in reference.columns:
+        left, right = chunked[column].tolist(), reference[column].tolist()
+        if column in ("hist_item_ids", "hist_categories"):
+            left, right = [list(v) for v in left], [list(v) for v in right]
+        assert left == right, column
