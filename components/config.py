@@ -185,7 +185,8 @@ class TrainingSetConfig(Section):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 setattr(self, name, value.replace(tzinfo=UTC))
-        if self.valid_start is not None and self.test_start is not None and self.valid_start >= self.test_start:
+        both = self.valid_start is not None and self.test_start is not None
+        if both and self.valid_start >= self.test_start:
             raise ValueError("valid_start must be before test_start")
         return self
 
@@ -220,6 +221,23 @@ class ValidationConfig(Section):
             raise ValueError("positive_rate_min must not exceed positive_rate_max")
         if self.earliest_timestamp.tzinfo is None:
             self.earliest_timestamp = self.earliest_timestamp.replace(tzinfo=UTC)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation (components/evaluate.py)
+
+
+class EvaluationConfig(Section):
+    """Test-window evaluation: full-catalogue retrieval metrics at each K, ranker metrics vs baselines."""
+
+    ks: list[int] = Field(default=[10, 50, 100], min_length=1)
+    exclude_seen: bool = True  # drop items the user clicked before the test window from their ranking
+
+    @model_validator(mode="after")
+    def _positive_ks(self) -> EvaluationConfig:
+        if any(k <= 0 for k in self.ks):
+            raise ValueError("ks: every K must be positive")
         return self
 
 
@@ -282,7 +300,7 @@ class GateConfig(Section):
     deployed_bundle: str | None = None
     tolerance: float = Field(default=0.01, ge=0, lt=1)
     metrics: dict[str, Literal["higher", "lower"]] = Field(
-        default={"retrieval.two_tower.recall@50": "higher", "ranking.multitower.auc": "higher"},
+        default={"retrieval.two_tower.recall@50": "higher", "ranking.multi_tower.auc": "higher"},
         min_length=1,
     )
 
@@ -420,6 +438,37 @@ class PipelineConfig(Section):
         return f"{self.image_repo}:{self.image_tag}"
 
 
+class ServingConfig(Section):
+    """The model server (``python -m serving``): request limits, defaults and online-feature behaviour."""
+
+    host: str = "0.0.0.0"  # bind address of the REST server; tests and benchmarks use 127.0.0.1
+    max_batch: int = Field(default=64, gt=0, le=10_000)  # users (V1 instances / V2 rows) per request
+    max_candidates: int = Field(default=1_000, gt=0, le=100_000)  # item ids per ranking request
+    default_k: int = Field(default=100, gt=0)  # retrieval: items returned when the request names no k
+    max_k: int = Field(default=1_000, gt=0)
+    retrieve_k: int = Field(default=200, gt=0)  # recommend: candidates retrieved, then ranked
+    default_n: int = Field(default=20, gt=0)  # recommend: items returned when the request names no n
+    max_n: int = Field(default=100, gt=0)
+    default_ranker: Literal["multi_tower", "multi_tower_din", "dlrm"] = "multi_tower"
+    online_store: bool = True  # false: features only from the request, else the contract's defaults
+    feast_timeout_s: float = Field(default=0.25, gt=0)  # an online read slower than this counts as down
+    item_cache_ttl_s: float = Field(default=600.0, ge=0)  # item features are cached this long (0: never)
+    exclude_history: bool = True  # recommend leaves out items in the user's click history
+    torch_threads: int = Field(default=1, ge=1)  # intra-op threads per server process
+
+    @model_validator(mode="after")
+    def _ranges_consistent(self) -> ServingConfig:
+        if self.default_k > self.max_k:
+            raise ValueError("default_k must not exceed max_k")
+        if self.retrieve_k > self.max_k:
+            raise ValueError("retrieve_k must not exceed max_k")
+        if self.default_n > self.max_n:
+            raise ValueError("default_n must not exceed max_n")
+        if self.max_n > self.retrieve_k:
+            raise ValueError("max_n must not exceed retrieve_k (recommend ranks retrieve_k candidates)")
+        return self
+
+
 class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
@@ -456,6 +505,7 @@ class Params(Section):
     seed: int = Field(default=42, ge=0)
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     feast: FeastConfig = FeastConfig()
     training_set: TrainingSetConfig = TrainingSetConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -464,6 +514,7 @@ class Params(Section):
     gate: GateConfig = GateConfig()
     pipeline: PipelineConfig = PipelineConfig()
     deploy: DeployConfig = DeployConfig()
+    serving: ServingConfig = ServingConfig()
     # the models package's own sections (models/config.py): features, feature groups, the four models
     models: ModelsConfig = ModelsConfig()
     training: TrainingConfig = TrainingConfig()

@@ -46,3 +46,53 @@ def tiny_features_dir(tiny_params, tiny_raw_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features")
     features.run(tiny_params.features, tiny_raw_dir, out)
     return out
+
+
+MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """The whole local DAG on the tiny preset, run step by step in its own working directory.
+
+    The project's Feast repo is copied in, so the registry and SQLite online store live in the temp
+    directory and never touch the checkout's. Returns the working directory; the bundle is in
+    ``artifacts/bundle``. Steps are the real ones: Feast, great-expectations, torch training, FAISS.
+    """
+    import shutil
+
+    from components import build_index, bundle, evaluate, export, features, gate, ingest, train, training_set
+    from components import validate as validation
+    from components.config import load_params
+
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(REPO_ROOT / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("data"))
+    shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        params = load_params(
+            "params.yaml",
+            overrides={"data.synthetic.preset": "tiny", "training.epochs": 3, "index.tune_queries": 200},
+        )
+        ingest.run(params.data, params.seed)
+        features.run(params.features, params.data.raw_dir)
+        validation.run(params.validation, "raw", params.data.raw_dir)
+        training_set.run(
+            params.training_set,
+            params.features.features_dir,
+            params.data.raw_dir,
+            feast=params.feast,
+            features=params.features,
+        )
+        validation.run(params.validation, "training", params.training_set.output_dir)
+        for kind in MODEL_KINDS:
+            train.run(kind, params)
+        evaluate.run(params)
+        export.run(params)
+        build_index.run(params.index, params.seed)
+        bundle.run(params.bundle, "params.yaml")
+        gate.run(params.gate)
+    finally:
+        os.chdir(previous)
+    return root

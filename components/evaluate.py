@@ -1,0 +1,171 @@
+"""Evaluate step: every model on the test window, each next to a baseline computed on the same split.
+
+- **Retrieval** (two-tower): full-catalogue Recall@K, NDCG@K and HitRate@K over every item, not a sampled
+  candidate set. Each test user is embedded with the features as of their first test event (point in
+  time); the relevant items are the ones they click in the test window; items they clicked before it
+  are excluded (``evaluation.exclude_seen``). The baseline ranks the catalogue by training clicks.
+- **Ranking**: AUC, GAUC (per-user AUC weighted by impressions) and logloss on every test impression,
+  next to an item-CTR baseline (smoothed training CTR of the item).
+
+The item catalogue is taken as of the test start: profiles plus the latest statistics snapshot before
+it (within the stats TTL), so no test-window click leaks into the item features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.artifact_io import write_json
+from components.config import Params, load_params
+from components.contracts import NUMBER_DEFAULT, TIMESTAMP
+from components.train import TRAINING_SET_OF, read_split
+
+log = logging.getLogger(__name__)
+RANKERS = [kind for kind, training_set in TRAINING_SET_OF.items() if training_set == "ranking"]
+
+
+def run(
+    params: Params,
+    training_dir: str | Path = "data/training",
+    models_dir: str | Path = "artifacts/models",
+    features_dir: str | Path | None = None,
+    output: str | Path = "metrics/evaluation.json",
+) -> dict[str, Any]:
+    """Write ``metrics/evaluation.json`` with retrieval and ranking metrics next to their baselines."""
+    training_dir, models_dir = Path(training_dir), Path(models_dir)
+    features_dir = Path(features_dir or params.features.features_dir)
+    cfg = params.evaluation
+    ranking_test = read_split(training_dir, "ranking", "test")
+    test_start = pd.Timestamp(json.loads((training_dir / "manifest.json").read_text())["test_start"])
+    catalogue = item_catalogue(features_dir, test_start, params.feast.ttl_days.item_stats)
+
+    report: dict[str, Any] = {"test_start": test_start.isoformat(), "catalogue_items": len(catalogue)}
+    report["retrieval"] = evaluate_retrieval(
+        models_dir / "two_tower", training_dir, ranking_test, catalogue, cfg.ks, cfg.exclude_seen
+    )
+    report["ranking"] = evaluate_rankers(
+        models_dir, training_dir, ranking_test, params.training.eval_batch_size
+    )
+    write_json(report, output)
+    log.info("evaluate: %s", json.dumps(report, indent=1))
+    return report
+
+
+def evaluate_retrieval(
+    model_dir: Path,
+    training_dir: Path,
+    ranking_test: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    ks: list[int],
+    exclude_seen: bool,
+) -> dict[str, Any]:
+    from models import ItemSets, full_catalogue_topk, load_model, retrieval_metrics
+
+    model, encoder = load_model(model_dir)
+    positives = read_split(training_dir, "retrieval", "test")
+    past = pd.concat(
+        [read_split(training_dir, "retrieval", s)[["user_id", "item_id"]] for s in ("train", "valid")]
+    )
+
+    first_rows = ranking_test.sort_values([TIMESTAMP, "row_id"]).drop_duplicates("user_id")
+    users = first_rows[first_rows["user_id"].isin(positives["user_id"])].reset_index(drop=True)
+    user_row = pd.Series(np.arange(len(users)), index=users["user_id"].to_numpy())
+    item_index = pd.Series(np.arange(len(catalogue)), index=catalogue["item_id"].to_numpy())
+    positives = positives[positives["item_id"].isin(item_index.index)]
+    relevant = ItemSets.from_pairs(
+        user_row[positives["user_id"]].to_numpy(), item_index[positives["item_id"]].to_numpy(), len(users)
+    )
+    seen = past[past["user_id"].isin(user_row.index) & past["item_id"].isin(item_index.index)]
+    exclude = (
+        ItemSets.from_pairs(
+            user_row[seen["user_id"]].to_numpy(), item_index[seen["item_id"]].to_numpy(), len(users)
+        )
+        if exclude_seen
+        else None
+    )
+
+    user_emb = model.user_embeddings(encoder.encode(users, features=model.user_feature_names()))
+    item_emb = model.item_embeddings(encoder.encode(catalogue, features=model.item_feature_names()))
+    k = max(ks)
+    two_tower = retrieval_metrics(full_catalogue_topk(user_emb, item_emb, k, exclude), relevant, ks)
+
+    # popularity baseline: the same top-k machinery with a constant user vector and click counts as items
+    clicks = read_split(training_dir, "retrieval", "train")["item_id"].value_counts()
+    popularity = torch.tensor(
+        clicks.reindex(catalogue["item_id"], fill_value=0).to_numpy(), dtype=torch.float32
+    )
+    ones = torch.ones(len(users), 1)
+    baseline = retrieval_metrics(full_catalogue_topk(ones, popularity[:, None], k, exclude), relevant, ks)
+    lift = {f"recall@{kk}": _ratio(two_tower[f"recall@{kk}"], baseline[f"recall@{kk}"]) for kk in ks}
+    return {
+        "two_tower": two_tower,
+        "popularity": baseline,
+        "lift_over_popularity": lift,
+        "users": len(users),
+        "exclude_seen": exclude_seen,
+    }
+
+
+def evaluate_rankers(
+    models_dir: Path, training_dir: Path, ranking_test: pd.DataFrame, batch_size: int
+) -> dict[str, Any]:
+    from models import load_model, ranking_metrics
+
+    labels = ranking_test["label"].to_numpy()
+    groups = ranking_test["user_id"].to_numpy()
+    out: dict[str, Any] = {"test_rows": len(ranking_test), "test_positive_rate": float(labels.mean())}
+    for kind in RANKERS:
+        model, encoder = load_model(models_dir / kind)
+        logits = model.predict_split(encoder.encode(ranking_test), batch_size)
+        out[kind] = ranking_metrics(labels, logits, groups)
+
+    train = read_split(training_dir, "ranking", "train")
+    prior = float(train["label"].mean())
+    per_item = train.groupby("item_id")["label"].agg(["sum", "count"])
+    smoothed = (per_item["sum"] + 20 * prior) / (per_item["count"] + 20)
+    ctr = smoothed.reindex(ranking_test["item_id"]).fillna(prior).to_numpy().clip(1e-6, 1 - 1e-6)
+    out["item_ctr_baseline"] = ranking_metrics(labels, np.log(ctr / (1 - ctr)), groups)
+    return out
+
+
+def item_catalogue(features_dir: Path, as_of: pd.Timestamp, stats_ttl_days: float) -> pd.DataFrame:
+    """Every item with its profile and the latest stats snapshot at or before ``as_of`` within the TTL."""
+    profile = pd.read_parquet(features_dir / "item_profile.parquet").drop(columns=[TIMESTAMP])
+    stats = pd.read_parquet(features_dir / "item_stats.parquet")
+    stats = stats[
+        (stats[TIMESTAMP] <= as_of) & (stats[TIMESTAMP] > as_of - pd.Timedelta(days=stats_ttl_days))
+    ]
+    latest = stats.sort_values(TIMESTAMP).drop_duplicates("item_id", keep="last").drop(columns=[TIMESTAMP])
+    catalogue = profile.merge(latest, on="item_id", how="left")
+    stat_columns = [c for c in latest.columns if c != "item_id"]
+    catalogue[stat_columns] = catalogue[stat_columns].fillna(NUMBER_DEFAULT)
+    return catalogue.sort_values("item_id", ignore_index=True)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
+    parser.add_argument("--models-dir", default="artifacts/models")
+    parser.add_argument("--output", default="metrics/evaluation.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    run(params, args.training_dir or params.training_set.output_dir, args.models_dir, output=args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

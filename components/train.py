@@ -1,0 +1,139 @@
+"""Train step: one model (two_tower, multi_tower, multi_tower_din or dlrm) on the point-in-time sets.
+
+The two-tower learns from positive events (``retrieval_*``), the rankers from every impression
+(``ranking_*``). The feature encoder is fitted on the train split only and saved with the weights, so
+validation, test and serving see exactly the vocabularies and normalisation the model was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.artifact_io import staged_path, write_json
+from components.config import Params, load_params
+
+log = logging.getLogger(__name__)
+TRAINING_SET_OF = {
+    "two_tower": "retrieval",
+    "multi_tower": "ranking",
+    "multi_tower_din": "ranking",
+    "dlrm": "ranking",
+}
+
+
+def run(
+    kind: str,
+    params: Params,
+    training_dir: str | Path = "data/training",
+    model_dir: str | Path | None = None,
+    metrics_file: str | Path | None = None,
+    plot_file: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
+    from models import FeatureEncoder, build_model, fit, save_model, write_history_csv
+
+    if kind not in TRAINING_SET_OF:
+        raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TRAINING_SET_OF)}")
+    model_dir = Path(model_dir or f"artifacts/models/{kind}")
+    metrics_file = Path(metrics_file or f"metrics/{kind}.json")
+    plot_file = Path(plot_file or f"plots/{kind}.png")
+    train_df, valid_df = (read_split(training_dir, TRAINING_SET_OF[kind], s) for s in ("train", "valid"))
+
+    encoder = FeatureEncoder.fit(params.models.features, train_df)
+    train, valid = encoder.encode(train_df), encoder.encode(valid_df)
+    model_config = params.models.model(kind)
+    counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
+    model = build_model(kind, model_config, encoder, item_counts=counts)
+
+    started = time.perf_counter()
+    result = fit(model, train, valid, params.training, checkpoint_dir=checkpoint_dir)
+    seconds = time.perf_counter() - started
+    epochs = len(result.history)
+    metrics = {
+        "model": kind,
+        "train_rows": len(train_df),
+        "valid_rows": len(valid_df),
+        "epochs": epochs,
+        "best_epoch": result.best_epoch,
+        "early_stopping_metric": result.metric,
+        "best_valid_metric": result.best_metric,
+        "stopped_early": result.stopped_early,
+        "device": str(result.device),
+        "train_seconds": round(seconds, 2),
+        "train_samples_per_s": round(len(train_df) * epochs / seconds, 1) if seconds > 0 else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    save_model(model.cpu(), encoder, model_config, model_dir, extra={"training": metrics})
+    write_history_csv(result.history, model_dir / "history.csv")
+    write_json(metrics, metrics_file)
+    plot_history(result.history, plot_file, title=kind)
+    log.info("train %s: %s", kind, metrics)
+    return metrics
+
+
+def read_split(training_dir: str | Path, training_set: str, split: str) -> pd.DataFrame:
+    """One split of a training set; a missing file names the step that makes it."""
+    path = Path(training_dir) / f"{training_set}_{split}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: training set not found (run the training_set step first)")
+    return pd.read_parquet(path)
+
+
+def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:
+    """PNG of the losses (left) and validation metrics (right) per epoch; DVC plots show the CSV too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(history)
+    losses = [c for c in frame if "loss" in c]
+    scores = [c for c in frame if c.startswith("valid_") and "loss" not in c]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, columns, label in ((axes[0], losses, "loss"), (axes[1], scores, "validation metric")):
+        for column in columns:
+            ax.plot(frame["epoch"], frame[column], marker="o", label=column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if columns:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with staged_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.train", description=__doc__)
+    parser.add_argument("--model", required=True, choices=sorted(TRAINING_SET_OF))
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
+    parser.add_argument("--model-dir", default=None, help="default: artifacts/models/<model>")
+    parser.add_argument("--metrics", default=None, help="default: metrics/<model>.json")
+    parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    run(
+        args.model,
+        params,
+        args.training_dir or params.training_set.output_dir,
+        args.model_dir,
+        args.metrics,
+        checkpoint_dir=args.checkpoint_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
