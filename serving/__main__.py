@@ -1,0 +1,46 @@
+"""``python -m serving --model_dir artifacts/bundle [--http_port 8080] [--host 127.0.0.1]``.
+
+Loads and verifies the bundle first: a file whose checksum differs from the manifest stops start-up
+with exit code 1 and a message naming the file, before any port is opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from components.build_index import IndexContractError
+from components.bundle import BundleIntegrityError
+from components.config import ConfigError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    parser.add_argument("--model_dir", "--model-dir", required=True, help="the bundle directory")
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--http_port", "--http-port", type=int, default=8080, help="REST port")
+    parser.add_argument("--host", default=None, help="bind address (default: serving.host)")
+    parser.add_argument(
+        "--no_online_store",
+        action="store_true",
+        help="serve without Feast (features from requests / defaults)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        params = load_params(args.params)
+        if args.no_online_store:
+            params.serving.online_store = False
+        from serving.server import build_models, serve
+
+        models = build_models(args.model_dir, params.serving, params.feast)
+    except (BundleIntegrityError, IndexContractError, ConfigError, FileNotFoundError) as exc:
+        print(f"serving: cannot start: {exc}", file=sys.stderr)
+        return 1
+    serve(models, host=args.host or params.serving.host, http_port=args.http_port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

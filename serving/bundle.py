@@ -1,0 +1,132 @@
+"""The bundle as serving holds it in memory: verified files, the towers, the rankers, the index.
+
+Everything is checked before the server answers anything: the manifest's SHA-256 of every file
+(``components.bundle.load_manifest``, which names the offending file), the index's metric and dim
+against the user tower, and the presence of the default ranker. A bundle that fails any check stops
+start-up; serving a model whose index drifted from it would return plausible but wrong items.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from safetensors.numpy import load_file
+
+from components.build_index import load_index
+from components.bundle import BundleIntegrityError, load_manifest
+from models import FeatureEncoder, RecModel, load_model
+
+TWO_TOWER = "two_tower"
+RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
+MODELS_DIR = "models"
+INDEX_FILE = "items.faiss"
+ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
+POPULAR_FILE = "popular_items.json"
+
+
+@dataclass
+class ServingBundle:
+    """A verified bundle: the two-tower, every ranker it holds, the item index and the cold-start list."""
+
+    path: Path
+    version: str
+    manifest: dict[str, Any]
+    two_tower: RecModel
+    two_tower_encoder: FeatureEncoder
+    rankers: dict[str, tuple[RecModel, FeatureEncoder]]
+    index: faiss.Index
+    catalogue: np.ndarray  # int64 item ids in the index
+    popular_ids: np.ndarray  # int64, most popular first
+    popular_scores: np.ndarray  # float32
+
+    @property
+    def user_features(self) -> list[str]:
+        """Features read per user: every declared feature the item tower does not read."""
+        item = set(self.item_features)
+        return [name for name in self.feature_names if name not in item]
+
+    @property
+    def item_features(self) -> list[str]:
+        """Features read per item: the item tower's (content and item statistics)."""
+        return list(self.two_tower.item_feature_names())  # type: ignore[attr-defined]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every feature some model of the bundle reads, in declaration order."""
+        used: set[str] = set(self.two_tower.feature_names())
+        for model, _ in self.rankers.values():
+            used |= set(model.feature_names())
+        return [name for name in self.two_tower_encoder.spec.names if name in used]
+
+    def knows_user(self, user_id: int) -> bool:
+        """Whether the user id has its own embedding row (it was seen in training)."""
+        encoded = self.two_tower_encoder.encode_ids("user_id", np.asarray([user_id], dtype=np.int64))
+        return bool(encoded[0] >= 2)
+
+
+def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
+    """Verify and load ``bundle_dir``; raises :class:`BundleIntegrityError` naming the file at fault."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir, verify=True)
+    files = manifest["files"]
+    two_tower_dir = bundle_dir / MODELS_DIR / TWO_TOWER
+    for name in (f"{MODELS_DIR}/{TWO_TOWER}/model.safetensors", f"{MODELS_DIR}/{TWO_TOWER}/config.json"):
+        if name not in files:
+            raise BundleIntegrityError(f"{bundle_dir}: file '{name}' (the two-tower) is not in the bundle")
+    for name in (INDEX_FILE, INDEX_FILE + ".json", ITEM_EMBEDDINGS_FILE, POPULAR_FILE):
+        if name not in files:
+            raise BundleIntegrityError(f"{bundle_dir}: file '{name}' is not in the bundle")
+    two_tower, tt_encoder = load_model(two_tower_dir)
+    if two_tower.kind != TWO_TOWER:
+        raise BundleIntegrityError(f"{two_tower_dir}: holds a '{two_tower.kind}' model, not a two-tower")
+    rankers = {}
+    for kind in RANKERS:
+        if f"{MODELS_DIR}/{kind}/config.json" in files:
+            model, encoder = load_model(bundle_dir / MODELS_DIR / kind)
+            if model.kind != kind:
+                raise BundleIntegrityError(f"{bundle_dir / MODELS_DIR / kind}: holds a '{model.kind}' model")
+            rankers[kind] = (model, encoder)
+    if default_ranker not in rankers:
+        raise BundleIntegrityError(
+            f"{bundle_dir}: serving.default_ranker '{default_ranker}' has no model in the bundle "
+            f"(files '{MODELS_DIR}/{default_ranker}/...'); it holds {sorted(rankers) or 'no ranker'}"
+        )
+    index, _ = load_index(bundle_dir / INDEX_FILE, expected_dim=int(two_tower.output_dim))  # type: ignore[arg-type]
+    catalogue = load_file(str(bundle_dir / ITEM_EMBEDDINGS_FILE))["item_ids"].astype(np.int64)
+    if len(catalogue) != index.ntotal:
+        raise BundleIntegrityError(
+            f"{bundle_dir}: '{ITEM_EMBEDDINGS_FILE}' has {len(catalogue)} items, "
+            f"'{INDEX_FILE}' {index.ntotal}"
+        )
+    popular_ids, popular_scores = _popular_items(bundle_dir / POPULAR_FILE)
+    return ServingBundle(
+        path=bundle_dir,
+        version=str(manifest["version"]),
+        manifest=manifest,
+        two_tower=two_tower,
+        two_tower_encoder=tt_encoder,
+        rankers=rankers,
+        index=index,
+        catalogue=catalogue,
+        popular_ids=popular_ids,
+        popular_scores=popular_scores,
+    )
+
+
+def _popular_items(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        data = json.loads(path.read_text())
+        ids = np.asarray(data["item_ids"], dtype=np.int64)
+        scores = np.asarray(data["scores"], dtype=np.float32)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise BundleIntegrityError(
+            f"{path}: expected {{'item_ids': [int...], 'scores': [float...]}}: {exc}"
+        ) from exc
+    if ids.ndim != 1 or ids.shape != scores.shape or len(ids) == 0:
+        raise BundleIntegrityError(f"{path}: 'item_ids' and 'scores' must be equal-length, non-empty lists")
+    return ids, scores

@@ -1,0 +1,294 @@
+"""The three KServe models: ``retrieval``, ``ranking`` and ``recommend``, each speaking V1 and V2.
+
+V1 (``/v1/models/<name>:predict``) takes ``{"instances": [...]}`` with one object per user and answers
+``{"predictions": [...]}``. V2 (``/v2/models/<name>/infer``, the Open Inference Protocol) takes named
+tensors: ``user_id`` INT64 [B] (ranking: [1] plus ``item_ids`` INT64 [C]), retrieval feature tensors
+by feature name ([B] each), and ``k`` / ``n`` / ``ranker`` as request parameters; it answers
+``item_ids`` INT64 [B, W] and ``scores`` FP32 [B, W] (rows shorter than W padded with -1 / 0, the true
+length in ``counts`` INT64 [B]) with ``bundle_version`` in the response parameters. Both protocols are
+turned into the same validated instances (serving/schemas.py): a bad field is an HTTP 400 naming it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve.errors import InvalidInput
+
+from serving.recommender import Recommender, Result
+from serving.schemas import RequestError, RequestSchemas
+
+V2_PARAMETERS = ("k", "n", "ranker")
+
+
+class RecsysModel(Model):
+    """Shared protocol handling; subclasses turn validated instances into predictions."""
+
+    endpoint: ClassVar[str]
+
+    def __init__(self, recommender: Recommender, schemas: RequestSchemas) -> None:
+        super().__init__(self.endpoint)
+        self.recommender = recommender
+        self.schemas = schemas
+        self.version = recommender.bundle.version
+        self.ready = True
+
+    def load(self) -> bool:
+        self.ready = True
+        return self.ready
+
+    def predict(
+        self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict[str, Any] | InferResponse:
+        try:
+            if isinstance(payload, InferRequest):
+                instances, locate = self._v2_instances(payload)
+                parsed = self.schemas.parse(self.endpoint, instances, locate=locate)
+                return self._v2_response(payload, self.run(parsed))
+            if not isinstance(payload, dict):
+                raise RequestError('request body: expected a JSON object {"instances": [...]}')
+            unknown = sorted(set(payload) - {"instances"})
+            if unknown:
+                raise RequestError(f"request body: unknown field(s) {unknown}; expected only 'instances'")
+            if "instances" not in payload:
+                raise RequestError("instances: field required")
+            parsed = self.schemas.parse(self.endpoint, payload["instances"])
+        except RequestError as exc:
+            raise InvalidInput(str(exc)) from None
+        return {"predictions": [self._v1_prediction(r) for r in self.run(parsed)]}
+
+    def run(self, instances: list[Any]) -> list[Result]:
+        raise NotImplementedError
+
+    # ---- V1 -------------------------------------------------------------------------------------
+
+    def _v1_prediction(self, result: Result) -> dict[str, Any]:
+        return {
+            "user_id": result.user_id,
+            "item_ids": result.item_ids,
+            "scores": result.scores,
+            "source": result.source,
+            "cold_start": result.cold_start,
+            "degraded": result.degraded,
+            "bundle_version": self.version,
+            **result.extra,
+        }
+
+    # ---- V2 -------------------------------------------------------------------------------------
+
+    def _v2_instances(self, request: InferRequest) -> tuple[list[dict[str, Any]], Callable[[list[str]], str]]:
+        inputs = {}
+        for tensor in request.inputs:
+            if tensor.name in inputs:
+                raise RequestError(f"inputs.{tensor.name}: given twice")
+            inputs[tensor.name] = _flat_values(tensor)
+        parameters = dict(request.parameters or {})
+        unknown = sorted(set(parameters) - set(V2_PARAMETERS))
+        if unknown:
+            raise RequestError(f"parameters: unknown parameter(s) {unknown}; expected {list(V2_PARAMETERS)}")
+        instances = self._v2_rows(inputs, parameters)
+
+        def locate(loc: list[str]) -> str:
+            row, rest = (loc[0], loc[1:]) if loc and loc[0].isdigit() else ("0", loc)
+            if not rest:
+                return f"inputs[{row}]"
+            if rest[0] in V2_PARAMETERS:
+                return f"parameters.{rest[0]}"
+            if rest[0] == "features" and len(rest) > 1:
+                return f"inputs.{rest[1]}[{row}]"
+            if rest[0] == "item_ids" and len(rest) > 1:
+                return f"inputs.item_ids[{rest[1]}]"
+            return f"inputs.{rest[0]}" + (f"[{row}]" if rest[0] == "user_id" else "")
+
+        return instances, locate
+
+    def _v2_rows(self, inputs: dict[str, list[Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        if "user_id" not in inputs:
+            raise RequestError("inputs.user_id: required (INT64 [B])")
+        extra = sorted(set(inputs) - {"user_id"})
+        if extra:
+            raise RequestError(f"inputs: unknown input(s) {extra}; this model takes 'user_id'")
+        return [{"user_id": u, **parameters} for u in inputs["user_id"]]
+
+    def _v2_response(self, request: InferRequest, results: list[Result]) -> InferResponse:
+        width = max((len(r.item_ids) for r in results), default=0)
+        ids = np.full((len(results), width), -1, dtype=np.int64)
+        scores = np.zeros((len(results), width), dtype=np.float32)
+        for i, r in enumerate(results):
+            ids[i, : len(r.item_ids)] = r.item_ids
+            scores[i, : len(r.scores)] = r.scores
+        counts = np.asarray([len(r.item_ids) for r in results], dtype=np.int64)
+        outputs = [
+            InferOutput("item_ids", list(ids.shape), "INT64", data=ids),
+            InferOutput("scores", list(scores.shape), "FP32", data=scores),
+            InferOutput("counts", [len(results)], "INT64", data=counts),
+            InferOutput(
+                "cold_start", [len(results)], "BOOL", data=np.asarray([r.cold_start for r in results])
+            ),
+        ]
+        parameters: dict[str, Any] = {
+            "bundle_version": self.version,
+            "degraded": any(r.degraded for r in results),
+        }
+        ranker = next((r.extra["ranker"] for r in results if "ranker" in r.extra), None)
+        if ranker is not None:
+            parameters["ranker"] = ranker
+        return InferResponse(
+            response_id=request.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            parameters=parameters,
+        )
+
+
+class RetrievalModel(RecsysModel):
+    """User features (or a user id: its features come from the online store) -> top-K items."""
+
+    endpoint = "retrieval"
+
+    def run(self, instances: list[Any]) -> list[Result]:
+        rec = self.recommender
+        users = rec.user_features(
+            [x.user_id for x in instances],
+            [x.features.model_dump(exclude_none=True) if x.features is not None else None for x in instances],
+        )
+        retrieved = rec.retrieve(users, [x.k for x in instances])
+        results = []
+        for i, x in enumerate(instances):
+            ids, scores = retrieved[i]
+            cold = not users.found[i] and x.features is None
+            results.append(
+                Result(
+                    user_id=x.user_id,
+                    item_ids=ids.tolist(),
+                    scores=scores.astype(float).tolist(),
+                    source="model",
+                    degraded=users.degraded,
+                    cold_start=cold,
+                )
+            )
+        return results
+
+    def _v2_rows(self, inputs: dict[str, list[Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        names = self.recommender.user_feature_names
+        unknown = sorted(set(inputs) - {"user_id", *names})
+        if unknown:
+            raise RequestError(f"inputs: unknown input(s) {unknown}; expected 'user_id' and/or user features")
+        sizes = {name: len(values) for name, values in inputs.items()}
+        if not sizes:
+            raise RequestError("inputs: give 'user_id' (INT64 [B]) and/or user feature tensors ([B] each)")
+        if len(set(sizes.values())) > 1:
+            raise RequestError(f"inputs: every input needs the same batch size, got {sizes}")
+        rows = []
+        for i in range(next(iter(sizes.values()))):
+            row: dict[str, Any] = dict(parameters)
+            if "user_id" in inputs:
+                row["user_id"] = inputs["user_id"][i]
+            features = {name: inputs[name][i] for name in inputs if name != "user_id"}
+            if features:
+                row["features"] = features
+            rows.append(row)
+        return rows
+
+
+class RankingModel(RecsysModel):
+    """A user + candidate item ids -> one score (logit) per candidate, in the given order."""
+
+    endpoint = "ranking"
+
+    def run(self, instances: list[Any]) -> list[Result]:
+        rec = self.recommender
+        results: list[Result | None] = [None] * len(instances)
+        for ranker in sorted({x.ranker for x in instances}):
+            rows = [i for i, x in enumerate(instances) if x.ranker == ranker]
+            chosen = [instances[i] for i in rows]
+            users = rec.user_features(
+                [x.user_id for x in chosen],
+                [x.user_features.model_dump(exclude_none=True) if x.user_features else None for x in chosen],
+            )
+            overrides = [
+                [f.model_dump(exclude_none=True) for f in x.item_features] if x.item_features else None
+                for x in chosen
+            ]
+            candidates = [np.asarray(x.item_ids, dtype=np.int64) for x in chosen]
+            scores, found = rec.rank(users, candidates, ranker, overrides)
+            for j, i in enumerate(rows):
+                x = chosen[j]
+                given = np.asarray([bool(f) for f in (overrides[j] or [])] or [False] * len(x.item_ids))
+                results[i] = Result(
+                    user_id=x.user_id,
+                    item_ids=list(x.item_ids),
+                    scores=scores[j].astype(float).tolist(),
+                    source="model",
+                    degraded=users.degraded,
+                    cold_start=not bool(users.found[j]) and x.user_features is None,
+                    extra={
+                        "ranker": ranker,
+                        "default_item_ids": [
+                            int(item) for item, ok in zip(x.item_ids, found[j] | given, strict=True) if not ok
+                        ],
+                    },
+                )
+        return [r for r in results if r is not None]
+
+    def _v2_rows(self, inputs: dict[str, list[Any]], parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        unknown = sorted(set(inputs) - {"user_id", "item_ids"})
+        if unknown:
+            raise RequestError(
+                f"inputs: unknown input(s) {unknown}; expected 'user_id' [1] and 'item_ids' [C]"
+            )
+        for name in ("user_id", "item_ids"):
+            if name not in inputs:
+                raise RequestError(f"inputs.{name}: required")
+        if len(inputs["user_id"]) != 1:
+            raise RequestError(
+                f"inputs.user_id: one user per V2 ranking request, got {len(inputs['user_id'])}"
+            )
+        return [{"user_id": inputs["user_id"][0], "item_ids": inputs["item_ids"], **parameters}]
+
+    def _v2_response(self, request: InferRequest, results: list[Result]) -> InferResponse:
+        response = super()._v2_response(request, results)
+        scores = np.asarray(results[0].scores, dtype=np.float32)
+        response.outputs = [InferOutput("scores", [len(scores)], "FP32", data=scores)]
+        return response
+
+
+class RecommendModel(RecsysModel):
+    """A user id (+ context) -> top-N items after retrieval and ranking, with the bundle version."""
+
+    endpoint = "recommend"
+
+    def run(self, instances: list[Any]) -> list[Result]:
+        contexts = [
+            None
+            if x.context is None
+            else {
+                "exclude_item_ids": x.context.exclude_item_ids,
+                "features": x.context.features.model_dump(exclude_none=True) if x.context.features else None,
+            }
+            for x in instances
+        ]
+        return self.recommender.recommend(
+            [x.user_id for x in instances], [x.n for x in instances], [x.ranker for x in instances], contexts
+        )
+
+
+def _flat_values(tensor: Any) -> list[Any]:
+    """A V2 input's values as a flat Python list, checked against its declared shape."""
+    try:
+        if tensor._raw_data is not None:
+            values = tensor.as_numpy().ravel().tolist()
+        else:
+            values = np.asarray(tensor.data, dtype=object).ravel().tolist()
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"inputs.{tensor.name}: data does not form a tensor: {exc}") from None
+    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if any(d < 0 for d in tensor.shape) or expected != len(values):
+        raise RequestError(
+            f"inputs.{tensor.name}: shape {list(tensor.shape)} does not match {len(values)} value(s)"
+        )
+    return values

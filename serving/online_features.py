@@ -1,0 +1,188 @@
+"""Online feature lookup: the user's and the candidates' latest features from the Feast online store.
+
+Feature names are the contract's bare names (no view prefix); which Feast view serves each comes from the
+project's feature service, so this module never repeats the view layout. A value the store does not hold
+(unknown entity, or a view without a row for it) gets the data contract's default ("" / 0 / empty list),
+the same default the training sets use, so a cold entity is encoded at serving as it was in training.
+
+A read that fails or takes longer than ``serving.feast_timeout_s`` is treated as the store being down:
+the caller gets defaults and ``degraded=True``, a warning is logged and
+``recsys_online_store_failures_total`` counts it. Item features change slowly (daily snapshots) and
+are read for hundreds of candidates per request, so they are cached for ``serving.item_cache_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter
+
+from components.contracts import MISSING_CATEGORY, NUMBER_DEFAULT
+from models import FeatureEncoder
+
+log = logging.getLogger(__name__)
+
+FEATURE_SERVICE = "ranking"  # feature_repo/definitions.py: the service holding every model input
+ITEM_READ_CHUNK = 1_000  # entity rows per online read when warming the item cache
+
+ONLINE_STORE_FAILURES = Counter(
+    "recsys_online_store_failures",
+    "Online feature reads that failed or timed out; the request was answered with default features.",
+    ["entity"],
+)
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """Feature values of a list of entities, column by column, plus which entities the store knew."""
+
+    columns: dict[str, list[Any]]
+    found: np.ndarray  # bool per entity: the store held at least one of its features
+    degraded: bool  # the store was unreachable; every value is a default
+
+
+def feature_defaults(encoder: FeatureEncoder, names: Iterable[str]) -> dict[str, Any]:
+    """The contract's default of each feature: "" for strings, 0 for numbers, [] for lists."""
+    spec = encoder.spec
+    defaults: dict[str, Any] = {}
+    for name in names:
+        kind = spec.kind_of(name)
+        if kind == "sequence":
+            defaults[name] = []
+        elif kind == "sparse":
+            defaults[name] = MISSING_CATEGORY if encoder.value_kinds[name] == "str" else NUMBER_DEFAULT
+        else:
+            defaults[name] = float(NUMBER_DEFAULT)
+    return defaults
+
+
+class OnlineFeatures:
+    """User and item features by id; from Feast when a store is given, else the defaults only."""
+
+    def __init__(
+        self,
+        store: Any | None,
+        user_defaults: dict[str, Any],
+        item_defaults: dict[str, Any],
+        *,
+        timeout_s: float,
+        item_cache_ttl_s: float,
+    ) -> None:
+        self.store = store
+        self.user_defaults = user_defaults
+        self.item_defaults = item_defaults
+        self.timeout_s = timeout_s
+        self.item_cache_ttl_s = item_cache_ttl_s
+        self._item_cache: dict[int, tuple[float, tuple[Any, ...]]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="feast")
+        self.user_refs: list[str] = []
+        self.item_refs: list[str] = []
+        if store is not None:
+            self.user_refs, self.item_refs = _feature_refs(store, list(user_defaults), list(item_defaults))
+
+    def users(self, user_ids: Sequence[int]) -> FeatureRows:
+        """Latest features of each user (defaults where the store has none, or is down)."""
+        return self._read("user_id", self.user_refs, self.user_defaults, user_ids, entity="user")
+
+    def items(self, item_ids: Sequence[int]) -> FeatureRows:
+        """Latest features of each item, through the in-memory cache."""
+        names = list(self.item_defaults)
+        now = time.monotonic()
+        missing = [
+            i for i in dict.fromkeys(item_ids) if (hit := self._item_cache.get(i)) is None or hit[0] < now
+        ]
+        degraded = False
+        if missing:
+            rows = self._read("item_id", self.item_refs, self.item_defaults, missing, entity="item")
+            degraded = rows.degraded
+            if not degraded:  # never cache defaults caused by an outage
+                expires = now + self.item_cache_ttl_s
+                for j, item_id in enumerate(missing):
+                    self._item_cache[item_id] = (
+                        expires,
+                        (*tuple(rows.columns[n][j] for n in names), bool(rows.found[j])),
+                    )
+        if degraded:
+            defaults = self._read("item_id", [], self.item_defaults, item_ids, entity="item")
+            return FeatureRows(defaults.columns, defaults.found, degraded=True)
+        cached = [self._item_cache[i][1] for i in item_ids]
+        columns = {name: [row[k] for row in cached] for k, name in enumerate(names)}
+        found = np.fromiter((row[-1] for row in cached), dtype=bool, count=len(cached))
+        return FeatureRows(columns, found, degraded=False)
+
+    def warm(self, item_ids: Sequence[int]) -> None:
+        """Fill the item cache for the whole catalogue (and open the store's connections) before serving."""
+        if self.store is None:
+            return
+        for start in range(0, len(item_ids), ITEM_READ_CHUNK):
+            self.items([int(i) for i in item_ids[start : start + ITEM_READ_CHUNK]])
+        if len(item_ids):
+            self.users([0])  # the first user read loads the registry: keep that out of the first request
+
+    def _read(
+        self, key: str, refs: list[str], defaults: dict[str, Any], ids: Sequence[int], entity: str
+    ) -> FeatureRows:
+        n = len(ids)
+        columns = {name: [value] * n for name, value in defaults.items()}
+        if key in columns:  # the entity's own id is a model feature (its embedding row)
+            columns[key] = [int(i) for i in ids]
+        found = np.zeros(n, dtype=bool)
+        if self.store is None or not refs or n == 0:
+            return FeatureRows(columns, found, degraded=False)
+        try:
+            future = self._pool.submit(
+                self.store.get_online_features, features=refs, entity_rows=[{key: int(i)} for i in ids]
+            )
+            values = future.result(timeout=self.timeout_s).to_dict()
+        except Exception as exc:  # any store failure (connection, timeout, schema) degrades, never 500s
+            ONLINE_STORE_FAILURES.labels(entity=entity).inc()
+            log.warning("online store read of %d %s(s) failed, serving defaults: %r", n, entity, exc)
+            return FeatureRows(columns, found, degraded=True)
+        for name, default in defaults.items():
+            column = values.get(name) if name != key else None
+            if column is None:
+                continue
+            present = np.fromiter((v is not None for v in column), dtype=bool, count=n)
+            found |= present
+            columns[name] = [_as_default_type(v, default) if v is not None else default for v in column]
+        return FeatureRows(columns, found, degraded=False)
+
+
+def _as_default_type(value: Any, default: Any) -> Any:
+    """Feast returns floats for Float64 and ints for Int64 already; lists may come as tuples."""
+    if isinstance(default, list):
+        return list(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def _feature_refs(store: Any, user_names: list[str], item_names: list[str]) -> tuple[list[str], list[str]]:
+    """``view:feature`` references of the wanted names, split by the view's join key (user / item)."""
+    service = store.get_feature_service(FEATURE_SERVICE)
+    user_refs, item_refs, served = [], [], set()
+    for projection in service.feature_view_projections:
+        keys = list(store.get_feature_view(projection.name).join_keys)
+        for feature in projection.features:
+            ref = f"{projection.name}:{feature.name}"
+            if keys == ["user_id"] and feature.name in user_names:
+                user_refs.append(ref)
+                served.add(feature.name)
+            elif keys == ["item_id"] and feature.name in item_names:
+                item_refs.append(ref)
+                served.add(feature.name)
+    unserved = [n for n in user_names + item_names if n not in served and n not in ("user_id", "item_id")]
+    if unserved:
+        log.warning(
+            "features %s are not in Feast feature service '%s': they are served with defaults unless the "
+            "request gives them",
+            unserved,
+            FEATURE_SERVICE,
+        )
+    return user_refs, item_refs

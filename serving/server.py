@@ -1,0 +1,123 @@
+"""Assemble the models from a bundle and run them on KServe's ``ModelServer``.
+
+KServe's REST server always binds 0.0.0.0 (``RESTServer`` hard-codes uvicorn's host), which is right in
+a pod and wrong on a laptop or in tests; :class:`RecsysModelServer` sets the bind address on KServe's
+own uvicorn config just before it starts serving. FastAPI's 422 for a V2 body that is not an inference
+request (malformed JSON, a missing ``inputs``) becomes a 400 naming the field, like every other bad
+request.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import ModelServer
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.protocol.rest.server import RESTServer
+
+from components.config import FeastConfig, ServingConfig
+from serving.bundle import load_bundle
+from serving.endpoints import RankingModel, RecommendModel, RecsysModel, RetrievalModel
+from serving.online_features import OnlineFeatures, feature_defaults
+from serving.recommender import Recommender
+from serving.schemas import build_schemas
+
+log = logging.getLogger(__name__)
+
+
+def build_models(bundle_dir: str | Path, serving: ServingConfig, feast: FeastConfig) -> list[RecsysModel]:
+    """Verify and load the bundle, connect the online store, warm the item cache; the three models."""
+    torch.set_num_threads(serving.torch_threads)
+    bundle = load_bundle(bundle_dir, serving.default_ranker)
+    store = _feature_store(feast) if serving.online_store else None
+    encoder = bundle.two_tower_encoder
+    features = OnlineFeatures(
+        store,
+        feature_defaults(encoder, bundle.user_features),
+        feature_defaults(encoder, bundle.item_features),
+        timeout_s=serving.feast_timeout_s,
+        item_cache_ttl_s=serving.item_cache_ttl_s,
+    )
+    features.warm(bundle.catalogue)
+    recommender = Recommender(bundle, features, serving)
+    schemas = build_schemas(
+        serving, encoder, bundle.user_features, bundle.item_features, sorted(bundle.rankers)
+    )
+    log.info(
+        "serving bundle %s: %d items, rankers %s, online store %s",
+        bundle.version,
+        len(bundle.catalogue),
+        sorted(bundle.rankers),
+        "on" if store is not None else "off",
+    )
+    return [
+        RetrievalModel(recommender, schemas),
+        RankingModel(recommender, schemas),
+        RecommendModel(recommender, schemas),
+    ]
+
+
+class RecsysModelServer(ModelServer):
+    """KServe's ModelServer (REST only by default) listening on ``host`` instead of always 0.0.0.0."""
+
+    def __init__(self, host: str, http_port: int, enable_grpc: bool = False, **kwargs: Any) -> None:
+        super().__init__(http_port=http_port, enable_grpc=enable_grpc, workers=1, **kwargs)
+        self.host = host
+
+    def setup_event_loop(self) -> None:
+        # called by start() after the REST server (and its uvicorn config) exists, before it binds
+        if self._rest_server is not None:
+            self._rest_server.config.host = self.host
+        super().setup_event_loop()
+
+
+def serve(models: list[RecsysModel], host: str, http_port: int) -> None:
+    """Serve the models until SIGTERM / SIGINT."""
+    server = RecsysModelServer(host=host, http_port=http_port)
+    _install_bad_request_handler(_kserve_app())
+    server.start(models)
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    """KServe's FastAPI app with its routes and handlers over ``server``'s models, without listening.
+
+    For in-process clients (tests). KServe's app is a process-wide singleton, so the routes are added
+    once; register further models on the same ``server`` to change what they answer.
+    """
+    app = _kserve_app()
+    if not getattr(app.state, "recsys_routes", False):
+        RESTServer(
+            FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0
+        ).create_application()
+        _install_bad_request_handler(app)
+        app.state.recsys_routes = True
+    return app
+
+
+def _kserve_app() -> FastAPI:
+    from kserve.model_server import app
+
+    return app
+
+
+def _install_bad_request_handler(app: FastAPI) -> None:
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors()[:5]:
+            loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+            parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+        return JSONResponse(status_code=400, content={"error": "; ".join(parts)})
+
+    app.add_exception_handler(RequestValidationError, bad_request)  # type: ignore[arg-type]
+
+
+def _feature_store(feast: FeastConfig) -> Any:
+    from components.training_set import open_feature_store  # feast is heavy: import only when used
+
+    return open_feature_store(feast)

@@ -1,0 +1,235 @@
+"""End to end on the real steps (tiny preset): ingest -> features -> Feast training sets + online store ->
+bundle -> ``python -m serving`` on 127.0.0.1; every model over V1 and V2 with online features, the
+train/serve skew check, and recommend degrading when the online store is unreachable."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from benchmarks.serving_latency import (
+    build_serving_bundle,
+    free_port,
+    item_catalogue,
+    start_server,
+    stop_server,
+)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
+
+
+def _store_yaml(path: Path, online_db: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "project": "recsys",
+                "provider": "local",
+                "registry": str(path.parent / "registry.db"),
+                "online_store": {"type": "sqlite", "path": str(online_db)},
+                "offline_store": {"type": "file"},
+                "entity_key_serialization_version": 3,
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory):
+    from components import training_set
+
+    root = tmp_path_factory.mktemp("serving_e2e")
+    (root / "feast").mkdir()
+    store_yaml = _store_yaml(root / "feast" / "feature_store.yaml", root / "feast" / "online_store.db")
+    params = tiny_params.model_copy(deep=True)
+    params.feast.config_file = store_yaml
+    training_set.run(
+        params.training_set,
+        tiny_features_dir,
+        tiny_raw_dir,
+        root / "training",
+        feast=params.feast,
+        features=params.features,
+        metrics_file=root / "m.json",
+        report_file=root / "r.md",
+    )
+    train = pd.read_parquet(root / "training" / "ranking_train.parquet")
+    item_cols = ["item_id", "category", "brand", "price"] + [
+        c for c in train.columns if c.startswith("item_") and c != "item_id"
+    ]
+    items = pd.read_parquet(tiny_raw_dir / "items.parquet")[["item_id"]]
+    catalogue = item_catalogue(train, item_cols)
+    unseen = items[~items["item_id"].isin(catalogue["item_id"])]
+    defaults = {c: ("" if catalogue[c].dtype == object else 0) for c in item_cols if c != "item_id"}
+    catalogue = pd.concat([catalogue, unseen.assign(**defaults)], ignore_index=True)
+    bundle = build_serving_bundle(train, catalogue, params, root / "bundle", root / "work", train_steps=30)
+    params_file = root / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["synthetic"]["preset"] = "tiny"
+    raw["feast"]["config_file"] = str(store_yaml)
+    params_file.write_text(yaml.safe_dump(raw))
+    return {
+        "root": root,
+        "bundle": bundle,
+        "params_file": params_file,
+        "train": train,
+        "test": pd.read_parquet(root / "training" / "ranking_test.parquet"),
+        "store_yaml": store_yaml,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    port = free_port()
+    process = start_server(pipeline["bundle"], pipeline["params_file"], port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(process)
+    assert process.returncode is not None
+
+
+def test_every_model_over_v1_and_v2_with_online_features(server, pipeline):
+    user = int(pipeline["train"]["user_id"].iloc[-1])
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.get("/v2/health/live").status_code == 200
+        assert http.get("/v2/health/ready").status_code == 200
+        out = http.post(
+            "/v1/models/retrieval:predict", json={"instances": [{"user_id": user, "k": 10}]}
+        ).json()
+        assert len(out["predictions"][0]["item_ids"]) == 10 and not out["predictions"][0]["cold_start"]
+        out = http.post(
+            "/v2/models/retrieval/infer",
+            json={
+                "inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [user]}],
+                "parameters": {"k": 10},
+            },
+        )
+        assert out.status_code == 200 and out.json()["outputs"][0]["shape"] == [1, 10]
+        candidates = out.json()["outputs"][0]["data"]
+        out = http.post(
+            "/v1/models/ranking:predict", json={"instances": [{"user_id": user, "item_ids": candidates}]}
+        )
+        assert out.status_code == 200 and out.json()["predictions"][0]["default_item_ids"] == []
+        out = http.post(
+            "/v2/models/ranking/infer",
+            json={
+                "inputs": [
+                    {"name": "user_id", "shape": [1], "datatype": "INT64", "data": [user]},
+                    {"name": "item_ids", "shape": [10], "datatype": "INT64", "data": candidates},
+                ]
+            },
+        )
+        assert out.status_code == 200 and len(out.json()["outputs"][0]["data"]) == 10
+        out = http.post("/v1/models/recommend:predict", json={"instances": [{"user_id": user}]}).json()
+        rec = out["predictions"][0]
+        assert rec["source"] == "model" and len(rec["item_ids"]) == 20 and not rec["degraded"]
+        manifest = json.loads((pipeline["bundle"] / "manifest.json").read_text())
+        assert rec["bundle_version"] == manifest["version"]
+        history = set(
+            pipeline["train"].loc[pipeline["train"]["user_id"] == user, "hist_item_ids"].iloc[-1].tolist()
+        )
+        assert not history & set(rec["item_ids"]) or not history  # clicked items are not recommended again
+        out = http.post(
+            "/v2/models/recommend/infer",
+            json={"inputs": [{"name": "user_id", "shape": [2], "datatype": "INT64", "data": [user, 10**9]}]},
+        )
+        assert out.status_code == 200 and out.json()["outputs"][0]["shape"][0] == 2
+        assert "recsys_cold_start_answers_total" in http.get("/metrics").text
+
+
+def test_served_ranking_scores_equal_offline_scores(server, pipeline):
+    """The skew test: features passed as serving gets them (JSON, per user and per item) give the score
+    the offline model gives on the point-in-time training row, for every ranker, to 1e-5."""
+    import torch
+
+    from models import load_model
+
+    rows = pipeline["test"].sample(25, random_state=0)
+    train = pipeline["train"]
+    user_cols = [
+        "gender",
+        "age_bucket",
+        "occupation",
+        "zip_prefix",
+        "hist_item_ids",
+        "hist_categories",
+        "hist_length",
+    ] + [c for c in train.columns if c.startswith("user_") and c != "user_id"]
+    item_cols = ["category", "brand", "price"] + [
+        c for c in train.columns if c.startswith("item_") and c != "item_id"
+    ]
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for ranker in RANKERS:
+            model, encoder = load_model(pipeline["bundle"] / "models" / ranker)
+            with torch.inference_mode():
+                offline = model.predict(encoder.encode(rows.reset_index(drop=True))).numpy()
+            instances = [
+                {
+                    "user_id": int(r.user_id),
+                    "item_ids": [int(r.item_id)],
+                    "ranker": ranker,
+                    "user_features": {c: _json(getattr(r, c)) for c in user_cols},
+                    "item_features": [{c: _json(getattr(r, c)) for c in item_cols}],
+                }
+                for r in rows.itertuples()
+            ]
+            served = []
+            for start in range(0, len(instances), 8):
+                out = http.post(
+                    "/v1/models/ranking:predict", json={"instances": instances[start : start + 8]}
+                )
+                assert out.status_code == 200, out.text
+                served += [p["scores"][0] for p in out.json()["predictions"]]
+            np.testing.assert_allclose(served, offline, rtol=0, atol=1e-5, err_msg=ranker)
+            assert np.std(offline) > 0  # the rows differ, so equal scores are not a constant
+
+
+def test_recommend_degrades_when_online_store_unreachable(pipeline, tmp_path):
+    """A store whose database cannot be opened: start-up and requests succeed on defaults, the failure
+    is counted in Prometheus and flagged in the answer."""
+    down = tmp_path / "feast"
+    down.mkdir()
+    shutil_copy = (pipeline["store_yaml"].parent / "registry.db").read_bytes()
+    (down / "registry.db").write_bytes(shutil_copy)
+    store_yaml = _store_yaml(down / "feature_store.yaml", tmp_path / "no_such_dir" / "online.db")
+    raw = yaml.safe_load(pipeline["params_file"].read_text())
+    raw["feast"]["config_file"] = str(store_yaml)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    user = int(pipeline["train"]["user_id"].iloc[-1])
+    port = free_port()
+    process = start_server(pipeline["bundle"], params_file, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            out = http.post("/v1/models/recommend:predict", json={"instances": [{"user_id": user}]})
+            assert out.status_code == 200, out.text
+            rec = out.json()["predictions"][0]
+            assert rec["degraded"] and len(rec["item_ids"]) == 20
+            metrics = http.get("/metrics").text
+            counts = [
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith('recsys_online_store_failures_total{entity="user"}')
+            ]
+            assert counts and counts[0] >= 1
+    finally:
+        stop_server(process)
+
+
+def _json(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating | float):
+        assert math.isfinite(value)
+        return float(value)
+    return value
