@@ -1,0 +1,329 @@
+"""Deploy step: create or update the KServe InferenceService that serves a bundle, and wait for Ready.
+
+The InferenceService is built with the KServe SDK's models (:func:`build_inference_service`), so the
+pipeline's deploy task, ``--dry-run`` and the committed kustomize base (``manifests/base``) all come from
+the same function and cannot drift apart. The predictor is a custom container (``kserve-container``,
+the serving image running ``python -m serving``); the bundle travels as ``STORAGE_URI``, which KServe's
+storage initializer downloads into ``/mnt/models`` before the server starts.
+
+Live mode talks to the cluster through ``KServeClient``: replace when the InferenceService exists (the
+rendered object is the whole desired state, so fields dropped from it disappear), create otherwise, then
+wait for the new generation to be Ready and return its URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client as k8s
+
+from components.artifact_io import write_text
+from components.config import ConfigError, DeployConfig, load_params
+
+log = logging.getLogger(__name__)
+
+SERVING_CONTAINER = "kserve-container"  # the name KServe expects for a custom predictor container
+MODEL_DIR = "/mnt/models"  # where the storage initializer puts the content of STORAGE_URI
+FEAST_CONFIG_DIR = "/etc/feast"  # the production feature_store.yaml, mounted from a ConfigMap
+FEAST_YAML_ENV = "FEAST_FS_YAML_FILE_PATH"  # Feast's own name for "the feature_store.yaml to use"
+DEFAULT_OUTPUT = Path("artifacts/deploy/inferenceservice.yaml")
+API_VERSION = "serving.kserve.io/v1beta1"
+RENDERED_HEADER = (
+    "# Rendered by components/deploy.py from params.yaml (deploy section); do not edit by hand.\n"
+    "# Regenerate: python -m components.deploy --dry-run --output <this file>\n"
+)
+_REMOTE_SCHEMES = ("s3", "gs", "pvc", "https", "http", "hf", "oci", "hdfs", "webhdfs")
+
+
+class DeployError(RuntimeError):
+    """The InferenceService could not be rendered, applied or made Ready; the message says which."""
+
+
+def run(
+    deploy: DeployConfig,
+    image_tag: str,
+    storage_uri: str | None = None,
+    manifest_path: str | Path | None = None,
+    dry_run: bool = False,
+    kserve_client: Any = None,
+) -> str | None:
+    """Render the InferenceService for ``storage_uri`` (default ``deploy.storage_uri``) and apply it.
+
+    The rendered YAML is written to ``manifest_path`` when given (in live mode too: a record of exactly
+    what was applied). Returns the service URL, or None in dry-run mode, which never touches a cluster.
+    """
+    uri = resolve_storage_uri(storage_uri or deploy.storage_uri, allow_local=dry_run)
+    isvc = build_inference_service(deploy, f"{deploy.image_repo}:{image_tag}", uri)
+    if manifest_path is not None:
+        write_text(RENDERED_HEADER + render_yaml(isvc), manifest_path)
+        log.info("deploy: rendered %s/%s to %s", deploy.namespace, deploy.isvc_name, manifest_path)
+    if dry_run:
+        return None
+    return apply_inference_service(isvc, deploy.timeout_s, kserve_client)
+
+
+def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) -> Any:
+    """The ``V1beta1InferenceService`` serving ``storage_uri`` with ``image`` (KServe SDK model)."""
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+
+    port = deploy.http_port
+    container = k8s.V1Container(
+        name=SERVING_CONTAINER,
+        image=image,
+        args=["--model_dir", MODEL_DIR, "--http_port", str(port)],
+        ports=[k8s.V1ContainerPort(name="http1", container_port=port, protocol="TCP")],
+        env=[
+            k8s.V1EnvVar(name="STORAGE_URI", value=storage_uri),
+            k8s.V1EnvVar(name=FEAST_YAML_ENV, value=f"{FEAST_CONFIG_DIR}/feature_store.yaml"),
+            k8s.V1EnvVar(name="FEAST_USAGE", value="False"),
+            # the root filesystem is read-only: libraries that write under $HOME get the tmp volume
+            k8s.V1EnvVar(name="HOME", value="/tmp"),
+        ],
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=deploy.feast_secret))],
+        resources=k8s.V1ResourceRequirements(
+            requests=deploy.resources.requests(), limits=deploy.resources.limits()
+        ),
+        readiness_probe=_http_probe("/v2/health/ready", port, period_s=5, initial_delay_s=5),
+        liveness_probe=_http_probe("/v2/health/live", port, period_s=15, initial_delay_s=30),
+        security_context=k8s.V1SecurityContext(
+            run_as_non_root=True,
+            run_as_user=deploy.run_as_user,
+            run_as_group=deploy.run_as_user,
+            allow_privilege_escalation=False,
+            read_only_root_filesystem=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        volume_mounts=[
+            k8s.V1VolumeMount(name="feast-config", mount_path=FEAST_CONFIG_DIR, read_only=True),
+            k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+        ],
+    )
+    predictor = V1beta1PredictorSpec(
+        containers=[container],
+        service_account_name=deploy.service_account,
+        min_replicas=deploy.min_replicas,
+        max_replicas=deploy.max_replicas,
+        scale_metric=deploy.scale_metric,
+        scale_target=deploy.scale_target,
+        volumes=[
+            k8s.V1Volume(
+                name="feast-config", config_map=k8s.V1ConfigMapVolumeSource(name=deploy.feast_config_map)
+            ),
+            k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi")),
+        ],
+    )
+    return V1beta1InferenceService(
+        api_version=API_VERSION,
+        kind="InferenceService",
+        metadata=k8s.V1ObjectMeta(
+            name=deploy.isvc_name,
+            namespace=deploy.namespace,
+            labels={
+                "app.kubernetes.io/name": deploy.isvc_name,
+                "app.kubernetes.io/component": "serving",
+                "app.kubernetes.io/part-of": "recsys-kfp",
+            },
+            annotations={"serving.kserve.io/enable-prometheus-scraping": "true"},
+        ),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor),
+    )
+
+
+def resolve_storage_uri(uri: str, allow_local: bool = False) -> str:
+    """A URI KServe's storage initializer can fetch: KFP's ``minio://`` artifact URIs become ``s3://``.
+
+    A local path (what ``kfp.local`` and DVC produce) is accepted only for a dry run, as ``file://``: no
+    cluster can read it, so a live deploy of it fails here instead of in a crash-looping pod.
+    """
+    uri = uri.strip()
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "minio":
+        return "s3://" + uri.split("://", 1)[1]
+    if scheme in _REMOTE_SCHEMES:
+        return uri
+    if allow_local and (scheme == "file" or (not scheme and uri)):
+        local = uri.split("://", 1)[1] if scheme else uri
+        log.warning("deploy: %s is a local path; a cluster cannot fetch it (dry run only)", local)
+        return Path(local).resolve().as_uri()
+    raise DeployError(
+        f"storage URI {uri!r}: KServe cannot fetch it; use one of "
+        f"{', '.join(s + '://' for s in _REMOTE_SCHEMES)} (KFP's minio:// is mapped to s3://)"
+    )
+
+
+def apply_inference_service(isvc: Any, timeout_s: float, kserve_client: Any = None) -> str:
+    """Create or replace ``isvc`` in its namespace, wait until that generation is Ready, return its URL."""
+    if kserve_client is None:
+        from kserve import KServeClient
+
+        kserve_client = KServeClient()
+    name, namespace = isvc.metadata.name, isvc.metadata.namespace
+    try:
+        if _exists(kserve_client, name, namespace):
+            applied = kserve_client.replace(name, isvc, namespace=namespace)
+            action = "replaced"
+        else:
+            applied = kserve_client.create(isvc, namespace=namespace)
+            action = "created"
+    except RuntimeError as exc:  # the SDK wraps the API error (RBAC, admission webhook) in RuntimeError
+        raise DeployError(f"InferenceService {namespace}/{name}: apply failed: {exc}") from exc
+    generation = applied.get("metadata", {}).get("generation")
+    log.info("deploy: %s InferenceService %s/%s (generation %s)", action, namespace, name, generation)
+    try:
+        kserve_client.wait_isvc_ready(
+            name,
+            namespace=namespace,
+            timeout_seconds=timeout_s,
+            polling_interval=min(10.0, max(1.0, timeout_s / 10)),
+            expected_generation=generation,
+        )
+    except RuntimeError as exc:
+        raise DeployError(
+            f"InferenceService {namespace}/{name} was {action} but is not Ready after {timeout_s:.0f}s "
+            f"(deploy.timeout_s); inspect it with `kubectl -n {namespace} describe isvc {name}`"
+        ) from exc
+    url = kserve_client.get(name, namespace=namespace).get("status", {}).get("url")
+    if not url:
+        raise DeployError(f"InferenceService {namespace}/{name} is Ready but reports no status.url")
+    log.info("deploy: %s/%s is Ready at %s", namespace, name, url)
+    return url
+
+
+def render_yaml(isvc: Any) -> str:
+    return yaml.safe_dump(inference_service_to_dict(isvc), sort_keys=False)
+
+
+def inference_service_to_dict(isvc: Any) -> dict[str, Any]:
+    """The manifest form (camelCase keys, no nulls), as the Kubernetes API and kubectl see it."""
+    return k8s.ApiClient().sanitize_for_serialization(isvc)
+
+
+def inference_service_from_dict(manifest: Mapping[str, Any]) -> Any:
+    """Parse a manifest into ``V1beta1InferenceService``, strictly.
+
+    The SDK's own deserializer silently drops keys it does not know, so a misspelled field would vanish
+    without a word; here every key must be a field of its model (KServe's or Kubernetes'), every scalar
+    must have its declared type, and required fields are enforced by the models' constructors.
+    """
+    if manifest.get("kind") != "InferenceService":
+        raise DeployError(f"expected kind InferenceService, got {manifest.get('kind')!r}")
+    return model_from_manifest(manifest, "V1beta1InferenceService")
+
+
+def model_from_manifest(manifest: Mapping[str, Any], model: str) -> Any:
+    """Any KServe or Kubernetes SDK model (``V1Role``, ...) from its manifest, with the same strictness."""
+    return _to_model(manifest, model, str(manifest.get("kind", model)))
+
+
+def _http_probe(path: str, port: int, period_s: int, initial_delay_s: int) -> Any:
+    return k8s.V1Probe(
+        http_get=k8s.V1HTTPGetAction(path=path, port=port),
+        initial_delay_seconds=initial_delay_s,
+        period_seconds=period_s,
+        timeout_seconds=5,
+        failure_threshold=3,
+    )
+
+
+def _exists(kserve_client: Any, name: str, namespace: str) -> bool:
+    """Whether the InferenceService exists; any error but 404 (RBAC, connectivity) is raised as is."""
+    from kserve.constants import constants
+
+    try:
+        kserve_client.api_instance.get_namespaced_custom_object(
+            constants.KSERVE_GROUP,
+            constants.KSERVE_V1BETA1_VERSION,
+            namespace,
+            constants.KSERVE_PLURAL_INFERENCESERVICE,
+            name,
+        )
+    except k8s.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise DeployError(
+            f"{namespace}/{name}: InferenceService lookup failed: {exc.status} {exc.reason}"
+        ) from exc
+    return True
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+
+
+def _to_model(value: Any, type_name: str, where: str) -> Any:
+    if value is None:
+        return None
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            raise DeployError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_to_model(item, type_name[5:-1], f"{where}[{i}]") for i, item in enumerate(value)]
+    if type_name.startswith("dict("):
+        if not isinstance(value, dict):
+            raise DeployError(f"{where}: expected a mapping, got {type(value).__name__}")
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        return {key: _to_model(item, inner, f"{where}.{key}") for key, item in value.items()}
+    if type_name in _SCALARS:
+        allowed = _SCALARS[type_name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise DeployError(f"{where}: expected {type_name}, got {type(value).__name__} {value!r}")
+        return value
+    if type_name in ("object", "datetime", "date"):
+        return value
+    return _to_model_object(value, type_name, where)
+
+
+def _to_model_object(value: Any, type_name: str, where: str) -> Any:
+    import kserve.models
+
+    cls = getattr(kserve.models, type_name, None) or getattr(k8s, type_name, None)
+    if cls is None:
+        raise DeployError(f"{where}: no SDK model named {type_name}")
+    if not isinstance(value, dict):
+        raise DeployError(f"{where}: expected a {type_name} mapping, got {type(value).__name__}")
+    by_key = {key: attr for attr, key in cls.attribute_map.items()}
+    unknown = sorted(set(value) - set(by_key))
+    if unknown:
+        raise DeployError(f"{where}: unknown field(s) {unknown} for {type_name}")
+    kwargs = {
+        by_key[key]: _to_model(item, cls.openapi_types[by_key[key]], f"{where}.{key}")
+        for key, item in value.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # the models' required-field checks
+        raise DeployError(f"{where}: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.deploy", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--dry-run", action="store_true", help="render the YAML only; no cluster needed")
+    parser.add_argument("--output", default=None, help=f"where to write the YAML (dry run: {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--storage-uri", default=None, help="the bundle to serve (default: deploy.storage_uri)"
+    )
+    parser.add_argument("--image-tag", default=None, help="serving image tag (default: pipeline.image_tag)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # an --image-tag goes through the config so it is validated like the one in params.yaml
+    overrides = {"pipeline.image_tag": args.image_tag} if args.image_tag else None
+    output = args.output or (DEFAULT_OUTPUT if args.dry_run else None)
+    try:
+        params = load_params(args.params, overrides)
+        url = run(params.deploy, params.pipeline.image_tag, args.storage_uri, output, dry_run=args.dry_run)
+    except (ConfigError, DeployError) as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 1
+    if url:
+        print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

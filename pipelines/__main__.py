@@ -1,0 +1,117 @@
+"""``python -m pipelines compile|upload|schedule|run-local``: the Kubeflow side of the project.
+
+- ``compile``: the KFP v2 pipeline YAML (committed as pipelines/recsys_training.yaml; a test fails when
+  it is stale).
+- ``upload --host URL [--version NAME]``: a new pipeline, or a new version of it.
+- ``schedule --host URL --cron "0 0 3 * * *" [--experiment NAME]``: a recurring run (KFP's cron has 6
+  fields, seconds first; it is validated before the server is called).
+- ``run-local [--preset tiny]``: the whole DAG through KFP's local runner, no cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from components.config import ConfigError, load_params
+
+DEFAULT_PACKAGE = Path("pipelines/recsys_training.yaml")
+
+
+def main(argv: list[str] | None = None, kfp_client: object | None = None) -> int:
+    """CLI entry point; ``kfp_client`` replaces the ``kfp.Client`` that upload/schedule would connect."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipelines.kubeflow import KubeflowError
+
+    try:
+        params = load_params(args.params)
+        return args.handler(args, params, kfp_client)
+    except (ConfigError, KubeflowError) as exc:
+        print(f"pipelines {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _compile(args: argparse.Namespace, params, _client) -> int:
+    from pipelines.recsys_training import compile_pipeline
+
+    path = compile_pipeline(Path(args.params), Path(args.output))
+    print(path)
+    return 0
+
+
+def _upload(args: argparse.Namespace, params, client) -> int:
+    from pipelines import kubeflow
+
+    namespace = params.pipeline.namespace if args.namespace is None else args.namespace
+    client = client or kubeflow.connect(args.host, namespace)
+    uploaded = kubeflow.upload(client, args.package, params.pipeline, args.version, namespace)
+    print(f"pipeline {uploaded.pipeline_id} version {uploaded.version_name} ({uploaded.version_id})")
+    return 0
+
+
+def _schedule(args: argparse.Namespace, params, client) -> int:
+    from pipelines import kubeflow
+
+    cron = kubeflow.checked_cron(args.cron or params.pipeline.cron)  # before connecting to anything
+    namespace = params.pipeline.namespace if args.namespace is None else args.namespace
+    client = client or kubeflow.connect(args.host, namespace)
+    run = kubeflow.schedule(client, params.pipeline, cron, args.experiment, args.version, namespace)
+    print(f"recurring run {getattr(run, 'recurring_run_id', run)} on '{cron}'")
+    return 0
+
+
+def _run_local(args: argparse.Namespace, params, _client) -> int:
+    from pipelines.local_run import LocalRunError, run_local
+
+    try:
+        bundle = run_local(Path(args.params), preset=args.preset, pipeline_root=Path(args.pipeline_root))
+    except LocalRunError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(bundle)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_cmd = commands.add_parser("compile", help="write the compiled pipeline YAML")
+    compile_cmd.add_argument("--output", default=str(DEFAULT_PACKAGE))
+    compile_cmd.set_defaults(handler=_compile)
+
+    def server(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument(
+            "--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline"
+        )
+        cmd.add_argument(
+            "--namespace", default=None, help="Kubeflow profile namespace (default: pipeline.namespace)"
+        )
+        cmd.add_argument("--version", default=None, help="pipeline version name")
+        return cmd
+
+    upload_cmd = server("upload", "upload the compiled pipeline (new pipeline or new version)")
+    upload_cmd.add_argument("--package", default=str(DEFAULT_PACKAGE), help="the compiled pipeline YAML")
+    upload_cmd.set_defaults(handler=_upload)
+
+    schedule_cmd = server("schedule", "create a recurring run of the uploaded pipeline")
+    schedule_cmd.add_argument("--cron", default=None, help="6 fields, seconds first (default: pipeline.cron)")
+    schedule_cmd.add_argument("--experiment", default=None, help="default: pipeline.experiment")
+    schedule_cmd.set_defaults(handler=_schedule)
+
+    local_cmd = commands.add_parser("run-local", help="run the whole DAG with kfp.local (no cluster)")
+    local_cmd.add_argument(
+        "--preset", default=None, choices=["tiny", "default", "large"], help="synthetic size"
+    )
+    local_cmd.add_argument("--pipeline-root", default="artifacts/kfp-local", help="where task outputs go")
+    local_cmd.set_defaults(handler=_run_local)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

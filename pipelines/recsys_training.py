@@ -1,0 +1,152 @@
+"""The ``recsys-training`` Kubeflow pipeline: one DAG from raw data to a gated KServe deployment.
+
+```
+configure -> ingest -> features -> validate(raw) -> training sets -> validate(training sets)
+  -> train two_tower | multi_tower | multi_tower_din | dlrm   (in parallel, GPU)
+  -> evaluate -> export -> build index -> bundle -> gate -> [gate passed] deploy
+```
+
+The pipeline is built from params.yaml at compile time: the components' ``base_image`` is the pinned
+pipeline image, resources and the accelerator come from the ``pipeline`` section, and the validated
+params.yaml content becomes the default of the ``params_yaml`` parameter. At run time the image tag, GPU
+type, data source and deploy namespace are parameters too, so a run can change them without a recompile.
+
+The ``params_yaml`` default is written as one line of JSON (valid YAML): KFP copies every default into
+the comment header of the compiled file, and a multi-line default would break that header's YAML.
+"""
+
+# no `from __future__ import annotations`: KFP reads the pipeline's parameter annotations as objects
+import json
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl
+
+from components.config import Params, Resources, params_from_yaml_text
+from models.config import MODEL_KINDS
+from pipelines import steps
+
+COMPILED_HEADER = (
+    "# Compiled by `python -m pipelines compile` from pipelines/ and params.yaml; do not edit by hand.\n"
+    "# A test fails when this file is stale: recompile after changing either.\n"
+)
+
+
+def compile_pipeline(params_path: Path, output: Path) -> Path:
+    """Compile the pipeline for ``params_path`` to ``output`` (KFP IR YAML) and return the path."""
+    pipeline = build_pipeline(params_from_yaml_text(params_path.read_text(), source=str(params_path)))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, str(output))
+    output.write_text(COMPILED_HEADER + output.read_text())
+    return output
+
+
+def build_pipeline(params: Params) -> Any:
+    """The ``@dsl.pipeline`` for ``params``, which also become the ``params_yaml`` default."""
+    cfg = params.pipeline
+    params_text = params_as_text(params)
+
+    def component(func: Any) -> Any:
+        return dsl.component(func, base_image=cfg.image, install_kfp_package=False)
+
+    configure_op = component(steps.configure)
+    ingest_op = component(steps.ingest)
+    features_op = component(steps.features)
+    validate_op = component(steps.validate)
+    training_set_op = component(steps.training_set)
+    train_op = component(steps.train)
+    evaluate_op = component(steps.evaluate)
+    export_op = component(steps.export)
+    build_index_op = component(steps.build_index)
+    bundle_op = component(steps.bundle)
+    gate_op = component(steps.gate)
+    deploy_op = component(steps.deploy)
+
+    @dsl.pipeline(
+        name=cfg.name,
+        description="Two-stage recommender: features, Feast training sets, two-tower retrieval + three "
+        "rankers, FAISS index, gated KServe deployment.",
+    )
+    def recsys_training(
+        params_yaml: str = params_text,
+        data_source: str = params.data.source,
+        image_tag: str = cfg.image_tag,
+        gpu_type: str = cfg.accelerator_type,
+        namespace: str = params.deploy.namespace,
+        deploy_dry_run: bool = False,
+    ) -> dsl.Model:
+        image = f"{cfg.image_repo}:{image_tag}"
+
+        def step(task: Any, name: str, resources: Resources = cfg.step_resources, cache: bool = True) -> Any:
+            task.set_display_name(name).set_container_image(image).set_caching_options(cache)
+            task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
+            task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
+            if cfg.retries:
+                task.set_retry(cfg.retries)
+            return task
+
+        configure = step(
+            configure_op(
+                params_yaml=params_yaml,
+                data_source=data_source,
+                image_tag=image_tag,
+                gpu_type=gpu_type,
+                namespace=namespace,
+            ),
+            "configure",
+        )
+        config = configure.output
+        raw = step(ingest_op(params_yaml=config), "ingest").outputs["raw"]
+        feature_tables = step(features_op(params_yaml=config, raw=raw), "features").outputs["features"]
+        validate_raw = step(validate_op(params_yaml=config, target="raw", data=raw), "validate-raw")
+        training = step(
+            training_set_op(params_yaml=config, features=feature_tables, raw=raw), "training-set"
+        ).after(validate_raw)
+        training_sets = training.outputs["training_sets"]
+        validate_training = step(
+            validate_op(params_yaml=config, target="training", data=training_sets), "validate-training-set"
+        )
+
+        models = {}
+        for kind in MODEL_KINDS:  # in parallel, each on its own accelerator
+            task = step(
+                train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
+                f"train-{kind.replace('_', '-')}",
+                resources=cfg.train_resources,
+            ).after(validate_training)
+            task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
+            models[kind] = task.outputs["model"]
+
+        evaluate = step(
+            evaluate_op(params_yaml=config, features=feature_tables, training_sets=training_sets, **models),
+            "evaluate",
+        )
+        evaluation = evaluate.outputs["evaluation"]
+        export = step(
+            export_op(
+                params_yaml=config,
+                features=feature_tables,
+                training_sets=training_sets,
+                two_tower=models["two_tower"],
+            ),
+            "export",
+        ).after(evaluate)
+        exported = export.outputs["exported"]
+        index = step(build_index_op(params_yaml=config, exported=exported), "build-index").outputs["index"]
+        bundling = step(
+            bundle_op(params_yaml=config, exported=exported, index=index, evaluation=evaluation, **models),
+            "bundle",
+        )
+        bundle = bundling.outputs["bundle"]
+        # the gate reads the world outside the run (the deployed bundle): never cached
+        gate = step(gate_op(params_yaml=config, evaluation=evaluation), "gate", cache=False).after(bundling)
+        with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712  (KFP condition)
+            step(deploy_op(params_yaml=config, bundle=bundle, dry_run=deploy_dry_run), "deploy", cache=False)
+        return bundle
+
+    return recsys_training
+
+
+def params_as_text(params: Params) -> str:
+    """The configuration as the ``params_yaml`` argument: one line of JSON, which YAML parsers read."""
+    return json.dumps(params.model_dump(mode="json"))

@@ -1,0 +1,291 @@
+"""The pipeline's components: one thin wrapper per step, calling the step's ``run(...)``.
+
+Each function becomes a KFP lightweight component (``pipelines/recsys_training.py`` decorates it with the
+project image as ``base_image``). KFP ships only the function's source to the container, so everything
+it needs is imported inside it, from the project installed in the image. A wrapper parses the run's
+configuration (the params.yaml text the ``configure`` task validated), hands the step its typed section
+and the artifact paths, and publishes metrics/reports as typed artifacts; no step logic lives here.
+
+No ``from __future__ import annotations`` in this module: KFP reads the artifact annotations
+(``Input[Dataset]``, ``Output[Model]``, ...) at decoration time and needs them as objects.
+"""
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def configure(params_yaml: str, data_source: str, image_tag: str, gpu_type: str, namespace: str) -> str:
+    """Validate the run's configuration once, before any work: params.yaml text + the run's overrides.
+
+    Returns the effective configuration as YAML; every other task reads that, so the whole run agrees.
+    """
+    import yaml
+
+    from components.config import params_from_yaml_text, parse_params
+
+    effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
+    effective["data"]["source"] = data_source
+    effective["pipeline"]["image_tag"] = image_tag
+    effective["pipeline"]["accelerator_type"] = gpu_type
+    effective["deploy"]["namespace"] = namespace
+    params = parse_params(effective, source="params_yaml with the run's parameters")
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+def ingest(params_yaml: str, raw: Output[Dataset]) -> None:
+    """Raw users/items/events tables from the configured source (components/ingest.py)."""
+    from components import ingest as step
+    from components.config import params_from_yaml_text
+
+    params = params_from_yaml_text(params_yaml)
+    step.run(params.data, params.seed, raw.path)
+
+
+def features(params_yaml: str, raw: Input[Dataset], features: Output[Dataset]) -> None:
+    """Point-in-time feature tables for the Feast file sources (components/features.py)."""
+    from components import features as step
+    from components.config import params_from_yaml_text
+
+    params = params_from_yaml_text(params_yaml)
+    step.run(params.features, raw.path, features.path)
+
+
+def validate(
+    params_yaml: str,
+    target: str,
+    data: Input[Dataset],
+    data_docs: Output[HTML],
+    data_docs_site: Output[Artifact],
+    summary: Output[Metrics],
+) -> None:
+    """great-expectations gate on the raw tables or the training sets (components/validate.py).
+
+    A failed expectation fails the task (the log names expectation, column and bad values), so nothing
+    downstream runs. ``data_docs`` is the Data Docs overview page the KFP UI shows; the whole site, with
+    a page per validated table, is ``data_docs_site``.
+    """
+    import shutil
+
+    from components import validate as step
+    from components.config import params_from_yaml_text
+    from pipelines.metrics_artifact import publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    result = step.run(
+        params.validation, target, data.path, report_dir=data_docs_site.path, summary_file=summary.path
+    )
+    shutil.copyfile(result["data_docs"], data_docs.path)
+    publish_metrics(summary.path, summary)
+
+
+def training_set(
+    params_yaml: str,
+    features: Input[Dataset],
+    raw: Input[Dataset],
+    training_sets: Output[Dataset],
+    report: Output[Markdown],
+    stats: Output[Metrics],
+) -> None:
+    """Point-in-time training sets from Feast, then the online store backfill (components/training_set.py).
+
+    In the cluster Feast uses the production feature_store.yaml from $FEAST_FS_YAML_FILE_PATH.
+    """
+    from components import training_set as step
+    from components.config import params_from_yaml_text
+    from pipelines.metrics_artifact import publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    step.run(
+        params.training_set,
+        features.path,
+        raw.path,
+        training_sets.path,
+        feast=params.feast,
+        features=params.features,
+        metrics_file=stats.path,
+        report_file=report.path,
+    )
+    publish_metrics(stats.path, stats)
+
+
+def train(
+    params_yaml: str,
+    model_name: str,
+    training_sets: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    curves: Output[HTML],
+) -> None:
+    """Train one of the four models on the training sets (components/train.py); CUDA when present."""
+    import tempfile
+    from pathlib import Path
+
+    from components import train as step
+    from components.config import params_from_yaml_text
+    from pipelines.metrics_artifact import png_page, publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    with tempfile.TemporaryDirectory() as scratch:
+        plot = Path(scratch) / f"{model_name}.png"
+        step.run(
+            model_name, params, training_sets.path, model.path, metrics_file=metrics.path, plot_file=plot
+        )
+        png_page(plot, curves.path, title=f"{model_name}: loss and validation metric per epoch")
+    publish_metrics(metrics.path, metrics)
+
+
+def evaluate(
+    params_yaml: str,
+    features: Input[Dataset],
+    training_sets: Input[Dataset],
+    two_tower: Input[Model],
+    multi_tower: Input[Model],
+    multi_tower_din: Input[Model],
+    dlrm: Input[Model],
+    evaluation: Output[Metrics],
+) -> None:
+    """Every model on the test window next to its baseline (components/evaluate.py).
+
+    The step reads ``<models_dir>/<model>/``; here each model is its own artifact, so the directory is
+    a scratch folder of links to them.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from components import evaluate as step
+    from components.config import params_from_yaml_text
+    from pipelines.metrics_artifact import publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    models = {
+        "two_tower": two_tower,
+        "multi_tower": multi_tower,
+        "multi_tower_din": multi_tower_din,
+        "dlrm": dlrm,
+    }
+    with tempfile.TemporaryDirectory() as models_dir:
+        for kind, model in models.items():
+            (Path(models_dir) / kind).symlink_to(Path(model.path).resolve(), target_is_directory=True)
+        step.run(params, training_sets.path, models_dir, features.path, evaluation.path)
+    publish_metrics(evaluation.path, evaluation)
+
+
+def export(
+    params_yaml: str,
+    features: Input[Dataset],
+    training_sets: Input[Dataset],
+    two_tower: Input[Model],
+    exported: Output[Model],
+) -> None:
+    """Item embeddings of the catalogue, validation query vectors, popular items (components/export.py).
+
+    The step reads the item features from ``features.features_dir``: here that is the features artifact.
+    """
+    from pathlib import Path
+
+    from components import export as step
+    from components.config import params_from_yaml_text
+
+    params = params_from_yaml_text(params_yaml)
+    params.features.features_dir = Path(features.path)
+    popular = Path(exported.path) / "popular_items.json"
+    step.run(params, training_sets.path, two_tower.path, exported.path, popular_file=popular)
+
+
+def build_index(
+    params_yaml: str, exported: Input[Model], index: Output[Model], metrics: Output[Metrics]
+) -> None:
+    """FAISS inner-product index over the item embeddings, search tuned (components/build_index.py)."""
+    from pathlib import Path
+
+    from components import build_index as step
+    from components.config import params_from_yaml_text
+    from pipelines.artifact_paths import rebase
+    from pipelines.metrics_artifact import publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    cfg = params.index
+    # the embeddings' configured directory is export's artifact here; the index's is this task's
+    moves = {Path(path).parent: exported.path for path in (cfg.item_embeddings, cfg.query_embeddings)}
+    moves[Path(cfg.output).parent] = index.path
+    step.run(
+        cfg,
+        params.seed,
+        item_embeddings=rebase(cfg.item_embeddings, moves),
+        query_embeddings=rebase(cfg.query_embeddings, moves),
+        output=rebase(cfg.output, moves),
+        metrics_file=metrics.path,
+    )
+    publish_metrics(metrics.path, metrics)
+
+
+def bundle(
+    params_yaml: str,
+    exported: Input[Model],
+    index: Input[Model],
+    two_tower: Input[Model],
+    multi_tower: Input[Model],
+    multi_tower_din: Input[Model],
+    dlrm: Input[Model],
+    evaluation: Input[Metrics],
+    bundle: Output[Model],
+) -> None:
+    """The versioned, checksummed bundle serving loads as a unit (components/bundle.py).
+
+    ``bundle.files`` names its members by their local (DVC) paths; each output directory of that layout
+    is an artifact here, so the paths are moved onto the artifacts before the step copies them.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from components import bundle as step
+    from components.config import params_from_yaml_text
+    from pipelines.artifact_paths import rebase_all
+
+    params = params_from_yaml_text(params_yaml)
+    models = {
+        "two_tower": two_tower,
+        "multi_tower": multi_tower,
+        "multi_tower_din": multi_tower_din,
+        "dlrm": dlrm,
+    }
+    moves = {
+        Path(params.index.item_embeddings).parent: exported.path,  # export's embeddings
+        "artifacts/export": exported.path,  # export's popular items (the export CLI's directory)
+        Path(params.index.output).parent: index.path,
+        **{f"artifacts/models/{kind}": model.path for kind, model in models.items()},  # the train CLI's
+    }
+    params.bundle.files = rebase_all(params.bundle.files, moves)
+    params.bundle.metrics_file = Path(evaluation.path)
+    with tempfile.TemporaryDirectory() as scratch:
+        params_file = Path(scratch) / "params.yaml"
+        params_file.write_text(params_yaml)
+        step.run(params.bundle, params_file, out_dir=bundle.path)
+
+
+def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:
+    """Pass only if no chosen metric is worse than the deployed bundle's (components/gate.py).
+
+    Returns the decision; the pipeline deploys under ``dsl.If`` on it.
+    """
+    from components import gate as step
+    from components.config import params_from_yaml_text
+    from pipelines.metrics_artifact import publish_metrics
+
+    params = params_from_yaml_text(params_yaml)
+    result = step.run(params.gate, metrics_file=evaluation.path, output=decision.path)
+    publish_metrics(decision.path, decision)
+    decision.log_metric("passed", float(result["passed"]))
+    return bool(result["passed"])
+
+
+def deploy(params_yaml: str, bundle: Input[Model], dry_run: bool, manifest: Output[Artifact]) -> str:
+    """Create or replace the InferenceService serving ``bundle``; returns its URL (components/deploy.py).
+
+    ``dry_run`` renders the InferenceService without a cluster (``run-local`` uses it).
+    """
+    from components import deploy as step
+    from components.config import params_from_yaml_text
+
+    params = params_from_yaml_text(params_yaml)
+    url = step.run(params.deploy, params.pipeline.image_tag, bundle.uri, manifest.path, dry_run=dry_run)
+    return url or ""

