@@ -1,5 +1,6 @@
-"""End to end on the real steps (tiny preset): ingest -> features -> Feast training sets + online store ->
-bundle -> ``python -m serving`` on 127.0.0.1; every model over V1 and V2 with online features, the
+"""End to end on the real steps (the tiny-preset ``tiny_pipeline`` fixture: trained models, bundle and
+its Feast online store) -> ``python -m serving`` on 127.0.0.1; every model over V1 and V2 with online
+features, the
 train/serve skew check, and recommend degrading when the online store is unreachable."""
 
 from __future__ import annotations
@@ -14,13 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.serving_latency import (
-    build_serving_bundle,
-    free_port,
-    item_catalogue,
-    start_server,
-    stop_server,
-)
+from benchmarks.serving_latency import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,46 +39,23 @@ def _store_yaml(path: Path, online_db: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory):
-    from components import training_set
-
+def pipeline(tiny_pipeline, tmp_path_factory):
+    """The bundle, Feast repo and training sets of the real tiny-preset DAG (tests/conftest.py)."""
     root = tmp_path_factory.mktemp("serving_e2e")
-    (root / "feast").mkdir()
-    store_yaml = _store_yaml(root / "feast" / "feature_store.yaml", root / "feast" / "online_store.db")
-    params = tiny_params.model_copy(deep=True)
-    params.feast.config_file = store_yaml
-    training_set.run(
-        params.training_set,
-        tiny_features_dir,
-        tiny_raw_dir,
-        root / "training",
-        feast=params.feast,
-        features=params.features,
-        metrics_file=root / "m.json",
-        report_file=root / "r.md",
-    )
-    train = pd.read_parquet(root / "training" / "ranking_train.parquet")
-    item_cols = ["item_id", "category", "brand", "price"] + [
-        c for c in train.columns if c.startswith("item_") and c != "item_id"
-    ]
-    items = pd.read_parquet(tiny_raw_dir / "items.parquet")[["item_id"]]
-    catalogue = item_catalogue(train, item_cols)
-    unseen = items[~items["item_id"].isin(catalogue["item_id"])]
-    defaults = {c: ("" if catalogue[c].dtype == object else 0) for c in item_cols if c != "item_id"}
-    catalogue = pd.concat([catalogue, unseen.assign(**defaults)], ignore_index=True)
-    bundle = build_serving_bundle(train, catalogue, params, root / "bundle", root / "work", train_steps=30)
-    params_file = root / "params.yaml"
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    repo = tiny_pipeline / "feature_repo"
+    raw = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())
     raw["data"]["synthetic"]["preset"] = "tiny"
-    raw["feast"]["config_file"] = str(store_yaml)
+    raw["feast"]["repo_path"] = str(repo)  # the pipeline's own registry and online store
+    params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
+    training = tiny_pipeline / "data" / "training"
     return {
         "root": root,
-        "bundle": bundle,
+        "bundle": tiny_pipeline / "artifacts" / "bundle",
         "params_file": params_file,
-        "train": train,
-        "test": pd.read_parquet(root / "training" / "ranking_test.parquet"),
-        "store_yaml": store_yaml,
+        "train": pd.read_parquet(training / "ranking_train.parquet"),
+        "test": pd.read_parquet(training / "ranking_test.parquet"),
+        "registry": repo / "data" / "registry.db",
     }
 
 
@@ -197,8 +169,7 @@ def test_recommend_degrades_when_online_store_unreachable(pipeline, tmp_path):
     is counted in Prometheus and flagged in the answer."""
     down = tmp_path / "feast"
     down.mkdir()
-    shutil_copy = (pipeline["store_yaml"].parent / "registry.db").read_bytes()
-    (down / "registry.db").write_bytes(shutil_copy)
+    (down / "registry.db").write_bytes(pipeline["registry"].read_bytes())
     store_yaml = _store_yaml(down / "feature_store.yaml", tmp_path / "no_such_dir" / "online.db")
     raw = yaml.safe_load(pipeline["params_file"].read_text())
     raw["feast"]["config_file"] = str(store_yaml)
