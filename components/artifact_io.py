@@ -7,6 +7,7 @@ one filesystem). Multi-file outputs are staged completely before the first renam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,6 +34,15 @@ def staged_path(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, streamed (indexes and weights can be large); bundles and indexes record it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_parquet(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:

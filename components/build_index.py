@@ -11,7 +11,6 @@ travels with the index in a JSON sidecar so serving searches exactly as it was m
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from components.artifact_io import staged_path, write_json
+from components.artifact_io import file_sha256, staged_path, write_json
 from components.config import IndexConfig, load_params
 
 log = logging.getLogger(__name__)
@@ -378,7 +377,7 @@ def write_index(
     path = Path(path)
     with staged_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-        index_sha, index_bytes = _sha256(tmp), tmp.stat().st_size
+        index_sha, index_bytes = file_sha256(tmp), tmp.stat().st_size
     meta = {
         "format": SIDECAR_FORMAT,
         "type": index_type,
@@ -393,7 +392,7 @@ def write_index(
         "index_sha256": index_sha,
         "index_bytes": index_bytes,
         "item_embeddings": None if item_embeddings is None else str(item_embeddings),
-        "item_embeddings_sha256": None if item_embeddings is None else _sha256(Path(item_embeddings)),
+        "item_embeddings_sha256": None if item_embeddings is None else file_sha256(Path(item_embeddings)),
         "faiss_version": faiss.__version__,
     }
     write_json(meta, sidecar_path(path))
@@ -419,7 +418,7 @@ def load_index(
     missing = [key for key in ("metric", "dim", "count", "search_param") if key not in meta]
     if missing:
         raise IndexContractError(f"{sidecar}: missing keys {missing}")
-    if verify_checksum and meta.get("index_sha256") and _sha256(path) != meta["index_sha256"]:
+    if verify_checksum and meta.get("index_sha256") and file_sha256(path) != meta["index_sha256"]:
         raise IndexContractError(
             f"{path}: SHA-256 differs from {sidecar.name}; index and sidecar are not a pair"
         )
@@ -505,14 +504,6 @@ def _unwrap(index: faiss.Index) -> faiss.Index:
     if isinstance(inner, faiss.IndexRefine):
         return faiss.downcast_index(inner.base_index)
     return inner
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import faiss
 import yaml
 from safetensors import SafetensorError, safe_open
 
+from components.artifact_io import file_sha256
 from components.config import BundleConfig, load_params
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
             raise BundleIntegrityError(
                 f"{bundle_dir}: file '{name}' has {size} bytes, manifest says {entry['bytes']} (changed)"
             )
-        if _sha256(member) != entry["sha256"]:
+        if file_sha256(member) != entry["sha256"]:
             raise BundleIntegrityError(
                 f"{bundle_dir}: file '{name}' SHA-256 differs from the manifest (changed)"
             )
@@ -242,14 +243,6 @@ def _copy_and_hash(source: Path, target: Path) -> tuple[str, int]:
         dst.flush()
         os.fsync(dst.fileno())
     return digest.hexdigest(), size
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _git_revision() -> str | None:

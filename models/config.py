@@ -294,21 +294,12 @@ CONFIG_CLASSES: dict[str, type[ModelSection]] = {
 }
 
 
+_SPARSE = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_prefix", "category", "brand")
+
+
 def _default_features() -> FeatureSpec:
     """Every feature of the training-set contract (components/contracts.py), windows 7 and 30 days."""
-    sparse = [
-        SparseFeature(name=n)
-        for n in (
-            "user_id",
-            "item_id",
-            "gender",
-            "age_bucket",
-            "occupation",
-            "zip_prefix",
-            "category",
-            "brand",
-        )
-    ]
+    sparse = [SparseFeature(name=n) for n in _SPARSE]
     sequence = [
         SequenceFeature(name="hist_item_ids", shares="item_id"),
         SequenceFeature(name="hist_categories", shares="category"),
@@ -385,19 +376,7 @@ def _default_dlrm() -> DLRMConfig:
     return DLRMConfig(
         feature_groups=[
             FeatureGroup(name="dense", features=["price", "hist_length", *_USER_STATS, *_ITEM_STATS]),
-            FeatureGroup(
-                name="sparse",
-                features=[
-                    "user_id",
-                    "item_id",
-                    "gender",
-                    "age_bucket",
-                    "occupation",
-                    "zip_prefix",
-                    "category",
-                    "brand",
-                ],
-            ),
+            FeatureGroup(name="sparse", features=list(_SPARSE)),
         ],
         dense_mlp=MLPConfig(hidden_units=[64, 16]),
         final=MLPConfig(hidden_units=[128, 64]),
