@@ -92,29 +92,32 @@ class OnlineFeatures:
 
     def items(self, item_ids: Sequence[int]) -> FeatureRows:
         """Latest features of each item, through the in-memory cache."""
+        entries, degraded = self.item_entries(item_ids)
+        columns = {name: [row[k] for row in entries] for k, name in enumerate(self.item_defaults)}
+        found = np.fromiter((row[-1] for row in entries), dtype=bool, count=len(entries))
+        return FeatureRows(columns, found, degraded=degraded)
+
+    def item_entries(self, item_ids: Sequence[int]) -> tuple[list[tuple[Any, ...]], bool]:
+        """Each item's cache entry ``(*values in item_defaults order, found)`` and whether the store was down.
+
+        Expired entries are re-read first; an entry is replaced, never mutated, so a caller holding
+        something derived from an entry can tell by identity whether it is still current.
+        """
         names = list(self.item_defaults)
         now = time.monotonic()
         missing = [
             i for i in dict.fromkeys(item_ids) if (hit := self._item_cache.get(i)) is None or hit[0] < now
         ]
-        degraded = False
         if missing:
             rows = self._read("item_id", self.item_refs, self.item_defaults, missing, entity="item")
-            degraded = rows.degraded
-            if not degraded:  # never cache defaults caused by an outage
-                expires = now + self.item_cache_ttl_s
-                for j, item_id in enumerate(missing):
-                    self._item_cache[item_id] = (
-                        expires,
-                        (*tuple(rows.columns[n][j] for n in names), bool(rows.found[j])),
-                    )
-        if degraded:
-            defaults = self._read("item_id", [], self.item_defaults, item_ids, entity="item")
-            return FeatureRows(defaults.columns, defaults.found, degraded=True)
-        cached = [self._item_cache[i][1] for i in item_ids]
-        columns = {name: [row[k] for row in cached] for k, name in enumerate(names)}
-        found = np.fromiter((row[-1] for row in cached), dtype=bool, count=len(cached))
-        return FeatureRows(columns, found, degraded=False)
+            if rows.degraded:  # never cache defaults caused by an outage
+                defaults = self._read("item_id", [], self.item_defaults, item_ids, entity="item")
+                return [_entry(defaults, names, j) for j in range(len(item_ids))], True
+            expires = now + self.item_cache_ttl_s
+            for j, item_id in enumerate(missing):
+                self._item_cache[item_id] = (expires, _entry(rows, names, j))
+        cache = self._item_cache
+        return [cache[i][1] for i in item_ids], False
 
     def warm(self, item_ids: Sequence[int]) -> None:
         """Fill the item cache for the whole catalogue (and open the store's connections) before serving."""
@@ -152,6 +155,10 @@ class OnlineFeatures:
             found |= present
             columns[name] = [_as_default_type(v, default) if v is not None else default for v in column]
         return FeatureRows(columns, found, degraded=False)
+
+
+def _entry(rows: FeatureRows, names: list[str], j: int) -> tuple[Any, ...]:
+    return (*tuple(rows.columns[n][j] for n in names), bool(rows.found[j]))
 
 
 def _as_default_type(value: Any, default: Any) -> Any:

@@ -67,6 +67,7 @@ class RecsysModelServer(ModelServer):
     """KServe's ModelServer (REST only by default) listening on ``host`` instead of always 0.0.0.0."""
 
     def __init__(self, host: str, http_port: int, enable_grpc: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_latency_logging", False)  # a log line per request; Prometheus has it
         super().__init__(http_port=http_port, enable_grpc=enable_grpc, workers=1, **kwargs)
         self.host = host
 
