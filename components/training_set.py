@@ -15,7 +15,8 @@ Speed. Feast's file offline store merges each entity row with *every* feature ro
 filtering by time, and dask re-hashes the merged frames at each of its many ``persist`` calls. Two
 measures keep this linear (``benchmarks/training_set_validate.py`` has the numbers):
 
-- the entity frame is cut into time-ordered chunks of ``training_set.chunk_rows`` rows, and each chunk
+- the entity frame is cut into time-ordered chunks of at most ``training_set.chunk_rows`` rows (spanning
+  at most as many rows of any feature table, see ``_chunk_bounds``), and each chunk
   is joined against a copy of the feature tables that holds only the rows the chunk can use: per entity
   in the chunk, its last row before the chunk starts plus its rows inside the chunk's time range. Any
   other row is older than one of those (so never the latest <= the event time) or newer than every event
@@ -48,6 +49,7 @@ os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 from feast.types import Array, Float32, Float64, Int32, Int64, String
@@ -243,10 +245,11 @@ def historical_features(
     slicers = {name: _AsOfRows(table, FEATURE_TABLE_KEYS[name]) for name, table in sources.items()}
     parts = []
     with tempfile.TemporaryDirectory(prefix="feast-chunks-") as tmp:
-        for start in range(0, len(entity_df), chunk_rows):
-            chunk = entity_df.iloc[start : start + chunk_rows]
-            chunk_dir = Path(tmp) / f"chunk_{start // chunk_rows:06d}"
-            parts.append(_join_chunk(store, chunk, service, slicers, build_repo, chunk_dir))
+        for number, (start, end) in enumerate(_chunk_bounds(entity_df, slicers, chunk_rows)):
+            chunk_dir = Path(tmp) / f"chunk_{number:06d}"
+            parts.append(
+                _join_chunk(store, entity_df.iloc[start:end], service, slicers, build_repo, chunk_dir)
+            )
     joined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])
     return complete_training_rows(entity_df, joined, repo)
 
@@ -288,8 +291,8 @@ def materialize_online_store(store: FeatureStore, sources: dict[str, pa.Table]) 
     from the oldest feature row to one second past the newest (Feast's end bound is exclusive).
     """
     stamps = [table.column(TIMESTAMP) for table in sources.values() if table.num_rows]
-    start = min(pa.compute.min(s).as_py() for s in stamps)
-    end = max(pa.compute.max(s).as_py() for s in stamps) + timedelta(seconds=1)
+    start = min(pc.min(s).as_py() for s in stamps)
+    end = max(pc.max(s).as_py() for s in stamps) + timedelta(seconds=1)
     store.materialize(start_date=start, end_date=end)
     return start, end
 
@@ -341,6 +344,31 @@ class _AsOfRows:
         columns = {name: pa.nulls(len(keys), type=schema.field(name).type) for name in schema.names}
         columns[self.key] = pa.array(keys, type=schema.field(self.key).type)
         return pa.table(columns, schema=schema)
+
+
+def _chunk_bounds(
+    entity_df: pd.DataFrame, slicers: dict[str, _AsOfRows], chunk_rows: int
+) -> list[tuple[int, int]]:
+    """Row ranges of the time-ordered entity frame: at most ``chunk_rows`` entity rows per chunk, and a
+    time span holding at most ``chunk_rows`` rows of any feature table.
+
+    The second bound matters for sparse entity frames (retrieval: positives only), whose chunks would
+    otherwise span many days of feature rows; Feast's join cost grows with entity rows x feature rows.
+    """
+    times = _ns(pa.array(entity_df[TIMESTAMP]))
+    bounds = []
+    start = 0
+    while start < len(times):
+        limit = np.iinfo(np.int64).max
+        for slicer in slicers.values():
+            first = int(np.searchsorted(slicer.ts, times[start], side="left"))
+            if first + chunk_rows < len(slicer.ts):
+                limit = min(limit, int(slicer.ts[first + chunk_rows]))
+        end = min(start + chunk_rows, int(np.searchsorted(times, limit, side="left")))
+        end = max(end, start + 1)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def _join_chunk(

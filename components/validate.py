@@ -9,8 +9,9 @@ the expectation, the column and example bad values, and the step raises (the CLI
 downstream runs.
 
 raw: ids not null and int64; labels in {0, 1}; event times inside [validation.earliest_timestamp, now];
-no duplicate (user_id, event_timestamp); every event's user and item in the dimension tables (their id
-sets passed as expectation parameters); row counts and positive rate inside the configured bounds.
+no duplicate (user_id, event_timestamp); every event's user and item in the dimension tables (a foreign-key
+expectation that reads the dimension's ids from its file, so the Data Docs name the table instead of
+listing a million ids); row counts and positive rate inside the configured bounds.
 
 training (reads ``manifest.json`` written by the training-set step): rows equal the entity rows, row ids
 unique; null share of every column under ``validation.max_null_fraction``; history lengths <=
@@ -21,6 +22,7 @@ last event (so the splits cannot overlap); label rate per ranking split inside b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -83,6 +85,31 @@ class ColumnValuesListLengthBetween(ColumnMapMetricProvider):
         return (lengths >= min_value) & (lengths <= max_value)
 
 
+class ColumnValuesInReferenceTable(ColumnMapMetricProvider):
+    """Metric: each value occurs in ``reference_column`` of the parquet file ``reference_path``."""
+
+    condition_metric_name = "column_values.in_reference_table"
+    condition_value_keys = ("reference_path", "reference_column")
+
+    @column_condition_partial(engine=PandasExecutionEngine)
+    def _pandas(
+        cls, column: pd.Series, reference_path: str, reference_column: str, **kwargs: Any
+    ) -> pd.Series:
+        path = Path(reference_path)
+        modified = path.stat().st_mtime_ns if path.exists() else 0
+        return column.isin(_reference_ids(reference_path, reference_column, modified))
+
+
+class ExpectColumnValuesToBeInReferenceTable(ColumnMapExpectation):
+    """Expect every value to be a key of another table (a foreign key), e.g. each event's item_id."""
+
+    reference_path: str
+    reference_column: str
+    map_metric = "column_values.in_reference_table"
+    success_keys = ("reference_path", "reference_column", "mostly")
+    args_keys = ("column", "reference_path", "reference_column")
+
+
 class ExpectColumnValueListLengthsToBeBetween(ColumnMapExpectation):
     """Expect every sequence in the column to hold between min_value and max_value elements."""
 
@@ -116,11 +143,8 @@ def run(
     data_dir = Path(data_dir)
     report_dir = Path(report_dir or config.reports_dir / target)
     summary_file = Path(summary_file or config.reports_dir / f"{target}_summary.json")
-    if target == "raw":
-        tables, parameters = raw_checks(config, data_dir)
-    else:
-        tables, parameters = training_checks(config, data_dir)
-    results = _run_checkpoint(target, data_dir, tables, parameters, report_dir)
+    tables = raw_checks(config, data_dir) if target == "raw" else training_checks(config, data_dir)
+    results = _run_checkpoint(target, data_dir, tables, report_dir, config.unexpected_examples)
     summary = _summarise(target, data_dir, results, config.unexpected_examples, report_dir)
     write_json(summary, summary_file)
     if not summary["success"]:
@@ -135,8 +159,8 @@ def run(
     return summary
 
 
-def raw_checks(config: ValidationConfig, raw_dir: Path) -> tuple[list[TableChecks], dict[str, Any]]:
-    """Suites for users, items and events; the id sets for the foreign-key checks as parameters."""
+def raw_checks(config: ValidationConfig, raw_dir: Path) -> list[TableChecks]:
+    """Suites for users, items and events."""
     for name in RAW_TABLES:
         if not (raw_dir / f"{name}.parquet").exists():
             raise DataContractError(f"{raw_dir / name}.parquet: raw table '{name}' not found")
@@ -167,17 +191,17 @@ def raw_checks(config: ValidationConfig, raw_dir: Path) -> tuple[list[TableCheck
             column=TIMESTAMP, min_value=config.earliest_timestamp, max_value=now
         ),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", TIMESTAMP]),
-        gxe.ExpectColumnValuesToBeInSet(column="user_id", value_set={"$PARAMETER": "user_ids"}),
-        gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set={"$PARAMETER": "item_ids"}),
     ]
-    parameters = {
-        "user_ids": _id_set(raw_dir / "users.parquet", "user_id"),
-        "item_ids": _id_set(raw_dir / "items.parquet", "item_id"),
-    }
-    return [users, items, events], parameters
+    events.expectations += [
+        ExpectColumnValuesToBeInReferenceTable(
+            column=key, reference_path=str((raw_dir / f"{table}.parquet").resolve()), reference_column=key
+        )
+        for key, table in (("user_id", "users"), ("item_id", "items"))
+    ]
+    return [users, items, events]
 
 
-def training_checks(config: ValidationConfig, training_dir: Path) -> tuple[list[TableChecks], dict[str, Any]]:
+def training_checks(config: ValidationConfig, training_dir: Path) -> list[TableChecks]:
     """Suites for the six training-set files, bounded by the manifest the training-set step wrote."""
     manifest = _read_manifest(training_dir)
     cuts = {
@@ -241,7 +265,7 @@ def training_checks(config: ValidationConfig, training_dir: Path) -> tuple[list[
                     ),
                 ]
             tables.append(checks)
-    return tables, {}
+    return tables
 
 
 def failure_message(summary: dict[str, Any]) -> str:
@@ -268,7 +292,11 @@ def failure_message(summary: dict[str, Any]) -> str:
 
 
 def _run_checkpoint(
-    target: Target, data_dir: Path, tables: list[TableChecks], parameters: dict[str, Any], report_dir: Path
+    target: Target,
+    data_dir: Path,
+    tables: list[TableChecks],
+    report_dir: Path,
+    examples: int,
 ) -> Any:
     """Run one Checkpoint over every table; the Data Docs are built in a temp dir, then moved in place."""
     report_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -308,10 +336,10 @@ def _run_checkpoint(
                 name=f"{target}_tables",
                 validation_definitions=definitions,
                 actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[_DOCS_SITE])],
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": examples},
             )
         )
-        results = checkpoint.run(expectation_parameters=parameters)
+        results = checkpoint.run()
         if report_dir.exists():
             shutil.rmtree(report_dir)
         os.replace(staging, report_dir)
@@ -374,13 +402,12 @@ def _id_expectations(column: str, unique: bool = False) -> list[gxe.Expectation]
     return checks
 
 
-def _id_set(path: Path, column: str) -> list[int]:
-    """The distinct ids of a dimension table (a missing column yields no ids: every event then fails)."""
-    schema = pq.read_schema(path)
-    if column not in schema.names:
-        return []
-    values = pq.read_table(path, columns=[column]).column(column).drop_null().unique()
-    return [int(v) for v in values.to_pylist()]
+@functools.lru_cache(maxsize=8)
+def _reference_ids(path: str, column: str, modified_ns: int) -> np.ndarray:
+    """The distinct ids of a dimension table; a missing file or column yields none (every row fails)."""
+    if not Path(path).exists() or column not in pq.read_schema(path).names:
+        return np.array([], dtype=np.int64)
+    return pq.read_table(path, columns=[column]).column(column).drop_null().unique().to_numpy()
 
 
 def _last_event(path: Path) -> pd.Timestamp | None:

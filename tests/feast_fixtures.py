@@ -1,4 +1,4 @@
-"""Fixtures for the Feast and validation tests: a private copy of feature_repo/ and a hand-made dataset.
+"""Helpers for the Feast tests: a private copy of feature_repo/ and a hand-made dataset.
 
 The hand-made tables are tiny and follow the data contract exactly, with values chosen so that each
 point-in-time rule has one event that breaks if the rule breaks (see ``handmade_dataset``).
@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from components.config import FeastConfig, TrainingSetConfig
+from components.config import TrainingSetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAY0 = pd.Timestamp("2026-06-01", tz="UTC")
@@ -33,12 +32,6 @@ def copy_feature_repo(destination: Path) -> Path:
         if path.is_file():
             shutil.copy(path, repo / path.name)
     return repo
-
-
-@pytest.fixture
-def feast_config(tmp_path) -> FeastConfig:
-    """FeastConfig over a private copy of feature_repo/ (its registry and online store stay in tmp)."""
-    return FeastConfig(repo_path=copy_feature_repo(tmp_path))
 
 
 # Events of the hand-made case (user, item, time, label) and what each one tests:

@@ -195,6 +195,21 @@ def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
         rows.rows_for(np.array([1]), ns[0], ns[1])
 
 
+def test_chunks_are_bounded_by_entity_rows_and_by_the_feature_rows_they_span():
+    source = pa.table(  # a dense feature table: one row per hour for 100 hours
+        {
+            "user_id": pa.array(np.arange(100) % 7, pa.int64()),
+            "event_timestamp": pa.array([day(0, h) for h in range(100)], pa.timestamp("ns", tz="UTC")),
+        }
+    )
+    slicers = {"user_history": training_set._AsOfRows(source, "user_id")}
+    dense = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(100)]})
+    assert training_set._chunk_bounds(dense, slicers, 30) == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    sparse = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(0, 100, 10)]})  # every 10 h
+    bounds = training_set._chunk_bounds(sparse, slicers, 30)
+    assert bounds == [(0, 4), (4, 8), (8, 10)]  # 4 rows span 30 feature rows (hours 1..30)
+
+
 def _real_values(table: pa.Table) -> list[int]:
     return sorted(v for v in table.column("value").to_pylist() if v is not None)
 

@@ -96,7 +96,13 @@ def _empty(t):
 CORRUPTIONS = {
     "nulls": (_nulls, "events", "expect_column_values_to_not_be_null", "user_id", None),
     "label_two": (_label_two, "events", "expect_column_values_to_be_in_set", "label", 2),
-    "unknown_item": (_unknown_item, "events", "expect_column_values_to_be_in_set", "item_id", 999),
+    "unknown_item": (
+        _unknown_item,
+        "events",
+        "expect_column_values_to_be_in_reference_table",
+        "item_id",
+        999,
+    ),
     "duplicate": (
         _duplicate,
         "events",
