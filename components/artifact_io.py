@@ -45,6 +45,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | Path, error: type[Exception] = ValueError, missing: str = "not found") -> Any:
+    """Parse a JSON artifact; a missing or malformed file raises ``error`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from exc
+
+
 def write_parquet(df: pd.DataFrame | pa.Table, path: str | Path) -> Path:
     """Write a table atomically; deterministic bytes for the same data (no wall-clock metadata)."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)

@@ -26,7 +26,7 @@ import faiss
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from components.artifact_io import file_sha256
+from components.artifact_io import file_sha256, read_json
 from components.config import BundleConfig, load_params
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,9 @@ class BundleIntegrityError(ValueError):
 def run(config: BundleConfig, params_path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Assemble ``config.files`` with ``config.metrics_file``'s metrics and the params file's text."""
     params_path, metrics_path = Path(params_path), Path(config.metrics_file)
-    if not metrics_path.exists():
-        raise BundleIntegrityError(f"{metrics_path}: evaluation metrics not found (bundle.metrics_file)")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleIntegrityError(f"{metrics_path}: not valid JSON: {exc}") from exc
+    metrics = read_json(
+        metrics_path, BundleIntegrityError, "evaluation metrics not found (bundle.metrics_file)"
+    )
     return assemble_bundle(
         config.files, Path(out_dir or config.out_dir), params_text=params_path.read_text(), metrics=metrics
     )
@@ -130,10 +127,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise BundleIntegrityError(f"{bundle_dir}: no {MANIFEST}; not a bundle (or a half-copied one)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleIntegrityError(f"{path}: not valid JSON: {exc}") from exc
+    manifest = read_json(path, BundleIntegrityError)
     missing = [key for key in ("format", "version", "files", "dims", "metrics") if key not in manifest]
     if missing:
         raise BundleIntegrityError(f"{path}: missing keys {missing}")

@@ -9,7 +9,6 @@ pass because evaluation silently stopped writing the number it was judged by.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from components.artifact_io import write_json
+from components.artifact_io import read_json, write_json
 from components.bundle import load_manifest
 from components.config import GateConfig, load_params
 
@@ -147,12 +146,7 @@ def _number_at(metrics: Mapping[str, Any], path: str) -> tuple[float | None, str
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise GateError(f"{path}: new metrics file not found (gate.metrics_file)")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GateError(f"{path}: not valid JSON: {exc}") from exc
+    metrics = read_json(path, GateError, "new metrics file not found (gate.metrics_file)")
     if not isinstance(metrics, dict):
         raise GateError(f"{path}: the top level must be an object of metrics")
     return metrics
