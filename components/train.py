@@ -53,7 +53,7 @@ def run(
     model = build_model(kind, model_config, encoder, item_counts=counts)
 
     started = time.perf_counter()
-    result = fit(model, train, valid, params.training, checkpoint_dir=checkpoint_dir)
+    result = fit(model, train, valid, params.training.for_model(kind), checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - started
     epochs = len(result.history)
     metrics = {

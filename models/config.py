@@ -14,9 +14,18 @@ that name the model, the group and the feature.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
 ModelKind = Literal["two_tower", "multi_tower", "multi_tower_din", "dlrm"]
@@ -92,6 +101,9 @@ class FeatureSpec(ModelSection):
     sparse: list[SparseFeature] = Field(default_factory=list)
     sequence: list[SequenceFeature] = Field(default_factory=list)
     dense: list[DenseFeature] = Field(default_factory=list)
+    # name -> (kind, declaration), rebuilt by the validator (which also runs on assignment): encoding asks
+    # for a feature's kind per column per request, too often for a scan of the three lists
+    _by_name: dict[str, tuple[str, Any]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureSpec:
@@ -106,6 +118,9 @@ class FeatureSpec(ModelSection):
                     f"features.sequence '{seq.name}': shares '{seq.shares}', which is not a sparse feature "
                     f"(sparse features: {sorted(sparse)})"
                 )
+        self._by_name = {
+            f.name: (kind, f) for kind in ("sparse", "sequence", "dense") for f in getattr(self, kind)
+        }
         return self
 
     @property
@@ -114,16 +129,20 @@ class FeatureSpec(ModelSection):
 
     def kind_of(self, name: str) -> Literal["sparse", "sequence", "dense"] | None:
         """Which list declares ``name`` (None when it is not declared)."""
-        for kind in ("sparse", "sequence", "dense"):
-            if any(f.name == name for f in getattr(self, kind)):
-                return kind  # type: ignore[return-value]
-        return None
+        entry = self._by_name.get(name)
+        return None if entry is None else entry[0]  # type: ignore[return-value]
 
     def sparse_feature(self, name: str) -> SparseFeature:
-        return next(f for f in self.sparse if f.name == name)
+        return self._declared(name, "sparse")
 
     def sequence_feature(self, name: str) -> SequenceFeature:
-        return next(f for f in self.sequence if f.name == name)
+        return self._declared(name, "sequence")
+
+    def _declared(self, name: str, kind: str) -> Any:
+        entry = self._by_name.get(name)
+        if entry is None or entry[0] != kind:
+            raise KeyError(f"features: '{name}' is not a declared {kind} feature")
+        return entry[1]
 
     def embedding_dim(self, name: str) -> int:
         """Embedding width of a sparse or sequence feature (a sequence uses its shared table's width)."""
@@ -440,6 +459,32 @@ class TrainingConfig(ModelSection):
     # CUDA: hold the encoded training set in GPU memory (fastest); false keeps it in pinned host memory
     data_on_device: bool = True
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints when a directory is given
+    # per model kind, fields that differ from the above: the two-tower learns from the clicks only (a tenth
+    # of the ranking rows) and needs more, smaller steps than the rankers
+    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def for_model(self, kind: str) -> TrainingConfig:
+        """This section with ``per_model[kind]`` applied (validated like the section itself)."""
+        override = self.per_model.get(kind)
+        if not override:
+            return self
+        return TrainingConfig.model_validate(self.model_dump(exclude={"per_model"}) | override)
+
+    @field_validator("per_model")
+    @classmethod
+    def _known_overrides(cls, per_model: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for kind, override in per_model.items():
+            if kind not in MODEL_KINDS:
+                raise ValueError(f"per_model: unknown model '{kind}'; expected one of {list(MODEL_KINDS)}")
+            if "per_model" in override:
+                raise ValueError(f"per_model.{kind}: per_model cannot be nested")
+            try:
+                TrainingConfig.model_validate(override)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(p) for p in error["loc"])
+                raise ValueError(f"per_model.{kind}.{where}: {error['msg']}") from None
+        return per_model
 
     @field_validator("early_stopping_metric")
     @classmethod

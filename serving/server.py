@@ -10,12 +10,13 @@ request.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
@@ -29,6 +30,17 @@ from serving.recommender import Recommender
 from serving.schemas import build_schemas
 
 log = logging.getLogger(__name__)
+
+
+def silence_kserve_deprecations() -> None:
+    """KServe's V1 endpoints answer with FastAPI's ORJSONResponse, which FastAPI now deprecates; without
+    this filter every V1 answer logs the same warning (KServe's to change, not a deployment's)."""
+    warnings.filterwarnings(
+        "ignore", message="ORJSONResponse is deprecated", category=FastAPIDeprecationWarning
+    )
+
+
+silence_kserve_deprecations()
 
 
 def build_models(bundle_dir: str | Path, serving: ServingConfig, feast: FeastConfig) -> list[RecsysModel]:

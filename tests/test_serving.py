@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,24 @@ def test_ranking_v1_v2_and_rankers(client):
     scores = out.json()["outputs"][0]
     assert scores["name"] == "scores" and scores["shape"] == [4]
     assert scores["data"] == pytest.approx(outs["dlrm"], abs=1e-6)
+
+
+def test_v1_answers_log_no_deprecation_warning_per_request(client):
+    """KServe's V1 endpoints use FastAPI's deprecated ORJSONResponse, a warning per answer unless the
+    server's filter is on; the filter silences that warning only."""
+    from serving.server import silence_kserve_deprecations
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client.post("/v1/models/recommend:predict", json={"instances": [{"user_id": 5}]})
+        assert [w for w in caught if "ORJSONResponse" in str(w.message)]  # KServe still uses it
+        caught.clear()
+        silence_kserve_deprecations()
+        for _ in range(3):
+            out = client.post("/v1/models/recommend:predict", json={"instances": [{"user_id": 5}]})
+            assert out.status_code == 200, out.text
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]
 
 
 def test_recommend_v1_v2_and_cold_start(client):

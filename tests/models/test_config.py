@@ -122,3 +122,24 @@ def test_sequence_must_share_a_declared_sparse_feature():
         )
     with pytest.raises(ValidationError, match="reserved"):
         SparseFeature(name="label")
+
+
+def test_per_model_training_overrides_apply_to_their_model_only():
+    training = TrainingConfig(epochs=4, lr=1e-3, per_model={"two_tower": {"epochs": 30, "batch_size": 256}})
+    two_tower, dlrm = training.for_model("two_tower"), training.for_model("dlrm")
+    assert (two_tower.epochs, two_tower.batch_size, two_tower.lr) == (30, 256, 1e-3)
+    assert (dlrm.epochs, dlrm.batch_size) == (4, 1024)
+
+
+@pytest.mark.parametrize(
+    ("per_model", "message"),
+    [
+        ({"towtower": {"epochs": 3}}, "per_model: unknown model 'towtower'"),
+        ({"dlrm": {"epochs": 0}}, "per_model.dlrm.epochs: Input should be greater than 0"),
+        ({"dlrm": {"epoch": 3}}, "per_model.dlrm.epoch: Extra inputs are not permitted"),
+        ({"dlrm": {"per_model": {}}}, "per_model.dlrm: per_model cannot be nested"),
+    ],
+)
+def test_per_model_training_overrides_are_validated_naming_the_key(per_model, message):
+    with pytest.raises(ValidationError, match=message.replace(".", r"\.")):
+        TrainingConfig(per_model=per_model)

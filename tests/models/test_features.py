@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 
 from models.config import DenseFeature, FeatureGroup, FeatureSpec, SequenceFeature, SparseFeature
-from models.features import FIRST_ID, OOV_ID, PAD_ID, EmbeddingGroup, FeatureEncoder
+from models.features import FIRST_ID, OOV_ID, PAD_ID, SMALL_BATCH, EmbeddingGroup, FeatureEncoder
 from tests.models.conftest import make_frame
 
 
@@ -39,6 +39,31 @@ def test_vocabulary_is_fitted_on_train_only():
     assert brand[0] != brand[3] and min(brand[0], brand[3]) >= FIRST_ID
     # min_count=2: only user 1 made the vocabulary; user 2 (seen once) and 9 (unseen) share OOV
     assert encoder.encode(valid)["user_id"].tolist() == [FIRST_ID, OOV_ID, OOV_ID, FIRST_ID]
+
+
+def test_small_batch_lookup_matches_the_hash_index_for_every_row():
+    """Serving encodes a few rows by binary search, training millions by a hash index: same ids."""
+    rng = np.random.default_rng(3)
+    spec = FeatureSpec(sparse=[SparseFeature(name="user_id"), SparseFeature(name="brand")])
+    train = pd.DataFrame(
+        {"user_id": rng.integers(1, 400, 600), "brand": [f"b{i}" for i in rng.integers(0, 50, 600)]}
+    )
+    encoder = FeatureEncoder.fit(spec, train)
+    # unsorted vocabularies too (state written by hand or by an older fit): the search sorts its own copy
+    encoder.vocabs["brand"] = encoder.vocabs["brand"][::-1].copy()
+    probe = pd.DataFrame(
+        {"user_id": rng.integers(-5, 450, 1000), "brand": [f"b{i}" for i in rng.integers(-5, 60, 1000)]}
+    )
+    probe.loc[::7, "brand"] = ""
+    for name in ("user_id", "brand"):
+        whole = encoder.encode_ids(name, probe[name])  # 1000 values: the hash index
+        assert len(probe) > SMALL_BATCH
+        pieces = np.concatenate(
+            [encoder.encode_ids(name, probe[name].iloc[i : i + 10]) for i in range(0, len(probe), 10)]
+        )
+        assert np.array_equal(whole, pieces)
+        assert (whole == OOV_ID).any() and (whole >= FIRST_ID).any()
+    assert (encoder.encode_ids("brand", probe["brand"].iloc[:7])[0]) == OOV_ID  # "" is missing
 
 
 def test_sequences_share_vocab_keep_most_recent_and_pad_with_zero():
