@@ -52,7 +52,8 @@ SYNTHETIC_PRESETS: dict[str, SyntheticSizes] = {
     for name, sizes in {
         # users, items, events, categories, brands, days, max events per user
         "tiny": (400, 300, 30_000, 12, 20, 60, 300),  # a few seconds: unit tests, the KFP local run
-        "default": (5_000, 3_000, 400_000, 24, 60, 90, 400),  # `dvc repro` in minutes on 2 CPU cores
+        "small": (2_000, 1_500, 150_000, 40, 40, 60, 300),  # the quality-bar tests: the default's shape, ~1/3
+        "default": (5_000, 3_000, 400_000, 60, 60, 90, 400),  # `dvc repro` in minutes on 2 CPU cores
         "large": (1_000_000, 100_000, 10_000_000, 64, 500, 90, 200),  # benchmarks: >= 10M events
     }.items()
 }
@@ -61,7 +62,7 @@ SYNTHETIC_PRESETS: dict[str, SyntheticSizes] = {
 class SyntheticSource(Section):
     """The embedded deterministic generator with planted structure (see components/synthetic.py)."""
 
-    preset: Literal["tiny", "default", "large"] = "default"
+    preset: Literal["tiny", "small", "default", "large"] = "default"
     # explicit sizes override the preset's, field by field
     n_users: int | None = Field(default=None, gt=0)
     n_items: int | None = Field(default=None, gt=0)
@@ -72,9 +73,10 @@ class SyntheticSource(Section):
     max_events_per_user: int | None = Field(default=None, gt=1)
     start_date: datetime = datetime(2026, 6, 1, tzinfo=UTC)
     # structure knobs: how strongly each planted signal drives clicks
-    taste_concentration: float = Field(default=0.15, gt=0)
-    popularity_exponent: float = Field(default=1.1, gt=0)
-    sequential_prob: float = Field(default=0.45, ge=0, le=1)
+    taste_concentration: float = Field(default=0.02, gt=0)  # Dirichlet: smaller = fewer favourite categories
+    popularity_exponent: float = Field(default=0.7, gt=0)  # Zipf exponent of item exposure
+    sequential_prob: float = Field(default=0.35, ge=0, le=1)  # impressions from a successor of the last click
+    explore_prob: float = Field(default=0.1, ge=0, le=1)  # impressions from a uniformly drawn category
     cold_start_fraction: float = Field(default=0.25, ge=0, lt=1)
     base_ctr_logit: float = Field(default=-2.6)
 
@@ -83,6 +85,15 @@ class SyntheticSource(Section):
         base = SYNTHETIC_PRESETS[self.preset].model_dump()
         overrides = {k: v for k, v in self.model_dump().items() if k in base and v is not None}
         return SyntheticSizes(**(base | overrides))
+
+    @model_validator(mode="after")
+    def _policy_sums_to_one(self) -> SyntheticSource:
+        if self.sequential_prob + self.explore_prob > 1.0:
+            raise ValueError(
+                f"sequential_prob + explore_prob must be at most 1 (the rest of the impressions follow the "
+                f"user's taste), got {self.sequential_prob} + {self.explore_prob}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _start_is_aware(self) -> SyntheticSource:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.artifact_io import write_json
+from components.artifact_io import read_json, write_json
 from components.config import Params, load_params
 from components.contracts import NUMBER_DEFAULT, TIMESTAMP
 from components.train import TRAINING_SET_OF, read_split
@@ -44,7 +44,7 @@ def run(
     features_dir = Path(features_dir or params.features.features_dir)
     cfg = params.evaluation
     ranking_test = read_split(training_dir, "ranking", "test")
-    test_start = pd.Timestamp(json.loads((training_dir / "manifest.json").read_text())["test_start"])
+    test_start = test_start_of(training_dir)
     catalogue = item_catalogue(features_dir, test_start, params.feast.ttl_days.item_stats)
 
     report: dict[str, Any] = {"test_start": test_start.isoformat(), "catalogue_items": len(catalogue)}
@@ -134,6 +134,11 @@ def evaluate_rankers(
     ctr = smoothed.reindex(ranking_test["item_id"]).fillna(prior).to_numpy().clip(1e-6, 1 - 1e-6)
     out["item_ctr_baseline"] = ranking_metrics(labels, np.log(ctr / (1 - ctr)), groups)
     return out
+
+
+def test_start_of(training_dir: Path) -> pd.Timestamp:
+    """Where the training sets' test window begins (their manifest)."""
+    return pd.Timestamp(read_json(training_dir / "manifest.json")["test_start"])
 
 
 def item_catalogue(features_dir: Path, as_of: pd.Timestamp, stats_ttl_days: float) -> pd.DataFrame:

@@ -6,6 +6,8 @@ Each signal is planted so a good model can find it and a weak one cannot:
   same (gender, age bucket) so profile features carry signal for new users;
 - **popularity**: item exposure follows a power law (Zipf) within a category, so in-batch negatives are
   heavily skewed (what log-Q correction is for);
+- **logging policy**: an impression's category is a successor of the last click (``sequential_prob``), a
+  uniform draw (``explore_prob``) or the user's taste (the rest);
 - **sequence**: each category has two successor categories; an impression often comes from a successor of
   a recent click, and the click probability rises when the target's category succeeds one of the last
   three clicked categories (what DIN attention over the history is for);
@@ -270,7 +272,7 @@ def _impression_category(
     draw = rng.random(n)
     has_click = last[:, 0] >= 0
     seq = has_click & (draw < cfg.sequential_prob)
-    return np.where(seq, successor, np.where(draw < cfg.sequential_prob + 0.35, by_taste, explore))
+    return np.where(seq, successor, np.where(draw < 1.0 - cfg.explore_prob, by_taste, explore))
 
 
 def _pick_items(

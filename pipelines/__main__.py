@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     local_cmd = commands.add_parser("run-local", help="run the whole DAG with kfp.local (no cluster)")
     local_cmd.add_argument(
-        "--preset", default=None, choices=["tiny", "default", "large"], help="synthetic size"
+        "--preset", default=None, choices=["tiny", "small", "default", "large"], help="synthetic size"
     )
     local_cmd.add_argument("--pipeline-root", default="artifacts/kfp-local", help="where task outputs go")
     local_cmd.set_defaults(handler=_run_local)
