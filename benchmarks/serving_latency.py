@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
 TARGET_P99_MS = 15.0
+LATENCY_INDEX_RECALL = 0.90  # recall@10 the 100k bundle's HNSW is tuned to (its towers are untrained)
 
 
 # ---- bundle building (tests and benchmark) ---------------------------------------------------------
@@ -348,11 +349,16 @@ def main(argv: list[str] | None = None) -> int:
                 ["--no_online_store"],
             )
         t0 = time.perf_counter()
+        # the untrained towers' near-random vectors are the hardest case for HNSW: recall@10 tops out near
+        # 0.93, so this latency-only bundle is tuned to 0.90 (trained embeddings reach index.recall_target)
+        latency_params = params.model_copy(
+            update={"index": params.index.model_copy(update={"recall_target": LATENCY_INDEX_RECALL})}
+        )
         bundles["catalogue_100k"] = (
             build_serving_bundle(
                 train,
                 item_catalogue(train, item_cols, args.catalogue_items),
-                params,
+                latency_params,
                 tmp_path / "b2",
                 tmp_path / "w2",
             ),
