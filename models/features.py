@@ -512,7 +512,8 @@ def _dense_values(values: Any, transform: str, name: str) -> np.ndarray:
     arr = _to_numpy(values)
     if arr.dtype.kind not in "iufb":
         raise ValueError(f"dense feature '{name}': expected numbers, got dtype {arr.dtype}")
-    out = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    out = arr.astype(np.float64)
+    out[~np.isfinite(out)] = 0.0  # what nan_to_num(nan=posinf=neginf=0) does, at a fraction of its overhead
     if transform == "log1p":
         out = np.log1p(np.maximum(out, 0.0))
     return out

@@ -23,7 +23,7 @@ from models.config import (
     MultiTowerDINConfig,
     check_model_config,
 )
-from models.features import GROUP_KEY, LABEL_KEY, EmbeddingGroup, FeatureEncoder
+from models.features import DENSE_KEY, GROUP_KEY, LABEL_KEY, EmbeddingGroup, FeatureEncoder
 from models.layers import MLP, DINAttention, DotInteraction
 from models.metrics import ranking_metrics
 from models.model import RecModel, eval_batches, model_device
@@ -55,6 +55,19 @@ class Ranker(RecModel):
 
     def feature_names(self) -> list[str]:
         return self.embedding.feature_names()
+
+    def predict_for_users(
+        self,
+        user_batch: Mapping[str, torch.Tensor],
+        item_batch: Mapping[str, torch.Tensor],
+        user_index: torch.Tensor,
+        user_features: set[str],
+    ) -> torch.Tensor:
+        """Logits of candidate rows whose user-side features sit once per user in ``user_batch``
+        (row ``user_index[i]`` for candidate ``i``) and item-side features in ``item_batch``; equal to
+        ``predict`` on the merged batch. Rankers with towers that read only ``user_features`` compute
+        them once per user instead of once per candidate (serving ranks hundreds per user)."""
+        return self.predict(merge_user_items(user_batch, item_batch, user_index))
 
     @torch.no_grad()
     def predict_split(self, data: Mapping[str, torch.Tensor], batch_size: int) -> np.ndarray:
@@ -104,14 +117,40 @@ class MultiTower(Ranker):
 
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         groups = self.embedding(batch)
-        return self.output(self.final(torch.cat(self._tower_outputs(groups), dim=-1))).squeeze(-1)
+        outputs = [tower(groups[name]) for name, tower in self.towers.items()]
+        return self._head(outputs + self._sequence_outputs(groups))
+
+    def predict_for_users(
+        self,
+        user_batch: Mapping[str, torch.Tensor],
+        item_batch: Mapping[str, torch.Tensor],
+        user_index: torch.Tensor,
+        user_features: set[str],
+    ) -> torch.Tensor:
+        per_user = [n for n in self.towers if set(self.embedding.groups[n].features) <= user_features]
+        if not per_user:
+            return super().predict_for_users(user_batch, item_batch, user_index, user_features)
+        user_groups = self.embedding(user_batch, per_user)
+        groups = self.embedding(
+            merge_user_items(user_batch, item_batch, user_index),
+            [g for g in self.embedding.groups if g not in per_user],
+        )
+        outputs = [
+            tower(user_groups[name]).index_select(0, user_index) if name in per_user else tower(groups[name])
+            for name, tower in self.towers.items()
+        ]
+        return self._head(outputs + self._sequence_outputs(groups))
+
+    def _head(self, tower_outputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.output(self.final(torch.cat(tower_outputs, dim=-1))).squeeze(-1)
 
     def _build_sequence_towers(self) -> int:
         """Hook for MultiTowerDIN: build the sequence towers, return their total output width."""
         return 0
 
-    def _tower_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [tower(groups[name]) for name, tower in self.towers.items()]
+    def _sequence_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Hook for MultiTowerDIN: the sequence towers' outputs."""
+        return []
 
     def _group_dim(self, name: str) -> int:
         dim = self.embedding.group_dim(name)
@@ -138,8 +177,8 @@ class MultiTowerDIN(MultiTower):
             self.din_towers[tower.input] = DINAttention.from_config(seq_dim, tower.attn_mlp)
         return sum(t.output_dim for t in self.din_towers.values())
 
-    def _tower_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        outputs = super()._tower_outputs(groups)
+    def _sequence_outputs(self, groups: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = []
         for name, din in self.din_towers.items():
             query, lengths = groups[name + ".query"], groups[name + ".sequence_length"]
             outputs.append(din.forward_jagged(query, groups[name + ".sequence_values"], lengths))
@@ -196,3 +235,14 @@ class DLRM(Ranker):
             parts.append(sparse)
         top = torch.cat([p.to(interactions.dtype) for p in parts], dim=-1)
         return self.output(self.final(top)).squeeze(-1)
+
+
+def merge_user_items(
+    user_batch: Mapping[str, torch.Tensor], item_batch: Mapping[str, torch.Tensor], user_index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One batch row per candidate: user tensors repeated by ``user_index``, item tensors as they are.
+    Only the dense matrix is in both; each side fills its own columns and leaves 0 in the other's."""
+    batch = {key: tensor.index_select(0, user_index) for key, tensor in user_batch.items()}
+    for key, tensor in item_batch.items():
+        batch[key] = batch[key] + tensor if key == DENSE_KEY and key in batch else tensor
+    return batch

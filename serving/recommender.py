@@ -25,7 +25,6 @@ from prometheus_client import Counter
 from components.build_index import search
 from components.config import ServingConfig
 from models import FeatureEncoder
-from models.features import DENSE_KEY
 from serving.bundle import ServingBundle
 from serving.online_features import FeatureRows, OnlineFeatures
 
@@ -144,10 +143,10 @@ class Recommender:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Logits of ``ranker`` for every (user, candidate) pair, one ranker call for the whole batch.
 
-        Users are encoded once each and repeated over their candidates; candidates are gathered from the
-        ranker's encoded catalogue (``_EncodedItems``) and only items it lacks, whose cached features
-        were refreshed, or that the request overrides are encoded now. Encoding is per column, so the
-        batch is the one encoding the whole (user, item) table would give.
+        Users are encoded once each, and towers that read only user features run once per user;
+        candidates are gathered from the ranker's encoded catalogue (``_EncodedItems``) and only items it
+        lacks, whose cached features were refreshed, or that the request overrides are encoded now.
+        Encoding is per column, so the batch is the one encoding the whole (user, item) table would give.
 
         Returns the scores per user and, per user, whether each candidate's features came from the store
         (False: content unknown, defaults used).
@@ -163,11 +162,14 @@ class Recommender:
             self._table({n: users.columns[n] for n in user_names}), features=user_names
         )
         repeat = torch.repeat_interleave(torch.arange(len(users)), torch.as_tensor(counts, dtype=torch.int64))
-        batch = {key: tensor.index_select(0, repeat) for key, tensor in user_batch.items()}
-        for key, tensor in item_batch.items():
-            # only the dense matrix is in both: each side fills its own columns and leaves 0 elsewhere
-            batch[key] = batch[key] + tensor if key == DENSE_KEY else tensor
-        logits = model.predict(batch).float().numpy()  # type: ignore[attr-defined]
+        # towers that read only user features run once per user, not once per candidate
+        logits = (
+            model.predict_for_users(  # type: ignore[attr-defined]
+                user_batch, item_batch, repeat, set(user_names)
+            )
+            .float()
+            .numpy()
+        )
         bounds = np.cumsum([0, *counts])
         scores = [logits[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
         found_per_user = [found[bounds[i] : bounds[i + 1]] for i in range(len(counts))]

@@ -189,3 +189,13 @@ def test_jagged_sequence_values_are_the_valid_positions_of_the_padded_ones(frame
     assert values.shape == (int(lengths.sum()), 32)
     assert torch.equal(values, padded(batch)["seq.sequence"][mask])
     assert "seq.sequence" not in jagged(batch)
+
+
+def test_non_finite_dense_values_encode_as_zero_before_the_transform():
+    spec = FeatureSpec(dense=[DenseFeature(name="price", transform="log1p"), DenseFeature(name="ctr")])
+    encoder = FeatureEncoder.fit(spec, pd.DataFrame({"price": [1.0, 3.0], "ctr": [0.1, 0.3]}))
+    raw = pd.DataFrame({"price": [np.nan, np.inf, 3.0], "ctr": [-np.inf, 0.3, np.nan]})
+    dense = encoder.encode(raw)["dense"].numpy()
+    zero = encoder.encode(pd.DataFrame({"price": [0.0, 0.0, 3.0], "ctr": [0.0, 0.3, 0.0]}))["dense"].numpy()
+    assert np.isfinite(dense).all() and np.array_equal(dense, zero)
+    assert raw["price"].isna().iloc[0]  # the caller's frame is left as it was

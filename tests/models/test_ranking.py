@@ -97,3 +97,36 @@ def test_history_padding_never_changes_a_prediction(frame, models_config, kind):
     assert torch.equal(model.predict(noisy), before)
     valid = dict(batch, hist_item_ids=batch["hist_item_ids"].roll(1, dims=0))
     assert not torch.allclose(model.predict(valid), before)  # the valid positions do matter
+
+
+@pytest.mark.parametrize("kind", ["multi_tower", "multi_tower_din", "dlrm"])
+def test_predict_for_users_equals_predict_on_the_merged_rows(frame, models_config, kind):
+    """Serving ranks many candidates per user: user-only towers run once per user, same logits."""
+    torch.manual_seed(0)
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    model = build_model(kind, models_config.model(kind), encoder).eval()
+    names = model.feature_names()
+    item_features = {"item_id", "category", "brand", "price"} | {n for n in names if n.startswith("item_")}
+    user_names = [n for n in names if n not in item_features]
+    item_names = [n for n in names if n in item_features]
+    users = frame.iloc[:5].reset_index(drop=True)  # one row per user: their features at one time
+    user_index = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])
+    items = frame.iloc[100 : 100 + len(user_index)].reset_index(drop=True)
+    merged = pd.concat(
+        [users.iloc[user_index.numpy()].reset_index(drop=True)[user_names], items[item_names]], axis=1
+    )
+    calls: list[int] = []
+    if kind != "dlrm":
+        model.towers["user"].register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    with torch.inference_mode():
+        expected = model.predict(encoder.encode(merged, features=names))
+        calls.clear()
+        got = model.predict_for_users(
+            encoder.encode(users, features=user_names),
+            encoder.encode(items, features=item_names),
+            user_index,
+            set(user_names),
+        )
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    if kind != "dlrm":
+        assert calls == [len(users)]  # the user tower ran once per user, not once per candidate
