@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         results["build_100k_seconds"] = round(time.perf_counter() - t0, 1)
         users = train["user_id"].drop_duplicates().sample(500, random_state=0).tolist()
         for name, (bundle, extra) in bundles.items():
+            in_process = in_process_latency(bundle, params, users, online_store=not extra, seconds=10.0)
             port = free_port()
             t0 = time.perf_counter()
             process = start_server(bundle, Path(args.params), port, extra)
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                 "online_store": not extra,
                 "bundle_version": manifest["version"],
                 "startup_seconds": round(startup, 1),
+                "in_process": in_process,
                 "runs": runs,
             }
     out = Path(args.out)
@@ -430,6 +432,39 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(_markdown(results))
     print(_markdown(results))
     return 0
+
+
+def in_process_latency(
+    bundle: Path, params: Params, user_ids: list[int], online_store: bool, seconds: float
+) -> dict[str, Any]:
+    """``Recommender.recommend`` called directly (no HTTP, no server), one user at a time, for ``seconds``.
+
+    Taken in the same run as the HTTP numbers, it tells how fast the machine was at the time (this
+    VM's speed varies by 30-50% within an hour) and how much of a request HTTP and KServe add.
+    """
+    from serving.server import build_models
+
+    config = params.serving.model_copy(update={"online_store": online_store})
+    recommender = build_models(bundle, config, params.feast)[-1].recommender  # type: ignore[attr-defined]
+    ranker = config.default_ranker
+
+    def one(user_id: int) -> None:
+        recommender.recommend([user_id], [20], [ranker], [None])
+
+    for user_id in user_ids[:50]:  # warm-up
+        one(user_id)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        one(user_ids[len(latencies) % len(user_ids)])
+        latencies.append((time.perf_counter() - t0) * 1000)
+    lat = np.asarray(latencies)
+    return {
+        "requests": len(lat),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
 
 
 def _markdown(results: dict[str, Any]) -> str:
@@ -458,7 +493,17 @@ def _markdown(results: dict[str, Any]) -> str:
         "Latency is measured by the client (includes HTTP and JSON on loopback): one thread per concurrent "
         "client, each with a keep-alive http.client connection.",
         "",
+        "The same bundles in the same run, `Recommender.recommend` called in-process (no HTTP), one user "
+        "at a time: how fast the machine was at the time, and what HTTP and KServe add.",
+        "",
+        "| bundle | requests | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
     ]
+    for name, setting in results["settings"].items():
+        if "in_process" in setting:
+            run = setting["in_process"]
+            lines.append(f"| {name} | {run['requests']:,} | {run['p50_ms']} | {run['p99_ms']} |")
+    lines.append("")
     return "\n".join(lines)
 
 
