@@ -11,8 +11,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 from components import evaluate, train
 from components.config import load_params
 
@@ -22,7 +20,7 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     base = load_params()
     training_dir = Path(base.training_set.output_dir)
-    test_start = pd.Timestamp(json.loads((training_dir / "manifest.json").read_text())["test_start"])
+    test_start = evaluate.test_start_of(training_dir)
     catalogue = evaluate.item_catalogue(
         Path(base.features.features_dir), test_start, base.feast.ttl_days.item_stats
     )

@@ -311,29 +311,23 @@ def _send(
     return latencies, errors, time.perf_counter() - started
 
 
-def request_latencies(url: str, bodies: list[dict[str, Any]], seconds: float) -> list[float]:
-    """One sequential client for ``seconds``; the latencies in ms (any failed request is an error)."""
-    latencies, errors, _ = _send(url, bodies, 1, seconds, 1_000_000)
-    if errors:
-        raise RuntimeError(f"{errors} of {len(latencies)} requests to {url} failed")
-    return latencies
-
-
 def _load(
     url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float, max_requests: int
 ) -> dict[str, Any]:
     latencies, errors, elapsed = _send(url, bodies, concurrency, seconds, max_requests)
-    lat = np.asarray(latencies)
     return {
         "concurrency": concurrency,
-        "requests": len(lat),
+        "requests": len(latencies),
         "errors": errors,
         "seconds": round(elapsed, 2),
-        "throughput_rps": round(len(lat) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p95_ms": round(float(np.percentile(lat, 95)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        **_percentiles(latencies),
     }
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    lat = np.asarray(latencies)
+    return {f"p{q}_ms": round(float(np.percentile(lat, q)), 2) for q in (50, 95, 99)}
 
 
 def measure(
@@ -459,12 +453,7 @@ def in_process_latency(
         t0 = time.perf_counter()
         one(user_ids[len(latencies) % len(user_ids)])
         latencies.append((time.perf_counter() - t0) * 1000)
-    lat = np.asarray(latencies)
-    return {
-        "requests": len(lat),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2),
-        "p99_ms": round(float(np.percentile(lat, 99)), 2),
-    }
+    return {"requests": len(latencies), **_percentiles(latencies)}
 
 
 def _markdown(results: dict[str, Any]) -> str:

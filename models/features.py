@@ -134,13 +134,10 @@ class FeatureEncoder:
         unknown = sorted(wanted - set(self.spec.names))
         if unknown:
             raise KeyError(f"encode: unknown feature(s) {unknown}; declared: {self.spec.names}")
-        columns = _column_names(frame)
-        present = set(columns)
+        present = set(_column_names(frame))  # once per call, not once per column
 
         def column(name: str) -> Any:
-            if name not in present:
-                raise KeyError(f"the frame has no column '{name}' (columns: {columns})")
-            return frame.column(name) if isinstance(frame, pa.Table) else frame[name]
+            return _column(frame, name, present)
 
         batch: Batch = {}
         for feature in self.spec.sparse:
@@ -472,8 +469,9 @@ def _num_rows(frame: Frame) -> int:
     return frame.num_rows if isinstance(frame, pa.Table) else len(frame)
 
 
-def _column(frame: Frame, name: str) -> Any:
-    if name not in _column_names(frame):
+def _column(frame: Frame, name: str, present: set[str] | None = None) -> Any:
+    """Column ``name`` of ``frame``; ``present``: the frame's column names when the caller has them."""
+    if name not in (present if present is not None else _column_names(frame)):
         raise KeyError(f"the frame has no column '{name}' (columns: {_column_names(frame)})")
     return frame.column(name) if isinstance(frame, pa.Table) else frame[name]
 

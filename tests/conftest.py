@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -51,41 +54,58 @@ def tiny_features_dir(tiny_params, tiny_raw_dir, tmp_path_factory) -> Path:
 MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
 
 
+@contextmanager
+def pipeline_workdir(root: Path) -> Iterator[None]:
+    """Run steps in ``root`` with the project's Feast repo copied in, so the registry and the SQLite online
+    store live there and never touch the checkout's."""
+    shutil.copytree(REPO_ROOT / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("data"))
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def build_training_sets(params, validate: bool = False) -> None:
+    """The real data steps in the current directory: ingest, features and the Feast training sets, with
+    the great-expectations gates on the raw tables and the training sets when ``validate``."""
+    from components import features, ingest, training_set
+    from components import validate as validation
+
+    ingest.run(params.data, params.seed)
+    features.run(params.features, params.data.raw_dir)
+    if validate:
+        validation.run(params.validation, "raw", params.data.raw_dir)
+    training_set.run(
+        params.training_set,
+        params.features.features_dir,
+        params.data.raw_dir,
+        feast=params.feast,
+        features=params.features,
+    )
+    if validate:
+        validation.run(params.validation, "training", params.training_set.output_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """The whole local DAG on the tiny preset, run step by step in its own working directory.
 
-    The project's Feast repo is copied in, so the registry and SQLite online store live in the temp
-    directory and never touch the checkout's. Returns the working directory; the bundle is in
-    ``artifacts/bundle``. Steps are the real ones: Feast, great-expectations, torch training, FAISS.
+    Returns the working directory; the bundle is in ``artifacts/bundle``. Steps are the real ones: Feast,
+    great-expectations, torch training, FAISS.
     """
-    import shutil
-
-    from components import build_index, bundle, evaluate, export, features, gate, ingest, train, training_set
-    from components import validate as validation
+    from components import build_index, bundle, evaluate, export, gate, train
     from components.config import load_params
 
     root = tmp_path_factory.mktemp("pipeline")
-    shutil.copytree(REPO_ROOT / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("data"))
     shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
-    previous = Path.cwd()
-    os.chdir(root)
-    try:
+    with pipeline_workdir(root):
         params = load_params(
             "params.yaml",
             overrides={"data.synthetic.preset": "tiny", "training.epochs": 3, "index.tune_queries": 200},
         )
-        ingest.run(params.data, params.seed)
-        features.run(params.features, params.data.raw_dir)
-        validation.run(params.validation, "raw", params.data.raw_dir)
-        training_set.run(
-            params.training_set,
-            params.features.features_dir,
-            params.data.raw_dir,
-            feast=params.feast,
-            features=params.features,
-        )
-        validation.run(params.validation, "training", params.training_set.output_dir)
+        build_training_sets(params, validate=True)
         for kind in MODEL_KINDS:
             train.run(kind, params)
         evaluate.run(params)
@@ -93,6 +113,4 @@ def tiny_pipeline(tmp_path_factory) -> Path:
         build_index.run(params.index, params.seed)
         bundle.run(params.bundle, "params.yaml")
         gate.run(params.gate)
-    finally:
-        os.chdir(previous)
     return root

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from benchmarks.serving_latency import _load, request_latencies
+from benchmarks.serving_latency import _load
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -54,5 +54,3 @@ def test_failed_requests_are_errors(server):
     _Echo.status = 500
     stats = _load(server, [{"instances": []}], concurrency=1, seconds=30.0, max_requests=5)
     assert stats["errors"] == stats["requests"] == 5
-    with pytest.raises(RuntimeError, match="failed"):
-        request_latencies(server, [{"instances": []}], seconds=0.2)

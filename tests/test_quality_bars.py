@@ -11,13 +11,11 @@ through the real steps: ingest, features, Feast training sets, training, evaluat
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL_KINDS, REPO_ROOT
+from tests.conftest import MODEL_KINDS, REPO_ROOT, build_training_sets, pipeline_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -27,25 +25,13 @@ AUC_MARGIN = 0.01  # "clearly above": at least this much AUC over the item-CTR b
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
-    from components import evaluate, features, ingest, train, training_set
+    from components import evaluate, train
     from components.config import load_params
     from components.train import read_split
 
-    root = tmp_path_factory.mktemp("small")
-    shutil.copytree(REPO_ROOT / "feature_repo", root / "feature_repo", ignore=shutil.ignore_patterns("data"))
-    previous = Path.cwd()
-    os.chdir(root)
-    try:
+    with pipeline_workdir(tmp_path_factory.mktemp("small")):
         params = load_params(REPO_ROOT / "params.yaml", overrides={"data.synthetic.preset": "small"})
-        ingest.run(params.data, params.seed)
-        features.run(params.features, params.data.raw_dir)
-        training_set.run(
-            params.training_set,
-            params.features.features_dir,
-            params.data.raw_dir,
-            feast=params.feast,
-            features=params.features,
-        )
+        build_training_sets(params)
         for kind in MODEL_KINDS:
             train.run(kind, params)
         report = evaluate.run(params)
@@ -69,8 +55,6 @@ def small_run(tmp_path_factory) -> dict:
             params.evaluation.ks,
             params.evaluation.exclude_seen,
         )["two_tower"]
-    finally:
-        os.chdir(previous)
     return report
 
 
