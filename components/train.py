@@ -37,6 +37,8 @@ def run(
     checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
+    import torch
+
     from models import FeatureEncoder, build_model, fit, save_model, write_history_csv
 
     if kind not in TRAINING_SET_OF:
@@ -49,11 +51,13 @@ def run(
     encoder = FeatureEncoder.fit(params.models.features, train_df)
     train, valid = encoder.encode(train_df), encoder.encode(valid_df)
     model_config = params.models.model(kind)
+    training = params.training.for_model(kind)
     counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
+    torch.manual_seed(training.seed)  # the initial weights too, not just the batches: same seed, same model
     model = build_model(kind, model_config, encoder, item_counts=counts)
 
     started = time.perf_counter()
-    result = fit(model, train, valid, params.training.for_model(kind), checkpoint_dir=checkpoint_dir)
+    result = fit(model, train, valid, training, checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - started
     epochs = len(result.history)
     metrics = {

@@ -80,3 +80,24 @@ def test_index_search_returns_item_ids_and_bundle_verifies(tiny_pipeline):
 def test_gate_first_deploy_passes_with_the_evaluated_metrics(tiny_pipeline):
     decision = json.loads((tiny_pipeline / "metrics" / "gate.json").read_text())
     assert decision["passed"] is True and decision["first_deploy"] is True
+
+
+def test_training_is_deterministic_for_a_seed(tiny_pipeline, tmp_path):
+    """Same seed, same data: the same weights, whatever ran in the process before (initial weights
+    included, not only the batch order)."""
+    from safetensors.torch import load_file
+
+    from components import train
+    from components.config import load_params
+
+    params = load_params(
+        tiny_pipeline / "params.yaml", overrides={"data.synthetic.preset": "tiny", "training.epochs": 1}
+    )
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(7)  # moves the global RNG between the runs, as any earlier work in a process would
+        out = tmp_path / run
+        train.run("dlrm", params, tiny_pipeline / "data/training", out, out / "m.json", out / "p.png")
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
