@@ -598,32 +598,27 @@ def _check_group_names(groups: list[FeatureGroup], kind: str) -> None:
         raise ValueError(f"{kind}.feature_groups: group name(s) used twice: {dupes}")
 
 
+def _check_tower_inputs(
+    by_name: dict[str, FeatureGroup], inputs: list[str], field: str, group_type: str, need: str
+) -> None:
+    """Each tower input names a declared group of the type that tower reads."""
+    for name in inputs:
+        group = by_name.get(name)
+        if group is None:
+            raise ValueError(f"{field}: input '{name}' is not a feature group ({sorted(by_name)})")
+        if group.type != group_type:
+            raise ValueError(f"{field}: input '{name}' is a {group.type} group; {need}")
+
+
 def _check_towers(
     groups: list[FeatureGroup], towers: list[TowerConfig], din_towers: list[DINTowerConfig], kind: str
 ) -> None:
     _check_group_names(groups, kind)
     by_name = {g.name: g for g in groups}
-    for tower in towers:
-        group = by_name.get(tower.input)
-        if group is None:
-            raise ValueError(
-                f"{kind}.towers: input '{tower.input}' is not a feature group ({sorted(by_name)})"
-            )
-        if group.type != "deep":
-            raise ValueError(
-                f"{kind}.towers: input '{tower.input}' is a {group.type} group; towers need deep"
-            )
-    for tower in din_towers:
-        group = by_name.get(tower.input)
-        if group is None:
-            raise ValueError(
-                f"{kind}.din_towers: input '{tower.input}' is not a feature group ({sorted(by_name)})"
-            )
-        if group.type != "sequence":
-            raise ValueError(
-                f"{kind}.din_towers: input '{tower.input}' is a {group.type} group; "
-                "DIN needs a sequence group"
-            )
+    _check_tower_inputs(by_name, [t.input for t in towers], f"{kind}.towers", "deep", "towers need deep")
+    _check_tower_inputs(
+        by_name, [t.input for t in din_towers], f"{kind}.din_towers", "sequence", "DIN needs a sequence group"
+    )
     if len({t.input for t in towers}) != len(towers):
         raise ValueError(f"{kind}.towers: two towers read the same group")
 

@@ -11,6 +11,7 @@ from models.config import (
     MLPConfig,
     ModelConfigError,
     ModelsConfig,
+    MultiTowerConfig,
     MultiTowerDINConfig,
     SequenceFeature,
     SparseFeature,
@@ -93,6 +94,24 @@ def test_unknown_keys_are_rejected():
         MLPConfig(hidden_units=[8], hiden_units=[4])
     with pytest.raises(ValidationError, match="early-stopping metric 'accuracy'"):
         TrainingConfig(early_stopping_metric="accuracy")
+
+
+@pytest.mark.parametrize(
+    ("towers", "message"),
+    [
+        (["items"], r"multi_tower.towers: input 'items' is not a feature group \(\['seq', 'user'\]\)"),
+        (["seq"], "multi_tower.towers: input 'seq' is a sequence group; towers need deep"),
+        (["user", "user"], "multi_tower.towers: two towers read the same group"),
+    ],
+)
+def test_tower_inputs_must_name_a_deep_group_once(towers, message):
+    groups = [
+        FeatureGroup(name="user", features=["user_id"]),
+        FeatureGroup(name="seq", type="sequence", features=["item_id", "hist_item_ids"]),
+    ]
+    mlp = MLPConfig(hidden_units=[4])
+    with pytest.raises(ValidationError, match=message):
+        MultiTowerConfig(feature_groups=groups, towers=[TowerConfig(input=t, mlp=mlp) for t in towers])
 
 
 def test_din_needs_a_sequence_group_with_matching_query_dim():
