@@ -284,6 +284,22 @@ def feature_columns(repo: Any) -> list[str]:
     return [name for view in order for name in repo.feature_names[view]]
 
 
+def backfill_online_store(
+    feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path
+) -> dict[str, str]:
+    """Register the feature views over ``features_dir`` and backfill the online store from them.
+
+    The KFP pipeline runs this as a step of its own that is never cached: the online store lives outside
+    the run, so a cache hit on the training sets must not leave a new or emptied store unfilled.
+    """
+    features_dir = Path(features_dir).resolve()
+    store = open_feature_store(feast)
+    store.apply(feature_repo(feast, features, features_dir).objects())
+    sources = {name: _read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    start, end = materialize_online_store(store, sources)
+    return {"start": start.isoformat(), "end": end.isoformat()}
+
+
 def materialize_online_store(store: FeatureStore, sources: dict[str, pa.Table]) -> tuple[datetime, datetime]:
     """Backfill the online store with every view's latest row up to the end of the data.
 

@@ -54,6 +54,7 @@ def build_pipeline(params: Params) -> Any:
     features_op = component(steps.features)
     validate_op = component(steps.validate)
     training_set_op = component(steps.training_set)
+    online_store_op = component(steps.online_store)
     train_op = component(steps.train)
     evaluate_op = component(steps.evaluate)
     export_op = component(steps.export)
@@ -103,6 +104,11 @@ def build_pipeline(params: Params) -> Any:
             training_set_op(params_yaml=config, features=feature_tables, raw=raw), "training-set"
         ).after(validate_raw)
         training_sets = training.outputs["training_sets"]
+        # the online store lives outside the run: backfilled on every run, after the training set registered
+        # the feature views, and before any deploy
+        online = step(
+            online_store_op(params_yaml=config, features=feature_tables), "online-store", cache=False
+        ).after(training)
         validate_training = step(
             validate_op(params_yaml=config, target="training", data=training_sets), "validate-training-set"
         )
@@ -139,7 +145,9 @@ def build_pipeline(params: Params) -> Any:
         )
         bundle = bundling.outputs["bundle"]
         # the gate reads the world outside the run (the deployed bundle): never cached
-        gate = step(gate_op(params_yaml=config, evaluation=evaluation), "gate", cache=False).after(bundling)
+        gate = step(gate_op(params_yaml=config, evaluation=evaluation), "gate", cache=False).after(
+            bundling, online
+        )
         with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712  (KFP condition)
             step(deploy_op(params_yaml=config, bundle=bundle, dry_run=deploy_dry_run), "deploy", cache=False)
         return bundle

@@ -85,7 +85,8 @@ def training_set(
     report: Output[Markdown],
     stats: Output[Metrics],
 ) -> None:
-    """Point-in-time training sets from Feast, then the online store backfill (components/training_set.py).
+    """Point-in-time training sets from Feast (components/training_set.py); the online store backfill is
+    the ``online_store`` step's, which is never cached.
 
     In the cluster Feast uses the production feature_store.yaml from $FEAST_FS_YAML_FILE_PATH.
     """
@@ -99,12 +100,30 @@ def training_set(
         features.path,
         raw.path,
         training_sets.path,
-        feast=params.feast,
+        feast=params.feast.model_copy(update={"materialize": False}),
         features=params.features,
         metrics_file=stats.path,
         report_file=report.path,
     )
     publish_metrics(stats.path, stats)
+
+
+def online_store(params_yaml: str, features: Input[Dataset]) -> str:
+    """Backfill Feast's online store from the run's feature tables, so serving reads the newest values.
+
+    Its own step, never cached: the store lives outside the run, and a cached training-set step would
+    otherwise leave a new or emptied store unfilled. Returns the materialised window ("" when
+    ``feast.materialize`` is off).
+    """
+    import json
+
+    from components import training_set as step
+    from components.config import params_from_yaml_text
+
+    params = params_from_yaml_text(params_yaml)
+    if not params.feast.materialize:
+        return ""
+    return json.dumps(step.backfill_online_store(params.feast, params.features, features.path))
 
 
 def train(

@@ -227,6 +227,7 @@ ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
     ("training-set", "features"),
     ("training-set", "validate-raw"),
     ("validate-training-set", "training-set"),
+    ("online-store", "training-set"),
     *[(train, "validate-training-set") for train in TRAIN_TASKS],
     *[("evaluate", train) for train in TRAIN_TASKS],
     ("export", "evaluate"),
@@ -235,6 +236,7 @@ ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
     ("bundle", "evaluate"),
     *[("bundle", train) for train in TRAIN_TASKS],
     ("gate", "bundle"),
+    ("gate", "online-store"),  # no deploy before the online store holds the run's features
 ]
 
 
@@ -277,7 +279,7 @@ def test_compiled_pipeline_has_every_task(compiled, tasks, params):
     steps = {name for name, task in tasks.items() if not task["key"].startswith("condition")}
     assert steps == {
         "configure", "ingest", "features", "validate-raw", "training-set", "validate-training-set",
-        *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "deploy",
+        "online-store", *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "deploy",
     }  # fmt: skip
 
 
@@ -324,7 +326,9 @@ def test_deploy_runs_only_when_the_gate_passes_and_is_never_cached(compiled, tas
     assert gate_component["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "BOOLEAN"
     assert not deploy["spec"].get("cachingOptions", {}).get("enableCache", False)
     assert not tasks["gate"]["spec"].get("cachingOptions", {}).get("enableCache", False)
-    for name in ("ingest", "features", "train-dlrm", "build-index", "bundle"):
+    # the online store lives outside the run too: a cache hit on the training set must not skip its backfill
+    assert not tasks["online-store"]["spec"].get("cachingOptions", {}).get("enableCache", False)
+    for name in ("ingest", "features", "training-set", "train-dlrm", "build-index", "bundle"):
         assert tasks[name]["spec"]["cachingOptions"]["enableCache"] is True
 
 

@@ -124,17 +124,32 @@ def test_splits_follow_the_cut_points_and_do_not_overlap(handmade_run):
     assert len(frames["ranking_train"]) == 3 and len(frames["ranking_valid"]) == 1
 
 
-def test_online_store_after_materialize_serves_the_latest_values(handmade_run):
-    report, _, _, feast_cfg, _ = handmade_run
+def _latest_user_values(feast_cfg: FeastConfig) -> dict[str, list]:
     store = training_set.open_feature_store(feast_cfg)
-    online = store.get_online_features(
+    return store.get_online_features(
         features=["user_stats:user_impressions_7d", "user_history:hist_item_ids", "user_profile:gender"],
         entity_rows=[{"user_id": 1}, {"user_id": 2}],
     ).to_dict()
+
+
+def test_online_store_after_materialize_serves_the_latest_values(handmade_run):
+    report, _, _, feast_cfg, _ = handmade_run
+    online = _latest_user_values(feast_cfg)
     assert online["user_impressions_7d"] == [8, 4]  # the newest snapshots, not the ones of any event
     assert online["hist_item_ids"] == [[10, 11], [10]]  # the trailing rows after the last events
     assert online["gender"] == ["F", "M"]
     assert report["materialized"]["end"] > day(9, 10).isoformat()
+
+
+def test_backfill_alone_fills_a_new_online_store(tmp_path):
+    """The pipeline's uncached online-store step: a fresh repo, no training-set run before it."""
+    feast_cfg = FeastConfig(repo_path=copy_feature_repo(tmp_path))
+    _, features_dir = handmade_dataset(tmp_path / "data")
+    assert training_set.open_feature_store(feast_cfg).list_feature_views() == []  # nothing registered yet
+    window = training_set.backfill_online_store(feast_cfg, FEATURES, features_dir)
+    online = _latest_user_values(feast_cfg)
+    assert online["user_impressions_7d"] == [8, 4] and online["gender"] == ["F", "M"]
+    assert window["end"] > day(9, 10).isoformat()
 
 
 def test_repo_objects_are_registered_with_absolute_sources(handmade_run):
