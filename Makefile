@@ -12,12 +12,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := False
 export FEAST_USAGE := False
 
-.PHONY: setup repro test lint bench clean
+.PHONY: setup repro test lint bench clean docker-engine images images-training
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml images/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --constraint images/constraints.txt -e ".[dev,production]"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
@@ -28,6 +28,18 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# images/: the pipeline (CPU) and serving images, tagged from params.yaml, from a Debian base built here
+# (BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:... where a registry is reachable); the CUDA training
+# image is opt-in (several GB)
+docker-engine:
+	images/docker_engine.sh
+
+images: $(STAMP)
+	$(BIN)/python images/build.py pipeline serving
+
+images-training: $(STAMP)
+	$(BIN)/python images/build.py training
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -415,6 +415,8 @@ class PipelineConfig(Section):
 
     name: str = Field(default="recsys-training", pattern=_DNS_LABEL)
     image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-pipeline", pattern=_IMAGE_REPO)
+    # the four training tasks: the same Dockerfile with CUDA torch (images/build.py training)
+    training_image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-training", pattern=_IMAGE_REPO)
     # one release tag for both images (pipeline and serving); pinned, never "latest"
     image_tag: str = Field(default="0.1.0", pattern=_IMAGE_TAG)
     namespace: str = Field(default="recsys", pattern=_DNS_LABEL)
@@ -446,7 +448,13 @@ class PipelineConfig(Section):
 
     @property
     def image(self) -> str:
+        """The CPU steps' image reference, as the compiled pipeline names it."""
         return f"{self.image_repo}:{self.image_tag}"
+
+    @property
+    def training_image(self) -> str:
+        """The GPU training tasks' image reference."""
+        return f"{self.training_image_repo}:{self.image_tag}"
 
 
 class ServingConfig(Section):

@@ -1,15 +1,24 @@
-# syntax=docker/dockerfile:1
-# The pipeline/training image: every task of the Kubeflow pipeline runs in it, the GPU training tasks
-# included. torch comes from PyPI, whose Linux x86_64 wheel is the CUDA build (CUDA runtime libraries as
-# wheels), so the node needs only the NVIDIA driver and container toolkit; on a CPU node the same image
-# trains on CPU. Versions are pinned by images/constraints.txt, the set CI tests.
+# The pipeline image (CPU) and, built from the same file, the training image (CUDA): every Kubeflow task
+# runs in one of them. Only the torch build differs, chosen by TORCH_PIP_ARGS:
+#   pipeline  (default)  --index-url https://download.pytorch.org/whl/cpu    CPU torch, ~1 GB smaller
+#   training             --index-url https://pypi.org/simple                 PyPI's Linux wheel: CUDA runtime
+#                                                                             as wheels; the node needs only
+#                                                                             the NVIDIA driver + toolkit
+# Versions are pinned by images/constraints.txt, the set CI tests; the production Feast drivers (Redis
+# online store, PostgreSQL SQL registry) come with the `production` extra.
 #
-# Build from the repository root (tag = params.yaml pipeline.image_tag):
-#   docker build -f images/pipeline.Dockerfile -t ghcr.io/recsys-kfp/recsys-pipeline:0.1.0 .
+# Build with `make images` (images/build.py): it picks the tags from params.yaml, passes the CA bundle
+# as a BuildKit secret (never a layer) and, where no registry can be reached, a locally made base.
+# By hand, from the repository root:
+#   DOCKER_BUILDKIT=1 docker build -f images/pipeline.Dockerfile -t <pipeline.image_repo>:<tag> .
 
-FROM python:3.11.13-slim-bookworm AS build
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=120
 WORKDIR /src
 COPY images/constraints.txt images/constraints.txt
 COPY pyproject.toml README.md ./
@@ -17,22 +26,33 @@ COPY components components
 COPY models models
 COPY pipelines pipelines
 COPY serving serving
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --constraint images/constraints.txt . \
+# torch alone first, without its dependencies, from TORCH_PIP_ARGS's source; the project's install then
+# resolves torch's dependencies from PyPI with the rest. images/wheelhouse: wheels the build may take
+# instead of an index (make images puts the CPU torch wheel there on machines without the PyTorch index);
+# pip_ca: an optional CA bundle for a TLS-intercepting proxy, mounted for this RUN only
+# hadolint ignore=SC2086
+RUN --mount=type=bind,source=images/wheelhouse,target=/wheelhouse \
+    --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --constraint images/constraints.txt --find-links /wheelhouse --no-deps \
+        $TORCH_PIP_ARGS torch \
+    && /opt/venv/bin/pip install --constraint images/constraints.txt ".[production]" \
     && /opt/venv/bin/pip check
 
-FROM python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 RUN groupadd --gid 1000 recsys \
     && useradd --uid 1000 --gid recsys --home-dir /home/recsys --create-home --shell /usr/sbin/nologin recsys
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # the step code runs from /app: params.yaml (defaults; the pipeline passes its own) and the Feast repo
 COPY params.yaml ./
-COPY feature_repo feature_repo
+COPY feature_repo/*.py feature_repo/*.yaml feature_repo/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
     FEAST_USAGE=False \
     GX_ANALYTICS_ENABLED=False \
     DVC_NO_ANALYTICS=1

@@ -5,7 +5,8 @@
 - ``upload --host URL [--version NAME]``: a new pipeline, or a new version of it.
 - ``schedule --host URL --cron "0 0 3 * * *" [--experiment NAME]``: a recurring run (KFP's cron has 6
   fields, seconds first; it is validated before the server is called).
-- ``run-local [--preset tiny]``: the whole DAG through KFP's local runner, no cluster.
+- ``run-local [--preset tiny] [--runner subprocess|docker]``: the whole DAG through KFP's local runner,
+  no cluster; ``--runner docker`` runs every task in the built image.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def _run_local(args: argparse.Namespace, params, _client) -> int:
     from pipelines.local_run import LocalRunError, run_local
 
     try:
-        bundle = run_local(Path(args.params), preset=args.preset, pipeline_root=Path(args.pipeline_root))
+        bundle = run_local(
+            Path(args.params),
+            preset=args.preset,
+            pipeline_root=Path(args.pipeline_root),
+            runner=args.runner,
+            training_image=args.training_image,
+        )
     except LocalRunError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -109,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
         "--preset", default=None, choices=["tiny", "small", "default", "large"], help="synthetic size"
     )
     local_cmd.add_argument("--pipeline-root", default="artifacts/kfp-local", help="where task outputs go")
+    local_cmd.add_argument(
+        "--runner",
+        default="subprocess",
+        choices=["subprocess", "docker"],
+        help="subprocess: tasks as processes of this venv; docker: each task in its image (make images)",
+    )
+    local_cmd.add_argument(
+        "--training-image",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="docker runner: train in the pipeline (CPU) image, or in pipeline.training_image (CUDA)",
+    )
     local_cmd.set_defaults(handler=_run_local)
     return parser
 

@@ -1,10 +1,19 @@
 """``python -m pipelines run-local``: the whole KFP DAG on this machine through KFP's own local runner.
 
-``kfp.local.SubprocessRunner`` runs each lightweight component as a subprocess of this Python (no
-containers, no per-task venv: the project and kfp are already installed here, which is what
-``install_kfp_package=False`` expects). The subprocesses inherit the working directory and environment,
-so the run happens from the repository root with it on ``PYTHONPATH``, exactly like ``dvc repro``. Deploy
-runs in dry-run mode: it renders the InferenceService for the produced bundle instead of applying it.
+Two runners, the same compiled DAG:
+
+- ``subprocess`` (default): ``kfp.local.SubprocessRunner`` runs each lightweight component as a subprocess
+  of this Python (no containers, no per-task venv: the project and kfp are already installed here, which
+  is what ``install_kfp_package=False`` expects). The subprocesses inherit the working directory and
+  environment, so the run happens from the repository root with it on ``PYTHONPATH``, like ``dvc repro``.
+- ``docker``: ``kfp.local.DockerRunner`` runs every task in the project's built image, as the cluster
+  does (``make images`` first): non-root, the code and Feast repo from the image, artifacts passed by KFP
+  through the pipeline root mounted into each container. The GPU training image is not needed: there is
+  no GPU in a local Docker, so the training tasks run in the pipeline (CPU) image unless
+  ``training_image="cuda"``. Feast's registry and SQLite online store live in ``<pipeline_root>/feast``
+  (``$FEAST_FS_YAML_FILE_PATH``), shared by the tasks as the SQL registry and Redis are in the cluster.
+
+Deploy runs in dry-run mode: it renders the InferenceService for the produced bundle instead of applying it.
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.config import load_params
+import yaml
+
+from components.config import Params, load_params
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_UID = 1000  # the images' non-root user (images/*.Dockerfile, deploy.run_as_user)
 
 
 class LocalRunError(RuntimeError):
@@ -32,24 +44,36 @@ def run_local(
     preset: str | None = None,
     pipeline_root: str | Path = REPO_ROOT / "artifacts" / "kfp-local",
     overrides: dict[str, Any] | None = None,
+    runner: str = "subprocess",
+    training_image: str = "cpu",
 ) -> Path:
-    """Run the DAG on ``params_path`` (synthetic ``preset``, dotted ``overrides``); returns the bundle dir."""
+    """Run the DAG on ``params_path`` (synthetic ``preset``, dotted ``overrides``) with ``runner``
+    ('subprocess' or 'docker'); returns the bundle directory."""
     from kfp import local
 
     from pipelines.recsys_training import build_pipeline
 
     overrides = dict(overrides or {}) | ({"data.synthetic.preset": preset} if preset else {})
     params = load_params(params_path, overrides)
+    if runner == "docker" and training_image == "cpu":
+        params.pipeline.training_image_repo = params.pipeline.image_repo
     pipeline = build_pipeline(params)
     pipeline_root = Path(pipeline_root).resolve()
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
-    )
-    with _from_repository_root(), warnings.catch_warnings():
+    if runner == "docker":
+        local_runner: Any = docker_runner(params, pipeline_root)
+    elif runner == "subprocess":
+        local_runner = local.SubprocessRunner(use_venv=False)
+    else:
+        raise LocalRunError(f"run-local: unknown runner {runner!r} (subprocess or docker)")
+    local.init(runner=local_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+    where = _from_repository_root() if runner == "subprocess" else contextlib.nullcontext()
+    with where, warnings.catch_warnings():
         # the tasks name the pipeline image; here this venv *is* that image's environment, on purpose
         warnings.filterwarnings(
             "ignore", message="You may be attemping to run a task", category=RuntimeWarning
         )
+        # CPU/memory requests are the cluster's business; kfp.local warns once per task that it ignores them
+        warnings.filterwarnings("ignore", message="Task .* have no effect in the current local runner")
         try:
             run = pipeline(deploy_dry_run=True)
         except RuntimeError as exc:
@@ -57,6 +81,54 @@ def run_local(
     bundle = Path(run.output.path)
     log.info("run-local: bundle at %s", bundle)
     return bundle
+
+
+def docker_runner(params: Params, pipeline_root: Path) -> Any:
+    """A ``kfp.local.DockerRunner`` for the project image: checks the images exist, prepares the pipeline
+    root (writable by the container user) and the Feast store the task containers share."""
+    import docker
+    from kfp import local
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise LocalRunError(f"run-local --runner docker: no Docker daemon reachable ({exc})") from exc
+    for image in dict.fromkeys([params.pipeline.image, params.pipeline.training_image]):
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            raise LocalRunError(
+                f"run-local --runner docker: image {image} is not built here (make images)"
+            ) from None
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    feast_yaml = shared_feast_store(pipeline_root / "feast")
+    user = _container_user(pipeline_root)
+    environment = {"FEAST_FS_YAML_FILE_PATH": str(feast_yaml), "HOME": "/tmp"}
+    return local.DockerRunner(user=user, environment=environment)
+
+
+def shared_feast_store(folder: Path) -> Path:
+    """A feature_store.yaml whose registry and SQLite online store lie in ``folder`` (absolute paths), so
+    that every task container of a run, and a serving container after it, opens the same store."""
+    local_yaml = yaml.safe_load((REPO_ROOT / "feature_repo" / "feature_store.yaml").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    local_yaml["registry"] = str(folder / "registry.db")
+    local_yaml["online_store"] = {"type": "sqlite", "path": str(folder / "online_store.db")}
+    path = folder / "feature_store.yaml"
+    path.write_text(yaml.safe_dump(local_yaml, sort_keys=False))
+    return path
+
+
+def _container_user(pipeline_root: Path) -> str:
+    """The uid:gid the task containers run as, owning ``pipeline_root``: the image's non-root user when
+    this process is root (the folder is handed to it), else this process's own uid (HOME is /tmp)."""
+    if os.geteuid() == 0:
+        for folder, _, files in os.walk(pipeline_root):
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                os.chown(path, IMAGE_UID, IMAGE_UID)
+        return f"{IMAGE_UID}:{IMAGE_UID}"
+    return f"{os.geteuid()}:{os.getegid()}"
 
 
 @contextlib.contextmanager

@@ -6,10 +6,13 @@ configure -> ingest -> features -> validate(raw) -> training sets -> validate(tr
   -> evaluate -> export -> build index -> bundle -> gate -> [gate passed] deploy
 ```
 
-The pipeline is built from params.yaml at compile time: the components' ``base_image`` is the pinned
-pipeline image, resources and the accelerator come from the ``pipeline`` section, and the validated
-params.yaml content becomes the default of the ``params_yaml`` parameter. At run time the image tag, GPU
-type, data source and deploy namespace are parameters too, so a run can change them without a recompile.
+The pipeline is built from params.yaml at compile time: every task's image is a constant, the whole
+reference ``pipeline.image_repo:image_tag`` (CPU steps) or ``pipeline.training_image_repo:image_tag``
+(the four GPU training tasks), resources and the accelerator come from the ``pipeline`` section, and the
+validated params.yaml content becomes the default of the ``params_yaml`` parameter. Images are not run
+parameters: the KFP driver substitutes a parameter into an image only when it is the whole image string
+(and ``kfp.local`` never), so a new image means a recompile (``python -m pipelines compile``). The GPU
+type, data source and deploy namespace are run parameters.
 
 The ``params_yaml`` default is written as one line of JSON (valid YAML): KFP copies every default into
 the comment header of the compiled file, and a multi-line default would break that header's YAML.
@@ -46,8 +49,8 @@ def build_pipeline(params: Params) -> Any:
     cfg = params.pipeline
     params_text = params_as_text(params)
 
-    def component(func: Any) -> Any:
-        return dsl.component(func, base_image=cfg.image, install_kfp_package=False)
+    def component(func: Any, image: str = cfg.image) -> Any:
+        return dsl.component(func, base_image=image, install_kfp_package=False)
 
     configure_op = component(steps.configure)
     ingest_op = component(steps.ingest)
@@ -55,7 +58,7 @@ def build_pipeline(params: Params) -> Any:
     validate_op = component(steps.validate)
     training_set_op = component(steps.training_set)
     online_store_op = component(steps.online_store)
-    train_op = component(steps.train)
+    train_op = component(steps.train, image=cfg.training_image)
     evaluate_op = component(steps.evaluate)
     export_op = component(steps.export)
     build_index_op = component(steps.build_index)
@@ -71,15 +74,12 @@ def build_pipeline(params: Params) -> Any:
     def recsys_training(
         params_yaml: str = params_text,
         data_source: str = params.data.source,
-        image_tag: str = cfg.image_tag,
         gpu_type: str = cfg.accelerator_type,
         namespace: str = params.deploy.namespace,
         deploy_dry_run: bool = False,
     ) -> dsl.Model:
-        image = f"{cfg.image_repo}:{image_tag}"
-
         def step(task: Any, name: str, resources: Resources = cfg.step_resources, cache: bool = True) -> Any:
-            task.set_display_name(name).set_container_image(image).set_caching_options(cache)
+            task.set_display_name(name).set_caching_options(cache)
             task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
             task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
             if cfg.retries:
@@ -90,7 +90,6 @@ def build_pipeline(params: Params) -> Any:
             configure_op(
                 params_yaml=params_yaml,
                 data_source=data_source,
-                image_tag=image_tag,
                 gpu_type=gpu_type,
                 namespace=namespace,
             ),

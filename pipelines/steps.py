@@ -13,7 +13,7 @@ No ``from __future__ import annotations`` in this module: KFP reads the artifact
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def configure(params_yaml: str, data_source: str, image_tag: str, gpu_type: str, namespace: str) -> str:
+def configure(params_yaml: str, data_source: str, gpu_type: str, namespace: str) -> str:
     """Validate the run's configuration once, before any work: params.yaml text + the run's overrides.
 
     Returns the effective configuration as YAML; every other task reads that, so the whole run agrees.
@@ -24,7 +24,6 @@ def configure(params_yaml: str, data_source: str, image_tag: str, gpu_type: str,
 
     effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
     effective["data"]["source"] = data_source
-    effective["pipeline"]["image_tag"] = image_tag
     effective["pipeline"]["accelerator_type"] = gpu_type
     effective["deploy"]["namespace"] = namespace
     params = parse_params(effective, source="params_yaml with the run's parameters")

@@ -8,6 +8,7 @@ upload/schedule cannot reach a KFP server here: they run against a recording sta
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -332,28 +333,54 @@ def test_deploy_runs_only_when_the_gate_passes_and_is_never_cached(compiled, tas
         assert tasks[name]["spec"]["cachingOptions"]["enableCache"] is True
 
 
-def test_every_task_runs_the_pinned_image_without_installing_kfp(compiled, tasks, params):
+# A container image as the KFP v2 driver resolves it (backend driver.go / resolve.go): an input-parameter
+# placeholder is substituted only as the whole image string; a placeholder inside a longer string makes the
+# pod image the bare parameter value (e.g. "repo:{{...image_tag}}" -> "0.1.0"), which nothing can pull.
+PARAMETER_PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['(?:pipelinechannel--)?([^']+)'\]\}\}")
+# a full reference: [registry/]repo[:tag][@sha256:digest] with a tag or a digest
+FULL_IMAGE_REFERENCE = re.compile(
+    r"(?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9._/-]+(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def driver_resolved_image(image: str, parameters: dict[str, Any]) -> str:
+    """``image`` after the KFP driver's substitution, with the pipeline's parameter defaults."""
+    match = PARAMETER_PLACEHOLDER.search(image)
+    if match is None:
+        return image
+    return str(parameters[match.group(1)]["defaultValue"])
+
+
+def test_driver_rule_resolves_only_whole_string_placeholders():
+    parameters = {"image": {"defaultValue": "r.io/a/b:1.0"}, "image_tag": {"defaultValue": "0.1.0"}}
+    whole = "{{$.inputs.parameters['pipelinechannel--image']}}"
+    assert driver_resolved_image(whole, parameters) == "r.io/a/b:1.0"
+    # the form the pipeline compiled to before: a tag placeholder inside the reference
+    assert driver_resolved_image(
+        "r.io/a/b:{{$.inputs.parameters['pipelinechannel--image_tag']}}", parameters
+    ) == ("0.1.0")
+
+
+def _is_full_reference(image: str) -> bool:
+    return bool(FULL_IMAGE_REFERENCE.fullmatch(image)) and (
+        "@sha256:" in image or ":" in image.split("/")[-1]
+    )
+
+
+def test_every_task_image_resolves_to_the_pinned_image_without_installing_kfp(compiled, tasks, params):
     cfg = params.pipeline
+    parameters = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
     for name in tasks:
         if tasks[name]["key"].startswith("condition"):
             continue
         container = _executor(compiled, tasks, name)
-        assert (
-            container["image"]
-            == f"{cfg.image_repo}:{{{{$.inputs.parameters['pipelinechannel--image_tag']}}}}"
-        )
+        image = driver_resolved_image(container["image"], parameters)
+        assert _is_full_reference(image), f"{name}: the driver would run image {image!r}"
+        assert image == (cfg.training_image if name in TRAIN_TASKS else cfg.image), name
         assert "pip install" not in " ".join(container["command"])  # kfp comes with the image
         assert "executor_main" in " ".join(container["command"])
-    inputs = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
-    assert inputs["image_tag"]["defaultValue"] == cfg.image_tag
-    assert set(inputs) == {
-        "params_yaml",
-        "data_source",
-        "image_tag",
-        "gpu_type",
-        "namespace",
-        "deploy_dry_run",
-    }
+    assert not _is_full_reference("0.1.0") and _is_full_reference("ghcr.io/a/b@sha256:" + "0" * 64)
+    assert set(parameters) == {"params_yaml", "data_source", "gpu_type", "namespace", "deploy_dry_run"}
 
 
 def test_params_default_is_the_validated_params_file(compiled, params):
@@ -374,19 +401,16 @@ def test_configure_applies_the_run_parameters(params):
     from pipelines import steps
     from pipelines.recsys_training import params_as_text
 
-    text = steps.configure(
-        params_as_text(params), "movielens", "0.2.0", "nvidia.com/mig-1g.10gb", "recsys-dev"
-    )
+    text = steps.configure(params_as_text(params), "movielens", "nvidia.com/mig-1g.10gb", "recsys-dev")
     effective = params_from_yaml_text(text)
     assert effective.data.source == "movielens"
-    assert effective.pipeline.image_tag == "0.2.0"
     assert effective.pipeline.accelerator_type == "nvidia.com/mig-1g.10gb"
     assert effective.deploy.namespace == "recsys-dev"
     assert effective.models == params.models
     with pytest.raises(ConfigError, match=r"data\.source"):
-        steps.configure(params_as_text(params), "csv", "0.2.0", "nvidia.com/gpu", "recsys")
-    with pytest.raises(ConfigError, match=r"pipeline\.image_tag"):
-        steps.configure(params_as_text(params), "synthetic", "latest", "nvidia.com/gpu", "recsys")
+        steps.configure(params_as_text(params), "csv", "nvidia.com/gpu", "recsys")
+    with pytest.raises(ConfigError, match=r"deploy\.namespace"):
+        steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "Not_A_Namespace")
 
 
 # --------------------------------------------------------------------------------------------------

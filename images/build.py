@@ -1,0 +1,227 @@
+"""Build the project's images: ``python images/build.py [pipeline serving training base]`` (``make images``).
+
+Tags come from params.yaml: ``pipeline.image_repo``, ``pipeline.training_image_repo`` and
+``deploy.image_repo``, all at ``pipeline.image_tag`` (the compiled pipeline and the InferenceService
+name the same references). Without arguments it builds the pipeline and serving images; the training
+image (CUDA torch, several GB) only when named.
+
+Three things make a build work on a machine that reaches no container registry, only package indexes:
+
+- **base**: ``--base-image local`` (the default here) builds ``recsys-base:bookworm`` once from Debian's
+  packages (``debootstrap``, root only) with the same Python 3.11 the public base has; ``--base-image
+  python:3.11.13-slim-bookworm@sha256:...`` (or any pinned Python 3.11 image) uses a registry's.
+- **CA bundle**: pip inside the build gets ``$PIP_CERT`` / ``$SSL_CERT_FILE`` (when set) as the BuildKit
+  secret ``pip_ca``, mounted for the install only and never written into a layer.
+- **CPU torch**: a ``torch-<version>+cpu`` wheel lying in ``$PIP_FIND_LINKS`` is linked into
+  ``images/wheelhouse/`` and installed from there, instead of the PyTorch CPU index.
+
+BuildKit is required (secret and bind mounts): ``docker buildx`` when installed, else a Docker client
+older than 23 (Debian's ``docker.io``), which still builds with the daemon's own BuildKit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WHEELHOUSE = REPO_ROOT / "images" / "wheelhouse"
+LOCAL_BASE = "recsys-base:bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# what the public python:3.11-slim base gives the Dockerfiles: python3 with venv, CA roots, tzdata
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "tzdata", "libgomp1")
+CUDA_TORCH_ARGS = "--index-url https://pypi.org/simple"
+
+
+class BuildError(RuntimeError):
+    """An image could not be built; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image: its Dockerfile, the tag params.yaml gives it, and how its torch is installed."""
+
+    name: str
+    dockerfile: Path
+    tag: str
+    cuda: bool = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python images/build.py", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "images", nargs="*", default=["pipeline", "serving"], help="pipeline serving training"
+    )
+    parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"))
+    parser.add_argument(
+        "--base-image", default=os.environ.get("BASE_IMAGE", "local"), help="'local' or a pinned image"
+    )
+    args = parser.parse_args(argv)
+    try:
+        for name in args.images:
+            if name == "base":
+                print(ensure_local_base())
+                continue
+            image = images(args.params).get(name)
+            if image is None:
+                raise BuildError(
+                    f"unknown image {name!r}: choose from base, {', '.join(images(args.params))}"
+                )
+            build(image, args.base_image)
+    except BuildError as exc:
+        print(f"images/build.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def images(params_path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Image]:
+    """The project's images, tagged as params.yaml names them."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from components.config import load_params
+
+    params = load_params(params_path)
+    here = REPO_ROOT / "images"
+    return {
+        "pipeline": Image("pipeline", here / "pipeline.Dockerfile", params.pipeline.image),
+        "serving": Image(
+            "serving", here / "serving.Dockerfile", f"{params.deploy.image_repo}:{params.pipeline.image_tag}"
+        ),
+        "training": Image(
+            "training", here / "pipeline.Dockerfile", params.pipeline.training_image, cuda=True
+        ),
+    }
+
+
+def build(image: Image, base_image: str = "local") -> str:
+    """Build ``image`` from ``base_image`` ('local': the debootstrapped base); returns its tag."""
+    base = ensure_local_base() if base_image == "local" else base_image
+    torch_args = CUDA_TORCH_ARGS if image.cuda else _cpu_torch_args()
+    command = [
+        *_buildkit_client(),
+        "--file",
+        str(image.dockerfile),
+        "--tag",
+        image.tag,
+        "--build-arg",
+        f"BASE_IMAGE={base}",
+        "--progress",
+        "plain",
+    ]
+    if torch_args is not None:
+        command += ["--build-arg", f"TORCH_PIP_ARGS={torch_args}"]
+    ca_bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    if ca_bundle and Path(ca_bundle).is_file():
+        command += ["--secret", f"id=pip_ca,src={ca_bundle}"]
+    started = time.monotonic()
+    _run([*command, str(REPO_ROOT)], f"building {image.tag}", env=_buildkit_env())
+    print(f"built {image.tag} in {time.monotonic() - started:.0f} s", flush=True)
+    return image.tag
+
+
+def ensure_local_base() -> str:
+    """``recsys-base:bookworm`` from Debian's packages (debootstrap + docker import), built once."""
+    if image_exists(LOCAL_BASE):
+        return LOCAL_BASE
+    debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
+    if debootstrap is None or os.geteuid() != 0:
+        raise BuildError(
+            f"no base image: building {LOCAL_BASE} needs root and debootstrap (apt-get install debootstrap); "
+            "or pass --base-image python:3.11.13-slim-bookworm@sha256:... where a registry is reachable"
+        )
+    with tempfile.TemporaryDirectory(prefix="recsys-base-") as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        _run(
+            [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                "bookworm",
+                str(rootfs),
+                DEBIAN_MIRROR,
+            ],
+            "debootstrap of the base image",
+        )
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (rootfs / cache).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        changes = [
+            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "ENV LANG=C.UTF-8",
+        ]
+        _run(
+            ["docker", "import", *[arg for c in changes for arg in ("--change", c)], "-", LOCAL_BASE],
+            "docker import of the base image",
+            stdin=tar.stdout,
+        )
+        tar.wait()
+    return LOCAL_BASE
+
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def _cpu_torch_args() -> str | None:
+    """pip arguments for CPU torch: the local wheel when ``$PIP_FIND_LINKS`` holds one, else None (the
+    Dockerfile's default, the PyTorch CPU index)."""
+    version = _pinned_torch()
+    for folder in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
+        for wheel in sorted(Path(folder).glob(f"torch-{version}+cpu-cp311-*.whl")):
+            WHEELHOUSE.mkdir(exist_ok=True)
+            target = WHEELHOUSE / wheel.name
+            if not target.exists():
+                try:
+                    os.link(wheel, target)
+                except OSError:
+                    shutil.copyfile(wheel, target)
+            return "--no-index"
+    return None
+
+
+def _pinned_torch() -> str:
+    text = (REPO_ROOT / "images" / "constraints.txt").read_text()
+    match = re.search(r"^torch==(\S+)$", text, flags=re.MULTILINE)
+    if match is None:
+        raise BuildError("images/constraints.txt pins no torch version")
+    return match.group(1)
+
+
+def _buildkit_client() -> list[str]:
+    """A ``docker ... build`` command line that builds with BuildKit."""
+    if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0:
+        return ["docker", "buildx", "build", "--load"]
+    for client in dict.fromkeys(filter(None, [shutil.which("docker"), "/usr/bin/docker"])):
+        version = subprocess.run(
+            [client, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True
+        ).stdout.strip()
+        if version and int(version.split(".")[0]) < 23:
+            return [client, "build"]
+    raise BuildError(
+        "no Docker client that builds with BuildKit: install docker buildx, or Debian's docker.io "
+        "(its client, /usr/bin/docker, builds with the daemon's BuildKit)"
+    )
+
+
+def _buildkit_env() -> dict[str, str]:
+    return {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+
+def _run(command: list[str], what: str, **kwargs) -> None:
+    print(f"+ {' '.join(command)}", flush=True)
+    result = subprocess.run(command, check=False, **kwargs)
+    if result.returncode != 0:
+        raise BuildError(f"{what} failed (exit {result.returncode}); its output is above")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
