@@ -32,7 +32,7 @@ from components.build_index import (
     search,
     tune_search_param,
 )
-from components.config import IndexConfig, load_params
+from recsys.config import IndexConfig, load_params
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RECALL, TARGET_SPEEDUP = 0.95, 20.0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from components import features, ingest
-from components.config import load_params
+from recsys.config import load_params
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -12,7 +12,9 @@ import tempfile
 from pathlib import Path
 
 from components import evaluate, train
-from components.config import load_params
+from recsys import training_data
+from recsys.catalogue import item_catalogue
+from recsys.config import load_params
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -20,11 +22,9 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     base = load_params()
     training_dir = Path(base.training_set.output_dir)
-    test_start = evaluate.test_start_of(training_dir)
-    catalogue = evaluate.item_catalogue(
-        Path(base.features.features_dir), test_start, base.feast.ttl_days.item_stats
-    )
-    ranking_test = train.read_split(training_dir, "ranking", "test")
+    test_start = training_data.test_start_of(training_dir)
+    catalogue = item_catalogue(Path(base.features.features_dir), test_start, base.feast.ttl_days.item_stats)
+    ranking_test = training_data.read_split(training_dir, "ranking", "test")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for logq in (True, False):

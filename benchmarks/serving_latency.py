@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from components.config import Params, load_params
+from recsys.config import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

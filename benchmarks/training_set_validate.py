@@ -30,8 +30,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from components import features, ingest, training_set, validate
-from components.config import FeastConfig, Params, load_params
-from components.contracts import FEATURE_TABLE_KEYS
+from recsys import feature_store, point_in_time
+from recsys.config import FeastConfig, Params, load_params
+from recsys.contracts import FEATURE_TABLE_KEYS
 
 RESULTS = Path(__file__).parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,16 +106,16 @@ def _chunked_join(
     params: Params, raw: Path, feats: Path, feast: FeastConfig, rows: int, chunk_rows: int
 ) -> dict[str, Any]:
     """The step's point-in-time join on ``rows`` ranking rows from the middle of the time range."""
-    store = training_set.open_feature_store(feast)
-    build = functools.partial(training_set.feature_repo, feast, params.features)
+    store = feature_store.open_feature_store(feast)
+    build = functools.partial(feature_store.feature_repo, feast, params.features)
     store.apply(build(feats.resolve()).objects())
-    sources = {name: training_set._read_feature_table(feats, name) for name in FEATURE_TABLE_KEYS}
+    sources = {name: feature_store.read_feature_table(feats, name) for name in FEATURE_TABLE_KEYS}
     events = pd.read_parquet(raw / "events.parquet")
     ranking = training_set.entity_frames(events)["ranking"]
     start = max(0, len(ranking) // 2 - rows // 2)
     entity = ranking.iloc[start : start + rows]
     t0 = time.perf_counter()
-    frame, _ = training_set.historical_features(store, entity, "ranking", sources, build, chunk_rows)
+    frame, _ = point_in_time.historical_features(store, entity, "ranking", sources, build, chunk_rows)
     return {"seconds": _since(t0), "rows": len(frame), "store": store, "entity": entity, "build": build}
 
 
@@ -131,12 +132,12 @@ def _chunk_sweep(
     small = entity.iloc[: rows // 4]
     t0 = time.perf_counter()
     whole = store.get_historical_features(entity_df=small, features=store.get_feature_service("ranking"))
-    training_set.complete_training_rows(small, whole.to_df(), build(feats.resolve()))
+    point_in_time.complete_training_rows(small, whole.to_df(), build(feats.resolve()))
     sweep["unpruned_single_call_rows"] = len(small)
     sweep["unpruned_single_call_s"] = _since(t0)
     t0 = time.perf_counter()
-    sources = {name: training_set._read_feature_table(feats, name) for name in FEATURE_TABLE_KEYS}
-    training_set.historical_features(store, small, "ranking", sources, build, params.training_set.chunk_rows)
+    sources = {name: feature_store.read_feature_table(feats, name) for name in FEATURE_TABLE_KEYS}
+    point_in_time.historical_features(store, small, "ranking", sources, build, params.training_set.chunk_rows)
     sweep["chunked_same_rows_s"] = _since(t0)
     return sweep
 

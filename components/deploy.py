@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from kubernetes import client as k8s
 
-from components.artifact_io import write_text
-from components.config import ConfigError, DeployConfig, load_params
+from recsys.artifact_io import write_text
+from recsys.config import ConfigError, DeployConfig, load_params
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.artifact_io import read_json, write_json
-from components.config import Params, load_params
-from components.contracts import NUMBER_DEFAULT, TIMESTAMP
-from components.train import TRAINING_SET_OF, read_split
+from components.train import TRAINING_SET_OF
+from recsys.artifact_io import write_json
+from recsys.catalogue import item_catalogue
+from recsys.config import Params, load_params
+from recsys.contracts import TIMESTAMP
+from recsys.training_data import read_split, test_start_of
 
 log = logging.getLogger(__name__)
 RANKERS = [kind for kind, training_set in TRAINING_SET_OF.items() if training_set == "ranking"]
@@ -134,25 +136,6 @@ def evaluate_rankers(
     ctr = smoothed.reindex(ranking_test["item_id"]).fillna(prior).to_numpy().clip(1e-6, 1 - 1e-6)
     out["item_ctr_baseline"] = ranking_metrics(labels, np.log(ctr / (1 - ctr)), groups)
     return out
-
-
-def test_start_of(training_dir: Path) -> pd.Timestamp:
-    """Where the training sets' test window begins (their manifest)."""
-    return pd.Timestamp(read_json(training_dir / "manifest.json")["test_start"])
-
-
-def item_catalogue(features_dir: Path, as_of: pd.Timestamp, stats_ttl_days: float) -> pd.DataFrame:
-    """Every item with its profile and the latest stats snapshot at or before ``as_of`` within the TTL."""
-    profile = pd.read_parquet(features_dir / "item_profile.parquet").drop(columns=[TIMESTAMP])
-    stats = pd.read_parquet(features_dir / "item_stats.parquet")
-    stats = stats[
-        (stats[TIMESTAMP] <= as_of) & (stats[TIMESTAMP] > as_of - pd.Timedelta(days=stats_ttl_days))
-    ]
-    latest = stats.sort_values(TIMESTAMP).drop_duplicates("item_id", keep="last").drop(columns=[TIMESTAMP])
-    catalogue = profile.merge(latest, on="item_id", how="left")
-    stat_columns = [c for c in latest.columns if c != "item_id"]
-    catalogue[stat_columns] = catalogue[stat_columns].fillna(NUMBER_DEFAULT)
-    return catalogue.sort_values("item_id", ignore_index=True)
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -20,11 +20,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from components.artifact_io import staged_path, write_json
-from components.config import Params, load_params
-from components.contracts import TIMESTAMP
-from components.evaluate import item_catalogue
-from components.train import read_split
+from recsys.artifact_io import staged_path, write_json
+from recsys.catalogue import item_catalogue
+from recsys.config import Params, load_params
+from recsys.contracts import TIMESTAMP
+from recsys.training_data import read_split
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5

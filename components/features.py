@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.artifact_io import write_tables
-from components.config import FeaturesConfig, load_params
-from components.contracts import (
+from recsys.artifact_io import write_tables
+from recsys.config import FeaturesConfig, load_params
+from recsys.contracts import (
     ITEM_PROFILE_FEATURES,
     TIMESTAMP,
     USER_PROFILE_FEATURES,

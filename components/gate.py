@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from components.artifact_io import read_json, write_json
-from components.bundle import load_manifest
-from components.config import GateConfig, load_params
+from recsys.artifact_io import read_json, write_json
+from recsys.bundle_manifest import load_manifest
+from recsys.config import GateConfig, load_params
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.artifact_io import write_tables
-from components.config import DataConfig, load_params
-from components.contracts import RAW_TABLES, DataContractError, check_raw_table
+from recsys.artifact_io import write_tables
+from recsys.config import DataConfig, load_params
+from recsys.contracts import RAW_TABLES, DataContractError, check_raw_table
 
 log = logging.getLogger(__name__)
 

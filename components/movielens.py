@@ -41,9 +41,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from components.artifact_io import staged_path
-from components.config import MovieLensSource
-from components.contracts import DataContractError, check_raw_table
+from recsys.artifact_io import staged_path
+from recsys.config import MovieLensSource
+from recsys.contracts import DataContractError, check_raw_table
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from components.config import SyntheticSizes, SyntheticSource
+from recsys.config import SyntheticSizes, SyntheticSource
 
 SECOND_NS = 1_000_000_000
 DAY_S = 86_400

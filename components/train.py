@@ -15,8 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from components.artifact_io import staged_path, write_json
-from components.config import Params, load_params
+from recsys.artifact_io import staged_path, write_json
+from recsys.config import Params, load_params
+from recsys.training_data import read_split
 
 log = logging.getLogger(__name__)
 TRAINING_SET_OF = {
@@ -80,14 +81,6 @@ def run(
     plot_history(result.history, plot_file, title=kind)
     log.info("train %s: %s", kind, metrics)
     return metrics
-
-
-def read_split(training_dir: str | Path, training_set: str, split: str) -> pd.DataFrame:
-    """One split of a training set; a missing file names the step that makes it."""
-    path = Path(training_dir) / f"{training_set}_{split}.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: training set not found (run the training_set step first)")
-    return pd.read_parquet(path)
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:

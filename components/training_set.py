@@ -10,38 +10,18 @@ missing features get the contract's explicit defaults ("" / 0 / empty list): eve
 Splits are by time (train < valid < test, cut points from params), written atomically with a manifest
 that the validation step reads. Afterwards the online store is backfilled with ``materialize(start,
 end)`` up to the end of the data, so serving reads the latest features.
-
-Speed. Feast's file offline store merges each entity row with *every* feature row of its entity before
-filtering by time, and dask re-hashes the merged frames at each of its many ``persist`` calls. Two
-measures keep this linear (``benchmarks/training_set_validate.py`` has the numbers):
-
-- the entity frame is cut into time-ordered chunks of at most ``training_set.chunk_rows`` rows (spanning
-  at most as many rows of any feature table, see ``_chunk_bounds``), and each chunk
-  is joined against a copy of the feature tables that holds only the rows the chunk can use: per entity
-  in the chunk, its last row before the chunk starts plus its rows inside the chunk's time range. Any
-  other row is older than one of those (so never the latest <= the event time) or newer than every event
-  of the chunk, so Feast's answer is unchanged; a test compares it with an unpruned join. The copy also
-  holds one null placeholder row per entity, so that a view with no row inside its TTL yields defaults
-  for that view only instead of Feast dropping the event's other features with it (``_AsOfRows``);
-- dask hashes object columns that hold arrays (the behaviour history) through Arrow instead of pickling
-  them three times per ``persist``.
+The join itself is recsys.point_in_time's (its docstring says how it stays linear).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import logging
 import os
-import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before Feast is imported
@@ -49,29 +29,25 @@ os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from feast import FeatureStore, RepoConfig
-from feast.types import Array, Float32, Float64, Int32, Int64, String
 
-from components.artifact_io import write_json, write_tables, write_text
-from components.config import FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
-from components.contracts import (
+from recsys.artifact_io import write_json, write_tables, write_text
+from recsys.config import FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
+from recsys.contracts import (
     FEATURE_TABLE_KEYS,
-    MISSING_CATEGORY,
-    NUMBER_DEFAULT,
     TIMESTAMP,
     DataContractError,
     check_raw_table,
 )
+from recsys.feature_store import (
+    feature_repo,
+    materialize_online_store,
+    open_feature_store,
+    read_feature_table,
+)
+from recsys.point_in_time import feature_columns, historical_features, typed_table
+from recsys.training_data import MANIFEST, SPLITS
 
 log = logging.getLogger(__name__)
-
-TRAINING_SETS = ("retrieval", "ranking")  # one Feast FeatureService each
-SPLITS = ("train", "valid", "test")
-ENTITY_COLUMNS = ["row_id", "user_id", "item_id", TIMESTAMP, "label"]
-MANIFEST = "manifest.json"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -109,7 +85,7 @@ def run(
     repo = build_repo(features_dir)
     store.apply(repo.objects())
     cuts = split_cuts(events[TIMESTAMP], config)
-    sources = {name: _read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
 
     tables: dict[str, pa.Table] = {}
     report: dict[str, Any] = {"sets": {}, "seconds": {}, "defaulted_rows": {}}
@@ -130,7 +106,7 @@ def run(
                     f"(valid_start={cuts.valid_start}, test_start={cuts.test_start}) against the event "
                     f"times {events[TIMESTAMP].min()} .. {events[TIMESTAMP].max()}"
                 )
-            tables[f"{name}_{split_name}"] = _to_arrow(part, repo)
+            tables[f"{name}_{split_name}"] = typed_table(part, repo)
             report["sets"][f"{name}_{split_name}"] = _describe(part)
     write_tables(tables, output_dir)
     manifest = {
@@ -157,41 +133,6 @@ def run(
         report["seconds"]["total"],
     )
     return report
-
-
-def open_feature_store(feast: FeastConfig) -> FeatureStore:
-    """The project's Feast store: ``feast.config_file``, else $FEAST_FS_YAML_FILE_PATH, else the local yaml.
-
-    Relative paths in the yaml (registry, SQLite) resolve against the repo folder, not the working dir.
-    """
-    repo_path = resolve_repo_path(feast.repo_path)
-    if feast.config_file is None:
-        return FeatureStore(repo_path=str(repo_path))
-    config_file = feast.config_file if feast.config_file.is_absolute() else repo_path / feast.config_file
-    if not config_file.exists():
-        raise FileNotFoundError(f"feast.config_file: {config_file} does not exist")
-    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=config_file)
-
-
-def resolve_repo_path(repo_path: Path) -> Path:
-    """``repo_path`` against the working directory if it exists there, else against the project root."""
-    if repo_path.is_absolute():
-        candidates = [repo_path]
-    else:
-        candidates = [Path.cwd() / repo_path, PROJECT_ROOT / repo_path]
-    for candidate in candidates:
-        if (candidate / "definitions.py").exists():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        f"feast.repo_path: no Feast repo (definitions.py) at {' or '.join(str(c) for c in candidates)}"
-    )
-
-
-def feature_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> Any:
-    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir``."""
-    definitions = _definitions_module(resolve_repo_path(feast.repo_path))
-    ttl = {name: timedelta(days=days) for name, days in feast.ttl_days.model_dump().items()}
-    return definitions.build_feature_repo(Path(features_dir).resolve(), features.stats_windows_days, ttl)
 
 
 def entity_frames(events: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -222,263 +163,10 @@ def split_cuts(timestamps: pd.Series, config: TrainingSetConfig) -> SplitCuts:
     return SplitCuts(test_start - pd.Timedelta(days=n_valid), test_start)
 
 
-def historical_features(
-    store: FeatureStore,
-    entity_df: pd.DataFrame,
-    service: str,
-    sources: dict[str, pa.Table],
-    build_repo: Callable[[Path], Any],
-    chunk_rows: int,
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Feast's as-of join for every entity row (kept exactly once, defaults filled), chunk by chunk.
-
-    ``build_repo(features_dir)`` builds the definitions over a directory of feature tables (each chunk
-    gets its own). Returns the frame in ``row_id`` order and, per feature view, how many rows got defaults.
-    """
-    _register_arrow_tokens()
-    repo = build_repo(Path(tempfile.gettempdir()))
-    applied = sorted(_service_refs(store.get_feature_service(service)))
-    staged = sorted(_service_refs(repo.services[service]))
-    if applied != staged:
-        raise RuntimeError(f"feature service '{service}': registry and definitions disagree")
-    entity_df = entity_df.sort_values([TIMESTAMP, "row_id"], kind="stable", ignore_index=True)
-    slicers = {name: _AsOfRows(table, FEATURE_TABLE_KEYS[name]) for name, table in sources.items()}
-    parts = []
-    with tempfile.TemporaryDirectory(prefix="feast-chunks-") as tmp:
-        for number, (start, end) in enumerate(_chunk_bounds(entity_df, slicers, chunk_rows)):
-            chunk_dir = Path(tmp) / f"chunk_{number:06d}"
-            parts.append(
-                _join_chunk(store, entity_df.iloc[start:end], service, slicers, build_repo, chunk_dir)
-            )
-    joined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])
-    return complete_training_rows(entity_df, joined, repo)
-
-
-def complete_training_rows(
-    entity_df: pd.DataFrame, joined: pd.DataFrame, repo: Any
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Left-join Feast's rows back onto every entity row by ``row_id`` and fill missing features.
-
-    Feast may drop an entity row (no feature row within the TTL); a duplicated ``row_id`` would mean a
-    broken join and raises instead of silently double-counting an event.
-    """
-    columns = feature_columns(repo)
-    missing = [c for c in ["row_id", *columns] if c not in joined.columns]
-    if missing:
-        raise RuntimeError(f"get_historical_features returned no column(s) {missing}")
-    frame = entity_df[ENTITY_COLUMNS].merge(
-        joined[["row_id", *columns]], on="row_id", how="left", validate="one_to_one"
-    )
-    defaulted = {
-        view: int(frame[names].isna().all(axis=1).sum()) for view, names in repo.feature_names.items()
-    }
-    dtypes = _feature_dtypes(repo)
-    for column in columns:
-        frame[column] = _fill_default(frame[column], dtypes[column])
-    return frame.sort_values("row_id", ignore_index=True), defaulted
-
-
-def feature_columns(repo: Any) -> list[str]:
-    """Feature columns in contract order: user profile, history, user stats, item profile, item stats."""
-    order = ["user_profile", "user_history", "user_stats", "item_profile", "item_stats"]
-    return [name for view in order for name in repo.feature_names[view]]
-
-
-def backfill_online_store(
-    feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path
-) -> dict[str, str]:
-    """Register the feature views over ``features_dir`` and backfill the online store from them.
-
-    The KFP pipeline runs this as a step of its own that is never cached: the online store lives outside
-    the run, so a cache hit on the training sets must not leave a new or emptied store unfilled.
-    """
-    features_dir = Path(features_dir).resolve()
-    store = open_feature_store(feast)
-    store.apply(feature_repo(feast, features, features_dir).objects())
-    sources = {name: _read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
-    start, end = materialize_online_store(store, sources)
-    return {"start": start.isoformat(), "end": end.isoformat()}
-
-
-def materialize_online_store(store: FeatureStore, sources: dict[str, pa.Table]) -> tuple[datetime, datetime]:
-    """Backfill the online store with every view's latest row up to the end of the data.
-
-    ``materialize_incremental`` would start at now - TTL and skip the history, so the window is explicit:
-    from the oldest feature row to one second past the newest (Feast's end bound is exclusive).
-    """
-    stamps = [table.column(TIMESTAMP) for table in sources.values() if table.num_rows]
-    start = min(pc.min(s).as_py() for s in stamps)
-    end = max(pc.max(s).as_py() for s in stamps) + timedelta(seconds=1)
-    store.materialize(start_date=start, end_date=end)
-    return start, end
-
-
 # ---- chunked join ---------------------------------------------------------------------------------
 
 
-class _AsOfRows:
-    """A feature table in time order, swept forward chunk by chunk to find the rows a chunk can use.
-
-    ``latest`` holds, per entity, the index of its newest row before the current chunk's start; chunks
-    must come in time order, so the whole sweep reads every row once.
-    """
-
-    def __init__(self, table: pa.Table, key: str):
-        self.key = key
-        order = np.argsort(_ns(table.column(TIMESTAMP)), kind="stable")
-        self.table = table.take(pa.array(order))
-        self.ts = _ns(self.table.column(TIMESTAMP))
-        self.ids, self.slot = np.unique(self.table.column(key).to_numpy(), return_inverse=True)
-        self.latest = np.full(len(self.ids), -1, dtype=np.int64)
-        self.swept = 0
-
-    def rows_for(self, keys: np.ndarray, t_first: int, t_last: int) -> pa.Table:
-        end_before = int(np.searchsorted(self.ts, t_first, side="left"))
-        if end_before < self.swept:
-            raise RuntimeError("chunks must come in time order")
-        span = np.arange(self.swept, end_before, dtype=np.int64)
-        np.maximum.at(self.latest, self.slot[span], span)
-        self.swept = end_before
-        slots = np.intersect1d(np.unique(keys), self.ids, assume_unique=True, return_indices=True)[2]
-        before = self.latest[slots]
-        end_inside = int(np.searchsorted(self.ts, t_last, side="right"))
-        inside = np.arange(end_before, end_inside, dtype=np.int64)
-        inside = inside[np.isin(self.slot[inside], slots)]
-        usable = self.table.take(pa.array(np.concatenate([before[before >= 0], inside])))
-        return pa.concat_tables([usable, self._placeholders(np.unique(keys))])
-
-    def _placeholders(self, keys: np.ndarray) -> pa.Table:
-        """One row per entity with a null timestamp and null features.
-
-        Feast's file offline store drops the whole entity row when every row of *one* view lies outside
-        that view's TTL, losing the other views' features too; it keeps a match whose timestamp is null
-        (its TTL filter lets nulls through). With a placeholder, the stale view comes back null (then
-        defaults) and the row keeps its other features. A real row inside the TTL sorts after the null
-        one and wins Feast's newest-row pick, so nothing else changes.
-        """
-        schema = self.table.schema
-        columns = {name: pa.nulls(len(keys), type=schema.field(name).type) for name in schema.names}
-        columns[self.key] = pa.array(keys, type=schema.field(self.key).type)
-        return pa.table(columns, schema=schema)
-
-
-def _chunk_bounds(
-    entity_df: pd.DataFrame, slicers: dict[str, _AsOfRows], chunk_rows: int
-) -> list[tuple[int, int]]:
-    """Row ranges of the time-ordered entity frame: at most ``chunk_rows`` entity rows per chunk, and a
-    time span holding at most ``chunk_rows`` rows of any feature table.
-
-    The second bound matters for sparse entity frames (retrieval: positives only), whose chunks would
-    otherwise span many days of feature rows; Feast's join cost grows with entity rows x feature rows.
-    """
-    times = _ns(pa.array(entity_df[TIMESTAMP]))
-    bounds = []
-    start = 0
-    while start < len(times):
-        limit = np.iinfo(np.int64).max
-        for slicer in slicers.values():
-            first = int(np.searchsorted(slicer.ts, times[start], side="left"))
-            if first + chunk_rows < len(slicer.ts):
-                limit = min(limit, int(slicer.ts[first + chunk_rows]))
-        end = min(start + chunk_rows, int(np.searchsorted(times, limit, side="left")))
-        end = max(end, start + 1)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def _join_chunk(
-    store: FeatureStore,
-    chunk: pd.DataFrame,
-    service: str,
-    slicers: dict[str, _AsOfRows],
-    build_repo: Callable[[Path], Any],
-    chunk_dir: Path,
-) -> pd.DataFrame:
-    """One Feast ``get_historical_features`` call over the rows this chunk can use."""
-    chunk_dir.mkdir(parents=True)
-    t_first, t_last = (int(v) for v in _ns(pa.array(chunk[TIMESTAMP].iloc[[0, -1]])))
-    for name, slicer in slicers.items():
-        keys = chunk[FEATURE_TABLE_KEYS[name]].to_numpy()
-        pq.write_table(slicer.rows_for(keys, t_first, t_last), chunk_dir / f"{name}.parquet")
-    staging = _staging_store(store.config, chunk_dir)
-    staged_repo = build_repo(chunk_dir)
-    staging.apply(staged_repo.objects())
-    job = staging.get_historical_features(
-        entity_df=chunk.reset_index(drop=True),
-        features=staging.get_feature_service(service),
-        full_feature_names=False,
-    )
-    return job.to_df()
-
-
-def _staging_store(config: RepoConfig, chunk_dir: Path) -> FeatureStore:
-    """A throwaway store (own registry) with the project's offline store, over one chunk's tables."""
-    staging = RepoConfig(
-        project=config.project,
-        provider="local",
-        registry=str(chunk_dir / "registry.db"),
-        online_store={"type": "sqlite", "path": str(chunk_dir / "online_store.db")},
-        offline_store=config.offline_store.model_dump(),
-        entity_key_serialization_version=config.entity_key_serialization_version,
-        repo_path=chunk_dir,
-    )
-    return FeatureStore(config=staging)
-
-
-def _service_refs(service: Any) -> list[str]:
-    return [f"{p.name}:{f.name}" for p in service.feature_view_projections for f in p.features]
-
-
 # ---- dtypes and defaults --------------------------------------------------------------------------
-
-
-def _feature_dtypes(repo: Any) -> dict[str, Any]:
-    return {f.name: f.dtype for view in repo.views.values() for f in view.features}
-
-
-def _arrow_type(dtype: Any) -> pa.DataType:
-    if isinstance(dtype, Array):
-        return pa.list_(_arrow_type(dtype.base_type))
-    if dtype in (Int64, Int32):
-        return pa.int64()
-    if dtype in (Float64, Float32):
-        return pa.float64()
-    if dtype == String:
-        return pa.string()
-    raise TypeError(f"no training-set column type for Feast type {dtype}")
-
-
-def _fill_default(series: pd.Series, dtype: Any) -> pd.Series:
-    """The contract's default for a missing value: "" for strings, 0 for numbers, [] for lists."""
-    missing = series.isna().to_numpy()
-    if isinstance(dtype, Array):
-        if not missing.any():
-            return series
-        values = series.to_numpy(dtype=object).copy()
-        empty = np.array([], dtype=object if dtype.base_type == String else np.int64)
-        for i in np.flatnonzero(missing):
-            values[i] = empty
-        return pd.Series(values, index=series.index)
-    if dtype == String:
-        return series.where(~missing, MISSING_CATEGORY).astype(object)
-    if dtype in (Int64, Int32):
-        return series.fillna(NUMBER_DEFAULT).astype(np.int64)
-    return series.fillna(NUMBER_DEFAULT).astype(np.float64)
-
-
-def _to_arrow(frame: pd.DataFrame, repo: Any) -> pa.Table:
-    """The contract's schema: entity columns, then every feature (no nulls)."""
-    dtypes = _feature_dtypes(repo)
-    fields = [
-        pa.field("row_id", pa.int64()),
-        pa.field("user_id", pa.int64()),
-        pa.field("item_id", pa.int64()),
-        pa.field(TIMESTAMP, pa.timestamp("ns", tz="UTC")),
-        pa.field("label", pa.int64()),
-    ] + [pa.field(name, _arrow_type(dtypes[name])) for name in feature_columns(repo)]
-    schema = pa.schema(fields)
-    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
 # ---- inputs and report ----------------------------------------------------------------------------
@@ -490,17 +178,6 @@ def _read_events(path: Path) -> pd.DataFrame:
     events = pd.read_parquet(path)
     check_raw_table("events", events, path)
     return events
-
-
-def _read_feature_table(features_dir: Path, name: str) -> pa.Table:
-    path = features_dir / f"{name}.parquet"
-    if not path.exists():
-        raise DataContractError(f"{path}: feature table '{name}' not found (run the features step first)")
-    table = pq.read_table(path)
-    for column in (FEATURE_TABLE_KEYS[name], TIMESTAMP):
-        if column not in table.column_names:
-            raise DataContractError(f"{path}: feature table '{name}' has no column '{column}'")
-    return table
 
 
 def _describe(part: pd.DataFrame) -> dict[str, Any]:
@@ -541,63 +218,6 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 # ---- helpers around Feast and dask ----------------------------------------------------------------
-
-
-def _definitions_module(repo_path: Path) -> ModuleType:
-    """Import ``<repo_path>/definitions.py`` (the Feast repo folder is not a Python package)."""
-    path = repo_path / "definitions.py"
-    name = f"_feast_definitions_{abs(hash(str(path)))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import the Feast definitions from {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-def _ns(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy()
-
-
-_ARROW_TOKENS = False
-
-
-def _register_arrow_tokens() -> None:
-    """Let dask hash object columns holding arrays via Arrow (see the module docstring); once per process.
-
-    Dask names each persisted frame by a hash of its content and pickles object columns for it; for the
-    list-valued history that dominated the retrieval time. Any other array goes to dask's own hashing.
-    """
-    global _ARROW_TOKENS
-    if _ARROW_TOKENS:
-        return
-    from dask.base import normalize_token
-    from dask.hashing import hash_buffer_hex
-
-    dask_normalize = normalize_token.dispatch(np.ndarray)  # also runs dask's lazy numpy registration
-
-    def normalize_column(column: np.ndarray) -> Any:
-        if column.size and isinstance(column.flat[0], np.ndarray | list):
-            try:
-                arrow = pa.array(column, from_pandas=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                return dask_normalize(column)
-            buffers = [hash_buffer_hex(b) for b in arrow.buffers() if b is not None]
-            return ("arrow", str(arrow.type), len(arrow), buffers)
-        return dask_normalize(column)
-
-    def normalize_array(x: np.ndarray) -> Any:
-        if x.dtype.hasobject and x.ndim == 1:
-            return normalize_column(x)
-        if x.dtype.hasobject and x.ndim == 2:  # a pandas block: one row per column
-            return ("block", x.shape, [normalize_column(row) for row in x])
-        return dask_normalize(x)
-
-    normalize_token.register(np.ndarray, normalize_array)
-    _ARROW_TOKENS = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,9 +50,9 @@ from great_expectations.expectations.metrics.map_metric_provider import (
     column_condition_partial,
 )
 
-from components.artifact_io import write_json
-from components.config import ValidationConfig, load_params
-from components.contracts import RAW_TABLES, TIMESTAMP, DataContractError
+from recsys.artifact_io import write_json
+from recsys.config import ValidationConfig, load_params
+from recsys.contracts import RAW_TABLES, TIMESTAMP, DataContractError
 
 log = logging.getLogger(__name__)
 

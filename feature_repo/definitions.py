@@ -7,7 +7,7 @@ This module defines no Feast object at import time: ``feast apply`` imports ever
 would otherwise register a second copy.
 
 Feature views mirror the feature tables of ``components/features.py`` one to one (see
-``components/contracts.py``): the view name is the table name and every feature keeps its bare column
+``recsys/contracts.py``): the view name is the table name and every feature keeps its bare column
 name, so training sets and online reads use the contract's names without a view prefix.
 """
 
@@ -148,7 +148,7 @@ def _schemas(windows: list[int]) -> dict[str, list[Field]]:
 
 
 def _stats_fields(prefix: str, windows: list[int]) -> list[Field]:
-    # The names of components.contracts.stats_features (a test checks they agree); spelled out so this
+    # The names of recsys.contracts.stats_features (a test checks they agree); spelled out so this
     # file depends on Feast only.
     fields: list[Field] = []
     for days in windows:

@@ -8,8 +8,8 @@ against the project root), so the repo works from any working directory.
 
 from pathlib import Path
 
-from components.config import load_params
-from components.training_set import feature_repo
+from recsys.config import load_params
+from recsys.feature_store import feature_repo
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _params = load_params(_PROJECT_ROOT / "params.yaml")

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def images(params_path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Image]:
     """The project's images, tagged as params.yaml names them."""
     sys.path.insert(0, str(REPO_ROOT))
-    from components.config import load_params
+    from recsys.config import load_params
 
     params = load_params(params_path)
     here = REPO_ROOT / "images"

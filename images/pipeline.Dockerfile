@@ -22,6 +22,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY images/constraints.txt images/constraints.txt
 COPY pyproject.toml README.md ./
+COPY recsys recsys
 COPY components components
 COPY models models
 COPY pipelines pipelines

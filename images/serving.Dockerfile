@@ -17,6 +17,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY images/constraints.txt images/requirements-serving.txt images/
 COPY pyproject.toml README.md ./
+COPY recsys recsys
 COPY components components
 COPY models models
 COPY pipelines pipelines

@@ -11,7 +11,7 @@ Typical use (what components/train.py does)::
     save_model(model, encoder, params.models.model(kind), out_dir)
     write_history_csv(result.history, out_dir / "history.csv")
 
-The names below are loaded on first use, so ``import models.config`` (done by components/config.py for
+The names below are loaded on first use, so ``import models.config`` (done by recsys/config/ for
 every step) does not import torch.
 """
 

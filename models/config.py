@@ -3,7 +3,7 @@
 The classes mirror TorchEasyRec's model config: features are declared once, each model lists named
 ``feature_groups`` (so adding a feature to a group is a config change, not a code change) and names the
 groups its towers read. The package keeps its own pydantic base class so it does not depend on the
-pipeline's ``components`` package; ``components/config.py`` embeds :class:`ModelsConfig` and
+pipeline's ``components`` package; ``recsys/config/`` embeds :class:`ModelsConfig` and
 :class:`TrainingConfig` as the ``models:`` and ``training:`` sections of ``params.yaml``.
 
 Cross-references (a group naming an unknown feature, a tower reading an unknown group, DLRM dimension
@@ -317,7 +317,7 @@ _SPARSE = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_pref
 
 
 def _default_features() -> FeatureSpec:
-    """Every feature of the training-set contract (components/contracts.py), windows 7 and 30 days."""
+    """Every feature of the training-set contract (recsys/contracts.py), windows 7 and 30 days."""
     sparse = [SparseFeature(name=n) for n in _SPARSE]
     sequence = [
         SequenceFeature(name="hist_item_ids", shares="item_id"),

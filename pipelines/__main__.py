@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from components.config import ConfigError, load_params
+from recsys.config import ConfigError, load_params
 
 DEFAULT_PACKAGE = Path("pipelines/recsys_training.yaml")
 

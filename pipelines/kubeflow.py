@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import PipelineConfig, kfp_cron
+from recsys.config import PipelineConfig, kfp_cron
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from components.config import Params, load_params
+from recsys.config import Params, load_params
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from typing import Any
 
 from kfp import compiler, dsl
 
-from components.config import Params, Resources, params_from_yaml_text
 from models.config import MODEL_KINDS
 from pipelines import steps
+from recsys.config import Params, Resources, params_from_yaml_text
 
 COMPILED_HEADER = (
     "# Compiled by `python -m pipelines compile` from pipelines/ and params.yaml; do not edit by hand.\n"

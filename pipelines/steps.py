@@ -20,7 +20,7 @@ def configure(params_yaml: str, data_source: str, gpu_type: str, namespace: str)
     """
     import yaml
 
-    from components.config import params_from_yaml_text, parse_params
+    from recsys.config import params_from_yaml_text, parse_params
 
     effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
     effective["data"]["source"] = data_source
@@ -33,7 +33,7 @@ def configure(params_yaml: str, data_source: str, gpu_type: str, namespace: str)
 def ingest(params_yaml: str, raw: Output[Dataset]) -> None:
     """Raw users/items/events tables from the configured source (components/ingest.py)."""
     from components import ingest as step
-    from components.config import params_from_yaml_text
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     step.run(params.data, params.seed, raw.path)
@@ -42,7 +42,7 @@ def ingest(params_yaml: str, raw: Output[Dataset]) -> None:
 def features(params_yaml: str, raw: Input[Dataset], features: Output[Dataset]) -> None:
     """Point-in-time feature tables for the Feast file sources (components/features.py)."""
     from components import features as step
-    from components.config import params_from_yaml_text
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     step.run(params.features, raw.path, features.path)
@@ -65,8 +65,8 @@ def validate(
     import shutil
 
     from components import validate as step
-    from components.config import params_from_yaml_text
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     result = step.run(
@@ -90,8 +90,8 @@ def training_set(
     In the cluster Feast uses the production feature_store.yaml from $FEAST_FS_YAML_FILE_PATH.
     """
     from components import training_set as step
-    from components.config import params_from_yaml_text
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     step.run(
@@ -116,13 +116,13 @@ def online_store(params_yaml: str, features: Input[Dataset]) -> str:
     """
     import json
 
-    from components import training_set as step
-    from components.config import params_from_yaml_text
+    from components import online_store as step
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     if not params.feast.materialize:
         return ""
-    return json.dumps(step.backfill_online_store(params.feast, params.features, features.path))
+    return json.dumps(step.run(params.feast, params.features, features.path))
 
 
 def train(
@@ -138,8 +138,8 @@ def train(
     from pathlib import Path
 
     from components import train as step
-    from components.config import params_from_yaml_text
     from pipelines.metrics_artifact import png_page, publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     with tempfile.TemporaryDirectory() as scratch:
@@ -170,8 +170,8 @@ def evaluate(
     from pathlib import Path
 
     from components import evaluate as step
-    from components.config import params_from_yaml_text
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     models = {
@@ -201,7 +201,7 @@ def export(
     from pathlib import Path
 
     from components import export as step
-    from components.config import params_from_yaml_text
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     params.features.features_dir = Path(features.path)
@@ -216,9 +216,9 @@ def build_index(
     from pathlib import Path
 
     from components import build_index as step
-    from components.config import params_from_yaml_text
     from pipelines.artifact_paths import rebase
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     cfg = params.index
@@ -256,8 +256,8 @@ def bundle(
     from pathlib import Path
 
     from components import bundle as step
-    from components.config import params_from_yaml_text
     from pipelines.artifact_paths import rebase_all
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     models = {
@@ -286,8 +286,8 @@ def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]
     Returns the decision; the pipeline deploys under ``dsl.If`` on it.
     """
     from components import gate as step
-    from components.config import params_from_yaml_text
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     result = step.run(params.gate, metrics_file=evaluation.path, output=decision.path)
@@ -302,7 +302,7 @@ def deploy(params_yaml: str, bundle: Input[Model], dry_run: bool, manifest: Outp
     ``dry_run`` renders the InferenceService without a cluster (``run-local`` uses it).
     """
     from components import deploy as step
-    from components.config import params_from_yaml_text
+    from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
     url = step.run(params.deploy, params.pipeline.image_tag, bundle.uri, manifest.path, dry_run=dry_run)

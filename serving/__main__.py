@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from components.build_index import IndexContractError
-from components.bundle import BundleIntegrityError
-from components.config import ConfigError, load_params
+from recsys.ann_index import IndexContractError
+from recsys.bundle_manifest import BundleIntegrityError
+from recsys.config import ConfigError, load_params
 
 
 def main(argv: list[str] | None = None) -> int:

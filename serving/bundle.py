@@ -1,7 +1,7 @@
 """The bundle as serving holds it in memory: verified files, the towers, the rankers, the index.
 
 Everything is checked before the server answers anything: the manifest's SHA-256 of every file
-(``components.bundle.load_manifest``, which names the offending file), the index's metric and dim
+(``recsys.bundle_manifest.load_manifest``, which names the offending file), the index's metric and dim
 against the user tower, and the presence of the default ranker. A bundle that fails any check stops
 start-up; serving a model whose index drifted from it would return plausible but wrong items.
 """
@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 from safetensors.numpy import load_file
 
-from components.build_index import load_index
-from components.bundle import BundleIntegrityError, load_manifest
 from models import FeatureEncoder, RecModel, load_model
+from recsys.ann_index import load_index
+from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 
 TWO_TOWER = "two_tower"
 RANKERS = ("multi_tower", "multi_tower_din", "dlrm")

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
-from components.contracts import MISSING_CATEGORY, NUMBER_DEFAULT
 from models import FeatureEncoder
+from recsys.contracts import MISSING_CATEGORY, NUMBER_DEFAULT
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import pyarrow as pa
 import torch
 from prometheus_client import Counter
 
-from components.build_index import search
-from components.config import ServingConfig
 from models import FeatureEncoder
+from recsys.ann_index import search
+from recsys.config import ServingConfig
 from serving.bundle import ServingBundle
 from serving.online_features import FeatureRows, OnlineFeatures
 

@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from components.config import ServingConfig
 from models import FeatureEncoder
+from recsys.config import ServingConfig
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int64 = Annotated[int, Strict(), Field(ge=INT64_MIN, le=INT64_MAX)]

@@ -22,7 +22,7 @@ from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.protocol.rest.server import RESTServer
 
-from components.config import FeastConfig, ServingConfig
+from recsys.config import FeastConfig, ServingConfig
 from serving.bundle import load_bundle
 from serving.endpoints import RankingModel, RecommendModel, RecsysModel, RetrievalModel
 from serving.online_features import OnlineFeatures, feature_defaults
@@ -131,6 +131,6 @@ def _install_bad_request_handler(app: FastAPI) -> None:
 
 
 def _feature_store(feast: FeastConfig) -> Any:
-    from components.training_set import open_feature_store  # feast is heavy: import only when used
+    from recsys.feature_store import open_feature_store  # feast is heavy: import only when used
 
     return open_feature_store(feast)

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_params():
     """The project's params.yaml with the tiny synthetic preset (seconds to generate)."""
-    from components.config import load_params
+    from recsys.config import load_params
 
     return load_params(REPO_ROOT / "params.yaml", overrides={"data.synthetic.preset": "tiny"})
 
@@ -37,7 +37,7 @@ def tiny_raw_dir(tiny_params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_raw(tiny_raw_dir) -> dict[str, pd.DataFrame]:
-    from components.contracts import read_raw_tables
+    from recsys.contracts import read_raw_tables
 
     return read_raw_tables(tiny_raw_dir)
 
@@ -96,7 +96,7 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     great-expectations, torch training, FAISS.
     """
     from components import build_index, bundle, evaluate, export, gate, train
-    from components.config import load_params
+    from recsys.config import load_params
 
     root = tmp_path_factory.mktemp("pipeline")
     shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.config import TrainingSetConfig
+from recsys.config import TrainingSetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAY0 = pd.Timestamp("2026-06-01", tz="UTC")

@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from components import build_index as bi
-from components.config import IndexConfig
+from recsys import ann_index
+from recsys.config import IndexConfig
 
 DIM = 32
 N_ITEMS = 20_000
@@ -63,7 +64,7 @@ def test_ids_map_back_to_the_right_items(data, built, kind):
     if kind != "flat":
         faiss.ParameterSpace().set_index_parameter(index, bi._SEARCH_PARAM[kind], 64)
     rows = np.arange(0, N_ITEMS, 97)
-    ids, scores = bi.search(index, items.vectors[rows], k=1)
+    ids, scores = ann_index.search(index, items.vectors[rows], k=1)
     # an item's own vector is its nearest neighbour (score 1), reported under its item id, not its row
     assert (ids[:, 0] == items.ids[rows]).mean() >= 0.98
     assert np.allclose(scores[ids[:, 0] == items.ids[rows], 0], 1.0, atol=1e-3 if kind != "ivf_pq" else 1e-2)
@@ -71,7 +72,7 @@ def test_ids_map_back_to_the_right_items(data, built, kind):
 
 def test_flat_matches_numpy_exact_search(data, built):
     items, tune_q, _ = data
-    ids, scores = bi.search(built["flat"], tune_q[:50], k=10)
+    ids, scores = ann_index.search(built["flat"], tune_q[:50], k=10)
     truth_ids, truth_scores = exact_top_k(items, tune_q[:50], 10)
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     assert overlap_recall(ids, truth_ids) == 1.0
@@ -100,7 +101,7 @@ def test_tuned_approximate_search_agrees_with_exact_to_the_target(data, built, k
     assert careful.value >= tuned.value - max(1, tuned.value // 16)  # bisection stops within ~6%
     assert careful.recall >= 0.95
     # on queries the tuner never saw, by an independent recall computation
-    found, _ = bi.search(index, holdout_q, k=10)
+    found, _ = ann_index.search(index, holdout_q, k=10)
     assert overlap_recall(found, exact_top_k(items, holdout_q, 10)[0]) >= 0.93
 
 
@@ -174,11 +175,11 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
     assert metrics["memory_bytes"] == (tmp_path / "index" / "items.faiss").stat().st_size
     assert metrics["search_param"]["name"] == "efSearch"
 
-    index, meta = bi.load_index(tmp_path / "index" / "items.faiss", expected_dim=DIM)
+    index, meta = ann_index.load_index(tmp_path / "index" / "items.faiss", expected_dim=DIM)
     assert meta["metric"] == "inner_product" and meta["dim"] == DIM and meta["count"] == 3000
     assert meta["k"] == 10 and meta["type"] == "hnsw" and meta["faiss_class"] == "IndexHNSWFlat"
     assert faiss.downcast_index(index.index).hnsw.efSearch == meta["search_param"]["value"]
-    ids, scores = bi.search(index, _read(query_file)["embeddings"][:5], k=10)
+    ids, scores = ann_index.search(index, _read(query_file)["embeddings"][:5], k=10)
     assert ids.shape == (5, 10) and scores.shape == (5, 10)
     assert set(ids.ravel()) <= set(_read(item_file)["item_ids"].tolist())
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
@@ -203,7 +204,7 @@ def test_non_unit_embeddings_are_rejected(tmp_path, data):
     vectors[3] *= 2.0
     path = _write_embeddings(tmp_path / "items.safetensors", items.ids[:100], vectors)
     with pytest.raises(
-        bi.IndexContractError, match=r"items\.safetensors: 1 of 100 embeddings are not unit-norm"
+        ann_index.IndexContractError, match=r"items\.safetensors: 1 of 100 embeddings are not unit-norm"
     ):
         bi.read_embeddings(path, "item_ids")
 
@@ -220,7 +221,7 @@ def test_non_unit_embeddings_are_rejected(tmp_path, data):
 def test_malformed_embeddings_are_rejected(tmp_path, tensors, message):
     path = tmp_path / "bad.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(bi.IndexContractError, match=message):
+    with pytest.raises(ann_index.IndexContractError, match=message):
         bi.read_embeddings(path, "item_ids", unique_ids=True)
 
 
@@ -236,15 +237,15 @@ def test_query_dim_mismatch_is_rejected(tmp_path, exported):
     )
     config = IndexConfig(item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss")
     with pytest.raises(
-        bi.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
+        ann_index.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
     ):
         bi.run(config)
     assert not (tmp_path / "x.faiss").exists()
 
 
 def test_search_rejects_wrong_query_dim(built):
-    with pytest.raises(bi.IndexContractError, match="do not match index dim 32"):
-        bi.search(built["flat"], np.zeros((2, 16), np.float32), k=5)
+    with pytest.raises(ann_index.IndexContractError, match="do not match index dim 32"):
+        ann_index.search(built["flat"], np.zeros((2, 16), np.float32), k=5)
 
 
 @pytest.fixture()
@@ -262,8 +263,8 @@ def saved_index(tmp_path, exported):
 
 
 def test_load_rejects_dim_mismatch_naming_the_file(saved_index):
-    with pytest.raises(bi.IndexContractError, match=r"items\.faiss: index dim 32 != query dim 64"):
-        bi.load_index(saved_index, expected_dim=64)
+    with pytest.raises(ann_index.IndexContractError, match=r"items\.faiss: index dim 32 != query dim 64"):
+        ann_index.load_index(saved_index, expected_dim=64)
 
 
 def test_load_rejects_an_l2_index_naming_the_file(saved_index):
@@ -273,18 +274,20 @@ def test_load_rejects_an_l2_index_naming_the_file(saved_index):
     l2.add_with_ids(items["embeddings"], items["item_ids"])
     faiss.write_index(l2, str(saved_index))
     with pytest.raises(
-        bi.IndexContractError, match=r"items\.faiss: index metric is L2 .*METRIC_INNER_PRODUCT"
+        ann_index.IndexContractError, match=r"items\.faiss: index metric is L2 .*METRIC_INNER_PRODUCT"
     ):
-        bi.load_index(saved_index, verify_checksum=False)
+        ann_index.load_index(saved_index, verify_checksum=False)
     # with the checksum on, the swapped file is caught even before its metric is read
-    with pytest.raises(bi.IndexContractError, match=r"items\.faiss: SHA-256 differs from items\.faiss\.json"):
-        bi.load_index(saved_index)
+    with pytest.raises(
+        ann_index.IndexContractError, match=r"items\.faiss: SHA-256 differs from items\.faiss\.json"
+    ):
+        ann_index.load_index(saved_index)
 
 
 def test_load_requires_the_sidecar(saved_index):
-    bi.sidecar_path(saved_index).unlink()
-    with pytest.raises(bi.IndexContractError, match=r"sidecar items\.faiss\.json missing"):
-        bi.load_index(saved_index)
+    ann_index.sidecar_path(saved_index).unlink()
+    with pytest.raises(ann_index.IndexContractError, match=r"sidecar items\.faiss\.json missing"):
+        ann_index.load_index(saved_index)
 
 
 def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
@@ -299,7 +302,7 @@ def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
         "  k: 5\n"
     )
     assert bi.main(["--params", str(params)]) == 0
-    index, meta = bi.load_index(tmp_path / "out" / "items.faiss")
+    index, meta = ann_index.load_index(tmp_path / "out" / "items.faiss")
     assert meta["k"] == 5 and index.ntotal == 3000
 
 

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from components import bundle as bd
-from components.build_index import TuningResult, load_index, write_index
+from recsys.ann_index import TuningResult, load_index, write_index
 
 DIM = 8
 PARAMS_TEXT = "seed: 42\nindex:\n  k: 10\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ConfigError, load_params, params_from_yaml_text
+from recsys.config import ConfigError, load_params, params_from_yaml_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

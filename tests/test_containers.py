@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from components.config import load_params
+from recsys.config import load_params
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -128,7 +128,7 @@ def test_whole_tiny_dag_runs_in_the_pipeline_image(container_dag):
     assert gate["passed"] is True  # the first deploy: nothing deployed to compare against
     rendered = (run / "deploy" / "manifest").read_text()
     assert SERVING_IMAGE in rendered and "InferenceService" in rendered  # deploy's dry run
-    from components.bundle import load_manifest
+    from recsys.bundle_manifest import load_manifest
 
     manifest = load_manifest(container_dag["bundle"])  # every checksum verified
     assert manifest["metrics"] == evaluation

@@ -14,7 +14,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from components import deploy
-from components.config import ConfigError, DeployConfig, load_params
+from recsys.config import ConfigError, DeployConfig, load_params
 from tests.conftest import REPO_ROOT
 
 

@@ -15,9 +15,9 @@ import yaml
 from feast import FeatureStore
 from feast.repo_config import RegistryConfig, load_repo_config
 
-from components import training_set
-from components.config import FeastConfig, load_params
-from components.contracts import (
+from recsys import feature_store
+from recsys.config import FeastConfig, load_params
+from recsys.contracts import (
     FEATURE_TABLE_KEYS,
     HISTORY_FEATURES,
     ITEM_PROFILE_FEATURES,
@@ -38,7 +38,7 @@ CONTRACT_FEATURES = {
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    return training_set.feature_repo(PARAMS.feast, PARAMS.features, tmp_path_factory.mktemp("features"))
+    return feature_store.feature_repo(PARAMS.feast, PARAMS.features, tmp_path_factory.mktemp("features"))
 
 
 def test_views_mirror_the_feature_tables_with_ttls_from_params(repo):
@@ -72,18 +72,18 @@ def test_services_name_exactly_the_features_the_models_consume(repo):
 
 def test_stats_features_follow_the_configured_windows(tmp_path):
     features = PARAMS.features.model_copy(update={"stats_windows_days": [1, 14]})
-    built = training_set.feature_repo(PARAMS.feast, features, tmp_path)
+    built = feature_store.feature_repo(PARAMS.feast, features, tmp_path)
     assert [f.name for f in built.views["item_stats"].features] == stats_features("item", [1, 14])
 
 
 def test_store_opens_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEAST_FS_YAML_FILE_PATH", raising=False)
-    store = training_set.open_feature_store(FeastConfig())
+    store = feature_store.open_feature_store(FeastConfig())
     assert Path(store.repo_path) == REPO_ROOT / "feature_repo"
     assert store.config.project == "recsys" and store.config.online_store.type == "sqlite"
     with pytest.raises(FileNotFoundError, match=r"feast\.repo_path"):
-        training_set.open_feature_store(FeastConfig(repo_path=tmp_path / "nowhere"))
+        feature_store.open_feature_store(FeastConfig(repo_path=tmp_path / "nowhere"))
 
 
 def test_feast_cli_applies_the_repo(tmp_path):

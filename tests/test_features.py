@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from components import features
-from components.contracts import DataContractError, stats_features
+from recsys.contracts import DataContractError, stats_features
 
 
 @pytest.fixture(scope="module")

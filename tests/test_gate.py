@@ -8,7 +8,7 @@ import pytest
 
 from components import bundle as bd
 from components import gate
-from components.config import GateConfig
+from recsys.config import GateConfig
 
 RULES = {"retrieval.recall@50": "higher", "ranking.logloss": "lower"}
 OLD = {"retrieval": {"recall@50": 0.40}, "ranking": {"logloss": 0.50}}

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import ingest
-from components.contracts import DataContractError, check_raw_table, read_raw_tables
+from recsys.contracts import DataContractError, check_raw_table, read_raw_tables
 
 
 def _digests(directory):

@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from components import deploy
-from components.config import load_params
+from recsys.config import load_params
 from tests.conftest import REPO_ROOT
 
 MANIFESTS = REPO_ROOT / "manifests"

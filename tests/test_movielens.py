@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import ConfigError, MovieLensSource, load_params
-from components.contracts import DataContractError, check_raw_table
 from components.movielens import PUBLISHED_ARCHIVES, ChecksumError, DownloadError, read_movielens
+from recsys.config import ConfigError, MovieLensSource, load_params
+from recsys.contracts import DataContractError, check_raw_table
 
 # ---- fixtures in the exact published formats -------------------------------------------------------
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from components.config import ConfigError, PipelineConfig, kfp_cron, load_params, params_from_yaml_text
 from models.config import MODEL_KINDS
 from pipelines.__main__ import main
+from recsys.config import ConfigError, PipelineConfig, kfp_cron, load_params, params_from_yaml_text
 from tests.conftest import REPO_ROOT
 
 COMPILED = REPO_ROOT / "pipelines" / "recsys_training.yaml"
@@ -471,9 +471,9 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
     import numpy as np
     from safetensors.numpy import save_file
 
-    from components.bundle import load_manifest
     from pipelines import steps
     from pipelines.recsys_training import params_as_text
+    from recsys.bundle_manifest import load_manifest
 
     rng = np.random.default_rng(0)
     exported = tmp_path / "export" / "exported"
@@ -538,8 +538,8 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_run_local_end_to_end_on_the_tiny_preset(tmp_path):
-    from components.bundle import load_manifest
     from pipelines.local_run import run_local
+    from recsys.bundle_manifest import load_manifest
     from serving.bundle import load_bundle
 
     bundle = run_local(

@@ -26,8 +26,9 @@ AUC_MARGIN = 0.01  # "clearly above": at least this much AUC over the item-CTR b
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
     from components import evaluate, train
-    from components.config import load_params
-    from components.train import read_split
+    from recsys import catalogue, training_data
+    from recsys.config import load_params
+    from recsys.training_data import read_split
 
     with pipeline_workdir(tmp_path_factory.mktemp("small")):
         params = load_params(REPO_ROOT / "params.yaml", overrides={"data.synthetic.preset": "small"})
@@ -42,9 +43,9 @@ def small_run(tmp_path_factory) -> dict:
         )
         train.run("two_tower", plain, model_dir="artifacts/models/plain", metrics_file="metrics/plain.json")
         training_dir = Path(params.training_set.output_dir)
-        catalogue = evaluate.item_catalogue(
+        catalogue = catalogue.item_catalogue(
             Path(params.features.features_dir),
-            evaluate.test_start_of(training_dir),
+            training_data.test_start_of(training_dir),
             params.feast.ttl_days.item_stats,
         )
         report["plain_in_batch"] = evaluate.evaluate_retrieval(

@@ -14,7 +14,7 @@ import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
 from benchmarks.serving_latency import build_serving_bundle, item_catalogue, synthetic_training_frame
-from components.config import load_params
+from recsys.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ def test_corrupted_bundle_stops_startup_naming_the_file(bundle_dir, tmp_path):
 
 
 def test_bundle_without_default_ranker_is_refused(params, bundle_dir, tmp_path):
-    from components.bundle import BundleIntegrityError
+    from recsys.bundle_manifest import BundleIntegrityError
 
     with pytest.raises(BundleIntegrityError, match="default_ranker 'dlrm'"):
         _drop_ranker_and_load(bundle_dir, tmp_path, "dlrm")

@@ -45,9 +45,9 @@ def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
 
 
 def test_exported_embeddings_equal_the_item_tower_and_are_unit_norm(tiny_pipeline):
-    from components.config import load_params
-    from components.evaluate import item_catalogue
     from models import load_model
+    from recsys.catalogue import item_catalogue
+    from recsys.config import load_params
 
     tensors = load_file(str(tiny_pipeline / "artifacts" / "embeddings" / "item_embeddings.safetensors"))
     ids, emb = tensors["item_ids"], tensors["embeddings"]
@@ -65,8 +65,8 @@ def test_exported_embeddings_equal_the_item_tower_and_are_unit_norm(tiny_pipelin
 
 
 def test_index_search_returns_item_ids_and_bundle_verifies(tiny_pipeline):
-    from components.build_index import load_index, search
-    from components.bundle import load_manifest
+    from recsys.ann_index import load_index, search
+    from recsys.bundle_manifest import load_manifest
 
     bundle = tiny_pipeline / "artifacts" / "bundle"
     manifest = load_manifest(bundle)
@@ -88,7 +88,7 @@ def test_training_is_deterministic_for_a_seed(tiny_pipeline, tmp_path):
     from safetensors.torch import load_file
 
     from components import train
-    from components.config import load_params
+    from recsys.config import load_params
 
     params = load_params(
         tiny_pipeline / "params.yaml", overrides={"data.synthetic.preset": "tiny", "training.epochs": 1}

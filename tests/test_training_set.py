@@ -12,9 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from components import training_set
-from components.config import ConfigError, FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
-from components.contracts import FEATURE_TABLE_KEYS, stats_features
+from components import online_store, training_set
+from recsys import feature_store, point_in_time, training_data
+from recsys.config import ConfigError, FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
+from recsys.contracts import FEATURE_TABLE_KEYS, stats_features
 from tests.feast_fixtures import (
     HANDMADE_EVENTS,
     copy_feature_repo,
@@ -36,15 +37,15 @@ def handmade_run(tmp_path_factory):
     report = training_set.run(config, features_dir, raw_dir, feast=feast_config, features=FEATURES)
     frames = {
         f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
-        for name in training_set.TRAINING_SETS
-        for split in training_set.SPLITS
+        for name in training_data.TRAINING_SETS
+        for split in training_data.SPLITS
     }
     return report, frames, config, feast_config, features_dir
 
 
 def _by_event(frames: dict[str, pd.DataFrame], name: str = "ranking") -> pd.DataFrame:
     """All splits of one set, indexed by the event's position in HANDMADE_EVENTS (row_id = time order)."""
-    frame = pd.concat([frames[f"{name}_{s}"] for s in training_set.SPLITS], ignore_index=True)
+    frame = pd.concat([frames[f"{name}_{s}"] for s in training_data.SPLITS], ignore_index=True)
     order = sorted(range(len(HANDMADE_EVENTS)), key=lambda i: HANDMADE_EVENTS[i][2])
     event_of_row = {row_id: event for row_id, event in enumerate(order)}
     return frame.assign(event=frame["row_id"].map(event_of_row)).set_index("event").sort_index()
@@ -81,7 +82,7 @@ def test_rows_beyond_ttl_or_before_any_feature_row_are_kept_with_defaults(handma
 def test_feast_alone_drops_those_rows(handmade_run):
     """The premise of the left join: Feast's file offline store returns fewer rows than it is given."""
     _, _, config, feast_cfg, _ = handmade_run
-    store = training_set.open_feature_store(feast_cfg)
+    store = feature_store.open_feature_store(feast_cfg)
     entity = training_set.entity_frames(pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet"))
     ranking = entity["ranking"]
     returned = store.get_historical_features(
@@ -93,8 +94,8 @@ def test_feast_alone_drops_those_rows(handmade_run):
 
 def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
     _, frames, config, *_ = handmade_run
-    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS])
-    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_set.SPLITS])
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_data.SPLITS])
+    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_data.SPLITS])
     assert sorted(ranking["row_id"]) == list(range(len(HANDMADE_EVENTS)))
     assert len(retrieval) == sum(e[3] for e in HANDMADE_EVENTS) and set(retrieval["label"]) == {1}
     assert set(retrieval["row_id"]) <= set(ranking["row_id"])
@@ -118,14 +119,14 @@ def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
 
 def test_splits_follow_the_cut_points_and_do_not_overlap(handmade_run):
     _, frames, *_ = handmade_run
-    for name in training_set.TRAINING_SETS:
-        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_set.SPLITS)
+    for name in training_data.TRAINING_SETS:
+        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_data.SPLITS)
         assert train.max() < day(7) <= valid.min() and valid.max() < day(9) <= test.min()
     assert len(frames["ranking_train"]) == 3 and len(frames["ranking_valid"]) == 1
 
 
 def _latest_user_values(feast_cfg: FeastConfig) -> dict[str, list]:
-    store = training_set.open_feature_store(feast_cfg)
+    store = feature_store.open_feature_store(feast_cfg)
     return store.get_online_features(
         features=["user_stats:user_impressions_7d", "user_history:hist_item_ids", "user_profile:gender"],
         entity_rows=[{"user_id": 1}, {"user_id": 2}],
@@ -145,8 +146,8 @@ def test_backfill_alone_fills_a_new_online_store(tmp_path):
     """The pipeline's uncached online-store step: a fresh repo, no training-set run before it."""
     feast_cfg = FeastConfig(repo_path=copy_feature_repo(tmp_path))
     _, features_dir = handmade_dataset(tmp_path / "data")
-    assert training_set.open_feature_store(feast_cfg).list_feature_views() == []  # nothing registered yet
-    window = training_set.backfill_online_store(feast_cfg, FEATURES, features_dir)
+    assert feature_store.open_feature_store(feast_cfg).list_feature_views() == []  # nothing registered yet
+    window = online_store.backfill_online_store(feast_cfg, FEATURES, features_dir)
     online = _latest_user_values(feast_cfg)
     assert online["user_impressions_7d"] == [8, 4] and online["gender"] == ["F", "M"]
     assert window["end"] > day(9, 10).isoformat()
@@ -154,7 +155,7 @@ def test_backfill_alone_fills_a_new_online_store(tmp_path):
 
 def test_repo_objects_are_registered_with_absolute_sources(handmade_run):
     _, _, _, feast_cfg, features_dir = handmade_run
-    store = training_set.open_feature_store(feast_cfg)
+    store = feature_store.open_feature_store(feast_cfg)
     assert sorted(v.name for v in store.list_feature_views()) == sorted(FEATURE_TABLE_KEYS)
     for view in store.list_feature_views():
         assert view.batch_source.path == str(features_dir.resolve() / f"{view.name}.parquet")
@@ -178,15 +179,15 @@ def test_split_config_is_validated():
 
 
 def test_a_duplicated_row_id_from_the_join_is_an_error(tmp_path):
-    repo = training_set.feature_repo(FeastConfig(repo_path=copy_feature_repo(tmp_path)), FEATURES, tmp_path)
+    repo = feature_store.feature_repo(FeastConfig(repo_path=copy_feature_repo(tmp_path)), FEATURES, tmp_path)
     entity = pd.DataFrame(
         {"row_id": [0, 1], "user_id": [1, 2], "item_id": [10, 10], "event_timestamp": [day(1), day(2)]}
     ).assign(label=[0, 1])
     joined = pd.concat([entity, entity.iloc[[0]]], ignore_index=True)
-    for column in training_set.feature_columns(repo):
+    for column in point_in_time.feature_columns(repo):
         joined[column] = None
     with pytest.raises(pd.errors.MergeError):
-        training_set.complete_training_rows(entity, joined, repo)
+        point_in_time.complete_training_rows(entity, joined, repo)
 
 
 def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
@@ -198,7 +199,7 @@ def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
             "value": pa.array([10, 11, 12, 20, 21, 13], pa.int64()),
         }
     )
-    rows = training_set._AsOfRows(table, "user_id")
+    rows = point_in_time._AsOfRows(table, "user_id")
     first = rows.rows_for(np.array([1]), ns[2], ns[3])  # user 1: last before day 2 is day 1; day 2 inside
     assert _real_values(first) == [11, 12]
     second = rows.rows_for(np.array([1, 2]), ns[4], ns[5])  # day 2 (user 1), day 3 (user 2), both inside
@@ -217,11 +218,11 @@ def test_chunks_are_bounded_by_entity_rows_and_by_the_feature_rows_they_span():
             "event_timestamp": pa.array([day(0, h) for h in range(100)], pa.timestamp("ns", tz="UTC")),
         }
     )
-    slicers = {"user_history": training_set._AsOfRows(source, "user_id")}
+    slicers = {"user_history": point_in_time._AsOfRows(source, "user_id")}
     dense = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(100)]})
-    assert training_set._chunk_bounds(dense, slicers, 30) == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    assert point_in_time._chunk_bounds(dense, slicers, 30) == [(0, 30), (30, 60), (60, 90), (90, 100)]
     sparse = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(0, 100, 10)]})  # every 10 h
-    bounds = training_set._chunk_bounds(sparse, slicers, 30)
+    bounds = point_in_time._chunk_bounds(sparse, slicers, 30)
     assert bounds == [(0, 4), (4, 8), (8, 10)]  # 4 rows span 30 feature rows (hours 1..30)
 
 
@@ -248,8 +249,8 @@ def tiny_training(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory
     )
     frames = {
         f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
-        for name in training_set.TRAINING_SETS
-        for split in training_set.SPLITS
+        for name in training_data.TRAINING_SETS
+        for split in training_data.SPLITS
     }
     return report, frames, feast
 
@@ -258,13 +259,13 @@ def tiny_training(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory
 def test_generated_rows_equal_entity_rows_and_splits_are_disjoint(tiny_training, tiny_raw):
     _, frames, _ = tiny_training
     events = tiny_raw["events"]
-    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS])
-    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_set.SPLITS])
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_data.SPLITS])
+    retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_data.SPLITS])
     assert len(ranking) == len(events) and ranking["row_id"].is_unique
     assert sorted(ranking["row_id"]) == list(range(len(events)))
     assert len(retrieval) == int(events["label"].sum()) and retrieval["row_id"].is_unique
-    for name in training_set.TRAINING_SETS:
-        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_set.SPLITS)
+    for name in training_data.TRAINING_SETS:
+        train, valid, test = (frames[f"{name}_{s}"]["event_timestamp"] for s in training_data.SPLITS)
         assert train.max() < valid.min() and valid.max() < test.min()
 
 
@@ -272,7 +273,7 @@ def test_generated_rows_equal_entity_rows_and_splits_are_disjoint(tiny_training,
 def test_generated_history_and_stats_use_only_the_past(tiny_training, tiny_raw, tiny_params):
     """Every history item was clicked strictly before the event; stats count only days before it."""
     _, frames, _ = tiny_training
-    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_set.SPLITS], ignore_index=True)
+    ranking = pd.concat([frames[f"ranking_{s}"] for s in training_data.SPLITS], ignore_index=True)
     events = tiny_raw["events"].sort_values("event_timestamp")
     n = tiny_params.features.history_length
     clicks = {u: g for u, g in events[events["label"] == 1].groupby("user_id")}
@@ -295,13 +296,13 @@ def test_pruned_chunks_give_the_same_rows_as_one_unpruned_feast_join(
     tiny_training, tiny_params, tiny_features_dir, tiny_raw
 ):
     _, _, feast = tiny_training
-    store = training_set.open_feature_store(feast)
-    build = functools.partial(training_set.feature_repo, feast, tiny_params.features)
-    sources = {n: training_set._read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
+    store = feature_store.open_feature_store(feast)
+    build = functools.partial(feature_store.feature_repo, feast, tiny_params.features)
+    sources = {n: feature_store.read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
     entity = training_set.entity_frames(tiny_raw["events"])["ranking"].iloc[::20]
-    chunked, _ = training_set.historical_features(store, entity, "ranking", sources, build, chunk_rows=97)
+    chunked, _ = point_in_time.historical_features(store, entity, "ranking", sources, build, chunk_rows=97)
     whole = store.get_historical_features(entity_df=entity, features=store.get_feature_service("ranking"))
-    reference, _ = training_set.complete_training_rows(entity, whole.to_df(), build(tiny_features_dir))
+    reference, _ = point_in_time.complete_training_rows(entity, whole.to_df(), build(tiny_features_dir))
     assert len(chunked) == len(entity) == len(reference)
     for column in reference.columns:
         left, right = chunked[column].tolist(), reference[column].tolist()

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from components import validate
-from components.config import RowCountBounds, ValidationConfig
-from components.contracts import stats_features
+from recsys.config import RowCountBounds, ValidationConfig
+from recsys.contracts import stats_features
 
 T0 = pd.Timestamp("2026-06-01", tz="UTC")
 

@@ -1,62 +1,21 @@
-"""The one configuration: ``params.yaml`` parsed into typed, validated pydantic objects.
-
-Every section forbids unknown keys, so a typo fails at load time instead of silently falling back to
-a default. Errors are re-raised as :class:`ConfigError` with the dotted key path
-(``data.synthetic.n_users: ...``) so the user can find the bad line without reading a traceback.
-"""
+"""The schema of ``params.yaml``: one typed, validated pydantic section per top-level key."""
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.config import ModelsConfig, TrainingConfig
-
-DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the file and the dotted key path."""
-
-
-class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are re-validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
+from recsys.config.cron import kfp_cron
+from recsys.config.kubernetes import DNS_LABEL, IMAGE_REPO, IMAGE_TAG, QUANTITY
+from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
+from recsys.config.section import Section
 
 # --------------------------------------------------------------------------------------------------
 # data
-
-
-class SyntheticSizes(Section):
-    """Sizes of a synthetic dataset; a preset names one of these."""
-
-    n_users: int = Field(gt=0)
-    n_items: int = Field(gt=0)
-    n_events: int = Field(gt=0)
-    n_categories: int = Field(gt=1)
-    n_brands: int = Field(gt=0)
-    days: int = Field(gt=1)
-    max_events_per_user: int = Field(gt=1)
-
-
-_SIZE_FIELDS = ("n_users", "n_items", "n_events", "n_categories", "n_brands", "days", "max_events_per_user")
-SYNTHETIC_PRESETS: dict[str, SyntheticSizes] = {
-    name: SyntheticSizes(**dict(zip(_SIZE_FIELDS, sizes, strict=True)))
-    for name, sizes in {
-        # users, items, events, categories, brands, days, max events per user
-        "tiny": (400, 300, 30_000, 12, 20, 60, 300),  # a few seconds: unit tests, the KFP local run
-        "small": (2_000, 1_500, 150_000, 40, 40, 60, 300),  # the quality-bar tests: the default's shape, ~1/3
-        "default": (5_000, 3_000, 400_000, 60, 60, 90, 400),  # `dvc repro` in minutes on 2 CPU cores
-        "large": (1_000_000, 100_000, 10_000_000, 64, 500, 90, 200),  # benchmarks: >= 10M events
-    }.items()
-}
 
 
 class SyntheticSource(Section):
@@ -319,75 +278,14 @@ class GateConfig(Section):
 # --------------------------------------------------------------------------------------------------
 # pipeline (Kubeflow) and deploy (KServe)
 
-_QUANTITY = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-_IMAGE_REPO = r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+$"
-_IMAGE_TAG = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
-_CRON_FIELDS = (  # KFP's cron (robfig/cron with seconds): name, lowest, highest, names for values
-    ("second", 0, 59, ()),
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day of month", 1, 31, ()),
-    ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
-    ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
-)
-_CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-
-
-def kfp_cron(expression: str) -> str:
-    """Check a cron expression in KFP's format (6 fields, seconds first) and return it normalised.
-
-    KFP hands the expression to robfig/cron with a seconds field, so the 5-field crontab form most people
-    type means something else there (or is rejected by the server long after the pipeline was uploaded).
-    """
-    text = " ".join(expression.split())
-    if text in _CRON_DESCRIPTORS or re.fullmatch(r"@every (\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", text):
-        return text
-    fields = text.split(" ") if text else []
-    if len(fields) != len(_CRON_FIELDS):
-        hint = f" (did you mean '0 {text}'?)" if len(fields) == 5 else ""
-        raise ValueError(
-            f"cron {expression!r} has {len(fields)} field(s); KFP's cron has 6, seconds first: "
-            f"'second minute hour day-of-month month day-of-week', e.g. '0 0 3 * * *' for 03:00 daily{hint}"
-        )
-    for value, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in value.split(","):
-            _check_cron_item(item, name, low, high, names, wildcard_question=name.startswith("day of"))
-    return text
-
-
-def _check_cron_item(
-    item: str, name: str, low: int, high: int, names: tuple[str, ...], wildcard_question: bool
-) -> None:
-    base, _, step = item.partition("/")
-    if step and not (step.isdigit() and int(step) > 0):
-        raise ValueError(f"cron {name} field {item!r}: the step after '/' must be a positive integer")
-    if base == "*" or (base == "?" and wildcard_question):
-        return
-    bounds = base.split("-")
-    if len(bounds) > 2 or not all(bounds):
-        raise ValueError(f"cron {name} field {item!r}: expected '*', a value, or a range 'a-b'")
-    numbers = [_cron_value(part, name, low, high, names) for part in bounds]
-    if len(numbers) == 2 and numbers[0] > numbers[1]:
-        raise ValueError(f"cron {name} field {item!r}: the range runs backwards")
-
-
-def _cron_value(part: str, name: str, low: int, high: int, names: tuple[str, ...]) -> int:
-    if part.upper() in names:
-        return names.index(part.upper()) + low
-    if not part.isdigit() or not low <= int(part) <= high:
-        allowed = f"{low}-{high}" + (f" or {names[0]}-{names[-1]}" if names else "")
-        raise ValueError(f"cron {name} value {part!r} is out of range (allowed {allowed})")
-    return int(part)
-
 
 class Resources(Section):
     """Kubernetes requests and limits of one container (quantities as Kubernetes writes them)."""
 
-    cpu_request: str = Field(pattern=_QUANTITY)
-    cpu_limit: str = Field(pattern=_QUANTITY)
-    memory_request: str = Field(pattern=_QUANTITY)
-    memory_limit: str = Field(pattern=_QUANTITY)
+    cpu_request: str = Field(pattern=QUANTITY)
+    cpu_limit: str = Field(pattern=QUANTITY)
+    memory_request: str = Field(pattern=QUANTITY)
+    memory_limit: str = Field(pattern=QUANTITY)
 
     @model_validator(mode="after")
     def _requests_within_limits(self) -> Resources:
@@ -413,14 +311,14 @@ class PipelineConfig(Section):
     pipeline parameters, so a run can override them without recompiling.
     """
 
-    name: str = Field(default="recsys-training", pattern=_DNS_LABEL)
-    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-pipeline", pattern=_IMAGE_REPO)
+    name: str = Field(default="recsys-training", pattern=DNS_LABEL)
+    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-pipeline", pattern=IMAGE_REPO)
     # the four training tasks: the same Dockerfile with CUDA torch (images/build.py training)
-    training_image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-training", pattern=_IMAGE_REPO)
+    training_image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-training", pattern=IMAGE_REPO)
     # one release tag for both images (pipeline and serving); pinned, never "latest"
-    image_tag: str = Field(default="0.1.0", pattern=_IMAGE_TAG)
-    namespace: str = Field(default="recsys", pattern=_DNS_LABEL)
-    service_account: str = Field(default="recsys-pipeline", pattern=_DNS_LABEL)
+    image_tag: str = Field(default="0.1.0", pattern=IMAGE_TAG)
+    namespace: str = Field(default="recsys", pattern=DNS_LABEL)
+    service_account: str = Field(default="recsys-pipeline", pattern=DNS_LABEL)
     experiment: str = Field(default="recsys-training", min_length=1)
     cron: str = "0 0 3 * * *"
     max_concurrency: int = Field(default=1, ge=1)
@@ -491,12 +389,12 @@ class ServingConfig(Section):
 class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
-    isvc_name: str = Field(default="recsys", pattern=_DNS_LABEL)
-    namespace: str = Field(default="recsys", pattern=_DNS_LABEL)
-    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-serving", pattern=_IMAGE_REPO)
+    isvc_name: str = Field(default="recsys", pattern=DNS_LABEL)
+    namespace: str = Field(default="recsys", pattern=DNS_LABEL)
+    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-serving", pattern=IMAGE_REPO)
     # the bundle to serve when deploying by hand / from the manifests; the pipeline passes its own bundle
     storage_uri: str = Field(default="s3://recsys-models/bundles/current", pattern=r"^[a-z][a-z0-9+.-]*://.+")
-    service_account: str = Field(default="recsys-serving", pattern=_DNS_LABEL)
+    service_account: str = Field(default="recsys-serving", pattern=DNS_LABEL)
     http_port: int = Field(default=8080, ge=1024, le=65535)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=3, ge=1)
@@ -506,8 +404,8 @@ class DeployConfig(Section):
     run_as_user: int = Field(default=1000, ge=1)
     timeout_s: float = Field(default=600.0, gt=0)
     # where the production Feast config lives in the cluster (names only: values are never committed)
-    feast_config_map: str = Field(default="recsys-feast-config", pattern=_DNS_LABEL)
-    feast_secret: str = Field(default="recsys-feast-credentials", pattern=_DNS_LABEL)
+    feast_config_map: str = Field(default="recsys-feast-config", pattern=DNS_LABEL)
+    feast_secret: str = Field(default="recsys-feast-credentials", pattern=DNS_LABEL)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> DeployConfig:
@@ -537,60 +435,3 @@ class Params(Section):
     # the models package's own sections (models/config.py): features, feature groups, the four models
     models: ModelsConfig = ModelsConfig()
     training: TrainingConfig = TrainingConfig()
-
-
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate a params file; ``overrides`` maps dotted keys to values (for tests and CLIs)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.exists() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    return parse_params(raw, source=str(path))
-
-
-def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate an already-loaded mapping (the KFP pipeline passes params.yaml content as a string)."""
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
-
-
-def params_from_yaml_text(text: str, source: str = "params") -> Params:
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    return parse_params(raw, source)
-
-
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "<root>"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; allowed keys are the section's fields)"
-        got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
-        lines.append(f"{key}: {message}{shown}")
-    return f"{source}: invalid configuration:\n  " + "\n  ".join(lines)
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {part} is not a section")
-    node[leaf] = value

@@ -1,0 +1,106 @@
+"""The project's Feast store: opening it (local or production config), building its objects over a
+folder of feature tables, reading those tables, and backfilling the online store."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before Feast is imported
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from feast import FeatureStore
+
+from recsys.config import FeastConfig, FeaturesConfig
+from recsys.contracts import (
+    FEATURE_TABLE_KEYS,
+    TIMESTAMP,
+    DataContractError,
+)
+
+log = logging.getLogger(__name__)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def open_feature_store(feast: FeastConfig) -> FeatureStore:
+    """The project's Feast store: ``feast.config_file``, else $FEAST_FS_YAML_FILE_PATH, else the local yaml.
+
+    Relative paths in the yaml (registry, SQLite) resolve against the repo folder, not the working dir.
+    """
+    repo_path = resolve_repo_path(feast.repo_path)
+    if feast.config_file is None:
+        return FeatureStore(repo_path=str(repo_path))
+    config_file = feast.config_file if feast.config_file.is_absolute() else repo_path / feast.config_file
+    if not config_file.exists():
+        raise FileNotFoundError(f"feast.config_file: {config_file} does not exist")
+    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=config_file)
+
+
+def resolve_repo_path(repo_path: Path) -> Path:
+    """``repo_path`` against the working directory if it exists there, else against the project root."""
+    if repo_path.is_absolute():
+        candidates = [repo_path]
+    else:
+        candidates = [Path.cwd() / repo_path, PROJECT_ROOT / repo_path]
+    for candidate in candidates:
+        if (candidate / "definitions.py").exists():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"feast.repo_path: no Feast repo (definitions.py) at {' or '.join(str(c) for c in candidates)}"
+    )
+
+
+def feature_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> Any:
+    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir``."""
+    definitions = _definitions_module(resolve_repo_path(feast.repo_path))
+    ttl = {name: timedelta(days=days) for name, days in feast.ttl_days.model_dump().items()}
+    return definitions.build_feature_repo(Path(features_dir).resolve(), features.stats_windows_days, ttl)
+
+
+def materialize_online_store(store: FeatureStore, sources: dict[str, pa.Table]) -> tuple[datetime, datetime]:
+    """Backfill the online store with every view's latest row up to the end of the data.
+
+    ``materialize_incremental`` would start at now - TTL and skip the history, so the window is explicit:
+    from the oldest feature row to one second past the newest (Feast's end bound is exclusive).
+    """
+    stamps = [table.column(TIMESTAMP) for table in sources.values() if table.num_rows]
+    start = min(pc.min(s).as_py() for s in stamps)
+    end = max(pc.max(s).as_py() for s in stamps) + timedelta(seconds=1)
+    store.materialize(start_date=start, end_date=end)
+    return start, end
+
+
+def _definitions_module(repo_path: Path) -> ModuleType:
+    """Import ``<repo_path>/definitions.py`` (the Feast repo folder is not a Python package)."""
+    path = repo_path / "definitions.py"
+    name = f"_feast_definitions_{abs(hash(str(path)))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the Feast definitions from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_feature_table(features_dir: Path, name: str) -> pa.Table:
+    path = features_dir / f"{name}.parquet"
+    if not path.exists():
+        raise DataContractError(f"{path}: feature table '{name}' not found (run the features step first)")
+    table = pq.read_table(path)
+    for column in (FEATURE_TABLE_KEYS[name], TIMESTAMP):
+        if column not in table.column_names:
+            raise DataContractError(f"{path}: feature table '{name}' has no column '{column}'")
+    return table
