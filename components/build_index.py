@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from recsys import artifact_layout as layout
 from recsys.ann_index import METRIC, IndexContractError, TuningResult, search, write_index
 from recsys.artifact_io import write_json
 from recsys.config import IndexConfig, load_params
@@ -79,10 +80,10 @@ def run(
     output: str | Path | None = None,
     metrics_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Build, tune and write the index (+ sidecar) and its metrics; paths default to ``config``'s."""
-    item_path = Path(item_embeddings or config.item_embeddings)
-    query_path = Path(query_embeddings or config.query_embeddings)
-    output = Path(output or config.output)
+    """Build, tune and write the index (+ sidecar) and its metrics; paths default to the artifact layout's."""
+    item_path = Path(item_embeddings or layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS)
+    query_path = Path(query_embeddings or layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS)
+    output = Path(output or layout.INDEX_DIR / layout.INDEX)
     metrics_file = Path(metrics_file or config.metrics_file)
 
     items = read_embeddings(item_path, "item_ids", config.norm_tolerance, unique_ids=True)
@@ -257,8 +258,8 @@ def tune_search_param(
     ``exact_scores`` are the exact top-K inner products of ``queries`` (K = its width). A value passes when
     mean recall minus ``margin_sigmas`` standard errors reaches the target, so the tuned value does not
     fall short on unseen queries half of the time. Raises :class:`RecallTargetError` if the parameter's
-    ceiling (``max_value``; default ``index.ef_search_max``'s default for efSearch, nlist for nprobe) does
-    not reach the target.
+    ceiling (``max_value``: the configured ``index.ef_search_max`` for efSearch; default nlist for nprobe)
+    does not reach the target.
     """
     k = exact_scores.shape[1]
     if len(queries) == 0:
@@ -268,7 +269,9 @@ def tune_search_param(
         found, _ = search(index, queries, k)
         return TuningResult(None, None, recall_at_k(found, queries, items, exact_scores), {})
     if max_value is None:
-        max_value = faiss.extract_index_ivf(index).nlist if name == "nprobe" else IndexConfig().ef_search_max
+        if name != "nprobe":
+            raise ValueError("tuning efSearch needs its ceiling (index.ef_search_max) as max_value")
+        max_value = faiss.extract_index_ivf(index).nlist
     params = faiss.ParameterSpace()
     curve: dict[int, float] = {}
     lower_bounds: dict[int, float] = {}

@@ -26,6 +26,7 @@ import faiss
 import yaml
 from safetensors import SafetensorError, safe_open
 
+from recsys import artifact_layout as layout
 from recsys.artifact_io import read_json
 from recsys.bundle_manifest import (
     MANIFEST,
@@ -43,14 +44,20 @@ log = logging.getLogger(__name__)
 EMBEDDINGS_TENSOR = "embeddings"
 
 
-def run(config: BundleConfig, params_path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Assemble ``config.files`` with ``config.metrics_file``'s metrics and the params file's text."""
+def run(
+    config: BundleConfig,
+    params_path: str | Path,
+    out_dir: str | Path = layout.BUNDLE_DIR,
+    files: Mapping[str, str | Path] | None = None,
+) -> Path:
+    """Assemble ``files`` (default: the local artifact layout's bundle members) with
+    ``config.metrics_file``'s metrics and the params file's text."""
     params_path, metrics_path = Path(params_path), Path(config.metrics_file)
     metrics = read_json(
         metrics_path, BundleIntegrityError, "evaluation metrics not found (bundle.metrics_file)"
     )
     return assemble_bundle(
-        config.files, Path(out_dir or config.out_dir), params_text=params_path.read_text(), metrics=metrics
+        files or layout.bundle_members(), Path(out_dir), params_text=params_path.read_text(), metrics=metrics
     )
 
 
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     assemble = commands.add_parser("assemble", help="build the bundle from params (bundle.*)")
     assemble.add_argument("--params", default="params.yaml", help="the project configuration file")
-    assemble.add_argument("--out-dir", default=None, help="default: bundle.out_dir")
+    assemble.add_argument("--out-dir", default=str(layout.BUNDLE_DIR), help="the bundle folder")
     verify = commands.add_parser("verify", help="check every file of a bundle against its manifest")
     verify.add_argument("bundle_dir", help="the bundle directory")
     args = parser.parse_args(argv)

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.train import TRAINING_SET_OF
+from models.kinds import RANKERS, RETRIEVAL_MODEL
+from recsys import artifact_layout as layout
 from recsys.artifact_io import write_json
 from recsys.catalogue import item_catalogue
 from recsys.config import Params, load_params
@@ -31,13 +32,12 @@ from recsys.contracts import TIMESTAMP
 from recsys.training_data import read_split, test_start_of
 
 log = logging.getLogger(__name__)
-RANKERS = [kind for kind, training_set in TRAINING_SET_OF.items() if training_set == "ranking"]
 
 
 def run(
     params: Params,
     training_dir: str | Path = "data/training",
-    models_dir: str | Path = "artifacts/models",
+    models_dir: str | Path = layout.MODELS_DIR,
     features_dir: str | Path | None = None,
     output: str | Path = "metrics/evaluation.json",
 ) -> dict[str, Any]:
@@ -51,7 +51,12 @@ def run(
 
     report: dict[str, Any] = {"test_start": test_start.isoformat(), "catalogue_items": len(catalogue)}
     report["retrieval"] = evaluate_retrieval(
-        models_dir / "two_tower", training_dir, ranking_test, catalogue, cfg.ks, cfg.exclude_seen
+        layout.model_dir(RETRIEVAL_MODEL, models_dir),
+        training_dir,
+        ranking_test,
+        catalogue,
+        cfg.ks,
+        cfg.exclude_seen,
     )
     report["ranking"] = evaluate_rankers(
         models_dir, training_dir, ranking_test, params.training.eval_batch_size
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--models-dir", default="artifacts/models")
+    parser.add_argument("--models-dir", default=str(layout.MODELS_DIR))
     parser.add_argument("--output", default="metrics/evaluation.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

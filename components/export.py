@@ -20,10 +20,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from models.kinds import RETRIEVAL_MODEL
+from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.catalogue import item_catalogue
 from recsys.config import Params, load_params
 from recsys.contracts import TIMESTAMP
+from recsys.training_data import MANIFEST as TRAINING_MANIFEST
 from recsys.training_data import read_split
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,9 @@ PARITY_TOLERANCE = 1e-5
 def run(
     params: Params,
     training_dir: str | Path = "data/training",
-    model_dir: str | Path = "artifacts/models/two_tower",
-    out_dir: str | Path = "artifacts/embeddings",
-    popular_file: str | Path = "artifacts/export/popular_items.json",
-    popular_count: int = 500,
+    model_dir: str | Path = layout.MODELS_DIR / RETRIEVAL_MODEL,
+    out_dir: str | Path = layout.EMBEDDINGS_DIR,
+    popular_file: str | Path = layout.EXPORT_DIR / layout.POPULAR_ITEMS,
 ) -> dict[str, Any]:
     """Write ``item_embeddings.safetensors``, ``user_embeddings_valid.safetensors`` and the popular items."""
     from models import load_model
@@ -44,7 +46,7 @@ def run(
     training_dir, out_dir = Path(training_dir), Path(out_dir)
     device = "cuda" if torch.cuda.is_available() and params.training.device != "cpu" else "cpu"
     model, encoder = load_model(model_dir, device=device)
-    manifest = json.loads((training_dir / "manifest.json").read_text())
+    manifest = json.loads((training_dir / TRAINING_MANIFEST).read_text())
     features_dir = Path(params.features.features_dir)
     end = pd.read_parquet(features_dir / "item_stats.parquet", columns=[TIMESTAMP])[TIMESTAMP].max()
     catalogue = item_catalogue(features_dir, end, params.feast.ttl_days.item_stats)
@@ -60,14 +62,18 @@ def run(
     item_ids = torch.tensor(catalogue["item_id"].to_numpy(), dtype=torch.int64)
     user_ids = torch.tensor(users["user_id"].to_numpy(), dtype=torch.int64)
     _write_tensors(
-        {"item_ids": item_ids, "embeddings": item_emb.contiguous()}, out_dir / "item_embeddings.safetensors"
+        {"item_ids": item_ids, "embeddings": item_emb.contiguous()}, out_dir / layout.ITEM_EMBEDDINGS
     )
     _write_tensors(
         {"user_ids": user_ids, "embeddings": user_emb.contiguous()},
-        out_dir / "user_embeddings_valid.safetensors",
+        out_dir / layout.QUERY_EMBEDDINGS,
     )
 
-    clicks = read_split(training_dir, "retrieval", "train")["item_id"].value_counts().head(popular_count)
+    clicks = (
+        read_split(training_dir, "retrieval", "train")["item_id"]
+        .value_counts()
+        .head(params.export.popular_items)
+    )
     popular = {
         "item_ids": clicks.index.astype(int).tolist(),
         "scores": (clicks / clicks.iloc[0]).round(6).tolist() if len(clicks) else [],
@@ -111,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.export", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--model-dir", default="artifacts/models/two_tower")
-    parser.add_argument("--out-dir", default="artifacts/embeddings")
-    parser.add_argument("--popular-file", default="artifacts/export/popular_items.json")
+    parser.add_argument("--model-dir", default=str(layout.model_dir(RETRIEVAL_MODEL)))
+    parser.add_argument("--out-dir", default=str(layout.EMBEDDINGS_DIR))
+    parser.add_argument("--popular-file", default=str(layout.EXPORT_DIR / layout.POPULAR_ITEMS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)

@@ -15,17 +15,13 @@ from typing import Any
 
 import pandas as pd
 
+from models.kinds import TASK_OF
+from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.config import Params, load_params
 from recsys.training_data import read_split
 
 log = logging.getLogger(__name__)
-TRAINING_SET_OF = {
-    "two_tower": "retrieval",
-    "multi_tower": "ranking",
-    "multi_tower_din": "ranking",
-    "dlrm": "ranking",
-}
 
 
 def run(
@@ -42,12 +38,12 @@ def run(
 
     from models import FeatureEncoder, build_model, fit, save_model, write_history_csv
 
-    if kind not in TRAINING_SET_OF:
-        raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TRAINING_SET_OF)}")
-    model_dir = Path(model_dir or f"artifacts/models/{kind}")
+    if kind not in TASK_OF:
+        raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
+    model_dir = Path(model_dir or layout.model_dir(kind))
     metrics_file = Path(metrics_file or f"metrics/{kind}.json")
     plot_file = Path(plot_file or f"plots/{kind}.png")
-    train_df, valid_df = (read_split(training_dir, TRAINING_SET_OF[kind], s) for s in ("train", "valid"))
+    train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
 
     encoder = FeatureEncoder.fit(params.models.features, train_df)
     train, valid = encoder.encode(train_df), encoder.encode(valid_df)
@@ -112,10 +108,10 @@ def plot_history(history: list[dict[str, float]], path: str | Path, title: str) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train", description=__doc__)
-    parser.add_argument("--model", required=True, choices=sorted(TRAINING_SET_OF))
+    parser.add_argument("--model", required=True, choices=sorted(TASK_OF))
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--model-dir", default=None, help="default: artifacts/models/<model>")
+    parser.add_argument("--model-dir", default=None, help=f"default: {layout.MODELS_DIR}/<model>")
     parser.add_argument("--metrics", default=None, help="default: metrics/<model>.json")
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
     args = parser.parse_args(argv)

@@ -17,10 +17,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY images/constraints.txt images/requirements-serving.txt images/
 COPY pyproject.toml README.md ./
+# serving stands on the core and the models only: no step (components/) and no pipeline code
 COPY recsys recsys
-COPY components components
 COPY models models
-COPY pipelines pipelines
 COPY serving serving
 # torch alone first, without its dependencies (see pipeline.Dockerfile for the wheelhouse and the CA
 # secret), then the serving set with torch named again so that pip resolves torch's own dependencies;

@@ -22,8 +22,8 @@ from typing import Any
 
 _EXPORTS = {
     "models.build": ["MODEL_CLASSES", "build_model"],
+    "models.kinds": ["MODEL_KINDS", "RANKERS", "RETRIEVAL_MODEL", "TASK_OF"],
     "models.config": [
-        "MODEL_KINDS",
         "DLRMConfig",
         "FeatureGroup",
         "FeatureSpec",

@@ -27,8 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
-ModelKind = Literal["two_tower", "multi_tower", "multi_tower_din", "dlrm"]
+from models.kinds import MODEL_KINDS
 
 # Keys of an encoded batch that are not feature names (see models/features.py).
 RESERVED_NAMES = frozenset({"dense", "label", "group"})

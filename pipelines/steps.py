@@ -216,21 +216,18 @@ def build_index(
     from pathlib import Path
 
     from components import build_index as step
-    from pipelines.artifact_paths import rebase
     from pipelines.metrics_artifact import publish_metrics
+    from recsys import artifact_layout as layout
     from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
-    cfg = params.index
-    # the embeddings' configured directory is export's artifact here; the index's is this task's
-    moves = {Path(path).parent: exported.path for path in (cfg.item_embeddings, cfg.query_embeddings)}
-    moves[Path(cfg.output).parent] = index.path
+    # export's artifact holds the embeddings; this task's artifact is the index folder
     step.run(
-        cfg,
+        params.index,
         params.seed,
-        item_embeddings=rebase(cfg.item_embeddings, moves),
-        query_embeddings=rebase(cfg.query_embeddings, moves),
-        output=rebase(cfg.output, moves),
+        item_embeddings=Path(exported.path) / layout.ITEM_EMBEDDINGS,
+        query_embeddings=Path(exported.path) / layout.QUERY_EMBEDDINGS,
+        output=Path(index.path) / layout.INDEX,
         metrics_file=metrics.path,
     )
     publish_metrics(metrics.path, metrics)
@@ -249,14 +246,14 @@ def bundle(
 ) -> None:
     """The versioned, checksummed bundle serving loads as a unit (components/bundle.py).
 
-    ``bundle.files`` names its members by their local (DVC) paths; each output directory of that layout
-    is an artifact here, so the paths are moved onto the artifacts before the step copies them.
+    The members are recsys/artifact_layout.py's, each local folder of that layout being a task's
+    artifact here.
     """
     import tempfile
     from pathlib import Path
 
     from components import bundle as step
-    from pipelines.artifact_paths import rebase_all
+    from recsys import artifact_layout as layout
     from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
@@ -266,18 +263,18 @@ def bundle(
         "multi_tower_din": multi_tower_din,
         "dlrm": dlrm,
     }
-    moves = {
-        Path(params.index.item_embeddings).parent: exported.path,  # export's embeddings
-        "artifacts/export": exported.path,  # export's popular items (the export CLI's directory)
-        Path(params.index.output).parent: index.path,
-        **{f"artifacts/models/{kind}": model.path for kind, model in models.items()},  # the train CLI's
-    }
-    params.bundle.files = rebase_all(params.bundle.files, moves)
+    # each folder of the local layout is a task's artifact here
+    members = layout.bundle_members(
+        model_dirs={kind: model.path for kind, model in models.items()},
+        embeddings_dir=exported.path,
+        export_dir=exported.path,
+        index_dir=index.path,
+    )
     params.bundle.metrics_file = Path(evaluation.path)
     with tempfile.TemporaryDirectory() as scratch:
         params_file = Path(scratch) / "params.yaml"
         params_file.write_text(params_yaml)
-        step.run(params.bundle, params_file, out_dir=bundle.path)
+        step.run(params.bundle, params_file, out_dir=bundle.path, files=members)
 
 
 def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:

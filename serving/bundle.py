@@ -18,15 +18,16 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from models import FeatureEncoder, RecModel, load_model
+from models.kinds import RANKERS, RETRIEVAL_MODEL
+from recsys import artifact_layout as layout
 from recsys.ann_index import load_index
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 
-TWO_TOWER = "two_tower"
-RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
-MODELS_DIR = "models"
-INDEX_FILE = "items.faiss"
-ITEM_EMBEDDINGS_FILE = "item_embeddings.safetensors"
-POPULAR_FILE = "popular_items.json"
+TWO_TOWER = RETRIEVAL_MODEL
+MODELS_DIR = layout.BUNDLE_MODELS
+INDEX_FILE = layout.INDEX
+ITEM_EMBEDDINGS_FILE = layout.ITEM_EMBEDDINGS
+POPULAR_FILE = layout.POPULAR_ITEMS
 
 
 @dataclass
@@ -75,10 +76,10 @@ def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
     manifest = load_manifest(bundle_dir, verify=True)
     files = manifest["files"]
     two_tower_dir = bundle_dir / MODELS_DIR / TWO_TOWER
-    for name in (f"{MODELS_DIR}/{TWO_TOWER}/model.safetensors", f"{MODELS_DIR}/{TWO_TOWER}/config.json"):
+    for name in (layout.bundle_model_file(TWO_TOWER, file) for file in layout.MODEL_FILES):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' (the two-tower) is not in the bundle")
-    for name in (INDEX_FILE, INDEX_FILE + ".json", ITEM_EMBEDDINGS_FILE, POPULAR_FILE):
+    for name in (INDEX_FILE, layout.INDEX_SIDECAR, ITEM_EMBEDDINGS_FILE, POPULAR_FILE):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' is not in the bundle")
     two_tower, tt_encoder = load_model(two_tower_dir)
@@ -86,7 +87,7 @@ def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
         raise BundleIntegrityError(f"{two_tower_dir}: holds a '{two_tower.kind}' model, not a two-tower")
     rankers = {}
     for kind in RANKERS:
-        if f"{MODELS_DIR}/{kind}/config.json" in files:
+        if layout.bundle_model_file(kind, layout.MODEL_CONFIG) in files:
             model, encoder = load_model(bundle_dir / MODELS_DIR / kind)
             if model.kind != kind:
                 raise BundleIntegrityError(f"{bundle_dir / MODELS_DIR / kind}: holds a '{model.kind}' model")

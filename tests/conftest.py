@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from models.kinds import MODEL_KINDS
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("FEAST_USAGE", "False")
@@ -49,9 +51,6 @@ def tiny_features_dir(tiny_params, tiny_raw_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features")
     features.run(tiny_params.features, tiny_raw_dir, out)
     return out
-
-
-MODEL_KINDS = ("two_tower", "multi_tower", "multi_tower_din", "dlrm")
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import faiss
 import numpy as np
@@ -11,11 +12,14 @@ from safetensors.numpy import load_file, save_file
 
 from components import build_index as bi
 from recsys import ann_index
+from recsys import artifact_layout as layout
 from recsys.config import IndexConfig
 
 DIM = 32
 N_ITEMS = 20_000
 N_CLUSTERS = 100
+
+EF_SEARCH_MAX = 4096  # index.ef_search_max in params.yaml
 
 
 def clustered_unit_vectors(n: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -78,12 +82,22 @@ def test_flat_matches_numpy_exact_search(data, built):
     assert overlap_recall(ids, truth_ids) == 1.0
 
 
+def test_tuning_efsearch_needs_the_configured_ceiling(data, built):
+    items, tune_q, _ = data
+    exact_scores = exact_top_k(items, tune_q, 10)[1]
+    with pytest.raises(ValueError, match=r"index\.ef_search_max"):  # never a default of the code's own
+        bi.tune_search_param(built["hnsw"], "hnsw", items, tune_q, exact_scores, recall_target=0.95)
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf_pq"])
 def test_tuned_approximate_search_agrees_with_exact_to_the_target(data, built, kind):
     items, tune_q, holdout_q = data
     index = built[kind]
     exact_scores = exact_top_k(items, tune_q, 10)[1]
-    tuned = bi.tune_search_param(index, kind, items, tune_q, exact_scores, recall_target=0.95)
+    ceiling = EF_SEARCH_MAX if kind == "hnsw" else None
+    tuned = bi.tune_search_param(
+        index, kind, items, tune_q, exact_scores, recall_target=0.95, max_value=ceiling
+    )
 
     assert tuned.name == bi._SEARCH_PARAM[kind]
     assert min(tuned.curve) >= (10 if kind == "hnsw" else 1)  # HNSW never searches below ef = k anyway
@@ -97,7 +111,7 @@ def test_tuned_approximate_search_agrees_with_exact_to_the_target(data, built, k
     else:
         assert faiss.extract_index_ivf(index).nprobe == tuned.value
     # asking for a safety margin of standard errors never tunes to a smaller value
-    careful = bi.tune_search_param(index, kind, items, tune_q, exact_scores, 0.95, margin_sigmas=2.0)
+    careful = bi.tune_search_param(index, kind, items, tune_q, exact_scores, 0.95, ceiling, margin_sigmas=2.0)
     assert careful.value >= tuned.value - max(1, tuned.value // 16)  # bisection stops within ~6%
     assert careful.recall >= 0.95
     # on queries the tuner never saw, by an independent recall computation
@@ -160,12 +174,10 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
         hnsw_m=16,
         hnsw_ef_construction=64,
         tune_queries=200,
-        item_embeddings=item_file,
-        query_embeddings=query_file,
-        output=tmp_path / "index" / "items.faiss",
         metrics_file=tmp_path / "metrics" / "index.json",
     )
-    metrics = bi.run(config, seed=0)
+    output = tmp_path / "index" / "items.faiss"
+    metrics = bi.run(config, seed=0, item_embeddings=item_file, query_embeddings=query_file, output=output)
 
     on_disk = json.loads((tmp_path / "metrics" / "index.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -187,13 +199,10 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
 
 def test_auto_small_catalogue_is_exact(tmp_path, exported):
     item_file, query_file = exported
-    config = IndexConfig(
-        item_embeddings=item_file,
-        query_embeddings=query_file,
-        output=tmp_path / "items.faiss",
-        metrics_file=tmp_path / "index.json",
+    config = IndexConfig(metrics_file=tmp_path / "index.json")
+    metrics = bi.run(
+        config, item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "items.faiss"
     )
-    metrics = bi.run(config)
     assert metrics["type"] == "flat" and metrics["search_param"] is None
     assert metrics["recall_at_k"] == 1.0
 
@@ -235,11 +244,12 @@ def test_query_dim_mismatch_is_rejected(tmp_path, exported):
         q / np.linalg.norm(q, axis=1, keepdims=True),
         "user_ids",
     )
-    config = IndexConfig(item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss")
     with pytest.raises(
         ann_index.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
     ):
-        bi.run(config)
+        bi.run(
+            IndexConfig(), item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss"
+        )
     assert not (tmp_path / "x.faiss").exists()
 
 
@@ -253,12 +263,10 @@ def saved_index(tmp_path, exported):
     item_file, query_file = exported
     config = IndexConfig(
         type="flat",
-        item_embeddings=item_file,
-        query_embeddings=query_file,
-        output=tmp_path / "idx" / "items.faiss",
         metrics_file=tmp_path / "index.json",
     )
-    bi.run(config)
+    output = tmp_path / "idx" / "items.faiss"
+    bi.run(config, item_embeddings=item_file, query_embeddings=query_file, output=output)
     return tmp_path / "idx" / "items.faiss"
 
 
@@ -293,17 +301,31 @@ def test_load_requires_the_sidecar(saved_index):
 def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
     item_file, query_file = exported
     params = tmp_path / "params.yaml"
-    params.write_text(
-        "index:\n"
-        f"  item_embeddings: {item_file}\n"
-        f"  query_embeddings: {query_file}\n"
-        f"  output: {tmp_path / 'out' / 'items.faiss'}\n"
-        f"  metrics_file: {tmp_path / 'out' / 'index.json'}\n"
-        "  k: 5\n"
-    )
-    assert bi.main(["--params", str(params)]) == 0
-    index, meta = ann_index.load_index(tmp_path / "out" / "items.faiss")
+    params.write_text(f"index:\n  metrics_file: {tmp_path / 'out' / 'index.json'}\n  k: 5\n")
+    output = tmp_path / "out" / "items.faiss"
+    arguments = [
+        "--item-embeddings",
+        str(item_file),
+        "--query-embeddings",
+        str(query_file),
+        "--output",
+        str(output),
+    ]
+    assert bi.main(["--params", str(params), *arguments]) == 0
+    index, meta = ann_index.load_index(output)
     assert meta["k"] == 5 and index.ntotal == 3000
+
+
+def test_cli_reads_the_artifact_layout_by_default(tmp_path, exported, monkeypatch):
+    item_file, query_file = exported
+    monkeypatch.chdir(tmp_path)
+    layout.EMBEDDINGS_DIR.mkdir(parents=True)
+    shutil.copyfile(item_file, layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS)
+    shutil.copyfile(query_file, layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS)
+    (tmp_path / "params.yaml").write_text(f"index:\n  metrics_file: {tmp_path / 'index.json'}\n")
+    assert bi.main([]) == 0
+    index, _ = ann_index.load_index(layout.INDEX_DIR / layout.INDEX)
+    assert index.ntotal == 3000
 
 
 def _read(path):

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import faiss
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import save_file
 
 from components import bundle as bd
+from recsys import artifact_layout as layout
 from recsys.ann_index import TuningResult, load_index, write_index
+from recsys.bundle_manifest import BundleIntegrityError, load_manifest
+from tests.conftest import REPO_ROOT
 
 DIM = 8
 PARAMS_TEXT = "seed: 42\nindex:\n  k: 10\n"
@@ -55,7 +60,7 @@ def bundle_dir(tmp_path):
 
 
 def test_round_trip(tmp_path, bundle_dir):
-    manifest = bd.load_manifest(bundle_dir)
+    manifest = load_manifest(bundle_dir)
 
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{12}", manifest["version"])
     assert manifest["version"].endswith(manifest["content_sha256"][:12])
@@ -82,13 +87,13 @@ def test_round_trip(tmp_path, bundle_dir):
 
 
 def test_same_content_same_hash_new_content_new_version(tmp_path, bundle_dir):
-    first = bd.load_manifest(bundle_dir)
+    first = load_manifest(bundle_dir)
     files = _sources(tmp_path / "src")
-    again = bd.load_manifest(
+    again = load_manifest(
         bd.assemble_bundle(files, tmp_path / "bundle", params_text=PARAMS_TEXT, metrics=METRICS)
     )
     assert again["content_sha256"] == first["content_sha256"]
-    changed = bd.load_manifest(
+    changed = load_manifest(
         bd.assemble_bundle(files, tmp_path / "bundle", params_text="seed: 7\n", metrics=METRICS)
     )
     assert changed["content_sha256"] != first["content_sha256"]
@@ -100,7 +105,7 @@ def test_git_revision_is_none_outside_git(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     out = bd.assemble_bundle(files, tmp_path / "b", params_text=PARAMS_TEXT, metrics={})
-    assert bd.load_manifest(out)["git_revision"] is None
+    assert load_manifest(out)["git_revision"] is None
 
 
 def test_changed_file_is_detected_by_name(bundle_dir):
@@ -108,32 +113,32 @@ def test_changed_file_is_detected_by_name(bundle_dir):
     data = bytearray(member.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     member.write_bytes(bytes(data))
-    with pytest.raises(bd.BundleIntegrityError, match=r"file 'user_tower\.safetensors' SHA-256 differs"):
-        bd.load_manifest(bundle_dir)
-    bd.load_manifest(bundle_dir, verify=False)  # reading the manifest alone still works
+    with pytest.raises(BundleIntegrityError, match=r"file 'user_tower\.safetensors' SHA-256 differs"):
+        load_manifest(bundle_dir)
+    load_manifest(bundle_dir, verify=False)  # reading the manifest alone still works
 
 
 def test_truncated_file_is_detected_by_name(bundle_dir):
     member = bundle_dir / "index" / "items.faiss"
     member.write_bytes(member.read_bytes()[:-10])
-    with pytest.raises(bd.BundleIntegrityError, match=r"file 'index/items\.faiss' has \d+ bytes"):
-        bd.load_manifest(bundle_dir)
+    with pytest.raises(BundleIntegrityError, match=r"file 'index/items\.faiss' has \d+ bytes"):
+        load_manifest(bundle_dir)
 
 
 def test_missing_file_is_detected_by_name(bundle_dir):
     (bundle_dir / "encoders.json").unlink()
     with pytest.raises(
-        bd.BundleIntegrityError, match=r"file 'encoders\.json' listed in the manifest is missing"
+        BundleIntegrityError, match=r"file 'encoders\.json' listed in the manifest is missing"
     ):
-        bd.load_manifest(bundle_dir)
+        load_manifest(bundle_dir)
 
 
 def test_extra_unlisted_file_is_refused_unless_harmless(bundle_dir):
     (bundle_dir / "NOTES.md").write_text("deployed by hand\n")
-    bd.load_manifest(bundle_dir)  # documentation next to the files is tolerated
+    load_manifest(bundle_dir)  # documentation next to the files is tolerated
     (bundle_dir / "index" / "ranker.safetensors").write_bytes(b"not checksummed")
-    with pytest.raises(bd.BundleIntegrityError, match=r"file 'index/ranker\.safetensors' is not listed"):
-        bd.load_manifest(bundle_dir)
+    with pytest.raises(BundleIntegrityError, match=r"file 'index/ranker\.safetensors' is not listed"):
+        load_manifest(bundle_dir)
 
 
 def test_edited_manifest_is_refused(bundle_dir):
@@ -141,19 +146,19 @@ def test_edited_manifest_is_refused(bundle_dir):
     manifest = json.loads(path.read_text())
     manifest["files"]["encoders.json"]["sha256"] = "0" * 64
     path.write_text(json.dumps(manifest))
-    with pytest.raises(bd.BundleIntegrityError, match="manifest edited"):
-        bd.load_manifest(bundle_dir)
+    with pytest.raises(BundleIntegrityError, match="manifest edited"):
+        load_manifest(bundle_dir)
 
 
 def test_missing_manifest_is_refused(tmp_path):
     (tmp_path / "half").mkdir()
-    with pytest.raises(bd.BundleIntegrityError, match=r"half: no manifest\.json"):
-        bd.load_manifest(tmp_path / "half")
+    with pytest.raises(BundleIntegrityError, match=r"half: no manifest\.json"):
+        load_manifest(tmp_path / "half")
 
 
 def test_dim_drift_between_model_and_index_is_refused(tmp_path):
     files = _sources(tmp_path / "src", dim_index=DIM, dim_embeddings=DIM * 2)
-    with pytest.raises(bd.BundleIntegrityError, match=r"dims disagree .*'index/items\.faiss'=8.*=16"):
+    with pytest.raises(BundleIntegrityError, match=r"dims disagree .*'index/items\.faiss'=8.*=16"):
         bd.assemble_bundle(files, tmp_path / "bundle", params_text=PARAMS_TEXT, metrics=METRICS)
     assert not (tmp_path / "bundle").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # staging directory removed
@@ -161,23 +166,23 @@ def test_dim_drift_between_model_and_index_is_refused(tmp_path):
 
 def test_declared_user_tower_dim_is_checked(tmp_path):
     files = _sources(tmp_path / "src")
-    with pytest.raises(bd.BundleIntegrityError, match=r"'declared:user_tower\.safetensors'=16"):
+    with pytest.raises(BundleIntegrityError, match=r"'declared:user_tower\.safetensors'=16"):
         bd.assemble_bundle(
             files, tmp_path / "b", params_text="", metrics={}, embedding_dims={"user_tower.safetensors": 16}
         )
     out = bd.assemble_bundle(
         files, tmp_path / "b", params_text="", metrics={}, embedding_dims={"user_tower.safetensors": DIM}
     )
-    assert bd.load_manifest(out)["dims"]["declared:user_tower.safetensors"] == DIM
+    assert load_manifest(out)["dims"]["declared:user_tower.safetensors"] == DIM
 
 
 def test_failed_assemble_keeps_the_previous_bundle(tmp_path, bundle_dir):
-    before = bd.load_manifest(bundle_dir)
+    before = load_manifest(bundle_dir)
     files = _sources(tmp_path / "src")
     files["rankers/dlrm.safetensors"] = tmp_path / "src" / "does-not-exist.safetensors"
-    with pytest.raises(bd.BundleIntegrityError, match=r"'rankers/dlrm\.safetensors' source .* is not a file"):
+    with pytest.raises(BundleIntegrityError, match=r"'rankers/dlrm\.safetensors' source .* is not a file"):
         bd.assemble_bundle(files, bundle_dir, params_text=PARAMS_TEXT, metrics=METRICS)
-    assert bd.load_manifest(bundle_dir) == before
+    assert load_manifest(bundle_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "src"]
 
 
@@ -202,20 +207,20 @@ def test_failure_while_copying_leaves_no_bundle(tmp_path, monkeypatch):
 def test_bad_member_names_are_refused(tmp_path, name):
     source = tmp_path / "f.json"
     source.write_text("{}")
-    with pytest.raises(bd.BundleIntegrityError, match=r"bundle name|reserved"):
+    with pytest.raises(BundleIntegrityError, match=r"bundle name|reserved"):
         bd.assemble_bundle({name: source}, tmp_path / "b", params_text="", metrics={})
 
 
 def test_index_without_its_sidecar_is_refused(tmp_path):
     files = _sources(tmp_path / "src")
     del files["index/items.faiss.json"]
-    with pytest.raises(bd.BundleIntegrityError, match=r"'index/items\.faiss' needs its sidecar"):
+    with pytest.raises(BundleIntegrityError, match=r"'index/items\.faiss' needs its sidecar"):
         bd.assemble_bundle(files, tmp_path / "b", params_text="", metrics={})
 
 
 def test_non_json_metrics_are_refused(tmp_path):
     files = _sources(tmp_path / "src")
-    with pytest.raises(bd.BundleIntegrityError, match="metrics are not plain JSON"):
+    with pytest.raises(BundleIntegrityError, match="metrics are not plain JSON"):
         bd.assemble_bundle(files, tmp_path / "b", params_text="", metrics={"auc": float("nan")})
 
 
@@ -227,16 +232,27 @@ def test_cli_verify(bundle_dir, capsys):
     assert "encoders.json" in capsys.readouterr().err
 
 
-def test_cli_assemble_from_params(tmp_path):
-    files = _sources(tmp_path / "src")
+def test_cli_assemble_from_the_artifact_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI assembles the local layout's members (recsys/artifact_layout.py)
+    sources = _sources(tmp_path / "src")
+    rng = np.random.default_rng(1)
+    members = layout.bundle_members()
+    for name, path in members.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == layout.ITEM_EMBEDDINGS:
+            shutil.copyfile(sources["item_embeddings.safetensors"], path)
+        elif name in (layout.INDEX, layout.INDEX_SIDECAR):
+            shutil.copyfile(sources[f"index/{name}"], path)
+        elif name.endswith(".safetensors"):
+            save_file({"layer.weight": rng.standard_normal((4, 4)).astype(np.float32)}, str(path))
+        else:
+            path.write_text(json.dumps({"member": name}))
     (tmp_path / "evaluation.json").write_text(json.dumps(METRICS))
-    listing = "".join(f"    {name}: {path}\n" for name, path in files.items())
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        f"bundle:\n  out_dir: {tmp_path / 'out'}\n  metrics_file: {tmp_path / 'evaluation.json'}\n"
-        f"  files:\n{listing}"
-    )
-    assert bd.main(["assemble", "--params", str(params)]) == 0
-    manifest = bd.load_manifest(tmp_path / "out")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["bundle"]["metrics_file"] = str(tmp_path / "evaluation.json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert bd.main(["assemble", "--params", "params.yaml", "--out-dir", "out"]) == 0
+    manifest = load_manifest(tmp_path / "out")
     assert manifest["metrics"] == METRICS
-    assert manifest["params"]["bundle"]["out_dir"] == str(tmp_path / "out")
+    assert set(manifest["files"]) == set(members)  # every model of every kind, the index, the embeddings
+    assert manifest["params"]["bundle"]["metrics_file"] == str(tmp_path / "evaluation.json")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from models.kinds import RANKERS
 from tests.conftest import MODEL_KINDS, REPO_ROOT, build_training_sets, pipeline_workdir
 
 pytestmark = pytest.mark.slow
 
-RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
+
 AUC_MARGIN = 0.01  # "clearly above": at least this much AUC over the item-CTR baseline
 
 

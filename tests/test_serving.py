@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
-from benchmarks.serving_latency import build_serving_bundle, item_catalogue, synthetic_training_frame
+from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 from recsys.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]

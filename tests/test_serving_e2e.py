@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.serving_latency import free_port, start_server, stop_server
+from benchmarks.model_server import free_port, start_server, stop_server
+from models.kinds import RANKERS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
 
 
 def _store_yaml(path: Path, online_db: Path) -> Path:

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from models.config import ModelsConfig, TrainingConfig
+from models.kinds import RankerKind
 from recsys.config.cron import kfp_cron
 from recsys.config.kubernetes import DNS_LABEL, IMAGE_REPO, IMAGE_TAG, QUANTITY
 from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
@@ -218,9 +219,6 @@ class EvaluationConfig(Section):
 class IndexConfig(Section):
     """The FAISS index over the item embeddings (components/build_index.py); always inner product."""
 
-    item_embeddings: Path = Path("artifacts/embeddings/item_embeddings.safetensors")
-    query_embeddings: Path = Path("artifacts/embeddings/user_embeddings_valid.safetensors")
-    output: Path = Path("artifacts/index/items.faiss")
     metrics_file: Path = Path("metrics/index.json")
     type: Literal["auto", "flat", "hnsw", "ivf_pq"] = "auto"
     # auto: exact IndexFlatIP below flat_max_items, IVF-PQ from ivf_pq_min_items, HNSW in between
@@ -247,18 +245,16 @@ class IndexConfig(Section):
         return self
 
 
-class BundleConfig(Section):
-    """The versioned bundle serving loads as a unit (components/bundle.py): bundle name -> source path."""
+class ExportConfig(Section):
+    """What the export step writes besides the embeddings (components/export.py)."""
 
-    out_dir: Path = Path("artifacts/bundle")
-    files: dict[str, Path] = Field(
-        default={
-            "item_embeddings.safetensors": Path("artifacts/embeddings/item_embeddings.safetensors"),
-            "items.faiss": Path("artifacts/index/items.faiss"),
-            "items.faiss.json": Path("artifacts/index/items.faiss.json"),
-        },
-        min_length=1,
-    )
+    popular_items: int = Field(default=500, gt=0)  # the cold-start list serving falls back to
+
+
+class BundleConfig(Section):
+    """The versioned bundle serving loads as a unit (components/bundle.py); its members and folder are
+    recsys/artifact_layout.py's."""
+
     metrics_file: Path = Path("metrics/evaluation.json")
 
 
@@ -366,7 +362,7 @@ class ServingConfig(Section):
     retrieve_k: int = Field(default=200, gt=0)  # recommend: candidates retrieved, then ranked
     default_n: int = Field(default=20, gt=0)  # recommend: items returned when the request names no n
     max_n: int = Field(default=100, gt=0)
-    default_ranker: Literal["multi_tower", "multi_tower_din", "dlrm"] = "multi_tower"
+    default_ranker: RankerKind = "multi_tower"
     online_store: bool = True  # false: features only from the request, else the contract's defaults
     feast_timeout_s: float = Field(default=0.25, gt=0)  # an online read slower than this counts as down
     item_cache_ttl_s: float = Field(default=600.0, ge=0)  # item features are cached this long (0: never)
@@ -426,6 +422,7 @@ class Params(Section):
     feast: FeastConfig = FeastConfig()
     training_set: TrainingSetConfig = TrainingSetConfig()
     validation: ValidationConfig = ValidationConfig()
+    export: ExportConfig = ExportConfig()
     index: IndexConfig = IndexConfig()
     bundle: BundleConfig = BundleConfig()
     gate: GateConfig = GateConfig()

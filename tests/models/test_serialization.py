@@ -8,11 +8,12 @@ from safetensors.torch import load_file
 
 from models.build import build_model
 from models.features import FeatureEncoder
+from models.kinds import MODEL_KINDS
 from models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from tests.models.conftest import make_frame
 
 
-@pytest.mark.parametrize("kind", ["two_tower", "multi_tower", "multi_tower_din", "dlrm"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_save_then_load_gives_identical_outputs(tmp_path, frame, models_config, kind):
     torch.manual_seed(0)
     config = models_config.model(kind)

@@ -1,4 +1,4 @@
-"""The serving benchmarks' load client counts what it sends, times each request and counts failures."""
+"""benchmarks/load_client.py: the load client counts what it sends, times each request and counts failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from benchmarks.serving_latency import _load
+from benchmarks.load_client import run_load
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -43,7 +43,7 @@ def server():
 
 def test_load_sends_bodies_in_turn_and_respects_max_requests(server):
     bodies = [{"instances": [{"user_id": u}]} for u in (1, 2, 3)]
-    stats = _load(server, bodies, concurrency=3, seconds=30.0, max_requests=40)
+    stats = run_load(server, bodies, concurrency=3, seconds=30.0, max_requests=40)
     assert stats["requests"] == 40 and stats["errors"] == 0
     sent = Counter(b["instances"][0]["user_id"] for b in _Echo.seen)
     assert sent == {1: 14, 2: 13, 3: 13}  # the bodies in turn, each request once
@@ -52,5 +52,5 @@ def test_load_sends_bodies_in_turn_and_respects_max_requests(server):
 
 def test_failed_requests_are_errors(server):
     _Echo.status = 500
-    stats = _load(server, [{"instances": []}], concurrency=1, seconds=30.0, max_requests=5)
+    stats = run_load(server, [{"instances": []}], concurrency=1, seconds=30.0, max_requests=5)
     assert stats["errors"] == stats["requests"] == 5

@@ -1,0 +1,154 @@
+"""upload and schedule (pipelines/kubeflow.py through ``python -m pipelines``): argument handling and what
+they ask the server for.
+
+They cannot reach a KFP server here: they run against a recording stand-in for ``kfp.Client`` that answers
+the calls they make, so what is tested is what they ask the server for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines.__main__ import main
+from recsys.config import load_params
+from tests.conftest import REPO_ROOT
+
+
+class RecordingKfpClient:
+    """Answers like a KFP server holding ``pipelines`` (name -> id) and their versions (newest first)."""
+
+    def __init__(self, pipelines: dict[str, str] | None = None, versions: dict[str, list[str]] | None = None):
+        self.pipelines = dict(pipelines or {})
+        self.versions = {pid: list(names) for pid, names in (versions or {}).items()}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def get_pipeline_id(self, name):
+        self.calls.append(("get_pipeline_id", {"name": name}))
+        return self.pipelines.get(name)
+
+    def upload_pipeline(self, pipeline_package_path, pipeline_name=None, description=None, namespace=None):
+        self.calls.append(
+            ("upload_pipeline", {"path": pipeline_package_path, "name": pipeline_name, "ns": namespace})
+        )
+        self.pipelines[pipeline_name] = "pid-new"
+        self.versions["pid-new"] = [pipeline_name]
+        return SimpleNamespace(pipeline_id="pid-new")
+
+    def upload_pipeline_version(
+        self, pipeline_package_path, pipeline_version_name, pipeline_id=None, description=None
+    ):
+        self.calls.append(
+            ("upload_pipeline_version", {"name": pipeline_version_name, "pipeline_id": pipeline_id})
+        )
+        self.versions[pipeline_id].insert(0, pipeline_version_name)
+        return SimpleNamespace(pipeline_version_id=f"vid-{pipeline_version_name}")
+
+    def list_pipeline_versions(self, pipeline_id, page_token="", page_size=10, sort_by="", filter=None):
+        self.calls.append(("list_pipeline_versions", {"pipeline_id": pipeline_id, "filter": filter}))
+        names = self.versions.get(pipeline_id, [])
+        if filter:
+            wanted = yaml.safe_load(filter)["predicates"][0]["stringValue"]
+            names = [n for n in names if n == wanted]
+        shown = [SimpleNamespace(pipeline_version_id=f"vid-{n}", display_name=n) for n in names[:page_size]]
+        return SimpleNamespace(pipeline_versions=shown or None)
+
+    def create_experiment(self, name, description=None, namespace=None):
+        self.calls.append(("create_experiment", {"name": name, "namespace": namespace}))
+        return SimpleNamespace(experiment_id=f"eid-{name}", display_name=name)
+
+    def create_recurring_run(self, **kwargs):
+        self.calls.append(("create_recurring_run", kwargs))
+        return SimpleNamespace(recurring_run_id="rid-1")
+
+    def called(self, name: str) -> list[dict[str, Any]]:
+        return [args for call, args in self.calls if call == name]
+
+
+@pytest.fixture
+def package(tmp_path) -> Path:
+    path = tmp_path / "recsys_training.yaml"
+    path.write_text("pipelineInfo: {name: recsys-training}\n")
+    return path
+
+
+def _cli(*args: str, client: RecordingKfpClient) -> int:
+    return main(["--params", str(REPO_ROOT / "params.yaml"), *args], kfp_client=client)
+
+
+def test_upload_creates_the_pipeline_when_new(package):
+    client = RecordingKfpClient()
+    assert _cli("upload", "--host", "http://kfp", "--package", str(package), client=client) == 0
+    (upload,) = client.called("upload_pipeline")
+    assert upload == {"path": str(package), "name": "recsys-training", "ns": "recsys"}
+    assert not client.called("upload_pipeline_version")
+
+
+def test_upload_adds_a_version_named_by_tag_and_content(package):
+    client = RecordingKfpClient({"recsys-training": "pid-1"}, {"pid-1": ["recsys-training"]})
+    assert _cli("upload", "--host", "http://kfp", "--package", str(package), client=client) == 0
+    (version,) = client.called("upload_pipeline_version")
+    assert version["pipeline_id"] == "pid-1"
+    assert version["name"].startswith("0.1.0-") and len(version["name"]) == len("0.1.0-") + 12
+    # same package, same default name: the server refuses a duplicate instead of piling up versions
+    _cli("upload", "--host", "http://kfp", "--package", str(package), client=client)
+    assert client.called("upload_pipeline_version")[1]["name"] == version["name"]
+    _cli("upload", "--host", "http://kfp", "--package", str(package), "--version", "v7", client=client)
+    assert client.called("upload_pipeline_version")[2]["name"] == "v7"
+
+
+def test_upload_without_a_compiled_package_fails_before_any_call(tmp_path, capsys):
+    client = RecordingKfpClient()
+    assert (
+        _cli("upload", "--host", "http://kfp", "--package", str(tmp_path / "none.yaml"), client=client) == 1
+    )
+    assert "run `python -m pipelines compile` first" in capsys.readouterr().err
+    assert client.calls == []
+
+
+def test_schedule_creates_a_recurring_run_of_the_newest_version():
+    client = RecordingKfpClient({"recsys-training": "pid-1"}, {"pid-1": ["v2", "v1"]})
+    code = _cli(
+        "schedule", "--host", "http://kfp", "--cron", "0 0 3 * * *", "--experiment", "nightly", client=client
+    )
+    assert code == 0
+    (experiment,) = client.called("create_experiment")
+    assert experiment == {"name": "nightly", "namespace": "recsys"}
+    (run,) = client.called("create_recurring_run")
+    pipeline = load_params(REPO_ROOT / "params.yaml").pipeline
+    assert run["cron_expression"] == "0 0 3 * * *"
+    assert (run["experiment_id"], run["pipeline_id"], run["version_id"]) == ("eid-nightly", "pid-1", "vid-v2")
+    assert run["max_concurrency"] == pipeline.max_concurrency
+    assert run["service_account"] == pipeline.service_account
+    assert run["no_catchup"] is True and run["enabled"] is True
+
+
+def test_schedule_a_named_version_and_default_cron_and_experiment():
+    client = RecordingKfpClient({"recsys-training": "pid-1"}, {"pid-1": ["v2", "v1"]})
+    assert _cli("schedule", "--host", "http://kfp", "--version", "v1", client=client) == 0
+    (run,) = client.called("create_recurring_run")
+    pipeline = load_params(REPO_ROOT / "params.yaml").pipeline
+    assert run["version_id"] == "vid-v1"
+    assert run["cron_expression"] == pipeline.cron
+    assert client.called("create_experiment")[0]["name"] == pipeline.experiment
+
+
+@pytest.mark.parametrize(
+    ("server", "args", "message"),
+    [
+        ({}, ["--cron", "0 3 * * *"], "KFP's cron has 6"),
+        ({}, [], "is not on the server; run `python -m pipelines upload` first"),
+        ({"recsys-training": "pid-1"}, ["--version", "v9"], "has no version 'v9'"),
+    ],
+)
+def test_schedule_refuses_before_creating_anything(server, args, message, capsys):
+    client = RecordingKfpClient(server, {pid: ["v1"] for pid in server.values()})
+    assert _cli("schedule", "--host", "http://kfp", *args, client=client) == 1
+    assert message in capsys.readouterr().err
+    assert not client.called("create_recurring_run") and not client.called("create_experiment")
+    if "cron" in message:
+        assert client.calls == []  # a bad cron never reaches the server

@@ -1,0 +1,213 @@
+"""The compiled pipeline (pipelines/recsys_training.py, KFP IR): tasks, order, GPU and resources, the gate's
+condition, caching, images under the KFP driver's rule, the committed YAML is fresh, configure, and the
+pipeline section of the config it is built from.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines.__main__ import main
+from recsys.config import ConfigError, PipelineConfig, load_params, params_from_yaml_text
+from tests.conftest import REPO_ROOT
+
+COMPILED = REPO_ROOT / "pipelines" / "recsys_training.yaml"
+
+
+TRAIN_TASKS = ["train-two-tower", "train-multi-tower", "train-multi-tower-din", "train-dlrm"]
+ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
+    ("ingest", "configure"),
+    ("features", "ingest"),
+    ("validate-raw", "ingest"),
+    ("training-set", "features"),
+    ("training-set", "validate-raw"),
+    ("validate-training-set", "training-set"),
+    ("online-store", "training-set"),
+    *[(train, "validate-training-set") for train in TRAIN_TASKS],
+    *[("evaluate", train) for train in TRAIN_TASKS],
+    ("export", "evaluate"),
+    ("build-index", "export"),
+    ("bundle", "build-index"),
+    ("bundle", "evaluate"),
+    *[("bundle", train) for train in TRAIN_TASKS],
+    ("gate", "bundle"),
+    ("gate", "online-store"),  # no deploy before the online store holds the run's features
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("kfp") / "recsys_training.yaml"
+    assert main(["--params", str(REPO_ROOT / "params.yaml"), "compile", "--output", str(out)]) == 0
+    return {"text": out.read_text(), "spec": yaml.safe_load(out.read_text())}
+
+
+@pytest.fixture(scope="module")
+def tasks(compiled) -> dict[str, dict[str, Any]]:
+    """Every task by display name: its spec, its IR key, and the DAG component that holds it."""
+    spec = compiled["spec"]
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(dag: dict[str, Any], parent: str) -> None:
+        for key, task in dag["tasks"].items():
+            found[task["taskInfo"]["name"]] = {"key": key, "spec": task, "parent": parent}
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"], task["taskInfo"]["name"])
+
+    walk(spec["root"]["dag"], "root")
+    return found
+
+
+def _executor(compiled, tasks, name: str) -> dict[str, Any]:
+    component = compiled["spec"]["components"][tasks[name]["spec"]["componentRef"]["name"]]
+    return compiled["spec"]["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+
+
+def test_compiled_pipeline_has_every_task(compiled, tasks, params):
+    assert compiled["spec"]["pipelineInfo"]["name"] == params.pipeline.name == "recsys-training"
+    steps = {name for name, task in tasks.items() if not task["key"].startswith("condition")}
+    assert steps == {
+        "configure", "ingest", "features", "validate-raw", "training-set", "validate-training-set",
+        "online-store", *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "deploy",
+    }  # fmt: skip
+
+
+def test_tasks_run_in_dag_order(tasks):
+    def upstream(name: str) -> set[str]:
+        keys = {task["key"]: other for other, task in tasks.items()}
+        direct = {keys[key] for key in tasks[name]["spec"].get("dependentTasks", [])}
+        return direct | {far for near in direct for far in upstream(near)}
+
+    for task, before in ORDER:
+        assert before in upstream(task), f"{task} does not wait for {before}"
+    for train in TRAIN_TASKS:  # the four trainings are independent: they run in parallel
+        assert not set(TRAIN_TASKS) & upstream(train)
+
+
+def test_training_tasks_request_the_gpu_and_resources(compiled, tasks, params):
+    cfg = params.pipeline
+    for train in TRAIN_TASKS:
+        resources = _executor(compiled, tasks, train)["resources"]
+        assert (
+            resources["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"
+        )
+        assert resources["accelerator"]["resourceCount"] == str(cfg.accelerator_limit)
+        assert resources["resourceCpuRequest"] == cfg.train_resources.cpu_request
+        assert resources["resourceMemoryLimit"] == cfg.train_resources.memory_limit
+    for other in ("ingest", "evaluate", "deploy"):
+        resources = _executor(compiled, tasks, other)["resources"]
+        assert "accelerator" not in resources
+        assert resources["resourceMemoryRequest"] == cfg.step_resources.memory_request
+    gpu = compiled["spec"]["root"]["inputDefinitions"]["parameters"]["gpu_type"]
+    assert gpu["defaultValue"] == cfg.accelerator_type
+
+
+def test_deploy_runs_only_when_the_gate_passes_and_is_never_cached(compiled, tasks):
+    deploy = tasks["deploy"]
+    condition = tasks[deploy["parent"]]["spec"]
+    assert (
+        condition["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    )
+    gate_key = tasks["gate"]["key"]
+    assert gate_key in condition["dependentTasks"]
+    gate_component = compiled["spec"]["components"][tasks["gate"]["spec"]["componentRef"]["name"]]
+    assert gate_component["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "BOOLEAN"
+    assert not deploy["spec"].get("cachingOptions", {}).get("enableCache", False)
+    assert not tasks["gate"]["spec"].get("cachingOptions", {}).get("enableCache", False)
+    # the online store lives outside the run too: a cache hit on the training set must not skip its backfill
+    assert not tasks["online-store"]["spec"].get("cachingOptions", {}).get("enableCache", False)
+    for name in ("ingest", "features", "training-set", "train-dlrm", "build-index", "bundle"):
+        assert tasks[name]["spec"]["cachingOptions"]["enableCache"] is True
+
+
+# A container image as the KFP v2 driver resolves it (backend driver.go / resolve.go): an input-parameter
+# placeholder is substituted only as the whole image string; a placeholder inside a longer string makes the
+# pod image the bare parameter value (e.g. "repo:{{...image_tag}}" -> "0.1.0"), which nothing can pull.
+PARAMETER_PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['(?:pipelinechannel--)?([^']+)'\]\}\}")
+# a full reference: [registry/]repo[:tag][@sha256:digest] with a tag or a digest
+FULL_IMAGE_REFERENCE = re.compile(
+    r"(?:[a-z0-9.-]+(?::\d+)?/)?[a-z0-9._/-]+(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def driver_resolved_image(image: str, parameters: dict[str, Any]) -> str:
+    """``image`` after the KFP driver's substitution, with the pipeline's parameter defaults."""
+    match = PARAMETER_PLACEHOLDER.search(image)
+    if match is None:
+        return image
+    return str(parameters[match.group(1)]["defaultValue"])
+
+
+def test_driver_rule_resolves_only_whole_string_placeholders():
+    parameters = {"image": {"defaultValue": "r.io/a/b:1.0"}, "image_tag": {"defaultValue": "0.1.0"}}
+    whole = "{{$.inputs.parameters['pipelinechannel--image']}}"
+    assert driver_resolved_image(whole, parameters) == "r.io/a/b:1.0"
+    # the form the pipeline compiled to before: a tag placeholder inside the reference
+    assert driver_resolved_image(
+        "r.io/a/b:{{$.inputs.parameters['pipelinechannel--image_tag']}}", parameters
+    ) == ("0.1.0")
+
+
+def _is_full_reference(image: str) -> bool:
+    return bool(FULL_IMAGE_REFERENCE.fullmatch(image)) and (
+        "@sha256:" in image or ":" in image.split("/")[-1]
+    )
+
+
+def test_every_task_image_resolves_to_the_pinned_image_without_installing_kfp(compiled, tasks, params):
+    cfg = params.pipeline
+    parameters = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    for name in tasks:
+        if tasks[name]["key"].startswith("condition"):
+            continue
+        container = _executor(compiled, tasks, name)
+        image = driver_resolved_image(container["image"], parameters)
+        assert _is_full_reference(image), f"{name}: the driver would run image {image!r}"
+        assert image == (cfg.training_image if name in TRAIN_TASKS else cfg.image), name
+        assert "pip install" not in " ".join(container["command"])  # kfp comes with the image
+        assert "executor_main" in " ".join(container["command"])
+    assert not _is_full_reference("0.1.0") and _is_full_reference("ghcr.io/a/b@sha256:" + "0" * 64)
+    assert set(parameters) == {"params_yaml", "data_source", "gpu_type", "namespace", "deploy_dry_run"}
+
+
+def test_params_default_is_the_validated_params_file(compiled, params):
+    default = compiled["spec"]["root"]["inputDefinitions"]["parameters"]["params_yaml"]["defaultValue"]
+    assert "\n" not in default  # KFP copies defaults into the header comment; a newline would break it
+    assert params_from_yaml_text(default) == params
+
+
+def test_committed_pipeline_is_up_to_date(compiled):
+    assert COMPILED.exists(), "pipelines/recsys_training.yaml missing: run `python -m pipelines compile`"
+    assert COMPILED.read_text() == compiled["text"], (
+        "pipelines/recsys_training.yaml is stale (pipelines/ or params.yaml changed): "
+        "run `python -m pipelines compile` and commit the result"
+    )
+
+
+def test_configure_applies_the_run_parameters(params):
+    from pipelines import steps
+    from pipelines.recsys_training import params_as_text
+
+    text = steps.configure(params_as_text(params), "movielens", "nvidia.com/mig-1g.10gb", "recsys-dev")
+    effective = params_from_yaml_text(text)
+    assert effective.data.source == "movielens"
+    assert effective.pipeline.accelerator_type == "nvidia.com/mig-1g.10gb"
+    assert effective.deploy.namespace == "recsys-dev"
+    assert effective.models == params.models
+    with pytest.raises(ConfigError, match=r"data\.source"):
+        steps.configure(params_as_text(params), "csv", "nvidia.com/gpu", "recsys")
+    with pytest.raises(ConfigError, match=r"deploy\.namespace"):
+        steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "Not_A_Namespace")
+
+
+def test_pipeline_config_rejects_latest_and_bad_resources():
+    with pytest.raises(ValueError, match="pin a release tag"):
+        PipelineConfig(image_tag="latest")
+    with pytest.raises(ConfigError, match=r"pipeline\.train_resources\.memory_request"):
+        load_params(REPO_ROOT / "params.yaml", overrides={"pipeline.train_resources.memory_request": "lots"})

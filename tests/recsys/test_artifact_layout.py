@@ -1,0 +1,53 @@
+"""The artifact layout and the model kinds are said once: dvc.yaml, the model registry, the config
+sections and the bundle agree with recsys/artifact_layout.py and models/kinds.py."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from models.build import MODEL_CLASSES
+from models.config import CONFIG_CLASSES, ModelsConfig
+from models.kinds import MODEL_KINDS, RANKERS, RETRIEVAL_MODEL, TASK_OF
+from recsys import artifact_layout as layout
+from tests.conftest import REPO_ROOT
+
+DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_registry_names_the_same_model_kinds():
+    assert set(MODEL_CLASSES) == set(CONFIG_CLASSES) == set(MODEL_KINDS)
+    assert set(MODEL_KINDS) <= set(ModelsConfig.model_fields)
+    assert set(RANKERS) | {RETRIEVAL_MODEL} == set(MODEL_KINDS)
+    assert {kind for kind, task in TASK_OF.items() if task == "ranking"} == set(RANKERS)
+
+
+def test_dvc_trains_every_kind_into_the_layout():
+    train = DVC["train"]
+    assert train["foreach"] == list(MODEL_KINDS)
+    outs = [next(iter(out)) if isinstance(out, dict) else out for out in train["do"]["outs"]]
+    for name in layout.MODEL_FILES:
+        assert str(layout.model_dir("${item}") / name) in outs
+
+
+@pytest.mark.parametrize(
+    ("stage", "folders"),
+    [
+        ("export", [layout.EMBEDDINGS_DIR, layout.EXPORT_DIR / layout.POPULAR_ITEMS]),
+        ("build_index", [layout.INDEX_DIR]),
+        ("bundle", [layout.BUNDLE_DIR]),
+    ],
+)
+def test_dvc_outputs_are_the_layouts(stage, folders):
+    outs = [next(iter(out)) if isinstance(out, dict) else out for out in DVC[stage]["outs"]]
+    assert [str(folder) for folder in folders] == outs
+
+
+def test_bundle_members_hold_every_model_and_name_a_missing_one():
+    members = layout.bundle_members()
+    for kind in MODEL_KINDS:
+        for name in layout.MODEL_FILES:
+            assert members[layout.bundle_model_file(kind, name)] == layout.model_dir(kind) / name
+    assert members[layout.INDEX_SIDECAR].parent == layout.INDEX_DIR
+    with pytest.raises(ValueError, match="no model folder for"):
+        layout.bundle_members(model_dirs={RETRIEVAL_MODEL: "x"})
