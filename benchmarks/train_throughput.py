@@ -34,9 +34,10 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from models.batch import DENSE_KEY, FIRST_ID, LABEL_KEY, LENGTH_SUFFIX, OOV_ID
 from models.build import build_model
 from models.config import MODEL_KINDS, ModelsConfig, TrainingConfig
-from models.features import DENSE_KEY, FIRST_ID, LABEL_KEY, LENGTH_SUFFIX, OOV_ID, FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.trainer import TrainingObjective, fit
 
 RESULTS_DIR = Path(__file__).parent / "results"

@@ -34,7 +34,8 @@ _EXPORTS = {
         "TrainingConfig",
         "TwoTowerConfig",
     ],
-    "models.features": ["EmbeddingGroup", "FeatureEncoder"],
+    "models.embedding": ["EmbeddingGroup"],
+    "models.encoding": ["FeatureEncoder"],
     "models.metrics": [
         "ItemSets",
         "auc",

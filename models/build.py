@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.config import CONFIG_CLASSES, ModelConfigError, ModelSection
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.kinds import MODEL_KINDS
 from models.model import RecModel
 from models.ranking import DLRM, MultiTower, MultiTowerDIN

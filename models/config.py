@@ -29,7 +29,7 @@ from pydantic import (
 
 from models.kinds import MODEL_KINDS
 
-# Keys of an encoded batch that are not feature names (see models/features.py).
+# Keys of an encoded batch that are not feature names (see models/batch.py).
 RESERVED_NAMES = frozenset({"dense", "label", "group"})
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -13,8 +13,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from models.batch import DENSE_KEY, GROUP_KEY, LABEL_KEY, LENGTH_SUFFIX, Batch
 from models.config import ModelSection
-from models.features import DENSE_KEY, GROUP_KEY, LABEL_KEY, LENGTH_SUFFIX, Batch, FeatureEncoder
+from models.encoding import FeatureEncoder
 
 
 class RecModel(nn.Module, ABC):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.batch import DENSE_KEY, GROUP_KEY, LABEL_KEY
 from models.config import (
     DLRMConfig,
     ModelConfigError,
@@ -23,7 +24,8 @@ from models.config import (
     MultiTowerDINConfig,
     check_model_config,
 )
-from models.features import DENSE_KEY, GROUP_KEY, LABEL_KEY, EmbeddingGroup, FeatureEncoder
+from models.embedding import EmbeddingGroup
+from models.encoding import FeatureEncoder
 from models.layers import MLP, DINAttention, DotInteraction
 from models.metrics import ranking_metrics
 from models.model import RecModel, eval_batches, model_device

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.batch import DENSE_KEY, LENGTH_SUFFIX, Batch
 from models.config import ModelConfigError, TwoTowerConfig, check_model_config
-from models.features import DENSE_KEY, LENGTH_SUFFIX, Batch, EmbeddingGroup, FeatureEncoder
+from models.embedding import EmbeddingGroup
+from models.encoding import FeatureEncoder
 from models.layers import MLP, DINAttention
 from models.losses import (
     bce_retrieval_loss,

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.build import build_model
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.model import RecModel
 
 WEIGHTS_FILE = "model.safetensors"

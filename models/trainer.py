@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from models.batch import GROUP_KEY, Batch
 from models.config import TrainingConfig
-from models.features import GROUP_KEY, Batch
 from models.model import RecModel
 from models.serialization import staged_files, state_tensors
 

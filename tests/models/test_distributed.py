@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.build import build_model
 from models.config import TrainingConfig
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.trainer import TrainingObjective, fit, shard_indices
 from tests.models.conftest import make_frame, small_models_config
 

@@ -6,7 +6,7 @@ import torch
 
 from models.build import build_model
 from models.config import DLRMConfig, FeatureGroup, FeatureSpec, MLPConfig, ModelConfigError, SparseFeature
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.ranking import DLRM, MultiTower, MultiTowerDIN, Ranker
 
 

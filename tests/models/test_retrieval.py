@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.batch import OOV_ID
 from models.build import build_model
 from models.config import ModelConfigError
-from models.features import OOV_ID, FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.losses import (
     bce_retrieval_loss,
     expected_log_counts,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.build import build_model
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.kinds import MODEL_KINDS
 from models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from tests.models.conftest import make_frame

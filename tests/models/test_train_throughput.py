@@ -8,7 +8,7 @@ from torch.utils.data import default_collate
 from benchmarks.train_throughput import RowDataset, make_training_frame, reference_samples_per_second
 from models.build import build_model
 from models.config import ModelsConfig
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 
 
 def test_reference_rows_equal_the_vectorised_encoding():

@@ -18,7 +18,7 @@ from models.config import (
     TowerConfig,
     TrainingConfig,
 )
-from models.features import FeatureEncoder
+from models.encoding import FeatureEncoder
 from models.trainer import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, fit, shard_indices, write_history_csv
 from tests.models.conftest import make_frame
 

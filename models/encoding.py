@@ -1,22 +1,9 @@
-"""Feature encoding (frame -> tensors) and the feature-group embedding layer (tensors -> group vectors).
+"""Feature encoding: a pandas or Arrow frame -> the tensors of an encoded batch (models/batch.py).
 
 :class:`FeatureEncoder` is fitted on the TRAIN frame only, so validation and test values that training
 never saw fall into the out-of-vocabulary bucket exactly as unseen values will at serving time. Its
 state is plain JSON (saved in the model's ``config.json``). Encoding is vectorised: pandas hash
 indexes for vocabulary lookups and pyarrow offsets for list columns, no Python loop over rows.
-
-An encoded batch is a ``dict[str, Tensor]``:
-
-- every sparse feature ``name``: int64 [B] (0 = padding, 1 = out of vocabulary, 2.. = vocabulary),
-- every sequence feature ``name``: int64 [B, L], left-aligned, oldest first, most recent last, padded
-  with 0; ``name + "__length"``: int64 [B] (the number of valid positions),
-- ``"dense"``: float32 [B, D], the dense features in declaration order, standardised,
-- ``"label"``: float32 [B] when the frame has a label column,
-- ``"group"``: int64 [B] (the user id, for GAUC) when the frame has the group column.
-
-:class:`EmbeddingGroup` turns such a batch into one tensor per feature group, following TorchEasyRec:
-a deep group ``g`` -> ``out[g]`` [B, D_g]; a sequence group ``g`` -> ``out[g + ".query"]`` [B, Dq],
-``out[g + ".sequence"]`` [B, L, Ds] and ``out[g + ".sequence_length"]`` [B].
 """
 
 from __future__ import annotations
@@ -29,24 +16,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from models.config import FeatureGroup, FeatureSpec, ModelConfigError
+from models.batch import (
+    DENSE_KEY,
+    FIRST_ID,
+    GROUP_KEY,
+    LABEL_KEY,
+    LENGTH_SUFFIX,
+    MISSING_CATEGORY,
+    OOV_ID,
+    Batch,
+)
+from models.config import FeatureSpec
 
-PAD_ID = 0
-OOV_ID = 1
-FIRST_ID = 2  # the first vocabulary row
-# The data contract's default for a string feature with no value; always encoded as OOV, never learned
-# as a category of its own.
-MISSING_CATEGORY = ""
-LENGTH_SUFFIX = "__length"
-DENSE_KEY = "dense"
-LABEL_KEY = "label"
-GROUP_KEY = "group"
 SMALL_BATCH = 256  # values per lookup up to which a binary search beats building a hash lookup
 
-Batch = dict[str, torch.Tensor]
 Frame = pd.DataFrame | pa.Table
 ValueKind = Literal["int", "str"]
 
@@ -262,203 +246,7 @@ class FeatureEncoder:
         return cls(spec, vocabs, kinds, stats, state["label_column"], state["group_column"])
 
 
-class EmbeddingGroup(nn.Module):
-    """Embedding tables for the features of ``groups`` and the per-group tensors built from a batch.
-
-    Only the tables the groups read are created (unused parameters would break DDP). Sequence
-    features look up the table of the sparse feature they share unless ``share_sequence_tables`` is
-    False. With ``pool_sequences`` False, a deep group's sequences are not mean-pooled but returned as
-    ``g.sequence`` / ``g.sequence_length`` for the caller to pool (the two-tower's attention pooling).
-    With ``jagged_sequences``, ``g.sequence`` is replaced by ``g.sequence_values``: the valid positions
-    only, [N, Ds] (what DIN consumes, without padded lookups).
-    ``id_dropout`` replaces each id of ``id_dropout_features`` by the OOV row with that probability
-    while training (cold start: the rest of the group must carry the signal).
-    """
-
-    def __init__(
-        self,
-        encoder: FeatureEncoder,
-        groups: list[FeatureGroup],
-        *,
-        share_sequence_tables: bool = True,
-        pool_sequences: bool = True,
-        jagged_sequences: bool = False,
-        id_dropout: float = 0.0,
-        id_dropout_features: Iterable[str] = (),
-    ) -> None:
-        super().__init__()
-        self.spec = encoder.spec
-        self.groups = {g.name: g for g in groups}
-        self.pool_sequences = pool_sequences
-        self.jagged_sequences = jagged_sequences
-        self.id_dropout = id_dropout
-        self.id_dropout_features = frozenset(id_dropout_features)
-        self._share = share_sequence_tables
-        # per-group feature lists by kind and each feature's table, resolved once (forward runs per request)
-        self._by_kind = {
-            g.name: {k: [f for f in g.features if self.spec.kind_of(f) == k] for k in ("sparse", "sequence")}
-            for g in groups
-        }
-        self._tables_of = {
-            f: self.spec.sequence_feature(f).shares
-            if self.spec.kind_of(f) == "sequence" and share_sequence_tables
-            else f
-            for g in groups
-            for f in g.features
-        }
-        self.tables = nn.ModuleDict()
-        for group in groups:
-            for name in group.features:
-                kind = self.spec.kind_of(name)
-                if kind is None:
-                    raise ModelConfigError(f"feature group '{group.name}': unknown feature '{name}'")
-                if kind == "dense":
-                    continue
-                table = self._table_name(name)
-                if table not in self.tables:
-                    emb = nn.Embedding(
-                        encoder.num_embeddings(name), self.spec.embedding_dim(name), padding_idx=PAD_ID
-                    )
-                    nn.init.normal_(emb.weight, std=self.spec.embedding_dim(name) ** -0.5)
-                    with torch.no_grad():
-                        # padding contributes nothing; OOV starts neutral, so an id never seen in training
-                        # (a cold user or item at evaluation) adds no random noise unless OOV was trained
-                        emb.weight[PAD_ID].zero_()
-                        emb.weight[OOV_ID].zero_()
-                    self.tables[table] = emb
-        self._dense_columns = {
-            g.name: [encoder.dense_index(n) for n in g.features if self.spec.kind_of(n) == "dense"]
-            for g in groups
-        }
-        for g in groups:
-            seqs = self._sequences(g)
-            if seqs and (g.type == "sequence" or not pool_sequences):
-                lengths = {self.spec.sequence_feature(n).max_length for n in seqs}
-                if len(lengths) > 1:
-                    raise ModelConfigError(
-                        f"feature group '{g.name}': sequence features must share one max_length, "
-                        f"got {sorted(lengths)}"
-                    )
-        for g, cols in self._dense_columns.items():
-            self.register_buffer(f"_dense_idx_{g}", torch.tensor(cols, dtype=torch.long), persistent=False)
-
-    # ---- dimensions -----------------------------------------------------------------------------
-
-    def group_dim(self, name: str) -> int:
-        """Width of ``out[name]`` for a deep group (pooled sequences included only when pooled)."""
-        group = self.groups[name]
-        dim = len(self._dense_columns[name])
-        for f in group.features:
-            kind = self.spec.kind_of(f)
-            if kind == "sparse" or (kind == "sequence" and self.pool_sequences):
-                dim += self.spec.embedding_dim(f)
-        return dim
-
-    def query_dim(self, name: str) -> int:
-        return sum(
-            self.spec.embedding_dim(f) for f in self.groups[name].features if self.spec.kind_of(f) == "sparse"
-        )
-
-    def sequence_dim(self, name: str) -> int:
-        return sum(self.spec.embedding_dim(f) for f in self._sequences(self.groups[name]))
-
-    def feature_names(self, group_names: Iterable[str] | None = None) -> list[str]:
-        """The features the given groups (default: all) read, in first-seen order."""
-        names: list[str] = []
-        for g in group_names if group_names is not None else self.groups:
-            names += [f for f in self.groups[g].features if f not in names]
-        return names
-
-    # ---- forward --------------------------------------------------------------------------------
-
-    def forward(self, batch: Mapping[str, torch.Tensor], group_names: Iterable[str] | None = None) -> Batch:
-        """Tensors of the named groups (default: all), keyed as in the module docstring."""
-        out: Batch = {}
-        for name in group_names if group_names is not None else self.groups:
-            group = self.groups[name]
-            if group.type == "sequence":
-                out[name + ".query"] = torch.cat(
-                    [self._lookup(f, batch) for f in self._sparse(group)], dim=-1
-                )
-                self._sequence_outputs(group, batch, out)
-                continue
-            parts = [self._lookup(f, batch) for f in self._sparse(group)]
-            if self.pool_sequences:
-                parts += [self._mean_pooled(f, batch) for f in self._sequences(group)]
-            elif self._sequences(group):
-                self._sequence_outputs(group, batch, out)
-            if self._dense_columns[name]:
-                dense = _required(batch, DENSE_KEY)
-                parts.append(dense.index_select(1, getattr(self, f"_dense_idx_{name}")))
-            out[name] = torch.cat(parts, dim=-1) if parts else _required(batch, DENSE_KEY)[:, :0]
-        return out
-
-    def _lookup(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        ids = _required(batch, name)
-        if self.training and self.id_dropout > 0 and name in self.id_dropout_features:
-            drop = torch.rand(ids.shape, device=ids.device) < self.id_dropout
-            ids = torch.where(drop & (ids != PAD_ID), torch.full_like(ids, OOV_ID), ids)
-        return self.tables[self._table_name(name)](ids)
-
-    def _sequence_outputs(self, group: FeatureGroup, batch: Mapping[str, torch.Tensor], out: Batch) -> None:
-        """Padded ``g.sequence`` [B, L, Ds], or with ``jagged_sequences`` ``g.sequence_values`` [N, Ds]:
-        only the valid positions, row by row, looked up without touching the padding. The group's
-        first sequence feature's lengths apply to all of its sequences (they are parallel lists)."""
-        seqs = self._sequences(group)
-        max_length = _required(batch, seqs[0]).shape[1]
-        lengths = _required(batch, seqs[0] + LENGTH_SUFFIX).clamp(max=max_length)
-        out[group.name + ".sequence_length"] = lengths
-        if self.jagged_sequences:
-            mask = sequence_mask(lengths, max_length)
-            parts = [self.tables[self._table_name(f)](_required(batch, f)[mask]) for f in seqs]
-            out[group.name + ".sequence_values"] = torch.cat(parts, dim=-1)
-            return
-        parts = [self.tables[self._table_name(f)](self._valid_ids(f, batch)) for f in seqs]
-        out[group.name + ".sequence"] = torch.cat(parts, dim=-1)
-
-    def _mean_pooled(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean of the valid positions' embeddings (zeros for an empty sequence); one fused
-        embedding_bag, with positions past the length forced to the padding row it skips."""
-        ids = self._valid_ids(name, batch)
-        table = self.tables[self._table_name(name)]
-        return F.embedding_bag(ids, table.weight, mode="mean", padding_idx=PAD_ID)
-
-    def _valid_ids(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The sequence ids with every position past the row's length set to PAD, so whatever a caller
-        left in the padding can never reach the output."""
-        ids = _required(batch, name)
-        mask = sequence_mask(_required(batch, name + LENGTH_SUFFIX), ids.shape[1])
-        return torch.where(mask, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
-
-    def _table_name(self, name: str) -> str:
-        return self._tables_of[name]
-
-    def _sparse(self, group: FeatureGroup) -> list[str]:
-        return self._by_kind[group.name]["sparse"]
-
-    def _sequences(self, group: FeatureGroup) -> list[str]:
-        return self._by_kind[group.name]["sequence"]
-
-
-def sequence_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
-    """[B, L] True at the valid (left-aligned) positions of each row."""
-    return torch.arange(max_length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-
-
-def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
-    return int(next(iter(batch.values())).shape[0])
-
-
 # ---- private helpers ------------------------------------------------------------------------------
-
-
-def _required(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    try:
-        return batch[key]
-    except KeyError:
-        raise KeyError(
-            f"the batch has no '{key}' (keys: {sorted(batch)}); encode the feature with FeatureEncoder.encode"
-        ) from None
 
 
 def _column_names(frame: Frame) -> list[str]:
