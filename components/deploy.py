@@ -89,8 +89,11 @@ def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) 
         resources=k8s.V1ResourceRequirements(
             requests=deploy.resources.requests(), limits=deploy.resources.limits()
         ),
-        readiness_probe=_http_probe("/v2/health/ready", port, period_s=5, initial_delay_s=5),
-        liveness_probe=_http_probe("/v2/health/live", port, period_s=15, initial_delay_s=30),
+        # the startup probe holds the other two off while the bundle loads and the item cache warms
+        # (up to 5 minutes), so a slow start is not mistaken for a dead process and restarted
+        startup_probe=_http_probe("/v2/health/ready", port, period_s=5, initial_delay_s=0, failures=60),
+        readiness_probe=_http_probe("/v2/health/ready", port, period_s=5, initial_delay_s=0),
+        liveness_probe=_http_probe("/v2/health/live", port, period_s=15, initial_delay_s=0),
         security_context=k8s.V1SecurityContext(
             run_as_non_root=True,
             run_as_user=deploy.run_as_user,
@@ -222,13 +225,13 @@ def model_from_manifest(manifest: Mapping[str, Any], model: str) -> Any:
     return _to_model(manifest, model, str(manifest.get("kind", model)))
 
 
-def _http_probe(path: str, port: int, period_s: int, initial_delay_s: int) -> Any:
+def _http_probe(path: str, port: int, period_s: int, initial_delay_s: int, failures: int = 3) -> Any:
     return k8s.V1Probe(
         http_get=k8s.V1HTTPGetAction(path=path, port=port),
         initial_delay_seconds=initial_delay_s,
         period_seconds=period_s,
         timeout_seconds=5,
-        failure_threshold=3,
+        failure_threshold=failures,
     )
 
 

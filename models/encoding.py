@@ -135,15 +135,20 @@ class FeatureEncoder:
         dense = np.zeros((_num_rows(frame), len(self.spec.dense)), dtype=np.float32)
         for j, feature in enumerate(self.spec.dense):
             if feature.name in wanted:
-                values = _dense_values(column(feature.name), feature.transform, feature.name)
-                mean, std = self.dense_stats[feature.name]
-                dense[:, j] = (values - mean) / std
+                dense[:, j] = self.standardise(feature.name, column(feature.name))
         batch[DENSE_KEY] = torch.from_numpy(dense)
         if self.label_column in present:
             batch[LABEL_KEY] = torch.from_numpy(_to_numpy(column(self.label_column)).astype(np.float32))
         if self.group_column in present:
             batch[GROUP_KEY] = torch.from_numpy(_group_codes(_to_numpy(column(self.group_column))))
         return batch
+
+    def standardise(self, name: str, values: Any) -> np.ndarray:
+        """Dense feature ``name``'s values as the models see them: transformed, minus the training mean,
+        over the training standard deviation (float64; non-finite inputs count as 0)."""
+        feature = self.spec.dense_feature(name)
+        mean, std = self.dense_stats[name]
+        return (_dense_values(values, feature.transform, name) - mean) / std
 
     def encode_ids(self, name: str, values: Any) -> np.ndarray:
         """Map raw values of sparse feature ``name`` to table rows (OOV for unseen and missing values)."""

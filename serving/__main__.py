@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleIntegrityError, IndexContractError, ConfigError, FileNotFoundError) as exc:
         print(f"serving: cannot start: {exc}", file=sys.stderr)
         return 1
-    serve(models, host=args.host or params.serving.host, http_port=args.http_port)
+    serve(
+        models,
+        host=args.host or params.serving.host,
+        http_port=args.http_port,
+        max_request_bytes=params.serving.max_request_bytes,
+    )
     return 0
 
 

@@ -11,24 +11,30 @@ turned into the same validated instances (serving/schemas.py): a bad field is an
 
 from __future__ import annotations
 
+import asyncio
+import math
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
-from kserve.errors import InvalidInput
+from kserve.errors import InferenceError, InvalidInput
 
 from serving.recommender import Recommender, Result
 from serving.schemas import RequestError, RequestSchemas
 
 V2_PARAMETERS = ("k", "n", "ranker")
+V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+V2_DATATYPES = V2_INTEGER_TYPES | {"BOOL", "FP16", "FP32", "FP64", "BYTES"}  # the protocol's tensor types
+ID_INPUTS = ("user_id", "item_ids")
 
 
 class RecsysModel(Model):
     """Shared protocol handling; subclasses turn validated instances into predictions."""
 
     endpoint: ClassVar[str]
+    v2_outputs: ClassVar[tuple[str, ...]] = ("item_ids", "scores", "counts", "cold_start")
 
     def __init__(self, recommender: Recommender, schemas: RequestSchemas) -> None:
         super().__init__(self.endpoint)
@@ -41,14 +47,20 @@ class RecsysModel(Model):
         self.ready = True
         return self.ready
 
-    def predict(
+    async def predict(
         self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
     ) -> dict[str, Any] | InferResponse:
+        """Answer off the event loop (the default executor's threads; torch and FAISS release the GIL), so
+        health probes and light requests keep being answered while a heavy one runs."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.answer, payload)
+
+    def answer(self, payload: dict[str, Any] | InferRequest) -> dict[str, Any] | InferResponse:
+        """The V1 or V2 response to ``payload``; a bad request raises ``InvalidInput`` naming the field."""
         try:
             if isinstance(payload, InferRequest):
                 instances, locate = self._v2_instances(payload)
                 parsed = self.schemas.parse(self.endpoint, instances, locate=locate)
-                return self._v2_response(payload, self.run(parsed))
+                return self._v2_response(payload, self._checked(self.run(parsed)))
             if not isinstance(payload, dict):
                 raise RequestError('request body: expected a JSON object {"instances": [...]}')
             unknown = sorted(set(payload) - {"instances"})
@@ -59,10 +71,20 @@ class RecsysModel(Model):
             parsed = self.schemas.parse(self.endpoint, payload["instances"])
         except RequestError as exc:
             raise InvalidInput(str(exc)) from None
-        return {"predictions": [self._v1_prediction(r) for r in self.run(parsed)]}
+        return {"predictions": [self._v1_prediction(r) for r in self._checked(self.run(parsed))]}
 
     def run(self, instances: list[Any]) -> list[Result]:
         raise NotImplementedError
+
+    def _checked(self, results: list[Result]) -> list[Result]:
+        """Never a success with a NaN or infinite score: that is the model failing, not an answer."""
+        for result in results:
+            if not all(math.isfinite(score) for score in result.scores):
+                raise InferenceError(
+                    f"{self.endpoint}: the model produced non-finite scores for user {result.user_id}; "
+                    "no answer is given rather than a wrong one"
+                )
+        return results
 
     # ---- V1 -------------------------------------------------------------------------------------
 
@@ -81,10 +103,22 @@ class RecsysModel(Model):
     # ---- V2 -------------------------------------------------------------------------------------
 
     def _v2_instances(self, request: InferRequest) -> tuple[list[dict[str, Any]], Callable[[list[str]], str]]:
+        if request.id is not None and len(str(request.id)) > self.schemas.request_id_max_length:
+            raise RequestError(
+                f"id: {len(str(request.id))} characters, at most {self.schemas.request_id_max_length} "
+                "(serving.request_id_max_length)"
+            )
+        wanted = [output.name for output in request.request_outputs or []]
+        unknown_outputs = sorted(set(wanted) - set(self.v2_outputs))
+        if unknown_outputs:
+            raise RequestError(
+                f"outputs: unknown output(s) {unknown_outputs}; this model returns {list(self.v2_outputs)}"
+            )
         inputs = {}
         for tensor in request.inputs:
             if tensor.name in inputs:
                 raise RequestError(f"inputs.{tensor.name}: given twice")
+            _check_datatype(tensor)
             inputs[tensor.name] = _flat_values(tensor)
         parameters = dict(request.parameters or {})
         unknown = sorted(set(parameters) - set(V2_PARAMETERS))
@@ -199,6 +233,7 @@ class RankingModel(RecsysModel):
     """A user + candidate item ids -> one score (logit) per candidate, in the given order."""
 
     endpoint = "ranking"
+    v2_outputs = ("scores",)
 
     def run(self, instances: list[Any]) -> list[Result]:
         rec = self.recommender
@@ -274,6 +309,20 @@ class RecommendModel(RecsysModel):
         ]
         return self.recommender.recommend(
             [x.user_id for x in instances], [x.n for x in instances], [x.ranker for x in instances], contexts
+        )
+
+
+def _check_datatype(tensor: Any) -> None:
+    """The declared datatype is an Open Inference Protocol type, and an integer one for ids."""
+    datatype = str(tensor.datatype)
+    if datatype not in V2_DATATYPES:
+        raise RequestError(
+            f"inputs.{tensor.name}.datatype: unknown datatype {datatype[:20]!r}; "
+            f"expected one of {sorted(V2_DATATYPES)}"
+        )
+    if tensor.name in ID_INPUTS and datatype not in V2_INTEGER_TYPES:
+        raise RequestError(
+            f"inputs.{tensor.name}.datatype: ids are INT64 (or another integer type), not {datatype}"
         )
 
 

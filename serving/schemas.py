@@ -7,11 +7,14 @@ were trained on): ids and categories as strict ints or strings, sequences as lis
 values as finite numbers; unknown feature names are refused.
 """
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     ConfigDict,
@@ -28,7 +31,9 @@ from recsys.config import ServingConfig
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int64 = Annotated[int, Strict(), Field(ge=INT64_MIN, le=INT64_MAX)]
-FiniteNumber = Annotated[float, Strict(), AllowInfNan(False)]
+# a dense value further than this many training standard deviations from the training mean (after its
+# transform) is refused: the models never saw anything like it, and extreme values overflow to inf/NaN
+MAX_DENSE_SIGMAS = 50.0
 MAX_SEQUENCE = 10_000  # longest list feature accepted in a request (the encoder keeps the last max_length)
 
 
@@ -48,6 +53,7 @@ class RequestSchemas:
     ranking: type[BaseModel]
     recommend: type[BaseModel]
     max_batch: int
+    request_id_max_length: int
 
     def parse(
         self, endpoint: str, instances: Any, locate: Callable[[list[str]], str] | None = None
@@ -125,7 +131,9 @@ def build_schemas(
         ranker: ranker_type = config.default_ranker  # type: ignore[valid-type]
         context: Context | None = None
 
-    return RequestSchemas(RetrievalInstance, RankingInstance, RecommendInstance, config.max_batch)
+    return RequestSchemas(
+        RetrievalInstance, RankingInstance, RecommendInstance, config.max_batch, config.request_id_max_length
+    )
 
 
 def describe(exc: ValidationError, locate: Callable[[list[str]], str] | None = None) -> str:
@@ -175,6 +183,25 @@ def _features_model(
             item = StrictStr if encoder.value_kinds[shared] == "str" else Int64
             value = Annotated[list[item], Field(max_length=MAX_SEQUENCE)]  # type: ignore[valid-type]
         else:
-            value = FiniteNumber
+            value = Annotated[
+                float, Strict(), AllowInfNan(False), AfterValidator(_trained_range(encoder, feature))
+            ]
         fields[feature] = (value | None, None)
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _trained_range(encoder: FeatureEncoder, feature: str) -> Callable[[float], float]:
+    """A validator refusing values the encoder would map further than MAX_DENSE_SIGMAS from its training
+    mean (or to a non-finite number: a negative count under log1p)."""
+
+    def check(value: float) -> float:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the answer here, not a warning
+            standardised = float(encoder.standardise(feature, [value])[0])
+        if not math.isfinite(standardised) or abs(standardised) > MAX_DENSE_SIGMAS:
+            raise ValueError(
+                f"{value!r} is outside the range the model was trained on (more than {MAX_DENSE_SIGMAS:g} "
+                f"training standard deviations from the mean after the feature's transform)"
+            )
+        return value
+
+    return check

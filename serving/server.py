@@ -27,9 +27,12 @@ from serving.bundle import load_bundle
 from serving.endpoints import RankingModel, RecommendModel, RecsysModel, RetrievalModel
 from serving.online_features import OnlineFeatures, feature_defaults
 from serving.recommender import Recommender
+from serving.request_limits import RequestLimits
+from serving.routes import ServingSurface, hide_repository_routes
 from serving.schemas import build_schemas
 
 log = logging.getLogger(__name__)
+MODEL_NAMES = tuple(model.endpoint for model in (RetrievalModel, RankingModel, RecommendModel))
 
 
 def silence_kserve_deprecations() -> None:
@@ -76,28 +79,39 @@ def build_models(bundle_dir: str | Path, serving: ServingConfig, feast: FeastCon
 
 
 class RecsysModelServer(ModelServer):
-    """KServe's ModelServer (REST only by default) listening on ``host`` instead of always 0.0.0.0."""
+    """KServe's ModelServer (REST only by default) listening on ``host`` instead of always 0.0.0.0, with
+    the project's HTTP surface: no model repository routes, readiness over every model, request limits."""
 
-    def __init__(self, host: str, http_port: int, enable_grpc: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, host: str, http_port: int, max_request_bytes: int, enable_grpc: bool = False, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("enable_latency_logging", False)  # a log line per request; Prometheus has it
         super().__init__(http_port=http_port, enable_grpc=enable_grpc, workers=1, **kwargs)
         self.host = host
+        self.max_request_bytes = max_request_bytes
 
     def setup_event_loop(self) -> None:
-        # called by start() after the REST server (and its uvicorn config) exists, before it binds
+        # called by start() after the REST server (and its uvicorn config) exists, before it binds and
+        # before it adds KServe's routes to the app (in its own start): the app is finished right after
         if self._rest_server is not None:
             self._rest_server.config.host = self.host
+            add_kserve_routes = self._rest_server.create_application
+
+            def create_application() -> None:
+                add_kserve_routes()
+                _finish_app(_kserve_app(), self.dataplane, self.max_request_bytes)
+
+            self._rest_server.create_application = create_application  # type: ignore[method-assign]
         super().setup_event_loop()
 
 
-def serve(models: list[RecsysModel], host: str, http_port: int) -> None:
+def serve(models: list[RecsysModel], host: str, http_port: int, max_request_bytes: int) -> None:
     """Serve the models until SIGTERM / SIGINT."""
-    server = RecsysModelServer(host=host, http_port=http_port)
-    _install_bad_request_handler(_kserve_app())
+    server = RecsysModelServer(host=host, http_port=http_port, max_request_bytes=max_request_bytes)
     server.start(models)
 
 
-def create_app(server: ModelServer) -> FastAPI:
+def create_app(server: ModelServer, max_request_bytes: int) -> FastAPI:
     """KServe's FastAPI app with its routes and handlers over ``server``'s models, without listening.
 
     For in-process clients (tests). KServe's app is a process-wide singleton, so the routes are added
@@ -108,9 +122,20 @@ def create_app(server: ModelServer) -> FastAPI:
         RESTServer(
             FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0
         ).create_application()
-        _install_bad_request_handler(app)
-        app.state.recsys_routes = True
+        _finish_app(app, server.dataplane, max_request_bytes)
     return app
+
+
+def _finish_app(app: FastAPI, dataplane: Any, max_request_bytes: int) -> None:
+    """The project's HTTP surface on KServe's app: 400s naming the field, no repository routes,
+    readiness over every model, request limits before parsing. Once per app."""
+    if getattr(app.state, "recsys_routes", False):
+        return
+    _install_bad_request_handler(app)
+    hide_repository_routes(app)
+    app.add_middleware(RequestLimits, max_bytes=max_request_bytes)
+    app.add_middleware(ServingSurface, dataplane=dataplane, model_names=list(MODEL_NAMES))  # outermost
+    app.state.recsys_routes = True
 
 
 def _kserve_app() -> FastAPI:

@@ -29,7 +29,12 @@ from tests.conftest import REPO_ROOT
 
 MANIFESTS = REPO_ROOT / "manifests"
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/production"]
-CORE_MODELS = {"ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding"}
+CORE_MODELS = {
+    "ServiceAccount": "V1ServiceAccount",
+    "Role": "V1Role",
+    "RoleBinding": "V1RoleBinding",
+    "NetworkPolicy": "V1NetworkPolicy",
+}
 DEPLOY_VERBS = {"get", "list", "watch", "create", "update", "patch"}
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize not rendered")
@@ -120,6 +125,7 @@ def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rend
     kinds = sorted(obj["kind"] for obj in objects)
     assert kinds == [
         "InferenceService",
+        "NetworkPolicy",
         "PodDefault",
         "Role",
         "RoleBinding",
@@ -285,3 +291,31 @@ def test_serving_requirements_are_a_pinned_subset_without_training_tools():
 def test_hadolint_clean(image):
     result = subprocess.run([HADOLINT, str(DOCKERFILES[image])], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_kubectl
+def test_only_the_ingress_path_reaches_the_predictor(rendered):
+    """KServe has no authentication: the NetworkPolicy admits the Knative/Istio data path, Prometheus and
+    the namespace's own pods, on the serving port only, to exactly the InferenceService's pods."""
+    name, objects = rendered
+    (policy,) = _by_kind(objects, "NetworkPolicy")
+    (isvc,) = _by_kind(objects, "InferenceService")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [
+        {"protocol": "TCP", "port": load_params(REPO_ROOT / "params.yaml").deploy.http_port}
+    ]
+    (namespaces,) = rule["from"][0]["namespaceSelector"]["matchExpressions"]
+    assert set(namespaces["values"]) == {"knative-serving", "istio-system", "monitoring"}
+    assert policy["metadata"]["namespace"] == isvc["metadata"]["namespace"], name
+
+
+def test_probes_let_a_slow_start_finish_before_liveness_counts():
+    (isvc,) = _documents(MANIFESTS / "base" / "inferenceservice.yaml")
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    startup, ready = container["startupProbe"], container["readinessProbe"]
+    assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load a large bundle
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

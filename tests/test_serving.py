@@ -38,16 +38,24 @@ def bundle_dir(params, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(params, bundle_dir):
-    from fastapi.testclient import TestClient
+def kserve_server(params, bundle_dir):
     from kserve import ModelServer
 
-    from serving.server import build_models, create_app
+    from serving.server import build_models
 
     server = ModelServer(enable_grpc=False)
     for model in build_models(bundle_dir, params.serving, params.feast):
         server.register_model(model)
-    return TestClient(create_app(server))
+    return server
+
+
+@pytest.fixture(scope="module")
+def client(params, kserve_server):
+    from fastapi.testclient import TestClient
+
+    from serving.server import create_app
+
+    return TestClient(create_app(kserve_server, params.serving.max_request_bytes))
 
 
 def v2(inputs: dict, parameters: dict | None = None) -> dict:
@@ -230,7 +238,12 @@ BAD_V2 = [
     ("ranking", v2({"user_id": [1, 2], "item_ids": [1]}), "one user per V2 ranking request"),
     ("ranking", v2({"user_id": [1]}), "inputs.item_ids: required"),
     ("ranking", v2({"user_id": [1], "item_ids": [1]}, {"ranker": "nope"}), "parameters.ranker"),
-    ("recommend", v2({"user_id": ["abc"]}), "inputs.user_id[0]"),
+    ("recommend", v2({"user_id": ["abc"]}), "inputs.user_id.datatype: ids are INT64"),
+    (
+        "recommend",
+        {"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": ["abc"]}]},
+        "inputs.user_id",
+    ),
     ("recommend", v2({"user_id": list(range(9))}), "at most 8"),
     ("recommend", v2({"user_id": [1]}, {"n": 1000}), "parameters.n"),
 ]
@@ -301,3 +314,126 @@ def _drop_ranker_and_load(bundle_dir: Path, tmp_path: Path, kind: str):
     files = {name: bundle_dir / name for name in manifest["files"] if not name.startswith(f"models/{kind}/")}
     out = assemble_bundle(files, tmp_path / "no_ranker", params_text="{}", metrics={})
     return load_bundle(out, kind)
+
+
+# ---- the HTTP surface under abuse (issue: serving under attack and load) ---------------------------
+
+
+def test_model_repository_routes_are_not_served(client):
+    """Anyone reaching the port could unload every model through KServe's repository extension."""
+    for verb in ("unload", "load"):
+        assert client.post(f"/v2/repository/models/recommend/{verb}").status_code == 404
+    assert (
+        client.post("/v1/models/recommend:predict", json={"instances": [{"user_id": 5}]}).status_code == 200
+    )
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not [path for path in paths if path.startswith("/v2/repository")]
+
+
+def test_readiness_requires_every_model_loaded(client, kserve_server):
+    model = kserve_server.dataplane.model_registry.get_model("ranking")
+    model.ready = False
+    try:
+        answer = client.get("/v2/health/ready")
+        assert answer.status_code == 503 and answer.json()["not_ready"] == ["ranking"]
+    finally:
+        model.ready = True
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(client, params):
+    limit = params.serving.max_request_bytes
+    body = b'{"instances": [' + b" " * limit + b"]}"
+    answer = client.post(
+        "/v1/models/recommend:predict", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 413 and "serving.max_request_bytes" in answer.json()["error"]
+    streamed = client.post(  # no Content-Length: counted while it arrives
+        "/v2/models/recommend/infer", content=iter([body[: limit // 2], body[limit // 2 :]])
+    )
+    assert streamed.status_code == 413
+    assert (
+        client.post("/v1/models/recommend:predict", json={"instances": [{"user_id": 5}]}).status_code == 200
+    )
+
+
+ONE_USER = {"name": "user_id", "shape": [1], "datatype": "INT64", "data": [1]}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "field"),
+    [
+        ({"id": "x" * 10_000, "inputs": [ONE_USER]}, {}, "id: 10000 characters"),
+        ({"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [1]}], "colour": 1},
+         {}, "unknown field(s) ['colour']"),
+        ({"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [1]}],
+          "outputs": [{"name": "nope"}]}, {}, "outputs: unknown output(s) ['nope']"),
+        ({"inputs": [{"name": "user_id", "shape": [1], "datatype": "WHAT", "data": [1]}]},
+         {}, "inputs.user_id.datatype: unknown datatype 'WHAT'"),
+        ({"inputs": [{"name": "user_id", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+         {}, "inputs.user_id.datatype: ids are INT64"),
+        ({"inputs": [{"name": "user_id", "shape": [1], "datatype": "INT64", "data": [1]}]},
+         {"Inference-Header-Content-Length": "abc"}, "Inference-Header-Content-Length"),
+    ],
+)  # fmt: skip
+def test_v2_envelope_faults_are_400_naming_the_field(client, body, headers, field):
+    import json
+
+    answer = client.post(
+        "/v2/models/recommend/infer",
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    assert answer.status_code == 400, answer.text
+    assert field in answer.text
+    assert client.get("/v2/health/live").status_code == 200
+
+
+def test_a_binary_tensor_of_the_wrong_size_is_a_4xx(client):
+    import json
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "user_id", "shape": [1], "datatype": "INT64", "parameters": {"binary_data_size": 5}}
+            ]
+        }
+    ).encode()
+    answer = client.post(
+        "/v2/models/recommend/infer",
+        content=header + b"\x01\x00\x00\x00\x00",  # 5 bytes for one INT64 (8)
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert 400 <= answer.status_code < 500, answer.text
+
+
+@pytest.mark.parametrize("value", [1e308, 1e40, -1e40])
+def test_extreme_dense_values_are_refused_not_answered_wrongly(client, value):
+    answer = client.post(
+        "/v1/models/recommend:predict",
+        json={"instances": [{"user_id": 5, "context": {"features": {"user_ctr_7d": value}}}]},
+    )
+    assert answer.status_code == 400 and "user_ctr_7d" in answer.text and "trained on" in answer.text
+    ordinary = client.post(
+        "/v1/models/recommend:predict",
+        json={"instances": [{"user_id": 5, "context": {"features": {"user_ctr_7d": 0.3}}}]},
+    )
+    assert ordinary.status_code == 200 and ordinary.json()["predictions"][0]["scores"]
+
+
+def test_non_finite_scores_are_an_error_never_a_success(client, kserve_server, monkeypatch):
+    import math
+
+    model = kserve_server.dataplane.model_registry.get_model("ranking")
+    original = model.run
+
+    def broken(instances):
+        results = original(instances)
+        results[0].scores[0] = math.nan
+        return results
+
+    monkeypatch.setattr(model, "run", broken)
+    answer = client.post(
+        "/v1/models/ranking:predict", json={"instances": [{"user_id": 5, "item_ids": [1, 2, 3]}]}
+    )
+    assert answer.status_code == 500 and "non-finite scores" in answer.text
