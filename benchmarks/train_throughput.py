@@ -1,7 +1,7 @@
 """Training throughput: the models package's trainer vs a seed-style per-row DataLoader, on CPU.
 
-Both paths train the same model (the ``params.yaml`` default config of each kind) with the same
-optimizer and batch size on the same generated frame, in the same process:
+Both paths train the same model (each kind as ``params.yaml`` configures it) with the same optimizer and
+batch size on the same generated frame, in the same process:
 
 - **trainer**: ``FeatureEncoder.encode`` turns the frame into tensors once (vectorised), then
   ``models.trainer.fit`` slices a random permutation of them for each batch;
@@ -36,11 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.batch import DENSE_KEY, FIRST_ID, LABEL_KEY, LENGTH_SUFFIX, OOV_ID
 from models.build import build_model
-from models.config import MODEL_KINDS, ModelsConfig, TrainingConfig
+from models.config import MODEL_KINDS, TrainingConfig
 from models.encoding import FeatureEncoder
 from models.trainer import TrainingObjective, fit
+from recsys.config import load_params
 
 RESULTS_DIR = Path(__file__).parent / "results"
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per path; the best counts")
     parser.add_argument("--models", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the models and training config")
     args = parser.parse_args(argv)
 
-    results = run(args.rows, args.batch_size, args.reference_batches, args.threads, args.models, args.repeats)
+    results = run(
+        args.rows,
+        args.batch_size,
+        args.reference_batches,
+        args.threads,
+        args.models,
+        args.repeats,
+        args.params,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "train_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out_dir / "train_throughput.md").write_text(markdown_table(results))
@@ -65,11 +76,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(
-    rows: int, batch_size: int, reference_batches: int, threads: int, kinds: list[str], repeats: int = 2
+    rows: int,
+    batch_size: int,
+    reference_batches: int,
+    threads: int,
+    kinds: list[str],
+    repeats: int = 2,
+    params_path: Path = PARAMS_FILE,
 ) -> dict[str, Any]:
     """Measure every model kind on one generated frame; returns the JSON-able results."""
     torch.set_num_threads(threads)
-    config = ModelsConfig()
+    params = load_params(params_path)
+    config = params.models
     frame = make_training_frame(rows, seed=0)
     started = time.perf_counter()
     encoder = FeatureEncoder.fit(config.features, frame)
@@ -85,7 +103,10 @@ def run(
         for _ in range(repeats):  # alternate the two paths; best of each (a shared machine only slows down)
             torch.manual_seed(0)
             model = build_model(kind, config.model(kind), encoder, item_counts=item_counts)
-            training = TrainingConfig(epochs=1, batch_size=batch_size, device="cpu", patience=0, seed=0)
+            timed = {"epochs": 1, "batch_size": batch_size, "device": "cpu", "patience": 0, "seed": 0}
+            training = TrainingConfig.model_validate(
+                params.training.for_model(kind).model_dump() | timed | {"num_workers": threads}
+            )
             history = fit(model, train, None, training, progress=False).history
             ours = max(ours, history[0]["samples_per_second"])
             torch.manual_seed(0)

@@ -99,7 +99,7 @@ def _dataset(params: Params, root: Path) -> tuple[Path, Path, FeastConfig]:
     for path in (REPO_ROOT / "feature_repo").glob("*"):
         if path.is_file():
             (repo / path.name).write_bytes(path.read_bytes())
-    return raw, feats, FeastConfig(repo_path=repo)
+    return raw, feats, FeastConfig.model_validate(params.feast.model_dump() | {"repo_path": repo})
 
 
 def _chunked_join(

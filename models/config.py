@@ -9,6 +9,9 @@ pipeline's ``components`` package; ``recsys/config/`` embeds :class:`ModelsConfi
 Cross-references (a group naming an unknown feature, a tower reading an unknown group, DLRM dimension
 rules) are checked by :class:`ModelsConfig` at load time and again when a model is built, with messages
 that name the model, the group and the feature.
+
+No field has a default: every value, the feature declarations and groups included, comes from
+``params.yaml``; tests build from it too.
 """
 
 from __future__ import annotations
@@ -52,11 +55,11 @@ class SparseFeature(ModelSection):
     """A categorical id feature -> one embedding table (vocabulary with an OOV bucket, or hashing)."""
 
     name: str
-    embedding_dim: int = Field(default=16, gt=0)
+    embedding_dim: int = Field(gt=0)
     # vocabulary: values seen at least min_count times in TRAIN get their own row, the rest share OOV
-    min_count: int = Field(default=1, ge=1)
+    min_count: int = Field(ge=1)
     # hashing instead of a vocabulary: value -> one of hash_buckets rows (no OOV, collisions accepted)
-    hash_buckets: int | None = Field(default=None, gt=0)
+    hash_buckets: int | None = Field(gt=0)
 
     @field_validator("name")
     @classmethod
@@ -73,7 +76,7 @@ class SequenceFeature(ModelSection):
 
     name: str
     shares: str
-    max_length: int = Field(default=30, gt=0, le=1024)
+    max_length: int = Field(gt=0, le=1024)
 
     @field_validator("name")
     @classmethod
@@ -86,7 +89,7 @@ class DenseFeature(ModelSection):
 
     name: str
     # log1p before standardising: right for non-negative counts and prices with heavy tails
-    transform: Literal["none", "log1p"] = "none"
+    transform: Literal["none", "log1p"]
 
     @field_validator("name")
     @classmethod
@@ -97,9 +100,9 @@ class DenseFeature(ModelSection):
 class FeatureSpec(ModelSection):
     """Every feature a model may read, declared once and shared by all models."""
 
-    sparse: list[SparseFeature] = Field(default_factory=list)
-    sequence: list[SequenceFeature] = Field(default_factory=list)
-    dense: list[DenseFeature] = Field(default_factory=list)
+    sparse: list[SparseFeature]
+    sequence: list[SequenceFeature]
+    dense: list[DenseFeature]
     # name -> (kind, declaration), rebuilt by the validator (which also runs on assignment): encoding asks
     # for a feature's kind per column per request, too often for a scan of the three lists
     _by_name: dict[str, tuple[str, Any]] = PrivateAttr(default_factory=dict)
@@ -137,6 +140,9 @@ class FeatureSpec(ModelSection):
     def sequence_feature(self, name: str) -> SequenceFeature:
         return self._declared(name, "sequence")
 
+    def dense_feature(self, name: str) -> DenseFeature:
+        return self._declared(name, "dense")
+
     def _declared(self, name: str, kind: str) -> Any:
         entry = self._by_name.get(name)
         if entry is None or entry[0] != kind:
@@ -159,7 +165,7 @@ class FeatureGroup(ModelSection):
     """
 
     name: str
-    type: Literal["deep", "sequence"] = "deep"
+    type: Literal["deep", "sequence"]
     features: list[str] = Field(min_length=1)
 
     @field_validator("name")
@@ -178,9 +184,9 @@ class MLPConfig(ModelSection):
     """Linear -> [norm] -> activation -> [dropout], once per entry of hidden_units."""
 
     hidden_units: list[int] = Field(min_length=1)
-    activation: Literal["relu", "leaky_relu", "prelu", "gelu", "silu", "tanh", "sigmoid"] = "relu"
-    norm: Literal["none", "batch", "layer"] = "none"
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "leaky_relu", "prelu", "gelu", "silu", "tanh", "sigmoid"]
+    norm: Literal["none", "batch", "layer"]
+    dropout: float = Field(ge=0.0, lt=1.0)
 
     @field_validator("hidden_units")
     @classmethod
@@ -201,7 +207,7 @@ class DINTowerConfig(ModelSection):
     """A DIN attention over one sequence feature group (query = target item, keys = history)."""
 
     input: str
-    attn_mlp: MLPConfig = MLPConfig(hidden_units=[64, 32], activation="relu")
+    attn_mlp: MLPConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,26 +218,26 @@ class TwoTowerConfig(ModelSection):
     """Retrieval: user tower and item tower -> L2-normalised d-vectors, trained with in-batch softmax."""
 
     feature_groups: list[FeatureGroup]
-    user_group: str = "user"
-    item_group: str = "item"
-    user_tower: MLPConfig = MLPConfig(hidden_units=[128, 64])
-    item_tower: MLPConfig = MLPConfig(hidden_units=[128, 64])
-    embedding_dim: int = Field(default=64, gt=0)  # output width d of both towers
-    history_pooling: Literal["mean", "attention"] = "mean"
-    attention_mlp: MLPConfig = MLPConfig(hidden_units=[64, 32])
+    user_group: str
+    item_group: str
+    user_tower: MLPConfig
+    item_tower: MLPConfig
+    embedding_dim: int = Field(gt=0)  # output width d of both towers
+    history_pooling: Literal["mean", "attention"]
+    attention_mlp: MLPConfig
     # history sequences use the item tower's id table (False: a separate table with the same vocabulary)
-    share_item_id_embedding: bool = True
+    share_item_id_embedding: bool
     # cold start: during training each listed id is replaced by the OOV row with this probability, so
     # the tower learns to work from content alone for ids it has never seen
-    id_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    id_dropout_features: list[str] = Field(default_factory=lambda: ["item_id"])
-    loss: Literal["softmax", "bce"] = "softmax"
-    temperature: float = Field(default=0.05, gt=0.0, le=10.0)
-    learn_temperature: bool = False
-    logq_correction: bool = True
-    remove_accidental_hits: bool = True
-    mixed_negatives: int = Field(default=0, ge=0)  # extra uniform negatives per batch from the catalogue
-    item_id_feature: str = "item_id"  # the id that defines "the same item" (hits, log-Q, catalogue)
+    id_dropout: float = Field(ge=0.0, lt=1.0)
+    id_dropout_features: list[str]
+    loss: Literal["softmax", "bce"]
+    temperature: float = Field(gt=0.0, le=10.0)
+    learn_temperature: bool
+    logq_correction: bool
+    remove_accidental_hits: bool
+    mixed_negatives: int = Field(ge=0)  # extra uniform negatives per batch from the catalogue
+    item_id_feature: str  # the id that defines "the same item" (hits, log-Q, catalogue)
 
     @model_validator(mode="after")
     def _groups(self) -> TwoTowerConfig:
@@ -253,7 +259,7 @@ class MultiTowerConfig(ModelSection):
 
     feature_groups: list[FeatureGroup]
     towers: list[TowerConfig] = Field(min_length=1)
-    final: MLPConfig = MLPConfig(hidden_units=[64])
+    final: MLPConfig
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerConfig:
@@ -265,9 +271,9 @@ class MultiTowerDINConfig(ModelSection):
     """MultiTower plus DIN towers over sequence groups (TorchEasyRec MultiTowerDIN)."""
 
     feature_groups: list[FeatureGroup]
-    towers: list[TowerConfig] = Field(default_factory=list)
+    towers: list[TowerConfig]
     din_towers: list[DINTowerConfig] = Field(min_length=1)
-    final: MLPConfig = MLPConfig(hidden_units=[64])
+    final: MLPConfig
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerDINConfig:
@@ -283,9 +289,9 @@ class DLRMConfig(ModelSection):
     """
 
     feature_groups: list[FeatureGroup]
-    dense_mlp: MLPConfig = MLPConfig(hidden_units=[64, 16])
-    arch_with_sparse: bool = False
-    final: MLPConfig = MLPConfig(hidden_units=[128, 64])
+    dense_mlp: MLPConfig
+    arch_with_sparse: bool
+    final: MLPConfig
 
     @model_validator(mode="after")
     def _groups(self) -> DLRMConfig:
@@ -312,105 +318,14 @@ CONFIG_CLASSES: dict[str, type[ModelSection]] = {
 }
 
 
-_SPARSE = ("user_id", "item_id", "gender", "age_bucket", "occupation", "zip_prefix", "category", "brand")
-
-
-def _default_features() -> FeatureSpec:
-    """Every feature of the training-set contract (recsys/contracts.py), windows 7 and 30 days."""
-    sparse = [SparseFeature(name=n) for n in _SPARSE]
-    sequence = [
-        SequenceFeature(name="hist_item_ids", shares="item_id"),
-        SequenceFeature(name="hist_categories", shares="category"),
-    ]
-    dense = [
-        DenseFeature(name="price", transform="log1p"),
-        DenseFeature(name="hist_length", transform="log1p"),
-    ]
-    dense += _stats_features("user") + _stats_features("item")
-    return FeatureSpec(sparse=sparse, sequence=sequence, dense=dense)
-
-
-def _stats_features(prefix: str) -> list[DenseFeature]:
-    return [DenseFeature(name=n, transform="none" if "_ctr_" in n else "log1p") for n in _stat_names(prefix)]
-
-
-def _stat_names(prefix: str) -> list[str]:
-    """contracts.stats_features(prefix, [7, 30]), repeated here: models does not import components."""
-    names = []
-    for days in (7, 30):
-        names += [f"{prefix}_impressions_{days}d", f"{prefix}_clicks_{days}d", f"{prefix}_ctr_{days}d"]
-    return names
-
-
-_USER_PROFILE = ["user_id", "gender", "age_bucket", "occupation", "zip_prefix"]
-_ITEM_PROFILE = ["item_id", "category", "brand", "price"]
-_USER_STATS = _stat_names("user")
-_ITEM_STATS = _stat_names("item")
-_HISTORY = ["hist_item_ids", "hist_categories"]
-
-
-def _default_two_tower() -> TwoTowerConfig:
-    return TwoTowerConfig(
-        feature_groups=[
-            FeatureGroup(name="user", features=_USER_PROFILE + _HISTORY + ["hist_length"] + _USER_STATS),
-            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
-        ]
-    )
-
-
-def _default_multi_tower() -> MultiTowerConfig:
-    return MultiTowerConfig(
-        feature_groups=[
-            FeatureGroup(name="user", features=[*_USER_PROFILE, "hist_length", *_USER_STATS]),
-            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
-            FeatureGroup(name="history", features=_HISTORY),
-        ],
-        towers=[
-            TowerConfig(input="user", mlp=MLPConfig(hidden_units=[128, 64])),
-            TowerConfig(input="item", mlp=MLPConfig(hidden_units=[128, 64])),
-            TowerConfig(input="history", mlp=MLPConfig(hidden_units=[64])),
-        ],
-        final=MLPConfig(hidden_units=[64]),
-    )
-
-
-def _default_multi_tower_din() -> MultiTowerDINConfig:
-    return MultiTowerDINConfig(
-        feature_groups=[
-            FeatureGroup(name="user", features=[*_USER_PROFILE, "hist_length", *_USER_STATS]),
-            FeatureGroup(name="item", features=_ITEM_PROFILE + _ITEM_STATS),
-            FeatureGroup(name="seq", type="sequence", features=["item_id", "category", *_HISTORY]),
-        ],
-        towers=[
-            TowerConfig(input="user", mlp=MLPConfig(hidden_units=[128, 64])),
-            TowerConfig(input="item", mlp=MLPConfig(hidden_units=[128, 64])),
-        ],
-        din_towers=[DINTowerConfig(input="seq")],
-        final=MLPConfig(hidden_units=[64]),
-    )
-
-
-def _default_dlrm() -> DLRMConfig:
-    return DLRMConfig(
-        feature_groups=[
-            FeatureGroup(name="dense", features=["price", "hist_length", *_USER_STATS, *_ITEM_STATS]),
-            FeatureGroup(name="sparse", features=list(_SPARSE)),
-        ],
-        dense_mlp=MLPConfig(hidden_units=[64, 16]),
-        final=MLPConfig(hidden_units=[128, 64]),
-    )
-
-
 class ModelsConfig(ModelSection):
     """The ``models:`` section: the shared feature declarations and one config per model kind."""
 
-    features: FeatureSpec = Field(default_factory=_default_features)
-    two_tower: TwoTowerConfig = Field(default_factory=_default_two_tower, validate_default=True)
-    multi_tower: MultiTowerConfig = Field(default_factory=_default_multi_tower, validate_default=True)
-    multi_tower_din: MultiTowerDINConfig = Field(
-        default_factory=_default_multi_tower_din, validate_default=True
-    )
-    dlrm: DLRMConfig = Field(default_factory=_default_dlrm, validate_default=True)
+    features: FeatureSpec
+    two_tower: TwoTowerConfig
+    multi_tower: MultiTowerConfig
+    multi_tower_din: MultiTowerDINConfig
+    dlrm: DLRMConfig
 
     @field_validator(*MODEL_KINDS)
     @classmethod
@@ -438,47 +353,54 @@ class ModelsConfig(ModelSection):
 class TrainingConfig(ModelSection):
     """The ``training:`` section: one loop for all four models (models/trainer.py)."""
 
-    batch_size: int = Field(default=1024, gt=1)  # per process; the global batch is batch_size * world size
-    eval_batch_size: int = Field(default=8192, gt=0)
-    epochs: int = Field(default=10, gt=0)
-    lr: float = Field(default=1e-3, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    grad_clip_norm: float | None = Field(default=None, gt=0.0)
+    batch_size: int = Field(gt=1)  # per process; the global batch is batch_size * world size
+    eval_batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    grad_clip_norm: float | None = Field(gt=0.0)
     # "auto": auc for rankers, recall@<eval_k> for two_tower; else any key of the validation metrics
     # (auc, gauc, logloss, loss, recall@K, ndcg@K, hitrate@K); loss/logloss are minimised
-    early_stopping_metric: str = "auto"
-    patience: int = Field(default=2, ge=0)  # epochs without improvement before stopping; 0 disables
-    restore_best: bool = True  # end with the weights of the best validation epoch
-    eval_k: int = Field(default=50, gt=0)  # K of the two-tower validation recall
-    seed: int = Field(default=42, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    early_stopping_metric: str
+    patience: int = Field(ge=0)  # epochs without improvement before stopping; 0 disables
+    restore_best: bool  # end with the weights of the best validation epoch
+    eval_k: int = Field(gt=0)  # K of the two-tower validation recall
+    seed: int = Field(ge=0)
+    device: Literal["auto", "cpu", "cuda"]
+    bf16: bool  # bf16 autocast on CUDA (ignored on CPU)
     # torch intra-op CPU threads (0 keeps torch's default); batches are index slices, no loader workers
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(ge=0)
     # CUDA: hold the encoded training set in GPU memory (fastest); false keeps it in pinned host memory
-    data_on_device: bool = True
-    checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints when a directory is given
+    data_on_device: bool
+    checkpoint_every: int = Field(ge=1)  # epochs between checkpoints when a directory is given
     # per model kind, fields that differ from the above: the two-tower learns from the clicks only (a tenth
     # of the ranking rows) and needs more, smaller steps than the rankers
-    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    per_model: dict[str, dict[str, Any]]
 
     def for_model(self, kind: str) -> TrainingConfig:
         """This section with ``per_model[kind]`` applied (validated like the section itself)."""
         override = self.per_model.get(kind)
         if not override:
             return self
-        return TrainingConfig.model_validate(self.model_dump(exclude={"per_model"}) | override)
+        return TrainingConfig.model_validate(self.model_dump() | override | {"per_model": {}})
 
     @field_validator("per_model")
     @classmethod
-    def _known_overrides(cls, per_model: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _known_overrides(
+        cls, per_model: dict[str, dict[str, Any]], info: ValidationInfo
+    ) -> dict[str, dict[str, Any]]:
+        # an override is checked as the section it becomes (the other fields, validated before this last one)
+        base = {name: info.data[name] for name in cls.model_fields if name in info.data}
+        complete = len(base) == len(cls.model_fields) - 1  # else another field failed and is reported
         for kind, override in per_model.items():
             if kind not in MODEL_KINDS:
                 raise ValueError(f"per_model: unknown model '{kind}'; expected one of {list(MODEL_KINDS)}")
             if "per_model" in override:
                 raise ValueError(f"per_model.{kind}: per_model cannot be nested")
+            if not complete:
+                continue
             try:
-                TrainingConfig.model_validate(override)
+                TrainingConfig.model_validate(base | override | {"per_model": {}})
             except ValidationError as exc:
                 error = exc.errors()[0]
                 where = ".".join(str(p) for p in error["loc"])

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pandas as pd
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from models.kinds import MODEL_KINDS
 
@@ -18,6 +22,41 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("FEAST_USAGE", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+@functools.cache
+def _shipped():
+    from recsys.config import load_params
+
+    return load_params(REPO_ROOT / "params.yaml")
+
+
+def shipped_params():
+    """A fresh copy of the shipped params.yaml: tests start from it and override only what they test (the
+    schema has no defaults, so there is no other configuration to start from)."""
+    return _shipped().model_copy(deep=True)
+
+
+def write_params(path: Path, changes: dict[str, Any]) -> Path:
+    """The shipped params.yaml with ``changes`` (dotted key -> value; a section's key replaces the whole
+    section) written to ``path``, for the CLIs that read a params file."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def revalidated(section: _Model, **changes: Any) -> _Model:
+    """``section`` with ``changes`` applied and validated again (``model_copy(update=...)`` does not
+    validate), e.g. ``revalidated(shipped_params().index, hnsw_m=16)``."""
+    return type(section).model_validate(section.model_dump() | changes)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config import TrainingSetConfig
+from tests.conftest import revalidated, shipped_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAY0 = pd.Timestamp("2026-06-01", tz="UTC")
@@ -53,7 +54,8 @@ HANDMADE_CUTS = {"valid_start": day(7).to_pydatetime(), "test_start": day(9).to_
 
 
 def handmade_training_config(tmp_path: Path) -> TrainingSetConfig:
-    return TrainingSetConfig(
+    return revalidated(
+        shipped_params().training_set,
         output_dir=tmp_path / "training",
         metrics_file=tmp_path / "metrics" / "training_set.json",
         report_file=tmp_path / "reports" / "training_set.md",

@@ -14,12 +14,18 @@ from components import build_index as bi
 from recsys import ann_index
 from recsys import artifact_layout as layout
 from recsys.config import IndexConfig
+from tests.conftest import revalidated, shipped_params, write_params
 
 DIM = 32
 N_ITEMS = 20_000
 N_CLUSTERS = 100
 
-EF_SEARCH_MAX = 4096  # index.ef_search_max in params.yaml
+EF_SEARCH_MAX = shipped_params().index.ef_search_max
+
+
+def _index(**changes) -> IndexConfig:
+    """The shipped index section with the test's changes."""
+    return revalidated(shipped_params().index, **changes)
 
 
 def clustered_unit_vectors(n: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -45,7 +51,7 @@ def data() -> tuple[bi.Embeddings, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def built(data) -> dict[str, faiss.Index]:
     items, _, _ = data
-    config = IndexConfig(hnsw_m=16, hnsw_ef_construction=64, ivf_nlist=64, pq_m=8)
+    config = _index(hnsw_m=16, hnsw_ef_construction=64, ivf_nlist=64, pq_m=8)
     return {kind: bi.build_index(items, kind, config, seed=0) for kind in ("flat", "hnsw", "ivf_pq")}
 
 
@@ -122,7 +128,7 @@ def test_tuned_approximate_search_agrees_with_exact_to_the_target(data, built, k
 def test_unreachable_recall_target_fails_clearly(data):
     items, tune_q, _ = data
     # 4-byte PQ codes without exact re-ranking cannot separate near neighbours, whatever nprobe
-    config = IndexConfig(ivf_nlist=16, pq_m=4, refine_k_factor=None)
+    config = _index(ivf_nlist=16, pq_m=4, refine_k_factor=None)
     index = bi.build_index(items, "ivf_pq", config, seed=0)
     exact_scores = exact_top_k(items, tune_q, 10)[1]
     with pytest.raises(bi.RecallTargetError, match=r"not reachable with ivf_pq.*nprobe") as err:
@@ -142,7 +148,7 @@ def test_recall_counts_ties_with_the_kth_score_as_hits():
 
 
 def test_auto_type_by_catalogue_size():
-    config = IndexConfig(flat_max_items=1_000, ivf_pq_min_items=100_000)
+    config = _index(flat_max_items=1_000, ivf_pq_min_items=100_000)
     assert bi.choose_index_type(999, config) == "flat"
     assert bi.choose_index_type(1_000, config) == "hnsw"
     assert bi.choose_index_type(100_000, config) == "ivf_pq"
@@ -169,7 +175,7 @@ def exported(tmp_path, data):
 
 def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exported):
     item_file, query_file = exported
-    config = IndexConfig(
+    config = _index(
         type="hnsw",
         hnsw_m=16,
         hnsw_ef_construction=64,
@@ -199,7 +205,7 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
 
 def test_auto_small_catalogue_is_exact(tmp_path, exported):
     item_file, query_file = exported
-    config = IndexConfig(metrics_file=tmp_path / "index.json")
+    config = _index(metrics_file=tmp_path / "index.json")
     metrics = bi.run(
         config, item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "items.faiss"
     )
@@ -247,9 +253,7 @@ def test_query_dim_mismatch_is_rejected(tmp_path, exported):
     with pytest.raises(
         ann_index.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
     ):
-        bi.run(
-            IndexConfig(), item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss"
-        )
+        bi.run(_index(), item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss")
     assert not (tmp_path / "x.faiss").exists()
 
 
@@ -261,7 +265,7 @@ def test_search_rejects_wrong_query_dim(built):
 @pytest.fixture()
 def saved_index(tmp_path, exported):
     item_file, query_file = exported
-    config = IndexConfig(
+    config = _index(
         type="flat",
         metrics_file=tmp_path / "index.json",
     )
@@ -300,8 +304,9 @@ def test_load_requires_the_sidecar(saved_index):
 
 def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
     item_file, query_file = exported
-    params = tmp_path / "params.yaml"
-    params.write_text(f"index:\n  metrics_file: {tmp_path / 'out' / 'index.json'}\n  k: 5\n")
+    params = write_params(
+        tmp_path / "params.yaml", {"index.metrics_file": str(tmp_path / "out" / "index.json"), "index.k": 5}
+    )
     output = tmp_path / "out" / "items.faiss"
     arguments = [
         "--item-embeddings",
@@ -322,7 +327,7 @@ def test_cli_reads_the_artifact_layout_by_default(tmp_path, exported, monkeypatc
     layout.EMBEDDINGS_DIR.mkdir(parents=True)
     shutil.copyfile(item_file, layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS)
     shutil.copyfile(query_file, layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS)
-    (tmp_path / "params.yaml").write_text(f"index:\n  metrics_file: {tmp_path / 'index.json'}\n")
+    write_params(tmp_path / "params.yaml", {"index.metrics_file": str(tmp_path / "index.json")})
     assert bi.main([]) == 0
     index, _ = ann_index.load_index(layout.INDEX_DIR / layout.INDEX)
     assert index.ntotal == 3000

@@ -9,14 +9,13 @@ import shutil
 import faiss
 import numpy as np
 import pytest
-import yaml
 from safetensors.numpy import save_file
 
 from components import bundle as bd
 from recsys import artifact_layout as layout
 from recsys.ann_index import TuningResult, load_index, write_index
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
-from tests.conftest import REPO_ROOT
+from tests.conftest import write_params
 
 DIM = 8
 PARAMS_TEXT = "seed: 42\nindex:\n  k: 10\n"
@@ -248,9 +247,7 @@ def test_cli_assemble_from_the_artifact_layout(tmp_path, monkeypatch):
         else:
             path.write_text(json.dumps({"member": name}))
     (tmp_path / "evaluation.json").write_text(json.dumps(METRICS))
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["bundle"]["metrics_file"] = str(tmp_path / "evaluation.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", {"bundle.metrics_file": str(tmp_path / "evaluation.json")})
     assert bd.main(["assemble", "--params", "params.yaml", "--out-dir", "out"]) == 0
     manifest = load_manifest(tmp_path / "out")
     assert manifest["metrics"] == METRICS

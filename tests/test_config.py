@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from recsys.config import ConfigError, load_params, params_from_yaml_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shipped_with(fragment: str) -> str:
+    """params.yaml with the sections of a YAML ``fragment`` merged in (every other key as shipped)."""
+
+    def merge(into: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    return yaml.safe_dump(merge(shipped, yaml.safe_load(fragment)))
 
 
 def test_project_params_load_with_expected_defaults():
@@ -33,7 +50,7 @@ def test_project_params_load_with_expected_defaults():
 )
 def test_bad_values_name_the_dotted_key(text, key, hint):
     with pytest.raises(ConfigError) as err:
-        params_from_yaml_text(text, source="p.yaml")
+        params_from_yaml_text(_shipped_with(text), source="p.yaml")
     message = str(err.value)
     assert "p.yaml" in message
     assert key in message

@@ -14,8 +14,8 @@ import yaml
 from kubernetes.client import ApiException
 
 from components import deploy
-from recsys.config import ConfigError, DeployConfig, load_params
-from tests.conftest import REPO_ROOT
+from recsys.config import ConfigError, load_params
+from tests.conftest import REPO_ROOT, revalidated
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +131,9 @@ def test_bad_image_tag_fails_with_the_key(tmp_path, capsys):
     assert "pipeline.image_tag" in capsys.readouterr().err
 
 
-def test_deploy_config_rejects_inverted_replicas():
+def test_deploy_config_rejects_inverted_replicas(params):
     with pytest.raises(ValueError, match="min_replicas 4 exceeds max_replicas 2"):
-        DeployConfig(min_replicas=4, max_replicas=2)
+        revalidated(params.deploy, min_replicas=4, max_replicas=2)
     with pytest.raises(ConfigError, match=r"deploy\.resources"):
         load_params(
             REPO_ROOT / "params.yaml",

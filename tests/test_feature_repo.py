@@ -16,7 +16,7 @@ from feast import FeatureStore
 from feast.repo_config import RegistryConfig, load_repo_config
 
 from recsys import feature_store
-from recsys.config import FeastConfig, load_params
+from recsys.config import load_params
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
     HISTORY_FEATURES,
@@ -24,6 +24,7 @@ from recsys.contracts import (
     USER_PROFILE_FEATURES,
     stats_features,
 )
+from tests.conftest import revalidated
 from tests.feast_fixtures import REPO_ROOT, copy_feature_repo
 
 PARAMS = load_params(REPO_ROOT / "params.yaml")
@@ -79,11 +80,11 @@ def test_stats_features_follow_the_configured_windows(tmp_path):
 def test_store_opens_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEAST_FS_YAML_FILE_PATH", raising=False)
-    store = feature_store.open_feature_store(FeastConfig())
+    store = feature_store.open_feature_store(PARAMS.feast)
     assert Path(store.repo_path) == REPO_ROOT / "feature_repo"
     assert store.config.project == "recsys" and store.config.online_store.type == "sqlite"
     with pytest.raises(FileNotFoundError, match=r"feast\.repo_path"):
-        feature_store.open_feature_store(FeastConfig(repo_path=tmp_path / "nowhere"))
+        feature_store.open_feature_store(revalidated(PARAMS.feast, repo_path=tmp_path / "nowhere"))
 
 
 def test_feast_cli_applies_the_repo(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from components import bundle as bd
 from components import gate
-from recsys.config import GateConfig
+from tests.conftest import revalidated, shipped_params, write_params
 
 RULES = {"retrieval.recall@50": "higher", "ranking.logloss": "lower"}
 OLD = {"retrieval": {"recall@50": 0.40}, "ranking": {"logloss": 0.50}}
@@ -96,17 +96,14 @@ def deployed(tmp_path):
 
 def _params(tmp_path, metrics: dict, deployed_bundle: str | None) -> str:
     (tmp_path / "evaluation.json").write_text(json.dumps(metrics))
-    rules = "".join(f"    {path}: {direction}\n" for path, direction in RULES.items())
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        "gate:\n"
-        f"  metrics_file: {tmp_path / 'evaluation.json'}\n"
-        f"  output: {tmp_path / 'metrics' / 'gate.json'}\n"
-        f"  deployed_bundle: {json.dumps(deployed_bundle)}\n"
-        "  tolerance: 0.01\n"
-        f"  metrics:\n{rules}"
-    )
-    return str(path)
+    gate_section = {
+        "metrics_file": str(tmp_path / "evaluation.json"),
+        "output": str(tmp_path / "metrics" / "gate.json"),
+        "deployed_bundle": deployed_bundle,
+        "tolerance": 0.01,
+        "metrics": RULES,
+    }
+    return str(write_params(tmp_path / "params.yaml", {"gate": gate_section}))
 
 
 def test_cli_writes_the_decision_and_exits_zero_unless_asked(tmp_path, deployed):
@@ -136,8 +133,11 @@ def test_cli_first_deploy_passes(tmp_path):
 )
 def test_unusable_deployed_reference_is_an_error_not_a_rejection(tmp_path, reference, message):
     (tmp_path / "evaluation.json").write_text(json.dumps(_metrics()))
-    config = GateConfig(
-        metrics_file=tmp_path / "evaluation.json", output=tmp_path / "gate.json", metrics=RULES
+    config = revalidated(
+        shipped_params().gate,
+        metrics_file=tmp_path / "evaluation.json",
+        output=tmp_path / "gate.json",
+        metrics=RULES,
     )
     with pytest.raises(gate.GateError, match=message):
         gate.run(config, deployed_bundle=str(tmp_path / reference) if reference == "nope" else reference)
@@ -145,6 +145,8 @@ def test_unusable_deployed_reference_is_an_error_not_a_rejection(tmp_path, refer
 
 
 def test_missing_new_metrics_file_is_an_error(tmp_path):
-    config = GateConfig(metrics_file=tmp_path / "absent.json", output=tmp_path / "gate.json")
+    config = revalidated(
+        shipped_params().gate, metrics_file=tmp_path / "absent.json", output=tmp_path / "gate.json"
+    )
     with pytest.raises(gate.GateError, match=r"absent\.json: new metrics file not found"):
         gate.run(config)

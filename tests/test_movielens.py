@@ -13,6 +13,13 @@ import pytest
 from components.movielens import PUBLISHED_ARCHIVES, ChecksumError, DownloadError, read_movielens
 from recsys.config import ConfigError, MovieLensSource, load_params
 from recsys.contracts import DataContractError, check_raw_table
+from tests.conftest import REPO_ROOT, revalidated, shipped_params
+
+
+def _movielens(**changes) -> MovieLensSource:
+    """The shipped data.movielens section with the test's changes."""
+    return revalidated(shipped_params().data.movielens, **changes)
+
 
 # ---- fixtures in the exact published formats -------------------------------------------------------
 
@@ -92,7 +99,7 @@ def _utc(seconds: int, nanos: int = 0) -> pd.Timestamp:
 
 def _ml100k(tmp_path: Path, files: dict[str, str] | None = None, **kwargs) -> dict[str, pd.DataFrame]:
     root = _write_dir(tmp_path / "src", files or ML100K)
-    return read_movielens(MovieLensSource(variant="ml-100k", path=root, **kwargs))
+    return read_movielens(_movielens(variant="ml-100k", path=root, **kwargs))
 
 
 # ---- ml-100k -----------------------------------------------------------------------------------------
@@ -156,14 +163,14 @@ def test_positive_rating_threshold_comes_from_config(tmp_path):
 def test_ml100k_zip_with_sub_folder_reads_the_same_tables(tmp_path):
     from_dir = _ml100k(tmp_path)
     archive = _write_zip(tmp_path / "ml-100k.zip", ML100K, folder="ml-100k")
-    from_zip = read_movielens(MovieLensSource(variant="ml-100k", path=archive))
+    from_zip = read_movielens(_movielens(variant="ml-100k", path=archive))
     for name, df in from_dir.items():
         pd.testing.assert_frame_equal(from_zip[name], df)
 
 
 def test_ml100k_directory_with_sub_folder(tmp_path):
     root = _write_dir(tmp_path / "download", ML100K, folder="ml-100k")
-    tables = read_movielens(MovieLensSource(variant="ml-100k", path=root))
+    tables = read_movielens(_movielens(variant="ml-100k", path=root))
     assert len(tables["events"]) == 6
 
 
@@ -176,7 +183,7 @@ def test_ml1m_layout_is_mapped_to_the_contract(tmp_path, as_zip):
         source = _write_zip(tmp_path / "ml-1m.zip", ML1M)  # files at the top of the zip
     else:
         source = _write_dir(tmp_path / "src", ML1M, folder="ml-1m")
-    tables = read_movielens(MovieLensSource(variant="ml-1m", path=source))
+    tables = read_movielens(_movielens(variant="ml-1m", path=source))
     for name, df in tables.items():
         check_raw_table(name, df, "test")
 
@@ -204,7 +211,7 @@ def test_ml1m_layout_is_mapped_to_the_contract(tmp_path, as_zip):
 def test_ties_across_users_are_ordered_by_timestamp_then_user(tmp_path):
     ratings = f"3::4::5::{T1}\n1::2::3::{T1}\n1::1::5::{T1}\n2::3::4::{T1}\n"  # file order is not id order
     root = _write_dir(tmp_path / "src", ML1M | {"ratings.dat": ratings})
-    events = read_movielens(MovieLensSource(variant="ml-1m", path=root))["events"]
+    events = read_movielens(_movielens(variant="ml-1m", path=root))["events"]
     assert [(e.user_id, e.item_id, e.event_timestamp) for e in events.itertuples()] == [
         (1, 1, _utc(T1)),
         (2, 3, _utc(T1)),
@@ -225,9 +232,7 @@ def test_random_ratings_keep_the_event_invariants(tmp_path):
         "movies.dat": "".join(f"{i}::Movie {i} (1999)::Drama\n" for i in range(1, 60)),
         "ratings.dat": "".join(lines),
     }
-    events = read_movielens(MovieLensSource(variant="ml-1m", path=_write_dir(tmp_path / "src", files)))[
-        "events"
-    ]
+    events = read_movielens(_movielens(variant="ml-1m", path=_write_dir(tmp_path / "src", files)))["events"]
 
     raw = pd.DataFrame({"user_id": users, "item_id": items, "rating": stars, "second": seconds})
     latest = raw.iloc[np.argsort(seconds, kind="stable")].drop_duplicates(["user_id", "item_id"], keep="last")
@@ -256,7 +261,7 @@ def _published_zip(tmp_path: Path) -> tuple[Path, str]:
 def test_download_verifies_checksum_and_caches(tmp_path):
     archive, digest = _published_zip(tmp_path)
     cache = tmp_path / "cache"
-    cfg = MovieLensSource(variant="ml-100k", url=archive.as_uri(), sha256=digest, cache_dir=cache)
+    cfg = _movielens(variant="ml-100k", url=archive.as_uri(), sha256=digest, cache_dir=cache)
     tables = read_movielens(cfg)
     assert len(tables["events"]) == 6
     assert sorted(p.name for p in cache.iterdir()) == ["ml-100k.zip"]
@@ -272,7 +277,7 @@ def test_download_replaces_a_corrupt_cached_archive(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "ml-100k.zip").write_bytes(b"truncated")
-    cfg = MovieLensSource(variant="ml-100k", url=archive.as_uri(), sha256=digest, cache_dir=cache)
+    cfg = _movielens(variant="ml-100k", url=archive.as_uri(), sha256=digest, cache_dir=cache)
     assert len(read_movielens(cfg)["users"]) == 4
     assert (cache / "ml-100k.zip").read_bytes() == archive.read_bytes()
 
@@ -281,7 +286,7 @@ def test_download_with_wrong_checksum_fails_and_keeps_nothing(tmp_path):
     archive, digest = _published_zip(tmp_path)
     cache = tmp_path / "cache"
     wrong = "0" * 64
-    cfg = MovieLensSource(variant="ml-100k", url=archive.as_uri(), sha256=wrong, cache_dir=cache)
+    cfg = _movielens(variant="ml-100k", url=archive.as_uri(), sha256=wrong, cache_dir=cache)
     with pytest.raises(ChecksumError) as err:
         read_movielens(cfg)
     message = str(err.value)
@@ -292,7 +297,7 @@ def test_download_with_wrong_checksum_fails_and_keeps_nothing(tmp_path):
 
 def test_download_defaults_to_the_published_checksum_of_the_variant(tmp_path):
     archive, digest = _published_zip(tmp_path)  # our fixture is not the GroupLens archive
-    cfg = MovieLensSource(variant="ml-100k", url=archive.as_uri(), cache_dir=tmp_path / "cache")
+    cfg = _movielens(variant="ml-100k", url=archive.as_uri(), cache_dir=tmp_path / "cache")
     with pytest.raises(ChecksumError, match=PUBLISHED_ARCHIVES["ml-100k"].sha256) as err:
         read_movielens(cfg)
     assert digest in str(err.value)
@@ -301,14 +306,14 @@ def test_download_defaults_to_the_published_checksum_of_the_variant(tmp_path):
 
 def test_download_failure_names_the_url(tmp_path):
     url = (tmp_path / "missing.zip").as_uri()
-    cfg = MovieLensSource(variant="ml-1m", url=url, sha256="0" * 64, cache_dir=tmp_path / "cache")
+    cfg = _movielens(variant="ml-1m", url=url, sha256="0" * 64, cache_dir=tmp_path / "cache")
     with pytest.raises(DownloadError, match=r"missing\.zip"):
         read_movielens(cfg)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_default_url_and_checksums_are_the_grouplens_archives():
-    assert MovieLensSource().variant == "ml-100k"
+    assert _movielens().variant == "ml-100k"
     assert PUBLISHED_ARCHIVES["ml-100k"].url == "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
     assert PUBLISHED_ARCHIVES["ml-1m"].url == "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
     assert PUBLISHED_ARCHIVES["ml-100k"].sha256.startswith("50d2a982")
@@ -321,21 +326,21 @@ def test_default_url_and_checksums_are_the_grouplens_archives():
 def _error_for(tmp_path: Path, variant: str, files: dict[str, str]) -> str:
     root = _write_dir(tmp_path / "bad", files)
     with pytest.raises(DataContractError) as err:
-        read_movielens(MovieLensSource(variant=variant, path=root))
+        read_movielens(_movielens(variant=variant, path=root))
     return str(err.value)
 
 
 def test_missing_source_is_named(tmp_path):
     missing = tmp_path / "nowhere.zip"
     with pytest.raises(DataContractError, match=r"nowhere\.zip"):
-        read_movielens(MovieLensSource(path=missing))
+        read_movielens(_movielens(path=missing))
 
 
 def test_not_a_zip_is_named(tmp_path):
     bogus = tmp_path / "ml-100k.zip"
     bogus.write_text("not a zip")
     with pytest.raises(DataContractError, match=r"ml-100k\.zip.*not a readable zip"):
-        read_movielens(MovieLensSource(path=bogus))
+        read_movielens(_movielens(path=bogus))
 
 
 def test_wrong_variant_names_the_expected_file(tmp_path):
@@ -352,7 +357,7 @@ def test_missing_member_in_zip_is_named(tmp_path):
     files = {k: v for k, v in ML1M.items() if k != "movies.dat"}
     archive = _write_zip(tmp_path / "ml-1m.zip", files, folder="ml-1m")
     with pytest.raises(DataContractError, match=r"ml-1m\.zip.*'ml-1m/movies\.dat'"):
-        read_movielens(MovieLensSource(variant="ml-1m", path=archive))
+        read_movielens(_movielens(variant="ml-1m", path=archive))
 
 
 def test_wrong_number_of_columns_names_file_and_line(tmp_path):
@@ -423,20 +428,19 @@ def test_duplicate_user_ids_are_rejected_by_the_contract(tmp_path):
 
 
 def test_params_yaml_movielens_block_loads():
-    repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
-    cfg = load_params(repo_params).data.movielens
+    cfg = load_params(REPO_ROOT / "params.yaml").data.movielens
     assert cfg.positive_rating == 4 and cfg.url is None and cfg.sha256 is None
 
 
 def test_config_rejects_unsupported_url_scheme(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  movielens:\n    url: ftp://example.org/ml-100k.zip\n")
     with pytest.raises(ConfigError, match=r"data\.movielens\.url"):
-        load_params(params)
+        load_params(
+            REPO_ROOT / "params.yaml", overrides={"data.movielens.url": "ftp://example.org/ml-100k.zip"}
+        )
 
 
 def test_several_candidate_sub_folders_are_ambiguous(tmp_path):
     root = _write_dir(tmp_path / "data", ML100K, folder="ml-100k")
     _write_dir(root, ML100K, folder="ml-100k-copy")
     with pytest.raises(DataContractError, match=r"several sub-folders \['ml-100k-copy/', 'ml-100k/'\]"):
-        read_movielens(MovieLensSource(path=root))
+        read_movielens(_movielens(path=root))

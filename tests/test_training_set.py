@@ -14,24 +14,31 @@ import pytest
 
 from components import online_store, training_set
 from recsys import feature_store, point_in_time, training_data
-from recsys.config import ConfigError, FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
+from recsys.config import ConfigError, FeastConfig, load_params
 from recsys.contracts import FEATURE_TABLE_KEYS, stats_features
+from tests.conftest import revalidated, shipped_params
 from tests.feast_fixtures import (
     HANDMADE_EVENTS,
+    REPO_ROOT,
     copy_feature_repo,
     day,
     handmade_dataset,
     handmade_training_config,
 )
 
-FEATURES = FeaturesConfig(history_length=30, stats_windows_days=[7, 30])
+SHIPPED = shipped_params()
+FEATURES = revalidated(SHIPPED.features, history_length=30, stats_windows_days=[7, 30])
+
+
+def _feast(repo_path) -> FeastConfig:
+    return revalidated(SHIPPED.feast, repo_path=repo_path)
 
 
 @pytest.fixture(scope="module")
 def handmade_run(tmp_path_factory):
     """One run of the step on the hand-made case, shared by the tests that read its outputs."""
     tmp_path = tmp_path_factory.mktemp("handmade")
-    feast_config = FeastConfig(repo_path=copy_feature_repo(tmp_path))
+    feast_config = _feast(copy_feature_repo(tmp_path))
     raw_dir, features_dir = handmade_dataset(tmp_path / "data")
     config = handmade_training_config(tmp_path)
     report = training_set.run(config, features_dir, raw_dir, feast=feast_config, features=FEATURES)
@@ -144,7 +151,7 @@ def test_online_store_after_materialize_serves_the_latest_values(handmade_run):
 
 def test_backfill_alone_fills_a_new_online_store(tmp_path):
     """The pipeline's uncached online-store step: a fresh repo, no training-set run before it."""
-    feast_cfg = FeastConfig(repo_path=copy_feature_repo(tmp_path))
+    feast_cfg = _feast(copy_feature_repo(tmp_path))
     _, features_dir = handmade_dataset(tmp_path / "data")
     assert feature_store.open_feature_store(feast_cfg).list_feature_views() == []  # nothing registered yet
     window = online_store.backfill_online_store(feast_cfg, FEATURES, features_dir)
@@ -163,23 +170,27 @@ def test_repo_objects_are_registered_with_absolute_sources(handmade_run):
 
 def test_split_cuts_from_fractions_are_whole_days():
     stamps = pd.Series(pd.date_range("2026-06-01 00:10", periods=90 * 24, freq="h", tz="UTC"))
-    cuts = training_set.split_cuts(stamps, TrainingSetConfig())
+    shipped = SHIPPED.training_set  # valid_fraction = test_fraction = 0.1, no explicit cuts
+    cuts = training_set.split_cuts(stamps, shipped)
     assert cuts.test_start == pd.Timestamp("2026-08-21", tz="UTC")  # the last 9 of 90 days
     assert cuts.valid_start == pd.Timestamp("2026-08-12", tz="UTC")
     assert list(cuts.split_of(stamps.iloc[[0, -1]])) == ["train", "test"]
     with pytest.raises(ValueError, match="too few to split"):
-        training_set.split_cuts(stamps.iloc[:30], TrainingSetConfig(valid_fraction=0.4, test_fraction=0.4))
+        training_set.split_cuts(stamps.iloc[:30], revalidated(shipped, valid_fraction=0.4, test_fraction=0.4))
 
 
 def test_split_config_is_validated():
     with pytest.raises(ConfigError, match="valid_start and test_start"):
-        load_params(overrides={"training_set.valid_start": "2026-08-01T00:00:00Z"})
+        load_params(REPO_ROOT / "params.yaml", overrides={"training_set.valid_start": "2026-08-01T00:00:00Z"})
     with pytest.raises(ConfigError, match="must leave some days"):
-        load_params(overrides={"training_set.valid_fraction": 0.5, "training_set.test_fraction": 0.5})
+        load_params(
+            REPO_ROOT / "params.yaml",
+            overrides={"training_set.valid_fraction": 0.5, "training_set.test_fraction": 0.5},
+        )
 
 
 def test_a_duplicated_row_id_from_the_join_is_an_error(tmp_path):
-    repo = feature_store.feature_repo(FeastConfig(repo_path=copy_feature_repo(tmp_path)), FEATURES, tmp_path)
+    repo = feature_store.feature_repo(_feast(copy_feature_repo(tmp_path)), FEATURES, tmp_path)
     entity = pd.DataFrame(
         {"row_id": [0, 1], "user_id": [1, 2], "item_id": [10, 10], "event_timestamp": [day(1), day(2)]}
     ).assign(label=[0, 1])
@@ -236,7 +247,7 @@ def _real_values(table: pa.Table) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_training(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_training")
-    feast = FeastConfig(repo_path=copy_feature_repo(root))
+    feast = _feast(copy_feature_repo(root))
     config = tiny_params.training_set.model_copy(
         update={
             "output_dir": root / "training",

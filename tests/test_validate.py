@@ -10,19 +10,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from components import validate
-from recsys.config import RowCountBounds, ValidationConfig
+from recsys.config import ValidationConfig
 from recsys.contracts import stats_features
+from tests.conftest import revalidated, shipped_params, write_params
 
 T0 = pd.Timestamp("2026-06-01", tz="UTC")
 
 
 def _config(tmp_path: Path) -> ValidationConfig:
-    return ValidationConfig(
+    shipped = shipped_params().validation
+    return revalidated(
+        shipped,
         reports_dir=tmp_path / "reports",
-        row_counts=RowCountBounds(users_min=5, items_min=5, events_min=50),
+        row_counts=revalidated(shipped.row_counts, users_min=5, items_min=5, events_min=50),
         positive_rate_min=0.05,
         positive_rate_max=0.6,
     )
@@ -148,9 +150,8 @@ def test_each_raw_corruption_fails_naming_expectation_and_column(tmp_path, corru
 def test_cli_exits_nonzero_on_failure_and_zero_when_clean(tmp_path, capsys):
     tables = _raw_tables()
     raw = _write(tables, tmp_path / "raw")
-    params = tmp_path / "params.yaml"
     config = _config(tmp_path).model_dump(mode="json")
-    params.write_text(yaml.safe_dump({"data": {"raw_dir": str(raw)}, "validation": config}))
+    params = write_params(tmp_path / "params.yaml", {"data.raw_dir": str(raw), "validation": config})
     assert validate.main(["--params", str(params), "--target", "raw"]) == 0
     _label_two(tables)
     _write(tables, raw)

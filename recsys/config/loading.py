@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate a params file; ``overrides`` maps dotted keys to values (for tests and CLIs)."""
     path = Path(path)
+    if not path.is_file():
+        # every value lives in the file (the schema has no defaults): no file, no configuration
+        raise ConfigError(f"{path}: no such params file (cwd {Path.cwd()})")
     try:
-        raw = yaml.safe_load(path.read_text()) if path.exists() else None
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:

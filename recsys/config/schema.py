@@ -1,4 +1,7 @@
-"""The schema of ``params.yaml``: one typed, validated pydantic section per top-level key."""
+"""The schema of ``params.yaml``: one typed, validated pydantic section per top-level key.
+
+Types, constraints and cross-checks only: no field has a default, params.yaml holds every value (the
+one source; tests/recsys/test_config_source.py keeps the two in step)."""
 
 from __future__ import annotations
 
@@ -22,23 +25,23 @@ from recsys.config.section import Section
 class SyntheticSource(Section):
     """The embedded deterministic generator with planted structure (see components/synthetic.py)."""
 
-    preset: Literal["tiny", "small", "default", "large"] = "default"
+    preset: Literal["tiny", "small", "default", "large"]
     # explicit sizes override the preset's, field by field
-    n_users: int | None = Field(default=None, gt=0)
-    n_items: int | None = Field(default=None, gt=0)
-    n_events: int | None = Field(default=None, gt=0)
-    n_categories: int | None = Field(default=None, gt=1)
-    n_brands: int | None = Field(default=None, gt=0)
-    days: int | None = Field(default=None, gt=1)
-    max_events_per_user: int | None = Field(default=None, gt=1)
-    start_date: datetime = datetime(2026, 6, 1, tzinfo=UTC)
+    n_users: int | None = Field(gt=0)
+    n_items: int | None = Field(gt=0)
+    n_events: int | None = Field(gt=0)
+    n_categories: int | None = Field(gt=1)
+    n_brands: int | None = Field(gt=0)
+    days: int | None = Field(gt=1)
+    max_events_per_user: int | None = Field(gt=1)
+    start_date: datetime
     # structure knobs: how strongly each planted signal drives clicks
-    taste_concentration: float = Field(default=0.02, gt=0)  # Dirichlet: smaller = fewer favourite categories
-    popularity_exponent: float = Field(default=0.7, gt=0)  # Zipf exponent of item exposure
-    sequential_prob: float = Field(default=0.35, ge=0, le=1)  # impressions from a successor of the last click
-    explore_prob: float = Field(default=0.1, ge=0, le=1)  # impressions from a uniformly drawn category
-    cold_start_fraction: float = Field(default=0.25, ge=0, lt=1)
-    base_ctr_logit: float = Field(default=-2.6)
+    taste_concentration: float = Field(gt=0)  # Dirichlet: smaller = fewer favourite categories
+    popularity_exponent: float = Field(gt=0)  # Zipf exponent of item exposure
+    sequential_prob: float = Field(ge=0, le=1)  # impressions from a successor of the last click
+    explore_prob: float = Field(ge=0, le=1)  # impressions from a uniformly drawn category
+    cold_start_fraction: float = Field(ge=0, lt=1)
+    base_ctr_logit: float
 
     def sizes(self) -> SyntheticSizes:
         """The preset's sizes with any explicit override applied."""
@@ -69,20 +72,20 @@ class MovieLensSource(Section):
     digest of that archive (components/movielens.py), so a download is never used unverified.
     """
 
-    variant: Literal["ml-100k", "ml-1m"] = "ml-100k"
-    path: Path | None = None
-    url: str | None = Field(default=None, pattern=r"^(https?|file)://")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    cache_dir: Path = Path("data/downloads")
-    download_timeout_s: float = Field(default=120.0, gt=0)
-    positive_rating: int = Field(default=4, ge=1, le=5)
+    variant: Literal["ml-100k", "ml-1m"]
+    path: Path | None
+    url: str | None = Field(pattern=r"^(https?|file)://")
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")
+    cache_dir: Path
+    download_timeout_s: float = Field(gt=0)
+    positive_rating: int = Field(ge=1, le=5)
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "movielens"] = "synthetic"
-    raw_dir: Path = Path("data/raw")
-    synthetic: SyntheticSource = SyntheticSource()
-    movielens: MovieLensSource = MovieLensSource()
+    source: Literal["synthetic", "movielens"]
+    raw_dir: Path
+    synthetic: SyntheticSource
+    movielens: MovieLensSource
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,9 +95,9 @@ class DataConfig(Section):
 class FeaturesConfig(Section):
     """Feature tables computed from the raw tables for Feast file sources."""
 
-    features_dir: Path = Path("data/features")
-    history_length: int = Field(default=30, gt=0, le=512)
-    stats_windows_days: list[int] = Field(default=[7, 30], min_length=1)
+    features_dir: Path
+    history_length: int = Field(gt=0, le=512)
+    stats_windows_days: list[int] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _windows_positive_and_unique(self) -> FeaturesConfig:
@@ -112,39 +115,39 @@ class FeaturesConfig(Section):
 class FeatureViewTTLs(Section):
     """Days a feature row stays valid for the as-of join (and online reads); older rows give defaults."""
 
-    user_profile: float = Field(default=3650, gt=0)
-    item_profile: float = Field(default=3650, gt=0)
-    user_history: float = Field(default=180, gt=0)
-    user_stats: float = Field(default=2, gt=0)
-    item_stats: float = Field(default=2, gt=0)
+    user_profile: float = Field(gt=0)
+    item_profile: float = Field(gt=0)
+    user_history: float = Field(gt=0)
+    user_stats: float = Field(gt=0)
+    item_stats: float = Field(gt=0)
 
 
 class FeastConfig(Section):
     """The Feast feature repo (feature_repo/): where it lives, which store config, the views' TTLs."""
 
     # resolved against the working directory, else against the project root (so any cwd works)
-    repo_path: Path = Path("feature_repo")
+    repo_path: Path
     # null: $FEAST_FS_YAML_FILE_PATH when set (the cluster's production config), else
     # <repo_path>/feature_store.yaml; a relative path is taken inside repo_path
-    config_file: Path | None = None
-    ttl_days: FeatureViewTTLs = FeatureViewTTLs()
-    materialize: bool = True  # backfill the online store up to the end of the data after the training sets
+    config_file: Path | None
+    ttl_days: FeatureViewTTLs
+    materialize: bool  # backfill the online store up to the end of the data after the training sets
 
 
 class TrainingSetConfig(Section):
     """Point-in-time training sets from Feast, split by event time into train < valid < test."""
 
-    output_dir: Path = Path("data/training")
-    metrics_file: Path = Path("metrics/training_set.json")
-    report_file: Path = Path("reports/training_set.md")
+    output_dir: Path
+    metrics_file: Path
+    report_file: Path
     # the last test_fraction of the days is test, the valid_fraction before it valid (whole UTC days)
-    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
-    test_fraction: float = Field(default=0.1, gt=0, lt=1)
+    valid_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
     # explicit cut points (both or neither) override the fractions: valid = [valid_start, test_start)
-    valid_start: datetime | None = None
-    test_start: datetime | None = None
+    valid_start: datetime | None
+    test_start: datetime | None
     # entity rows per get_historical_features call; each call reads only the feature rows it can use
-    chunk_rows: int = Field(default=8000, gt=0)
+    chunk_rows: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _consistent_splits(self) -> TrainingSetConfig:
@@ -165,26 +168,26 @@ class TrainingSetConfig(Section):
 class RowCountBounds(Section):
     """Inclusive row-count bounds per raw table; null max = unbounded."""
 
-    users_min: int = Field(default=10, ge=1)
-    users_max: int | None = Field(default=None, ge=1)
-    items_min: int = Field(default=10, ge=1)
-    items_max: int | None = Field(default=None, ge=1)
-    events_min: int = Field(default=1000, ge=1)
-    events_max: int | None = Field(default=None, ge=1)
+    users_min: int = Field(ge=1)
+    users_max: int | None = Field(ge=1)
+    items_min: int = Field(ge=1)
+    items_max: int | None = Field(ge=1)
+    events_min: int = Field(ge=1)
+    events_max: int | None = Field(ge=1)
 
 
 class ValidationConfig(Section):
     """great-expectations gates on the raw tables and the training sets (components/validate.py)."""
 
-    reports_dir: Path = Path("reports/validation")  # <target>_summary.json and Data Docs in <target>/
+    reports_dir: Path  # <target>_summary.json and Data Docs in <target>/
     # event times must lie in [earliest_timestamp, now]
-    earliest_timestamp: datetime = datetime(1990, 1, 1, tzinfo=UTC)
-    row_counts: RowCountBounds = RowCountBounds()
+    earliest_timestamp: datetime
+    row_counts: RowCountBounds
     # share of positive labels in the raw events and in each ranking split
-    positive_rate_min: float = Field(default=0.005, ge=0, le=1)
-    positive_rate_max: float = Field(default=0.95, ge=0, le=1)
-    max_null_fraction: float = Field(default=0.0, ge=0, lt=1)  # per training-set column
-    unexpected_examples: int = Field(default=10, ge=1, le=200)  # bad values shown per failure
+    positive_rate_min: float = Field(ge=0, le=1)
+    positive_rate_max: float = Field(ge=0, le=1)
+    max_null_fraction: float = Field(ge=0, lt=1)  # per training-set column
+    unexpected_examples: int = Field(ge=1, le=200)  # bad values shown per failure
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> ValidationConfig:
@@ -202,8 +205,8 @@ class ValidationConfig(Section):
 class EvaluationConfig(Section):
     """Test-window evaluation: full-catalogue retrieval metrics at each K, ranker metrics vs baselines."""
 
-    ks: list[int] = Field(default=[10, 50, 100], min_length=1)
-    exclude_seen: bool = True  # drop items the user clicked before the test window from their ranking
+    ks: list[int] = Field(min_length=1)
+    exclude_seen: bool  # drop items the user clicked before the test window from their ranking
 
     @model_validator(mode="after")
     def _positive_ks(self) -> EvaluationConfig:
@@ -219,24 +222,24 @@ class EvaluationConfig(Section):
 class IndexConfig(Section):
     """The FAISS index over the item embeddings (components/build_index.py); always inner product."""
 
-    metrics_file: Path = Path("metrics/index.json")
-    type: Literal["auto", "flat", "hnsw", "ivf_pq"] = "auto"
+    metrics_file: Path
+    type: Literal["auto", "flat", "hnsw", "ivf_pq"]
     # auto: exact IndexFlatIP below flat_max_items, IVF-PQ from ivf_pq_min_items, HNSW in between
-    flat_max_items: int = Field(default=50_000, gt=0)
-    ivf_pq_min_items: int = Field(default=5_000_000, gt=0)
-    k: int = Field(default=10, gt=0)
-    recall_target: float = Field(default=0.95, gt=0, le=1)
-    tune_queries: int = Field(default=2_000, gt=0)
-    tune_margin_sigmas: float = Field(default=2.0, ge=0)
-    norm_tolerance: float = Field(default=1e-3, gt=0, lt=1)
-    hnsw_m: int = Field(default=32, ge=4, le=256)
-    hnsw_ef_construction: int = Field(default=100, gt=0)
-    ef_search_max: int = Field(default=4_096, gt=0)
-    ivf_nlist: int | None = Field(default=None, gt=0)
-    ivf_train_per_list: int = Field(default=64, ge=39)
-    pq_m: int | None = Field(default=None, gt=0)
-    pq_nbits: int = Field(default=8, ge=4, le=12)
-    refine_k_factor: float | None = Field(default=8.0, ge=1)
+    flat_max_items: int = Field(gt=0)
+    ivf_pq_min_items: int = Field(gt=0)
+    k: int = Field(gt=0)
+    recall_target: float = Field(gt=0, le=1)
+    tune_queries: int = Field(gt=0)
+    tune_margin_sigmas: float = Field(ge=0)
+    norm_tolerance: float = Field(gt=0, lt=1)
+    hnsw_m: int = Field(ge=4, le=256)
+    hnsw_ef_construction: int = Field(gt=0)
+    ef_search_max: int = Field(gt=0)
+    ivf_nlist: int | None = Field(gt=0)
+    ivf_train_per_list: int = Field(ge=39)
+    pq_m: int | None = Field(gt=0)
+    pq_nbits: int = Field(ge=4, le=12)
+    refine_k_factor: float | None = Field(ge=1)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> IndexConfig:
@@ -248,27 +251,24 @@ class IndexConfig(Section):
 class ExportConfig(Section):
     """What the export step writes besides the embeddings (components/export.py)."""
 
-    popular_items: int = Field(default=500, gt=0)  # the cold-start list serving falls back to
+    popular_items: int = Field(gt=0)  # the cold-start list serving falls back to
 
 
 class BundleConfig(Section):
     """The versioned bundle serving loads as a unit (components/bundle.py); its members and folder are
     recsys/artifact_layout.py's."""
 
-    metrics_file: Path = Path("metrics/evaluation.json")
+    metrics_file: Path
 
 
 class GateConfig(Section):
     """Deploy gate (components/gate.py): new metrics vs the deployed bundle's, per metric direction."""
 
-    metrics_file: Path = Path("metrics/evaluation.json")
-    output: Path = Path("metrics/gate.json")
-    deployed_bundle: str | None = None
-    tolerance: float = Field(default=0.01, ge=0, lt=1)
-    metrics: dict[str, Literal["higher", "lower"]] = Field(
-        default={"retrieval.two_tower.recall@50": "higher", "ranking.multi_tower.auc": "higher"},
-        min_length=1,
-    )
+    metrics_file: Path
+    output: Path
+    deployed_bundle: str | None
+    tolerance: float = Field(ge=0, lt=1)
+    metrics: dict[str, Literal["higher", "lower"]] = Field(min_length=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,26 +307,22 @@ class PipelineConfig(Section):
     pipeline parameters, so a run can override them without recompiling.
     """
 
-    name: str = Field(default="recsys-training", pattern=DNS_LABEL)
-    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-pipeline", pattern=IMAGE_REPO)
+    name: str = Field(pattern=DNS_LABEL)
+    image_repo: str = Field(pattern=IMAGE_REPO)
     # the four training tasks: the same Dockerfile with CUDA torch (images/build.py training)
-    training_image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-training", pattern=IMAGE_REPO)
+    training_image_repo: str = Field(pattern=IMAGE_REPO)
     # one release tag for both images (pipeline and serving); pinned, never "latest"
-    image_tag: str = Field(default="0.1.0", pattern=IMAGE_TAG)
-    namespace: str = Field(default="recsys", pattern=DNS_LABEL)
-    service_account: str = Field(default="recsys-pipeline", pattern=DNS_LABEL)
-    experiment: str = Field(default="recsys-training", min_length=1)
-    cron: str = "0 0 3 * * *"
-    max_concurrency: int = Field(default=1, ge=1)
-    accelerator_type: str = Field(default="nvidia.com/gpu", min_length=1)
-    accelerator_limit: int = Field(default=1, ge=1)
-    train_resources: Resources = Resources(
-        cpu_request="4", cpu_limit="8", memory_request="16Gi", memory_limit="32Gi"
-    )
-    step_resources: Resources = Resources(
-        cpu_request="1", cpu_limit="2", memory_request="4Gi", memory_limit="8Gi"
-    )
-    retries: int = Field(default=1, ge=0, le=5)
+    image_tag: str = Field(pattern=IMAGE_TAG)
+    namespace: str = Field(pattern=DNS_LABEL)
+    service_account: str = Field(pattern=DNS_LABEL)
+    experiment: str = Field(min_length=1)
+    cron: str
+    max_concurrency: int = Field(ge=1)
+    accelerator_type: str = Field(min_length=1)
+    accelerator_limit: int = Field(ge=1)
+    train_resources: Resources
+    step_resources: Resources
+    retries: int = Field(ge=0, le=5)
 
     @field_validator("image_tag")
     @classmethod
@@ -354,20 +350,23 @@ class PipelineConfig(Section):
 class ServingConfig(Section):
     """The model server (``python -m serving``): request limits, defaults and online-feature behaviour."""
 
-    host: str = "0.0.0.0"  # bind address of the REST server; tests and benchmarks use 127.0.0.1
-    max_batch: int = Field(default=64, gt=0, le=10_000)  # users (V1 instances / V2 rows) per request
-    max_candidates: int = Field(default=1_000, gt=0, le=100_000)  # item ids per ranking request
-    default_k: int = Field(default=100, gt=0)  # retrieval: items returned when the request names no k
-    max_k: int = Field(default=1_000, gt=0)
-    retrieve_k: int = Field(default=200, gt=0)  # recommend: candidates retrieved, then ranked
-    default_n: int = Field(default=20, gt=0)  # recommend: items returned when the request names no n
-    max_n: int = Field(default=100, gt=0)
-    default_ranker: RankerKind = "multi_tower"
-    online_store: bool = True  # false: features only from the request, else the contract's defaults
-    feast_timeout_s: float = Field(default=0.25, gt=0)  # an online read slower than this counts as down
-    item_cache_ttl_s: float = Field(default=600.0, ge=0)  # item features are cached this long (0: never)
-    exclude_history: bool = True  # recommend leaves out items in the user's click history
-    torch_threads: int = Field(default=1, ge=1)  # intra-op threads per server process
+    host: str  # bind address of the REST server; tests and benchmarks use 127.0.0.1
+    max_batch: int = Field(gt=0, le=10_000)  # users (V1 instances / V2 rows) per request
+    max_candidates: int = Field(gt=0, le=100_000)  # item ids per ranking request
+    default_k: int = Field(gt=0)  # retrieval: items returned when the request names no k
+    max_k: int = Field(gt=0)
+    retrieve_k: int = Field(gt=0)  # recommend: candidates retrieved, then ranked
+    default_n: int = Field(gt=0)  # recommend: items returned when the request names no n
+    max_n: int = Field(gt=0)
+    default_ranker: RankerKind
+    online_store: bool  # false: features only from the request, else the contract's defaults
+    feast_timeout_s: float = Field(gt=0)  # an online read slower than this counts as down
+    item_cache_ttl_s: float = Field(ge=0)  # item features are cached this long (0: never)
+    exclude_history: bool  # recommend leaves out items in the user's click history
+    torch_threads: int = Field(ge=1)  # intra-op threads per server process
+    # a request body larger than this is refused with 413 before it is read (serving/request_limits.py)
+    max_request_bytes: int = Field(ge=1_024)
+    request_id_max_length: int = Field(ge=1)  # a V2 request's id is echoed back: bounded
 
     @model_validator(mode="after")
     def _ranges_consistent(self) -> ServingConfig:
@@ -385,23 +384,23 @@ class ServingConfig(Section):
 class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
-    isvc_name: str = Field(default="recsys", pattern=DNS_LABEL)
-    namespace: str = Field(default="recsys", pattern=DNS_LABEL)
-    image_repo: str = Field(default="ghcr.io/recsys-kfp/recsys-serving", pattern=IMAGE_REPO)
+    isvc_name: str = Field(pattern=DNS_LABEL)
+    namespace: str = Field(pattern=DNS_LABEL)
+    image_repo: str = Field(pattern=IMAGE_REPO)
     # the bundle to serve when deploying by hand / from the manifests; the pipeline passes its own bundle
-    storage_uri: str = Field(default="s3://recsys-models/bundles/current", pattern=r"^[a-z][a-z0-9+.-]*://.+")
-    service_account: str = Field(default="recsys-serving", pattern=DNS_LABEL)
-    http_port: int = Field(default=8080, ge=1024, le=65535)
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=3, ge=1)
-    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
-    scale_target: int = Field(default=8, gt=0)
-    resources: Resources = Resources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi")
-    run_as_user: int = Field(default=1000, ge=1)
-    timeout_s: float = Field(default=600.0, gt=0)
+    storage_uri: str = Field(pattern=r"^[a-z][a-z0-9+.-]*://.+")
+    service_account: str = Field(pattern=DNS_LABEL)
+    http_port: int = Field(ge=1024, le=65535)
+    min_replicas: int = Field(ge=0)
+    max_replicas: int = Field(ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"]
+    scale_target: int = Field(gt=0)
+    resources: Resources
+    run_as_user: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
     # where the production Feast config lives in the cluster (names only: values are never committed)
-    feast_config_map: str = Field(default="recsys-feast-config", pattern=DNS_LABEL)
-    feast_secret: str = Field(default="recsys-feast-credentials", pattern=DNS_LABEL)
+    feast_config_map: str = Field(pattern=DNS_LABEL)
+    feast_secret: str = Field(pattern=DNS_LABEL)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> DeployConfig:
@@ -415,20 +414,20 @@ class DeployConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(default=42, ge=0)
-    data: DataConfig = DataConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    feast: FeastConfig = FeastConfig()
-    training_set: TrainingSetConfig = TrainingSetConfig()
-    validation: ValidationConfig = ValidationConfig()
-    export: ExportConfig = ExportConfig()
-    index: IndexConfig = IndexConfig()
-    bundle: BundleConfig = BundleConfig()
-    gate: GateConfig = GateConfig()
-    pipeline: PipelineConfig = PipelineConfig()
-    deploy: DeployConfig = DeployConfig()
-    serving: ServingConfig = ServingConfig()
+    seed: int = Field(ge=0)
+    data: DataConfig
+    features: FeaturesConfig
+    evaluation: EvaluationConfig
+    feast: FeastConfig
+    training_set: TrainingSetConfig
+    validation: ValidationConfig
+    export: ExportConfig
+    index: IndexConfig
+    bundle: BundleConfig
+    gate: GateConfig
+    pipeline: PipelineConfig
+    deploy: DeployConfig
+    serving: ServingConfig
     # the models package's own sections (models/config.py): features, feature groups, the four models
-    models: ModelsConfig = ModelsConfig()
-    training: TrainingConfig = TrainingConfig()
+    models: ModelsConfig
+    training: TrainingConfig

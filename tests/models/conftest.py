@@ -7,17 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from models.config import (
-    DINTowerConfig,
-    DLRMConfig,
-    FeatureGroup,
-    MLPConfig,
-    ModelsConfig,
-    MultiTowerConfig,
-    MultiTowerDINConfig,
-    TowerConfig,
-    TwoTowerConfig,
-)
+from models.config import FeatureGroup, MLPConfig, ModelsConfig, SparseFeature
+from tests.conftest import revalidated, shipped_params
 
 STAT_COLUMNS = [
     f"{prefix}_{stat}_{days}d"
@@ -89,32 +80,57 @@ def make_frame(
     return frame
 
 
+def shipped_models_config() -> ModelsConfig:
+    """The ``models:`` section of the shipped params.yaml."""
+    return shipped_params().models
+
+
+def mlp_config(hidden_units: list[int]) -> MLPConfig:
+    """An MLP of the given widths, otherwise (activation, norm, dropout) as the shipped two-tower's."""
+    return revalidated(shipped_models_config().two_tower.user_tower, hidden_units=hidden_units)
+
+
+def sparse_feature(name: str, **values: object) -> SparseFeature:
+    """A sparse feature declared like the shipped item_id (width, min_count, vocabulary), renamed."""
+    return revalidated(shipped_models_config().features.sparse_feature("item_id"), name=name, **values)
+
+
 def small_models_config(**overrides: object) -> ModelsConfig:
-    """The default features with small towers, so a test trains in a second."""
-    mlp = MLPConfig(hidden_units=[16])
-    base = ModelsConfig()
-    two_tower = TwoTowerConfig(
-        feature_groups=base.two_tower.feature_groups, user_tower=mlp, item_tower=mlp, embedding_dim=8
+    """The shipped features and models with small towers, so a test trains in a second."""
+    base = shipped_models_config()
+    mlp = mlp_config([16])
+    # the model tests were written for a two-tower whose user group also reads user_id and the id history
+    # (params.yaml leaves both out for the default data) and for temperature 0.05 (params.yaml: 0.1)
+    user = revalidated(
+        base.two_tower.feature_groups[0],
+        features=[
+            *("user_id", "gender", "age_bucket", "occupation", "zip_prefix", "hist_item_ids"),
+            *("hist_categories", "hist_length", *(c for c in STAT_COLUMNS if c.startswith("user_"))),
+        ],
     )
-    multi_tower = MultiTowerConfig(
-        feature_groups=base.multi_tower.feature_groups,
-        towers=[TowerConfig(input=t.input, mlp=mlp) for t in base.multi_tower.towers],
-        final=MLPConfig(hidden_units=[8]),
+    two_tower = revalidated(
+        base.two_tower,
+        feature_groups=[user, *base.two_tower.feature_groups[1:]],
+        user_tower=mlp,
+        item_tower=mlp,
+        embedding_dim=8,
+        temperature=0.05,
     )
-    din = MultiTowerDINConfig(
-        feature_groups=base.multi_tower_din.feature_groups,
-        towers=[TowerConfig(input=t.input, mlp=mlp) for t in base.multi_tower_din.towers],
-        din_towers=[DINTowerConfig(input="seq", attn_mlp=MLPConfig(hidden_units=[16]))],
-        final=MLPConfig(hidden_units=[8]),
+    multi_tower = revalidated(
+        base.multi_tower,
+        towers=[revalidated(t, mlp=mlp) for t in base.multi_tower.towers],
+        final=mlp_config([8]),
     )
-    dlrm = DLRMConfig(
-        feature_groups=base.dlrm.feature_groups,
-        dense_mlp=MLPConfig(hidden_units=[16]),
-        final=MLPConfig(hidden_units=[16]),
+    din = revalidated(
+        base.multi_tower_din,
+        towers=[revalidated(t, mlp=mlp) for t in base.multi_tower_din.towers],
+        din_towers=[revalidated(t, attn_mlp=mlp_config([16])) for t in base.multi_tower_din.din_towers],
+        final=mlp_config([8]),
     )
+    dlrm = revalidated(base.dlrm, dense_mlp=mlp_config([16]), final=mlp_config([16]))
     values = {"two_tower": two_tower, "multi_tower": multi_tower, "multi_tower_din": din, "dlrm": dlrm}
     values.update(overrides)  # type: ignore[arg-type]
-    return ModelsConfig(features=base.features, **values)  # type: ignore[arg-type]
+    return revalidated(base, **values)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from models.build import build_model
 from models.config import TrainingConfig
 from models.encoding import FeatureEncoder
 from models.trainer import TrainingObjective, fit, shard_indices
+from tests.conftest import revalidated, shipped_params
 from tests.models.conftest import make_frame, small_models_config
 
 WORLD_SIZE = 2
@@ -86,4 +87,6 @@ def _model_and_data():
 
 
 def _training(batch_size: int) -> TrainingConfig:
-    return TrainingConfig(batch_size=batch_size, epochs=1, lr=1e-3, seed=1, device="cpu", patience=0)
+    # written for torch's own thread count and no per-model overrides (params.yaml: 1 thread, more epochs)
+    values = {"batch_size": batch_size, "epochs": 1, "lr": 1e-3, "seed": 1, "device": "cpu", "patience": 0}
+    return revalidated(shipped_params().training, **values, num_workers=0, per_model={})

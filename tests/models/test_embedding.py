@@ -26,7 +26,9 @@ def test_embedding_group_dims_match_outputs(frame, models_config):
     for table in layer.tables.values():  # padding and unseen ids start as zero vectors
         assert not table.weight[PAD_ID].any() and not table.weight[OOV_ID].any()
     unshared = EmbeddingGroup(
-        encoder, [FeatureGroup(name="h", features=["hist_item_ids"])], share_sequence_tables=False
+        encoder,
+        [FeatureGroup(name="h", type="deep", features=["hist_item_ids"])],
+        share_sequence_tables=False,
     )
     assert list(unshared.tables) == ["hist_item_ids"]
     assert unshared.tables["hist_item_ids"].num_embeddings == encoder.num_embeddings("item_id")
@@ -35,7 +37,7 @@ def test_embedding_group_dims_match_outputs(frame, models_config):
 def test_mean_pooling_ignores_padding_and_empty_rows_are_zero(frame, models_config):
     encoder = FeatureEncoder.fit(models_config.features, frame)
     batch = encoder.encode(frame)
-    layer = EmbeddingGroup(encoder, [FeatureGroup(name="h", features=["hist_item_ids"])])
+    layer = EmbeddingGroup(encoder, [FeatureGroup(name="h", type="deep", features=["hist_item_ids"])])
     before = layer(batch)["h"]
     noisy = dict(batch)
     ids = batch["hist_item_ids"].clone()

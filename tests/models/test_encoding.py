@@ -10,9 +10,9 @@ import pyarrow as pa
 import torch
 
 from models.batch import FIRST_ID, OOV_ID, PAD_ID
-from models.config import DenseFeature, FeatureSpec, SequenceFeature, SparseFeature
+from models.config import DenseFeature, FeatureSpec, SequenceFeature
 from models.encoding import SMALL_BATCH, FeatureEncoder
-from tests.models.conftest import make_frame
+from tests.models.conftest import make_frame, sparse_feature
 
 
 def test_encode_shapes_and_dtypes(frame, models_config):
@@ -32,7 +32,9 @@ def test_encode_shapes_and_dtypes(frame, models_config):
 
 
 def test_vocabulary_is_fitted_on_train_only():
-    spec = FeatureSpec(sparse=[SparseFeature(name="brand"), SparseFeature(name="user_id", min_count=2)])
+    spec = FeatureSpec(
+        sparse=[sparse_feature("brand"), sparse_feature("user_id", min_count=2)], sequence=[], dense=[]
+    )
     train = pd.DataFrame({"brand": ["a", "b", "b", ""], "user_id": [1, 1, 2, 3]})
     valid = pd.DataFrame({"brand": ["b", "zzz", "", "a"], "user_id": [1, 2, 9, 1]})
     encoder = FeatureEncoder.fit(spec, train)
@@ -47,7 +49,7 @@ def test_vocabulary_is_fitted_on_train_only():
 def test_small_batch_lookup_matches_the_hash_index_for_every_row():
     """Serving encodes a few rows by binary search, training millions by a hash index: same ids."""
     rng = np.random.default_rng(3)
-    spec = FeatureSpec(sparse=[SparseFeature(name="user_id"), SparseFeature(name="brand")])
+    spec = FeatureSpec(sparse=[sparse_feature("user_id"), sparse_feature("brand")], sequence=[], dense=[])
     train = pd.DataFrame(
         {"user_id": rng.integers(1, 400, 600), "brand": [f"b{i}" for i in rng.integers(0, 50, 600)]}
     )
@@ -71,8 +73,9 @@ def test_small_batch_lookup_matches_the_hash_index_for_every_row():
 
 def test_sequences_share_vocab_keep_most_recent_and_pad_with_zero():
     spec = FeatureSpec(
-        sparse=[SparseFeature(name="item_id")],
+        sparse=[sparse_feature("item_id")],
         sequence=[SequenceFeature(name="hist", shares="item_id", max_length=3)],
+        dense=[],
     )
     train = pd.DataFrame({"item_id": [10, 20, 30, 40], "hist": [[10], [], [10, 20], [30]]})
     encoder = FeatureEncoder.fit(spec, train)
@@ -116,7 +119,9 @@ def test_dense_statistics_come_from_train_and_state_round_trips_through_json(mod
 
 def test_hashing_is_deterministic_and_in_range():
     spec = FeatureSpec(
-        sparse=[SparseFeature(name="zip_prefix", hash_buckets=7)], dense=[DenseFeature(name="x")]
+        sparse=[sparse_feature("zip_prefix", hash_buckets=7)],
+        sequence=[],
+        dense=[DenseFeature(name="x", transform="none")],
     )
     train = pd.DataFrame({"zip_prefix": ["001", "002"], "x": [1.0, 2.0]})
     encoder = FeatureEncoder.fit(spec, train)
@@ -139,7 +144,11 @@ def test_encode_subset_and_id_counts(frame, models_config):
 
 
 def test_non_finite_dense_values_encode_as_zero_before_the_transform():
-    spec = FeatureSpec(dense=[DenseFeature(name="price", transform="log1p"), DenseFeature(name="ctr")])
+    spec = FeatureSpec(
+        sparse=[],
+        sequence=[],
+        dense=[DenseFeature(name="price", transform="log1p"), DenseFeature(name="ctr", transform="none")],
+    )
     encoder = FeatureEncoder.fit(spec, pd.DataFrame({"price": [1.0, 3.0], "ctr": [0.1, 0.3]}))
     raw = pd.DataFrame({"price": [np.nan, np.inf, 3.0], "ctr": [-np.inf, 0.3, np.nan]})
     dense = encoder.encode(raw)["dense"].numpy()

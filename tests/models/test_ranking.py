@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from models.build import build_model
-from models.config import DLRMConfig, FeatureGroup, FeatureSpec, MLPConfig, ModelConfigError, SparseFeature
+from models.config import FeatureGroup, FeatureSpec, ModelConfigError
 from models.encoding import FeatureEncoder
 from models.ranking import DLRM, MultiTower, MultiTowerDIN, Ranker
+from tests.conftest import revalidated
+from tests.models.conftest import mlp_config, shipped_models_config, sparse_feature
 
 
 @pytest.mark.parametrize("kind", ["multi_tower", "multi_tower_din", "dlrm"])
@@ -53,20 +55,29 @@ def test_dlrm_interaction_and_top_mlp_dims(frame, models_config):
 
 def test_dlrm_construction_errors_name_the_problem():
     spec = FeatureSpec(
-        sparse=[SparseFeature(name="a", embedding_dim=8), SparseFeature(name="b", embedding_dim=4)]
+        sparse=[sparse_feature("a", embedding_dim=8), sparse_feature("b", embedding_dim=4)],
+        sequence=[],
+        dense=[],
     )
     encoder = FeatureEncoder.fit(spec, pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}))
-    config = DLRMConfig(feature_groups=[FeatureGroup(name="sparse", features=["a", "b"])])
+    shipped = shipped_models_config().dlrm
+    config = revalidated(
+        shipped, feature_groups=[FeatureGroup(name="sparse", type="deep", features=["a", "b"])]
+    )
     with pytest.raises(
         ModelConfigError, match=r"sparse group feature dims must be the same.*\{'a': 8, 'b': 4\}"
     ):
         DLRM(encoder, config)
-    one = DLRMConfig(
-        feature_groups=[FeatureGroup(name="sparse", features=["a"])], dense_mlp=MLPConfig(hidden_units=[8])
+    one = revalidated(
+        shipped,
+        feature_groups=[FeatureGroup(name="sparse", type="deep", features=["a"])],
+        dense_mlp=mlp_config([8]),
     )
     with pytest.raises(ModelConfigError, match="interaction needs at least two vectors"):
         DLRM(encoder, one)
-    missing = DLRMConfig(feature_groups=[FeatureGroup(name="sparse", features=["a", "c"])])
+    missing = revalidated(
+        shipped, feature_groups=[FeatureGroup(name="sparse", type="deep", features=["a", "c"])]
+    )
     with pytest.raises(ModelConfigError, match="unknown feature 'c'"):
         DLRM(encoder, missing)
 

@@ -7,12 +7,12 @@ from torch.utils.data import default_collate
 
 from benchmarks.train_throughput import RowDataset, make_training_frame, reference_samples_per_second
 from models.build import build_model
-from models.config import ModelsConfig
 from models.encoding import FeatureEncoder
+from tests.models.conftest import shipped_models_config
 
 
 def test_reference_rows_equal_the_vectorised_encoding():
-    config = ModelsConfig()
+    config = shipped_models_config()
     frame = make_training_frame(300, seed=4, n_users=50, n_items=40)
     encoder = FeatureEncoder.fit(config.features, frame.iloc[:200])  # rows 200+ hold unseen values
     encoded = encoder.encode(frame)

@@ -10,17 +10,16 @@ from models.config import (
     DINTowerConfig,
     FeatureGroup,
     FeatureSpec,
-    MLPConfig,
     MultiTowerConfig,
     MultiTowerDINConfig,
     SequenceFeature,
-    SparseFeature,
     TowerConfig,
     TrainingConfig,
 )
 from models.encoding import FeatureEncoder
 from models.trainer import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, fit, shard_indices, write_history_csv
-from tests.models.conftest import make_frame
+from tests.conftest import revalidated, shipped_params
+from tests.models.conftest import make_frame, mlp_config, sparse_feature
 
 
 def _setup(models_config, kind="multi_tower", seed=0, **frame_args):
@@ -35,8 +34,11 @@ def _setup(models_config, kind="multi_tower", seed=0, **frame_args):
 
 def _config(**changes) -> TrainingConfig:
     values = {"batch_size": 64, "epochs": 1, "lr": 3e-3, "seed": 5, "device": "cpu", "patience": 0}
+    # the tests were written for torch's own thread count and no per-model overrides (params.yaml: 1 thread,
+    # more epochs for the two-tower)
+    values |= {"num_workers": 0, "per_model": {}}
     values.update(changes)
-    return TrainingConfig(**values)
+    return revalidated(shipped_params().training, **values)
 
 
 @pytest.mark.parametrize("kind", ["two_tower", "dlrm"])
@@ -125,18 +127,19 @@ def _interaction_models() -> tuple[FeatureSpec, dict[str, MultiTowerConfig | Mul
     """Ids, target category and the history only: no distractor features, so the test is about the
     history interaction."""
     spec = FeatureSpec(
-        sparse=[SparseFeature(name=n) for n in ("user_id", "item_id", "category")],
+        sparse=[sparse_feature(n) for n in ("user_id", "item_id", "category")],
         sequence=[
             SequenceFeature(name="hist_item_ids", shares="item_id", max_length=8),
             SequenceFeature(name="hist_categories", shares="category", max_length=8),
         ],
+        dense=[],
     )
-    mlp, final = MLPConfig(hidden_units=[32]), MLPConfig(hidden_units=[64, 32])
-    user = FeatureGroup(name="user", features=["user_id"])
-    item = FeatureGroup(name="item", features=["item_id", "category"])
+    mlp, final = mlp_config([32]), mlp_config([64, 32])
+    user = FeatureGroup(name="user", type="deep", features=["user_id"])
+    item = FeatureGroup(name="item", type="deep", features=["item_id", "category"])
     history = ["hist_item_ids", "hist_categories"]
     multi_tower = MultiTowerConfig(
-        feature_groups=[user, item, FeatureGroup(name="history", features=history)],
+        feature_groups=[user, item, FeatureGroup(name="history", type="deep", features=history)],
         towers=[TowerConfig(input=g, mlp=mlp) for g in ("user", "item", "history")],
         final=final,
     )

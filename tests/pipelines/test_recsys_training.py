@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipelines.__main__ import main
-from recsys.config import ConfigError, PipelineConfig, load_params, params_from_yaml_text
-from tests.conftest import REPO_ROOT
+from recsys.config import ConfigError, load_params, params_from_yaml_text
+from tests.conftest import REPO_ROOT, revalidated
 
 COMPILED = REPO_ROOT / "pipelines" / "recsys_training.yaml"
 
@@ -206,8 +206,8 @@ def test_configure_applies_the_run_parameters(params):
         steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "Not_A_Namespace")
 
 
-def test_pipeline_config_rejects_latest_and_bad_resources():
+def test_pipeline_config_rejects_latest_and_bad_resources(params):
     with pytest.raises(ValueError, match="pin a release tag"):
-        PipelineConfig(image_tag="latest")
+        revalidated(params.pipeline, image_tag="latest")
     with pytest.raises(ConfigError, match=r"pipeline\.train_resources\.memory_request"):
         load_params(REPO_ROOT / "params.yaml", overrides={"pipeline.train_resources.memory_request": "lots"})
