@@ -1,20 +1,22 @@
 """Ingest step: write the raw ``users``, ``items`` and ``events`` tables from the configured source.
 
 The three tables are checked against the raw contract and staged completely before any is renamed into
-``data/raw/``, so a bad source never replaces good data with a partial set.
+``data/raw/``, so a bad source never replaces good data with a partial set. The CLI prints a bad source,
+a contract or checksum error, or a bad params file as one line (``ingest: <message>``) and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from recsys.artifact_io import write_tables
-from recsys.config import DataConfig, load_params
+from recsys.config import ConfigError, DataConfig, load_params
 from recsys.contracts import RAW_TABLES, DataContractError, check_raw_table
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-dir", default=None, help="output directory (default: data.raw_dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
-    run(params.data, params.seed, args.raw_dir)
+    try:
+        params = load_params(args.params)
+        run(params.data, params.seed, args.raw_dir)
+    except (ConfigError, DataContractError) as exc:  # DataContractError covers download + checksum errors
+        print(f"ingest: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,6 +176,13 @@ class _SourceFiles:
             return self.archive.read(member)
         except KeyError:
             raise DataContractError(f"{self.source}: MovieLens file '{member}' is not in the zip") from None
+        # a damaged member fails its CRC (BadZipFile) or its deflate stream (zlib.error, EOFError);
+        # an encrypted one or an unknown compression method raises RuntimeError / NotImplementedError
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
+            raise DataContractError(
+                f"{self.source}: MovieLens file '{member}' in the zip is damaged or unreadable ({exc}); "
+                "copy or download the archive again"
+            ) from exc
 
 
 @contextmanager

@@ -8,10 +8,12 @@ the Data Docs (HTML) to ``reports/validation/<target>/``. A JSON summary goes to
 the expectation, the column and example bad values, and the step raises (the CLI exits 1), so nothing
 downstream runs.
 
-raw: ids not null and int64; labels in {0, 1}; event times inside [validation.earliest_timestamp, now];
-no duplicate (user_id, event_timestamp); every event's user and item in the dimension tables (a foreign-key
-expectation that reads the dimension's ids from its file, so the Data Docs name the table instead of
-listing a million ids); row counts and positive rate inside the configured bounds.
+raw: every contract column present and every file readable (else the file is named before GX runs);
+ids not null and int64; item prices not null and >= 0, item categories not null; labels in {0, 1};
+event times inside [validation.earliest_timestamp, now]; no duplicate (user_id, event_timestamp); every
+event's user and item in the dimension tables (a foreign-key expectation that reads the dimension's ids
+from its file, so the Data Docs name the table instead of listing a million ids); row counts and
+positive rate inside the configured bounds.
 
 training (reads ``manifest.json`` written by the training-set step): rows equal the entity rows, row ids
 unique; null share of every column under ``validation.max_null_fraction``; history lengths <=
@@ -25,6 +27,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -40,7 +43,6 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.execution_engine import PandasExecutionEngine
@@ -51,8 +53,15 @@ from great_expectations.expectations.metrics.map_metric_provider import (
 )
 
 from recsys.artifact_io import write_json
-from recsys.config import ValidationConfig, load_params
-from recsys.contracts import RAW_TABLES, TIMESTAMP, DataContractError
+from recsys.config import ConfigError, ValidationConfig, load_params
+from recsys.contracts import (
+    RAW_TABLES,
+    TIMESTAMP,
+    DataContractError,
+    check_raw_columns,
+    parquet_schema,
+    read_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +169,12 @@ def run(
 
 
 def raw_checks(config: ValidationConfig, raw_dir: Path) -> list[TableChecks]:
-    """Suites for users, items and events."""
+    """Suites for users, items and events; a missing, unreadable or column-short file is named first."""
     for name in RAW_TABLES:
-        if not (raw_dir / f"{name}.parquet").exists():
-            raise DataContractError(f"{raw_dir / name}.parquet: raw table '{name}' not found")
+        path = raw_dir / f"{name}.parquet"
+        if not path.exists():
+            raise DataContractError(f"{path}: raw table '{name}' not found")
+        check_raw_columns(name, parquet_schema(path).names, path)
     bounds = config.row_counts
     now = datetime.now(UTC)
     users = TableChecks("users", "users.parquet", _id_expectations("user_id", unique=True))
@@ -175,6 +186,9 @@ def raw_checks(config: ValidationConfig, raw_dir: Path) -> list[TableChecks]:
     items.expectations += [
         gxe.ExpectTableRowCountToBeBetween(min_value=bounds.items_min, max_value=bounds.items_max),
         gxe.ExpectColumnValuesToNotBeNull(column="created_timestamp"),
+        gxe.ExpectColumnValuesToNotBeNull(column="category"),
+        gxe.ExpectColumnValuesToNotBeNull(column="price"),  # NaN too: the range check skips nulls
+        gxe.ExpectColumnValuesToBeBetween(column="price", min_value=0),
     ]
     events = TableChecks(
         "events", "events.parquet", _id_expectations("user_id") + _id_expectations("item_id")
@@ -219,6 +233,7 @@ def training_checks(config: ValidationConfig, training_dir: Path) -> list[TableC
             file = f"{name}_{split}.parquet"
             if not (training_dir / file).exists():
                 raise DataContractError(f"{training_dir / file}: training set not found")
+            parquet_schema(training_dir / file)  # a truncated file is named here, not deep inside GX
             checks = TableChecks(f"{name}_{split}", file)
             checks.expectations += [
                 gxe.ExpectTableRowCountToEqual(value=int(manifest["entity_rows"][f"{name}_{split}"])),
@@ -362,9 +377,7 @@ def _summarise(
             config = result.expectation_config
             details = result.result or {}
             column = config.kwargs.get("column") or ", ".join(config.kwargs.get("column_list") or [])
-            exception = (
-                (result.exception_info or {}).get("exception_message") if result.exception_info else None
-            )
+            exception = _exception_message(result.exception_info)
             failures.append(
                 {
                     "table": table,
@@ -405,14 +418,27 @@ def _id_expectations(column: str, unique: bool = False) -> list[gxe.Expectation]
 @functools.lru_cache(maxsize=8)
 def _reference_ids(path: str, column: str, modified_ns: int) -> np.ndarray:
     """The distinct ids of a dimension table; a missing file or column yields none (every row fails)."""
-    if not Path(path).exists() or column not in pq.read_schema(path).names:
+    if not Path(path).exists() or column not in parquet_schema(path).names:
         return np.array([], dtype=np.int64)
-    return pq.read_table(path, columns=[column]).column(column).drop_null().unique().to_numpy()
+    return read_parquet(path, columns=[column])[column].dropna().unique()
 
 
 def _last_event(path: Path) -> pd.Timestamp | None:
-    stamps = pq.read_table(path, columns=[TIMESTAMP]).column(TIMESTAMP).to_pandas()
+    """The split's last event time; None when it has none (the column-set expectation names a lack)."""
+    if TIMESTAMP not in parquet_schema(path).names:
+        return None
+    stamps = read_parquet(path, columns=[TIMESTAMP])[TIMESTAMP]
     return None if stamps.empty else pd.Timestamp(stamps.max())
+
+
+def _exception_message(info: dict[str, Any] | None) -> str | None:
+    """The first error message in a GX result's exception info (flat, or keyed by metric in GX 1.x)."""
+    if not info:
+        return None
+    if "exception_message" in info:
+        return info["exception_message"] if info.get("raised_exception", True) else None
+    messages = (_exception_message(v) for v in info.values() if isinstance(v, dict))
+    return next((m for m in messages if m), None)
 
 
 def _read_manifest(training_dir: Path) -> dict[str, Any]:
@@ -429,15 +455,18 @@ def _read_manifest(training_dir: Path) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """A JSON-friendly copy of a GX result value (timestamps and numpy scalars become plain values)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN / inf (a NaN price, say) as text: the summary stays strict JSON
     if isinstance(value, np.ndarray):
         return [_plain(v) for v in value.tolist()]
     if isinstance(value, pd.Timestamp | datetime):
         return value.isoformat()
     if hasattr(value, "item") and not isinstance(value, list | dict | str):
         try:
-            return value.item()
+            item = value.item()
         except (ValueError, AttributeError):
             return str(value)
+        return _plain(item) if isinstance(item, float) else item
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
@@ -452,11 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("great_expectations", "great_expectations.data_context.types.base"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the latter sets INFO on itself
-    params = load_params(args.params)
-    default_dir = params.data.raw_dir if args.target == "raw" else params.training_set.output_dir
     try:
+        params = load_params(args.params)
+        default_dir = params.data.raw_dir if args.target == "raw" else params.training_set.output_dir
         run(params.validation, args.target, args.data_dir or default_dir)
-    except (DataValidationError, DataContractError) as exc:
+    except (ConfigError, DataValidationError, DataContractError) as exc:
         print(exc, file=sys.stderr)
         return 1
     return 0

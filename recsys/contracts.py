@@ -1,14 +1,20 @@
 """Table contracts shared by every step: raw tables, feature tables and the defaults for missing features.
 
 Raw tables are checked on write (ingest) and on read (features), so a malformed source fails with the
-file and the column named instead of surfacing later as a shape error inside a model.
+file and the column named instead of surfacing later as a shape error inside a model. Parquet files are
+read through :func:`read_parquet` / :func:`parquet_schema`, so a truncated or foreign file is named in
+the error instead of surfacing as an Arrow traceback.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 # ---- raw tables (data/raw/<name>.parquet) --------------------------------------------------------
 # column -> pandas dtype kind: "i" integer, "f" float, "s" string/categorical, "t" tz-aware UTC timestamp
@@ -75,11 +81,7 @@ class DataContractError(ValueError):
 def check_raw_table(name: str, df: pd.DataFrame, source: str | Path) -> None:
     """Raise :class:`DataContractError` unless ``df`` satisfies the raw contract for table ``name``."""
     expected = RAW_COLUMNS[name]
-    missing = [c for c in expected if c not in df.columns]
-    if missing:
-        raise DataContractError(
-            f"{source}: table '{name}' is missing column(s) {missing}; found {list(df.columns)}"
-        )
+    check_raw_columns(name, list(df.columns), source)
     if df.empty:
         raise DataContractError(f"{source}: table '{name}' is empty")
     for column, kind in expected.items():
@@ -106,6 +108,13 @@ def check_raw_table(name: str, df: pd.DataFrame, source: str | Path) -> None:
             )
 
 
+def check_raw_columns(name: str, columns: list[str], source: str | Path) -> None:
+    """Raise :class:`DataContractError` naming ``source`` and the columns table ``name`` lacks."""
+    missing = [c for c in RAW_COLUMNS[name] if c not in columns]
+    if missing:
+        raise DataContractError(f"{source}: table '{name}' is missing column(s) {missing}; found {columns}")
+
+
 def read_raw_tables(raw_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Read and check the three raw tables; a missing or malformed file is named in the error."""
     raw_dir = Path(raw_dir)
@@ -114,13 +123,34 @@ def read_raw_tables(raw_dir: str | Path) -> dict[str, pd.DataFrame]:
         path = raw_dir / f"{name}.parquet"
         if not path.exists():
             raise DataContractError(f"{path}: raw table '{name}' not found (run the ingest step first)")
-        try:
-            df = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several types for corrupt files
-            raise DataContractError(f"{path}: cannot be read as parquet: {exc}") from exc
+        df = read_parquet(path)
         check_raw_table(name, df, path)
         tables[name] = df
     return tables
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a parquet file (optionally only ``columns``); an unreadable file raises naming it."""
+    with _readable_parquet(path):
+        return pd.read_parquet(path, columns=columns)
+
+
+def parquet_schema(path: str | Path) -> pa.Schema:
+    """The schema in a parquet file's footer; a missing, truncated or foreign file raises naming it."""
+    with _readable_parquet(path):
+        return pq.read_schema(path)
+
+
+@contextmanager
+def _readable_parquet(path: str | Path) -> Iterator[None]:
+    if not Path(path).is_file():
+        raise DataContractError(f"{path}: parquet file not found")
+    try:
+        yield
+    # a truncated or damaged file raises ArrowInvalid, OSError, or (from the pandas metadata) a
+    # UnicodeDecodeError or JSONDecodeError: all ValueError or OSError
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataContractError(f"{path}: not a readable parquet file: {exc}") from exc
 
 
 _KIND_NAMES = {"i": "integer", "f": "float", "s": "string", "t": "UTC timestamp"}

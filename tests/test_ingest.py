@@ -10,6 +10,7 @@ import pytest
 
 from components import ingest
 from recsys.contracts import DataContractError, check_raw_table, read_raw_tables
+from tests.conftest import write_params
 
 
 def _digests(directory):
@@ -107,5 +108,48 @@ def test_reading_a_missing_or_corrupt_raw_file_names_it(tiny_raw_dir, tmp_path):
     for p in tiny_raw_dir.glob("*.parquet"):
         (tmp_path / p.name).write_bytes(p.read_bytes())
     (tmp_path / "items.parquet").write_bytes(b"not parquet")
-    with pytest.raises(DataContractError, match=r"items\.parquet.*cannot be read"):
+    with pytest.raises(DataContractError, match=r"items\.parquet: not a readable parquet file"):
         read_raw_tables(tmp_path)
+
+
+def test_reading_a_truncated_raw_file_names_it(tiny_raw_dir, tmp_path):
+    for p in tiny_raw_dir.glob("*.parquet"):
+        data = p.read_bytes()
+        (tmp_path / p.name).write_bytes(data[: len(data) // 2] if p.name == "events.parquet" else data)
+    with pytest.raises(DataContractError, match=r"events\.parquet: not a readable parquet file"):
+        read_raw_tables(tmp_path)
+
+
+def _movielens_params(tmp_path, **movielens):
+    changes = {"data.source": "movielens", "data.raw_dir": str(tmp_path / "raw")}
+    changes |= {f"data.movielens.{key}": value for key, value in movielens.items()}
+    return write_params(tmp_path / "params.yaml", changes)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            lambda d: _movielens_params(d, path=str(d / "nowhere.zip")),
+            "nowhere.zip: MovieLens source not found",
+        ),
+        (
+            lambda d: _movielens_params(
+                d, url=(d / "mirror.zip").as_uri(), sha256="0" * 64, cache_dir=str(d / "cache")
+            ),
+            "mirror.zip: SHA-256 mismatch",
+        ),
+        (lambda d: write_params(d / "params.yaml", {"data.source": "kaggle"}), "data.source"),
+    ],
+    ids=["missing_source", "checksum", "bad_params"],
+)
+def test_cli_prints_one_line_for_expected_errors_and_keeps_stored_tables(tmp_path, capsys, params, message):
+    (tmp_path / "mirror.zip").write_bytes(b"not the published archive")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "events.parquet").write_bytes(b"previous tables")
+    assert ingest.main(["--params", str(params(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ingest: ") and message in err and "Traceback" not in err
+    assert [p.name for p in raw.iterdir()] == ["events.parquet"]
+    assert (raw / "events.parquet").read_bytes() == b"previous tables"

@@ -360,6 +360,34 @@ def test_missing_member_in_zip_is_named(tmp_path):
         read_movielens(_movielens(variant="ml-1m", path=archive))
 
 
+def _damage_member(archive: Path, member: str) -> None:
+    """Flip bytes in the middle of ``member``'s data, as a bad copy would; the zip directory stays intact."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    # local file header: 30 fixed bytes, then the file name and the extra field (lengths at 26 and 28)
+    name_length = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_length + extra_length
+    middle = start + info.compress_size // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
+    archive.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+def test_damaged_member_in_zip_names_zip_and_member(tmp_path, compression):
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w", compression=compression) as zf:
+        for name, text in ML1M.items():
+            zf.writestr(f"ml-1m/{name}", (text * 40).encode("latin-1"))
+    _damage_member(archive, "ml-1m/ratings.dat")
+    with pytest.raises(DataContractError) as err:
+        read_movielens(_movielens(variant="ml-1m", path=archive))
+    assert f"{archive}: MovieLens file 'ml-1m/ratings.dat' in the zip is damaged" in str(err.value)
+
+
 def test_wrong_number_of_columns_names_file_and_line(tmp_path):
     files = ML100K | {"u.data": ML100K["u.data"] + "4\t1\t5\n"}
     message = _error_for(tmp_path, "ml-100k", files)

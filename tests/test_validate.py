@@ -95,6 +95,19 @@ def _empty(t):
     t["events"] = t["events"].iloc[:0]
 
 
+def _negative_price(t):
+    t["items"].loc[4, "price"] = -3.5
+
+
+def _nan_price(t):
+    t["items"].loc[6, "price"] = np.nan
+
+
+def _null_category(t):
+    t["items"]["category"] = t["items"]["category"].astype(object)
+    t["items"].loc[2, "category"] = None
+
+
 CORRUPTIONS = {
     "nulls": (_nulls, "events", "expect_column_values_to_not_be_null", "user_id", None),
     "label_two": (_label_two, "events", "expect_column_values_to_be_in_set", "label", 2),
@@ -114,7 +127,18 @@ CORRUPTIONS = {
     ),
     "future": (_future, "events", "expect_column_values_to_be_between", "event_timestamp", None),
     "empty": (_empty, "events", "expect_table_row_count_to_be_between", None, None),
+    "negative_price": (_negative_price, "items", "expect_column_values_to_be_between", "price", -3.5),
+    "nan_price": (_nan_price, "items", "expect_column_values_to_not_be_null", "price", "nan"),
 }
+
+
+def _strict_json(path: Path) -> dict:
+    """The summary parsed as strict JSON (NaN or Infinity would be rejected)."""
+
+    def reject(constant: str):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def test_clean_raw_tables_pass_and_write_docs_and_summary(tmp_path):
@@ -135,7 +159,7 @@ def test_each_raw_corruption_fails_naming_expectation_and_column(tmp_path, corru
     with pytest.raises(validate.DataValidationError) as failure:
         validate.run(_config(tmp_path), "raw", raw)
     message = str(failure.value)
-    summary = json.loads((tmp_path / "reports" / "raw_summary.json").read_text())
+    summary = _strict_json(tmp_path / "reports" / "raw_summary.json")
     assert summary["success"] is False
     matching = [f for f in summary["failures"] if f["table"] == table and f["expectation"] == expectation]
     assert matching, summary["failures"]
@@ -145,6 +169,51 @@ def test_each_raw_corruption_fails_naming_expectation_and_column(tmp_path, corru
     if bad_value is not None:
         assert bad_value in matching[0]["examples"] and str(bad_value) in message
     assert (tmp_path / "reports" / "raw" / "index.html").exists()  # Data Docs also for a failure
+
+
+def test_null_category_fails_with_the_null_as_example(tmp_path):
+    tables = _raw_tables()
+    _null_category(tables)
+    with pytest.raises(validate.DataValidationError) as failure:
+        validate.run(_config(tmp_path), "raw", _write(tables, tmp_path / "raw"))
+    assert (
+        "items: expect_column_values_to_not_be_null failed on column 'category' "
+        "(1 unexpected value(s), e.g. [None])" in str(failure.value)
+    )
+
+
+def test_raw_table_without_a_contract_column_names_file_and_column(tmp_path):
+    tables = _raw_tables()
+    tables["events"] = tables["events"].drop(columns=["label"])
+    raw = _write(tables, tmp_path / "raw")
+    with pytest.raises(validate.DataContractError) as failure:
+        validate.run(_config(tmp_path), "raw", raw)
+    assert f"{raw / 'events.parquet'}: table 'events' is missing column(s) ['label']" in str(failure.value)
+    assert not (tmp_path / "reports").exists()  # nothing half-written
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("table", ["items", "events"])
+def test_truncated_raw_parquet_is_named(tmp_path, table):
+    raw = _write(_raw_tables(), tmp_path / "raw")
+    _truncate(raw / f"{table}.parquet")
+    with pytest.raises(validate.DataContractError) as failure:
+        validate.run(_config(tmp_path), "raw", raw)
+    assert f"{raw / table}.parquet: not a readable parquet file" in str(failure.value)
+
+
+def test_cli_prints_one_line_for_a_truncated_file(tmp_path, capsys):
+    raw = _write(_raw_tables(), tmp_path / "raw")
+    _truncate(raw / "users.parquet")
+    config = _config(tmp_path).model_dump(mode="json")
+    params = write_params(tmp_path / "params.yaml", {"data.raw_dir": str(raw), "validation": config})
+    assert validate.main(["--params", str(params), "--target", "raw"]) == 1
+    err = capsys.readouterr().err
+    assert f"{raw / 'users.parquet'}: not a readable parquet file" in err and "Traceback" not in err
 
 
 def test_cli_exits_nonzero_on_failure_and_zero_when_clean(tmp_path, capsys):
@@ -306,6 +375,27 @@ def test_each_training_corruption_fails_naming_expectation_and_column(tmp_path):
         assert f"{table}: {expectation} failed on {where}" in str(failure.value), name
         if bad_value is not None:
             assert bad_value in matching[0]["examples"], name
+
+
+def test_truncated_training_set_is_named(tmp_path):
+    training = _training_sets(tmp_path / "training")
+    _truncate(training / "ranking_valid.parquet")
+    with pytest.raises(validate.DataContractError, match=r"ranking_valid\.parquet: not a readable parquet"):
+        validate.run(_config(tmp_path), "training", training)
+
+
+def test_training_set_without_a_column_reports_the_missing_column(tmp_path):
+    def drop(frames):
+        frames["ranking_valid"] = frames["ranking_valid"].drop(columns=["brand"])
+
+    training = _training_sets(tmp_path / "training", drop)
+    with pytest.raises(validate.DataValidationError) as failure:
+        validate.run(_config(tmp_path), "training", training)
+    message = str(failure.value)
+    assert "ranking_valid: expect_table_columns_to_match_set failed on the table" in message
+    # expectations on the absent column carry GX's own error, not a bare "failed"
+    line = next(x for x in message.splitlines() if "ranking_valid: expect_column_values_to_not_be_null" in x)
+    assert "column 'brand'" in line and "error:" in line and "brand" in line.split("error:")[1]
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
