@@ -1,7 +1,9 @@
 """``python -m serving --model_dir artifacts/bundle [--http_port 8080] [--host 127.0.0.1]``.
 
 Loads and verifies the bundle first: a file whose checksum differs from the manifest stops start-up
-with exit code 1 and a message naming the file, before any port is opened.
+with exit code 1 and a message naming the file, before any port is opened. So does a missing Feast
+registry file when the online store is on (serving/online_features.py checks it before Feast would
+create an empty one).
 """
 
 from __future__ import annotations

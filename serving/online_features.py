@@ -7,17 +7,23 @@ the same default the training sets use, so a cold entity is encoded at serving a
 
 A read that fails or takes longer than ``serving.feast_timeout_s`` is treated as the store being down:
 the caller gets defaults and ``degraded=True``, a warning is logged and
-``recsys_online_store_failures_total`` counts it. Item features change slowly (daily snapshots) and
-are read for hundreds of candidates per request, so they are cached for ``serving.item_cache_ttl_s``.
+``recsys_online_store_failures_total`` counts it. A local (SQLite) store's file is checked before each
+read: Feast keeps one connection open on it, which would go on reading a deleted file or the old copy of
+a replaced one, so a missing file is a failed read and a replaced one is reopened. Item features change
+slowly (daily snapshots) and are read for hundreds of candidates per request, so they are cached for
+``serving.item_cache_ttl_s``; the whole catalogue is read into the cache at start-up (:meth:`warm`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,11 @@ log = logging.getLogger(__name__)
 
 FEATURE_SERVICE = "ranking"  # feature_repo/definitions.py: the service holding every model input
 ITEM_READ_CHUNK = 1_000  # entity rows per online read when warming the item cache
+# The warm-up is a start-up step, not a request: its reads together may take this long (the first one loads
+# the registry and opens connections), derived from the catalogue size with a wide margin (a read costs
+# tens of microseconds per item); the InferenceService's startupProbe allows 300 s.
+WARM_UP_BASE_S = 60.0
+WARM_UP_PER_ITEM_S = 0.001
 
 ONLINE_STORE_FAILURES = Counter(
     "recsys_online_store_failures",
@@ -83,7 +94,10 @@ class OnlineFeatures:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="feast")
         self.user_refs: list[str] = []
         self.item_refs: list[str] = []
+        self._local_file: _LocalStoreFile | None = None
         if store is not None:
+            _check_registry(store)
+            self._local_file = _LocalStoreFile.of(store)
             self.user_refs, self.item_refs = _feature_refs(store, list(user_defaults), list(item_defaults))
 
     def users(self, user_ids: Sequence[int]) -> FeatureRows:
@@ -113,24 +127,76 @@ class OnlineFeatures:
             if rows.degraded:  # never cache defaults caused by an outage
                 defaults = self._read("item_id", [], self.item_defaults, item_ids, entity="item")
                 return [_entry(defaults, names, j) for j in range(len(item_ids))], True
-            expires = now + self.item_cache_ttl_s
-            for j, item_id in enumerate(missing):
-                self._item_cache[item_id] = (expires, _entry(rows, names, j))
+            self._cache_items(missing, rows, now)
         cache = self._item_cache
         return [cache[i][1] for i in item_ids], False
 
-    def warm(self, item_ids: Sequence[int]) -> None:
-        """Fill the item cache for the whole catalogue (and open the store's connections) before serving."""
+    def warm(self, item_ids: Sequence[int]) -> int:
+        """Fill the item cache for the whole catalogue (and open the store's connections) before serving;
+        returns how many items were left cold.
+
+        A start-up step, so not bound by ``serving.feast_timeout_s``: the reads together may take
+        ``WARM_UP_BASE_S`` plus ``WARM_UP_PER_ITEM_S`` per item. A chunk whose read fails is read once more;
+        items still unread stay cold (read per request, under the request timeout) and a warning says
+        how many.
+        """
         if self.store is None:
-            return
-        for start in range(0, len(item_ids), ITEM_READ_CHUNK):
-            self.items([int(i) for i in item_ids[start : start + ITEM_READ_CHUNK]])
-        if len(item_ids):
-            self.users([0])  # the first user read loads the registry: keep that out of the first request
+            return 0
+        ids = list(dict.fromkeys(int(i) for i in item_ids))
+        started = time.monotonic()
+        bound_s = WARM_UP_BASE_S + WARM_UP_PER_ITEM_S * len(ids)
+        deadline = started + bound_s
+        cold = 0
+        for start in range(0, len(ids), ITEM_READ_CHUNK):
+            chunk = ids[start : start + ITEM_READ_CHUNK]
+            if not self._warm_chunk(chunk, deadline):
+                cold += len(chunk)
+        if ids:  # the first user read loads the registry: keep that out of the first request
+            left = max(deadline - time.monotonic(), self.timeout_s)
+            self._read("user_id", self.user_refs, self.user_defaults, [0], entity="user", timeout_s=left)
+        if cold:
+            log.warning(
+                "item cache warm-up left %d of %d catalogue items cold (the online store failed twice on "
+                "their reads, or the warm-up passed its %.0f s bound): requests read them within "
+                "serving.feast_timeout_s and get defaults while the store fails",
+                cold,
+                len(ids),
+                bound_s,
+            )
+        else:
+            log.info("item cache warm: %d items in %.1f s", len(ids), time.monotonic() - started)
+        return cold
+
+    def _warm_chunk(self, chunk: list[int], deadline: float) -> bool:
+        """Read ``chunk`` into the item cache, retrying a failed read once; whether it was read."""
+        for _ in range(2):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            rows = self._read(
+                "item_id", self.item_refs, self.item_defaults, chunk, entity="item", timeout_s=left
+            )
+            if not rows.degraded:
+                self._cache_items(chunk, rows, time.monotonic())
+                return True
+        return False
+
+    def _cache_items(self, item_ids: list[int], rows: FeatureRows, now: float) -> None:
+        names = list(self.item_defaults)
+        expires = now + self.item_cache_ttl_s
+        for j, item_id in enumerate(item_ids):
+            self._item_cache[item_id] = (expires, _entry(rows, names, j))
 
     def _read(
-        self, key: str, refs: list[str], defaults: dict[str, Any], ids: Sequence[int], entity: str
+        self,
+        key: str,
+        refs: list[str],
+        defaults: dict[str, Any],
+        ids: Sequence[int],
+        entity: str,
+        timeout_s: float | None = None,
     ) -> FeatureRows:
+        """One online read of ``ids`` within ``timeout_s`` (default: ``serving.feast_timeout_s``)."""
         n = len(ids)
         columns = {name: [value] * n for name, value in defaults.items()}
         if key in columns:  # the entity's own id is a model feature (its embedding row)
@@ -139,10 +205,8 @@ class OnlineFeatures:
         if self.store is None or not refs or n == 0:
             return FeatureRows(columns, found, degraded=False)
         try:
-            future = self._pool.submit(
-                self.store.get_online_features, features=refs, entity_rows=[{key: int(i)} for i in ids]
-            )
-            values = future.result(timeout=self.timeout_s).to_dict()
+            future = self._pool.submit(self._online_read, refs, [{key: int(i)} for i in ids])
+            values = future.result(timeout=self.timeout_s if timeout_s is None else timeout_s)
         except Exception as exc:  # any store failure (connection, timeout, schema) degrades, never 500s
             ONLINE_STORE_FAILURES.labels(entity=entity).inc()
             log.warning("online store read of %d %s(s) failed, serving defaults: %r", n, entity, exc)
@@ -155,6 +219,75 @@ class OnlineFeatures:
             found |= present
             columns[name] = [_as_default_type(v, default) if v is not None else default for v in column]
         return FeatureRows(columns, found, degraded=False)
+
+    def _online_read(self, refs: list[str], entity_rows: list[dict[str, int]]) -> dict[str, list[Any]]:
+        """Feast's answer as columns; in a pool thread, so that the caller's timeout bounds all of it."""
+        if self._local_file is not None:
+            self._local_file.check()
+        return self.store.get_online_features(features=refs, entity_rows=entity_rows).to_dict()
+
+
+class _LocalStoreFile:
+    """The SQLite file of a local online store, checked before each read.
+
+    Feast opens the file once and keeps the connection: after the file is deleted it goes on reading the
+    deleted copy (or, not connected yet, creates an empty file and fails), and after the file is replaced
+    (``dvc repro`` removes a stage's outputs before running it again) it goes on reading the old one.
+    """
+
+    def __init__(self, store: Any, path: Path) -> None:
+        self.store = store
+        self.path = path
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file being read
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, store: Any) -> _LocalStoreFile | None:
+        """The store's SQLite file, or None for any other online store (Redis, ...)."""
+        online = store.config.online_store
+        kind = str(getattr(online, "type", ""))
+        if kind != "sqlite" and not kind.endswith("SqliteOnlineStore"):
+            return None
+        return cls(store, _in_repo(store.config, online.path))
+
+    def check(self) -> None:
+        """Raise FileNotFoundError if the file is gone; reopen it if another file took its place."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"the online store file {self.path} does not exist") from None
+        identity = (stat.st_dev, stat.st_ino)
+        with self._lock:
+            if self._identity is not None and identity != self._identity:
+                log.warning("the online store file %s was replaced: reading the new one", self.path)
+                # Feast's SqliteOnlineStore connects again when its cached connection is unset; the old
+                # connection closes when the last read still using it is done
+                online_store = self.store._get_provider().online_store
+                if hasattr(online_store, "_conn"):
+                    online_store._conn = None
+            self._identity = identity
+
+
+def _check_registry(store: Any) -> None:
+    """A local registry file must exist: without it Feast creates an empty one and the first lookup fails
+    with a message that names neither the file nor what to do."""
+    config = store.config
+    registry = config.registry
+    path = str(getattr(registry, "path", registry))
+    if getattr(registry, "registry_type", "file") != "file" or "://" in path:
+        return  # a remote registry (s3://, gs://, SQL): Feast reports its own errors
+    local = _in_repo(config, path)
+    if not local.exists():
+        raise FileNotFoundError(
+            f"the Feast registry {local} does not exist: register the feature views first (dvc repro, or "
+            "python -m components.online_store), or point feast.repo_path / feast.config_file at the store"
+        )
+
+
+def _in_repo(config: Any, path: str | Path) -> Path:
+    """A path of the store's yaml as Feast resolves it: relative ones against the repo folder."""
+    path = Path(path)
+    return path if path.is_absolute() or config.repo_path is None else Path(config.repo_path) / path
 
 
 def _entry(rows: FeatureRows, names: list[str], j: int) -> tuple[Any, ...]:

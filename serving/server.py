@@ -132,6 +132,9 @@ def _finish_app(app: FastAPI, dataplane: Any, max_request_bytes: int) -> None:
     if getattr(app.state, "recsys_routes", False):
         return
     _install_bad_request_handler(app)
+    from serving.request_log import install_bad_request_log  # a 400 logs one line, not KServe's traceback
+
+    install_bad_request_log(app)
     hide_repository_routes(app)
     app.add_middleware(RequestLimits, max_bytes=max_request_bytes)
     app.add_middleware(ServingSurface, dataplane=dataplane, model_names=list(MODEL_NAMES))  # outermost

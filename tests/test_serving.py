@@ -437,3 +437,102 @@ def test_non_finite_scores_are_an_error_never_a_success(client, kserve_server, m
         "/v1/models/ranking:predict", json={"instances": [{"user_id": 5, "item_ids": [1, 2, 3]}]}
     )
     assert answer.status_code == 500 and "non-finite scores" in answer.text
+
+
+# ---- the server's own log and the online store at start-up and under it (issue: serving probe) ------
+
+
+def test_a_bad_request_logs_one_escaped_line_without_a_traceback(client, caplog):
+    """KServe logged each 400 with a ~25-line traceback and the client's text raw (newlines, terminal
+    escapes: a client could forge log lines); now one line, escaped and cut short."""
+    import logging
+
+    forged = "colour\n2026-01-01 00:00:00 root ERROR \x1b[31mforged line" + "y" * 5_000
+    kserve_log = logging.getLogger("kserve")  # as configured by KServe, it does not reach the root's caplog
+    separate = not kserve_log.propagate
+    if separate:
+        kserve_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            answer = client.post(
+                "/v1/models/retrieval:predict", json={"instances": [{"user_id": 1, "features": {forged: 1}}]}
+            )
+    finally:
+        if separate:
+            kserve_log.removeHandler(caplog.handler)
+    assert answer.status_code == 400 and "forged line" in answer.json()["error"]
+    # not counted: the test client's own line, and KServe's timing trace that every request gets
+    records = [
+        r for r in caplog.records if r.levelno >= logging.INFO and r.name not in ("httpx", "kserve.trace")
+    ]
+    assert len(records) == 1, [r.getMessage()[:200] for r in records]
+    (record,) = records
+    line = record.getMessage()
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert "/v1/models/retrieval:predict" in line and "400" in line and "instances[0].features" in line
+    assert "\n" not in line and "\x1b" not in line and "\\n2026" in line and "\\x1b[31m" in line
+    assert len(line) < 600
+
+
+def test_a_missing_feast_registry_stops_startup_naming_it(bundle_dir, tmp_path):
+    """Before, Feast made an empty registry and start-up died in a traceback: 'Feature service ranking
+    does not exist in project recsys', naming no file."""
+    from tests.conftest import write_params
+    from tests.feast_fixtures import copy_feature_repo
+
+    repo = copy_feature_repo(tmp_path)  # definitions and yaml, nothing registered: no data/registry.db
+    params_file = write_params(tmp_path / "params.yaml", {"feast.repo_path": str(repo)})
+    command = [sys.executable, "-m", "serving", "--model_dir", str(bundle_dir), "--params", str(params_file)]
+    done = subprocess.run(
+        [*command, "--http_port", "0", "--host", "127.0.0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    registry = repo / "data" / "registry.db"
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "serving: cannot start:" in done.stderr and str(registry) in done.stderr
+    assert "Traceback" not in done.stderr and not registry.exists()
+
+
+def test_a_deleted_online_store_file_is_noticed_by_the_next_request(params, bundle_dir, tmp_path, caplog):
+    """Feast keeps its SQLite connection: a deleted file went on being read (or, reopened, was empty), so
+    nothing said the store was gone. Now the next read fails: defaults, degraded, counted, one warning; and
+    a new file in its place (``dvc repro`` writes its outputs anew) is read instead of the deleted one."""
+    import logging
+    import sqlite3
+
+    from prometheus_client import REGISTRY
+
+    from serving.server import build_models
+    from tests.conftest import revalidated
+    from tests.test_serving_startup import handmade_online_store, online_store_file
+
+    feast = handmade_online_store(tmp_path)  # user 1 is in it
+    config = revalidated(params.serving, online_store=True, feast_timeout_s=10)
+    recommender = build_models(bundle_dir, config, feast)[-1].recommender
+    db = online_store_file(feast)
+
+    def recommend_user_1():
+        (result,) = recommender.recommend([1], [5], ["multi_tower"], [None])
+        return result
+
+    assert not recommend_user_1().degraded and not recommend_user_1().cold_start
+    failures = REGISTRY.get_sample_value("recsys_online_store_failures_total", {"entity": "user"}) or 0.0
+    saved = db.read_bytes()
+    db.unlink()
+    with caplog.at_level(logging.WARNING, logger="serving.online_features"):
+        gone = recommend_user_1()
+    assert gone.degraded and len(gone.item_ids) == 5
+    assert REGISTRY.get_sample_value("recsys_online_store_failures_total", {"entity": "user"}) == failures + 1
+    assert len(caplog.records) == 1 and str(db) in caplog.records[0].getMessage()
+
+    db.write_bytes(saved)  # a new file, without user 1: only reading the new file can miss the user
+    with sqlite3.connect(db) as connection:
+        for (table,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%user%'"
+        ):
+            connection.execute(f'DELETE FROM "{table}"')
+    replaced = recommend_user_1()
+    assert not replaced.degraded and replaced.cold_start

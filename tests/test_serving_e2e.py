@@ -240,3 +240,16 @@ def test_liveness_answers_while_a_heavy_request_runs(server, pipeline):
     assert timings["heavy"] > 1.0, "the heavy requests finished too fast to test anything"
     # parsing the 64k-id body and writing the answer stay on the loop: a probe may wait for those, rarely
     assert len(probes) >= 5 and sorted(probes)[int(0.9 * len(probes))] < 0.25, (sorted(probes), timings)
+
+
+def test_the_probe_table_against_the_live_server(server, pipeline):
+    """benchmarks/serving_probe.py: every bad or hostile request gets its status, naming the field, and
+    the server is alive after each."""
+    from benchmarks.serving_probe import cases, probe
+    from recsys.config import load_params
+
+    limits = load_params(pipeline["params_file"]).serving
+    outcomes = probe(server, cases(limits.max_batch, limits.max_request_bytes))
+    failed = [(o.case.name, o.status, o.text[:200]) for o in outcomes if not o.ok]
+    assert not failed, failed
+    assert len(outcomes) >= 25
