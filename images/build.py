@@ -10,10 +10,10 @@ Three things make a build work on a machine that reaches no container registry, 
 - **base**: ``--base-image local`` (the default here) builds ``recsys-base:bookworm`` once from Debian's
   packages (``debootstrap``, root only) with the same Python 3.11 the public base has; ``--base-image
   python:3.11.13-slim-bookworm@sha256:...`` (or any pinned Python 3.11 image) uses a registry's.
-- **CA bundle**: pip inside the build gets ``$PIP_CERT`` / ``$SSL_CERT_FILE`` (when set) as the BuildKit
-  secret ``pip_ca``, mounted for the install only and never written into a layer.
-- **CPU torch**: a ``torch-<version>+cpu`` wheel lying in ``$PIP_FIND_LINKS`` is linked into
-  ``images/wheelhouse/`` and installed from there, instead of the PyTorch CPU index.
+- **CA bundle**: pip inside the build gets pip's ``cert`` setting (``$PIP_CERT`` or pip's config) or
+  ``$SSL_CERT_FILE`` as the BuildKit secret ``pip_ca``, mounted for the install only, never in a layer.
+- **CPU torch**: a ``torch-<version>+cpu`` wheel in pip's find-links (``$PIP_FIND_LINKS`` or pip's
+  config) is linked into ``images/wheelhouse/`` and installed from there, not from the PyTorch CPU index.
 
 BuildKit is required (secret and bind mounts): ``docker buildx`` when installed, else a Docker client
 older than 23 (Debian's ``docker.io``), which still builds with the daemon's own BuildKit.
@@ -117,7 +117,7 @@ def build(image: Image, base_image: str = "local") -> str:
     ]
     if torch_args is not None:
         command += ["--build-arg", f"TORCH_PIP_ARGS={torch_args}"]
-    ca_bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    ca_bundle = _pip_setting("cert") or os.environ.get("SSL_CERT_FILE")
     if ca_bundle and Path(ca_bundle).is_file():
         command += ["--secret", f"id=pip_ca,src={ca_bundle}"]
     started = time.monotonic()
@@ -172,10 +172,10 @@ def image_exists(tag: str) -> bool:
 
 
 def _cpu_torch_args() -> str | None:
-    """pip arguments for CPU torch: the local wheel when ``$PIP_FIND_LINKS`` holds one, else None (the
+    """pip arguments for CPU torch: the local wheel when pip's find-links hold one, else None (the
     Dockerfile's default, the PyTorch CPU index)."""
     version = _pinned_torch()
-    for folder in filter(None, os.environ.get("PIP_FIND_LINKS", "").split()):
+    for folder in _pip_setting("find-links").split():
         for wheel in sorted(Path(folder).glob(f"torch-{version}+cpu-cp311-*.whl")):
             WHEELHOUSE.mkdir(exist_ok=True)
             target = WHEELHOUSE / wheel.name
@@ -186,6 +186,17 @@ def _cpu_torch_args() -> str | None:
                     shutil.copyfile(wheel, target)
             return "--no-index"
     return None
+
+
+def _pip_setting(name: str) -> str:
+    """A pip setting as this machine's pip sees it: ``$PIP_<NAME>``, else pip's config files."""
+    value = os.environ.get(f"PIP_{name.upper().replace('-', '_')}")
+    if value:
+        return value
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", f"global.{name}"], capture_output=True, text=True
+    )
+    return done.stdout.strip().strip("'\"") if done.returncode == 0 else ""
 
 
 def _pinned_torch() -> str:
