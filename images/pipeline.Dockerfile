@@ -21,24 +21,32 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=120
 WORKDIR /src
 COPY images/constraints.txt images/constraints.txt
-COPY pyproject.toml README.md ./
-COPY recsys recsys
-COPY components components
-COPY models models
-COPY pipelines pipelines
-COPY serving serving
-# torch alone first, without its dependencies, from TORCH_PIP_ARGS's source; the project's install then
-# resolves torch's dependencies from PyPI with the rest. images/wheelhouse: wheels the build may take
-# instead of an index (make images puts the CPU torch wheel there on machines without the PyTorch index);
-# pip_ca: an optional CA bundle for a TLS-intercepting proxy, mounted for this RUN only
+COPY pyproject.toml ./
+# The dependencies first, into a layer that only pyproject.toml and the constraints invalidate: the
+# project is installed here without its sources (an empty package), so a code change rebuilds only the
+# last, seconds-long layer. torch goes in alone first, without its dependencies, from TORCH_PIP_ARGS's
+# source; the project's install then resolves torch's dependencies with the rest. images/wheelhouse:
+# wheels the build may take instead of an index (make images puts the CPU torch wheel there on machines
+# without the PyTorch index); pip_ca: an optional CA bundle for a TLS-intercepting proxy, mounted for
+# the RUN only.
 # hadolint ignore=SC2086
 RUN --mount=type=bind,source=images/wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python3 -m venv /opt/venv \
+    && touch README.md \
     && /opt/venv/bin/pip install --constraint images/constraints.txt --find-links /wheelhouse --no-deps \
         $TORCH_PIP_ARGS torch \
-    && /opt/venv/bin/pip install --constraint images/constraints.txt ".[production]" \
+    && /opt/venv/bin/pip install --constraint images/constraints.txt ".[production]"
+COPY README.md ./
+COPY recsys recsys
+COPY components components
+COPY models models
+COPY pipelines pipelines
+COPY serving serving
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && /opt/venv/bin/pip install --constraint images/constraints.txt --no-deps --force-reinstall . \
     && /opt/venv/bin/pip check
 
 FROM ${BASE_IMAGE}

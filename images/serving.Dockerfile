@@ -16,15 +16,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=120
 WORKDIR /src
 COPY images/constraints.txt images/requirements-serving.txt images/
-COPY pyproject.toml README.md ./
-# serving stands on the core and the models only: no step (components/) and no pipeline code
-COPY recsys recsys
-COPY models models
-COPY serving serving
 # torch alone first, without its dependencies (see pipeline.Dockerfile for the wheelhouse and the CA
 # secret), then the serving set with torch named again so that pip resolves torch's own dependencies;
-# the project itself goes in last, without its training-only dependencies (so `pip check` runs before it:
-# after it, it would list kfp, dvc, great-expectations, ... as missing, on purpose)
+# the project itself goes in last, in its own layer (a code change rebuilds only that), without its
+# training-only dependencies (so `pip check` runs before it: after it, it would list kfp, dvc,
+# great-expectations, ... as missing, on purpose)
 # hadolint ignore=SC2086
 RUN --mount=type=bind,source=images/wheelhouse,target=/wheelhouse \
     --mount=type=secret,id=pip_ca \
@@ -34,7 +30,14 @@ RUN --mount=type=bind,source=images/wheelhouse,target=/wheelhouse \
         $TORCH_PIP_ARGS torch \
     && /opt/venv/bin/pip install --constraint images/constraints.txt \
         --requirement images/requirements-serving.txt torch \
-    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip check
+COPY pyproject.toml README.md ./
+# serving stands on the core and the models only: no step (components/) and no pipeline code
+COPY recsys recsys
+COPY models models
+COPY serving serving
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && /opt/venv/bin/pip install --constraint images/constraints.txt --no-deps .
 
 FROM ${BASE_IMAGE}
