@@ -47,7 +47,7 @@ def _upload(args: argparse.Namespace, params, client) -> int:
     from pipelines import kubeflow
 
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
-    client = client or kubeflow.connect(args.host, namespace)
+    client = client or kubeflow.connect(args.host, namespace, args.token_file)
     uploaded = kubeflow.upload(client, args.package, params.pipeline, args.version, namespace)
     print(f"pipeline {uploaded.pipeline_id} version {uploaded.version_name} ({uploaded.version_id})")
     return 0
@@ -58,7 +58,7 @@ def _schedule(args: argparse.Namespace, params, client) -> int:
 
     cron = kubeflow.checked_cron(args.cron or params.pipeline.cron)  # before connecting to anything
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
-    client = client or kubeflow.connect(args.host, namespace)
+    client = client or kubeflow.connect(args.host, namespace, args.token_file)
     run = kubeflow.schedule(client, params.pipeline, cron, args.experiment, args.version, namespace)
     print(f"recurring run {getattr(run, 'recurring_run_id', run)} on '{cron}'")
     return 0
@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
             "--namespace", default=None, help="Kubeflow profile namespace (default: pipeline.namespace)"
         )
         cmd.add_argument("--version", default=None, help="pipeline version name")
+        cmd.add_argument(
+            "--token-file",
+            default=None,
+            help="a ServiceAccount token file to authenticate with (else $KFP_TOKEN or $KFP_COOKIE, or none)",
+        )
         return cmd
 
     upload_cmd = server("upload", "upload the compiled pipeline (new pipeline or new version)")

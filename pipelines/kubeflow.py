@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,50 @@ class Uploaded:
     created_pipeline: bool
 
 
-def connect(host: str, namespace: str | None) -> Any:
-    """A ``kfp.Client`` for ``host`` (multi-user Kubeflow: ``namespace`` is the profile namespace)."""
+def connect(host: str, namespace: str | None, token_file: str | None = None) -> Any:
+    """A ``kfp.Client`` for ``host`` (multi-user Kubeflow: ``namespace`` is the profile namespace),
+    authenticated as :func:`client_credentials` says."""
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")
+    return kfp.Client(host=host, namespace=namespace or "kubeflow", **client_credentials(token_file))
+
+
+def client_credentials(
+    token_file: str | None = None, environ: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """How to authenticate to a multi-user Kubeflow: at most one of
+
+    - ``token_file``: a ServiceAccount token file, re-read as it rotates (in a pod, the projected token
+      ``/var/run/secrets/kubeflow/pipelines/token`` with audience ``pipelines.kubeflow.org``);
+    - ``$KFP_TOKEN``: a bearer token (e.g. ``kubectl create token`` for a ServiceAccount of the profile);
+    - ``$KFP_COOKIE``: the ingress's session cookie (``authservice_session=...`` / ``oauth2_proxy=...``).
+
+    None of them: an in-cluster or unauthenticated standalone KFP. Secrets come from the environment or a
+    file, never from the command line (shell history, process list).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    given = {
+        name: value
+        for name, value in (
+            ("--token-file", token_file),
+            ("$KFP_TOKEN", environ.get("KFP_TOKEN")),
+            ("$KFP_COOKIE", environ.get("KFP_COOKIE")),
+        )
+        if value
+    }
+    if len(given) > 1:
+        raise KubeflowError(f"give one way to authenticate, not {sorted(given)}")
+    if token_file:
+        if not Path(token_file).is_file():
+            raise KubeflowError(f"--token-file: {token_file} does not exist")
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        return {"credentials": ServiceAccountTokenVolumeCredentials(path=token_file)}
+    if "$KFP_TOKEN" in given:
+        return {"existing_token": given["$KFP_TOKEN"]}
+    if "$KFP_COOKIE" in given:
+        return {"cookies": given["$KFP_COOKIE"]}
+    return {}
 
 
 def upload(
@@ -55,7 +95,7 @@ def upload(
         raise KubeflowError(f"{package}: no compiled pipeline; run `python -m pipelines compile` first")
     version_name = version or f"{pipeline.image_tag}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
     description = f"{pipeline.name}: two-stage recommender training, image tag {pipeline.image_tag}"
-    pipeline_id = client.get_pipeline_id(pipeline.name)
+    pipeline_id = pipeline_id_of(client, pipeline.name, namespace)
     if pipeline_id is None:  # a new pipeline: KFP names its first version after the pipeline
         created = client.upload_pipeline(
             str(package), pipeline_name=pipeline.name, description=description, namespace=namespace or None
@@ -85,7 +125,7 @@ def schedule(
     paused schedule does not replay the runs it missed (``no_catchup``).
     """
     cron = checked_cron(cron)
-    pipeline_id = client.get_pipeline_id(pipeline.name)
+    pipeline_id = pipeline_id_of(client, pipeline.name, namespace)
     if pipeline_id is None:
         raise KubeflowError(
             f"pipeline {pipeline.name!r} is not on the server; run `python -m pipelines upload` first"
@@ -108,6 +148,27 @@ def schedule(
     )
     log.info("scheduled %s (%s) on '%s' in experiment %s", job_name, version_id, cron, exp.display_name)
     return run
+
+
+def pipeline_id_of(client: Any, name: str, namespace: str | None) -> str | None:
+    """The id of pipeline ``name`` in ``namespace`` (a profile's own pipelines), else among the shared ones.
+
+    ``kfp.Client.get_pipeline_id`` lists without a namespace, i.e. only shared pipelines: on multi-user
+    Kubeflow a pipeline uploaded to the profile is not found, ``schedule`` then says it is not on the
+    server and a second ``upload`` tries to create a duplicate.
+    """
+    predicate = {"operation": 1, "key": "display_name", "stringValue": name}  # 1 = EQUALS (v2beta1)
+    found: list[Any] = []
+    for where in dict.fromkeys([namespace or None, None]):
+        listed = client.list_pipelines(
+            filter=json.dumps({"predicates": [predicate]}), namespace=where, page_size=2
+        )
+        found = list(listed.pipelines or [])
+        if found:
+            break
+    if len(found) > 1:
+        raise KubeflowError(f"{len(found)} pipelines named {name!r} in {namespace or 'the shared space'}")
+    return found[0].pipeline_id if found else None
 
 
 def checked_cron(cron: str) -> str:

@@ -20,22 +20,48 @@ from tests.conftest import REPO_ROOT
 
 
 class RecordingKfpClient:
-    """Answers like a KFP server holding ``pipelines`` (name -> id) and their versions (newest first)."""
+    """Answers like a multi-user KFP server holding ``pipelines`` (name -> id) in the profile namespace
+    ``namespace`` (``shared``: the shared ones) and their versions (newest first).
 
-    def __init__(self, pipelines: dict[str, str] | None = None, versions: dict[str, list[str]] | None = None):
-        self.pipelines = dict(pipelines or {})
+    As the real server does, ``get_pipeline_id`` (no namespace) sees only shared pipelines, and
+    ``list_pipelines`` those of the namespace it is given.
+    """
+
+    def __init__(
+        self,
+        pipelines: dict[str, str] | None = None,
+        versions: dict[str, list[str]] | None = None,
+        namespace: str = "recsys",
+        shared: dict[str, str] | None = None,
+    ):
+        self.spaces: dict[str | None, dict[str, str]] = {
+            namespace: dict(pipelines or {}),
+            None: dict(shared or {}),
+        }
         self.versions = {pid: list(names) for pid, names in (versions or {}).items()}
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def get_pipeline_id(self, name):
         self.calls.append(("get_pipeline_id", {"name": name}))
-        return self.pipelines.get(name)
+        return self.spaces[None].get(name)
+
+    def list_pipelines(self, page_token="", page_size=10, sort_by="", filter=None, namespace=None):
+        self.calls.append(("list_pipelines", {"namespace": namespace}))
+        wanted = yaml.safe_load(filter)["predicates"][0]["stringValue"]
+        found = [
+            SimpleNamespace(pipeline_id=pid, display_name=name)
+            for name, pid in self.spaces.get(namespace, {}).items()
+            if name == wanted
+        ]
+        return SimpleNamespace(pipelines=found[:page_size] or None)
 
     def upload_pipeline(self, pipeline_package_path, pipeline_name=None, description=None, namespace=None):
         self.calls.append(
             ("upload_pipeline", {"path": pipeline_package_path, "name": pipeline_name, "ns": namespace})
         )
-        self.pipelines[pipeline_name] = "pid-new"
+        if pipeline_name in self.spaces.setdefault(namespace, {}):
+            raise RuntimeError(f"duplicate pipeline {pipeline_name!r} in {namespace}")  # the server's 409
+        self.spaces[namespace][pipeline_name] = "pid-new"
         self.versions["pid-new"] = [pipeline_name]
         return SimpleNamespace(pipeline_id="pid-new")
 
@@ -152,3 +178,47 @@ def test_schedule_refuses_before_creating_anything(server, args, message, capsys
     assert not client.called("create_recurring_run") and not client.called("create_experiment")
     if "cron" in message:
         assert client.calls == []  # a bad cron never reaches the server
+
+
+def test_upload_then_schedule_find_the_pipeline_in_the_profile_namespace(package):
+    """Multi-user Kubeflow: the pipeline lives in the profile namespace, where get_pipeline_id (shared
+    pipelines only) does not look; the second upload must add a version, schedule must find it."""
+    client = RecordingKfpClient()
+    assert _cli("upload", "--host", "http://kfp", "--package", str(package), client=client) == 0
+    assert _cli("upload", "--host", "http://kfp", "--package", str(package), client=client) == 0
+    assert len(client.called("upload_pipeline")) == 1  # no duplicate create
+    (version,) = client.called("upload_pipeline_version")
+    assert version["pipeline_id"] == "pid-new"
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0
+    assert client.called("create_recurring_run")[0]["pipeline_id"] == "pid-new"
+    assert {"namespace": "recsys"} in client.called("list_pipelines")
+
+
+def test_a_shared_pipeline_is_found_when_the_profile_has_none(package):
+    client = RecordingKfpClient(shared={"recsys-training": "pid-shared"}, versions={"pid-shared": ["v1"]})
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0
+    assert client.called("create_recurring_run")[0]["pipeline_id"] == "pid-shared"
+
+
+def test_client_credentials_take_one_way_to_authenticate(tmp_path):
+    import kfp_server_api
+    from kfp.client import ServiceAccountTokenVolumeCredentials
+
+    from pipelines.kubeflow import KubeflowError, client_credentials
+
+    assert client_credentials(None, {}) == {}
+    assert client_credentials(None, {"KFP_TOKEN": "t0k"}) == {"existing_token": "t0k"}
+    assert client_credentials(None, {"KFP_COOKIE": "authservice_session=abc"}) == {
+        "cookies": "authservice_session=abc"
+    }
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    credentials = client_credentials(str(token), {})["credentials"]
+    assert isinstance(credentials, ServiceAccountTokenVolumeCredentials)
+    configuration = kfp_server_api.Configuration()
+    credentials.refresh_api_key_hook(configuration)  # what kfp.Client calls before each request
+    assert configuration.api_key["authorization"] == "sa-token"  # read from the file, as it rotates
+    with pytest.raises(KubeflowError, match=r"--token-file: .*missing does not exist"):
+        client_credentials(str(tmp_path / "missing"), {})
+    with pytest.raises(KubeflowError, match="one way to authenticate"):
+        client_credentials(str(token), {"KFP_TOKEN": "t0k"})
