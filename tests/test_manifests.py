@@ -92,7 +92,7 @@ def test_rbac_is_namespaced_and_grants_only_inferenceservice_verbs():
     objects = [doc for path in MANIFESTS.rglob("*.yaml") for doc in _documents(path)]
     kinds = {obj.get("kind") for obj in objects}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
-    (role,) = _by_kind(objects, "Role")
+    (role,) = [r for r in _by_kind(objects, "Role") if r["metadata"]["name"] == "recsys-deployer"]
     assert role["rules"] == [
         {
             "apiGroups": ["serving.kserve.io"],
@@ -101,7 +101,7 @@ def test_rbac_is_namespaced_and_grants_only_inferenceservice_verbs():
         }
     ]
     assert set(role["rules"][0]["verbs"]) == DEPLOY_VERBS
-    (binding,) = _by_kind(objects, "RoleBinding")
+    (binding,) = [b for b in _by_kind(objects, "RoleBinding") if b["roleRef"]["name"] == "recsys-deployer"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
@@ -128,6 +128,8 @@ def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rend
         "NetworkPolicy",
         "PodDefault",
         "Role",
+        "Role",
+        "RoleBinding",
         "RoleBinding",
         "ServiceAccount",
         "ServiceAccount",
@@ -144,8 +146,9 @@ def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rend
         )
     namespaces = {obj["metadata"]["namespace"] for obj in objects}
     assert len(namespaces) == 1, f"{name}: objects spread over {namespaces}"
-    (binding,) = _by_kind(objects, "RoleBinding")
-    assert binding["subjects"][0]["namespace"] == namespaces.pop()
+    namespace = namespaces.pop()
+    for binding in _by_kind(objects, "RoleBinding"):
+        assert binding["subjects"][0]["namespace"] == namespace
 
 
 @needs_kubectl
@@ -319,3 +322,37 @@ def test_probes_let_a_slow_start_finish_before_liveness_counts():
     assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == "/v2/health/ready"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load a large bundle
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_the_run_service_account_gets_what_kfp_pods_need():
+    """KFP v2 runs need more than the deploy verbs: the driver/launcher read ConfigMaps and the artifact
+    Secret, Argo's executor reports outputs as WorkflowTaskResults (create/patch), the DAG driver reads
+    and patches the Workflow and its pods. Bound to the run ServiceAccount, in its namespace."""
+    objects = _documents(MANIFESTS / "base" / "pipeline-rbac.yaml")
+    (runner,) = [r for r in _by_kind(objects, "Role") if r["metadata"]["name"] == "recsys-pipeline-runner"]
+    granted = {
+        (group, resource, verb)
+        for rule in runner["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    needed = {
+        ("", "secrets", "get"),
+        ("", "configmaps", "get"),
+        ("", "pods", "get"),
+        ("", "pods", "patch"),
+        ("argoproj.io", "workflows", "get"),
+        ("argoproj.io", "workflows", "patch"),
+        ("argoproj.io", "workflowtaskresults", "create"),
+        ("argoproj.io", "workflowtaskresults", "patch"),
+    }
+    assert needed <= granted
+    assert not any("*" in entry for entry in granted)  # no wildcard: narrower than upstream's ClusterRole
+    (binding,) = [
+        b for b in _by_kind(objects, "RoleBinding") if b["roleRef"]["name"] == runner["metadata"]["name"]
+    ]
+    pipeline_account = load_params(REPO_ROOT / "params.yaml").pipeline.service_account
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pipeline_account, "namespace": "recsys"}
+    ]
