@@ -76,6 +76,7 @@ def build_pipeline(params: Params) -> Any:
         data_source: str = params.data.source,
         gpu_type: str = cfg.accelerator_type,
         namespace: str = params.deploy.namespace,
+        data_until: str = "",
         deploy_dry_run: bool = False,
     ) -> dsl.Model:
         def step(task: Any, name: str, resources: Resources = cfg.step_resources, cache: bool = True) -> Any:
@@ -92,6 +93,9 @@ def build_pipeline(params: Params) -> Any:
                 data_source=data_source,
                 gpu_type=gpu_type,
                 namespace=namespace,
+                data_until=data_until,
+                # a recurring run trains on the data up to its scheduled day (pipelines/run_window.py)
+                schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
             ),
             "configure",
         )

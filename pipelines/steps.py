@@ -13,16 +13,29 @@ No ``from __future__ import annotations`` in this module: KFP reads the artifact
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def configure(params_yaml: str, data_source: str, gpu_type: str, namespace: str) -> str:
+def configure(
+    params_yaml: str,
+    data_source: str,
+    gpu_type: str,
+    namespace: str,
+    data_until: str = "",
+    schedule_time: str = "",
+) -> str:
     """Validate the run's configuration once, before any work: params.yaml text + the run's overrides.
 
-    Returns the effective configuration as YAML; every other task reads that, so the whole run agrees.
+    ``data.until`` becomes the run's day (pipelines/run_window.py): ``data_until`` if given, else the
+    scheduled time of a recurring run. Returns the effective configuration as YAML; every other task
+    reads that, so the whole run agrees (and a new day is a new input for every cached task).
     """
     import yaml
 
+    from pipelines.run_window import data_until as run_day
     from recsys.config import params_from_yaml_text, parse_params
 
     effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
+    day = run_day(data_until, schedule_time)
+    if day is not None:
+        effective["data"]["until"] = day.isoformat()
     effective["data"]["source"] = data_source
     effective["pipeline"]["accelerator_type"] = gpu_type
     effective["deploy"]["namespace"] = namespace

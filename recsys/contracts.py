@@ -43,6 +43,8 @@ RAW_COLUMNS: dict[str, dict[str, str]] = {
     },
 }
 RAW_TABLES = tuple(RAW_COLUMNS)
+# when each raw table's rows came to be known: a cut at an instant keeps the rows before it
+KNOWN_SINCE = {"users": "signup_timestamp", "items": "created_timestamp", "events": "event_timestamp"}
 
 # ---- feature tables (data/features/<name>.parquet), each with entity key(s) + event_timestamp -------
 TIMESTAMP = "event_timestamp"

@@ -153,3 +153,29 @@ def test_cli_prints_one_line_for_expected_errors_and_keeps_stored_tables(tmp_pat
     assert err.startswith("ingest: ") and message in err and "Traceback" not in err
     assert [p.name for p in raw.iterdir()] == ["events.parquet"]
     assert (raw / "events.parquet").read_bytes() == b"previous tables"
+
+
+def test_data_until_keeps_what_was_known_before_the_day(tiny_params, tmp_path):
+    """Two scheduled runs for two days train on different data: ingest cuts every table at data.until."""
+    import pandas as pd
+
+    from components import ingest
+    from recsys.contracts import DataContractError, read_raw_tables
+
+    everything = ingest.load_source(tiny_params.data, tiny_params.seed)
+    times = everything["events"]["event_timestamp"]
+    day = times.min().normalize() + (times.max() - times.min()).ceil("D") / 2
+    for name, until in (("earlier", day), ("later", day + pd.Timedelta(days=7))):
+        data = tiny_params.data.model_copy(update={"until": until.to_pydatetime()})
+        ingest.run(data, tiny_params.seed, tmp_path / name)
+    earlier, later = read_raw_tables(tmp_path / "earlier"), read_raw_tables(tmp_path / "later")
+    assert earlier["events"]["event_timestamp"].max() < day <= later["events"]["event_timestamp"].max()
+    assert 0 < len(earlier["events"]) < len(later["events"]) < len(everything["events"])
+    assert (earlier["items"]["created_timestamp"] < day).all()
+    assert (earlier["users"]["signup_timestamp"] < day).all()
+    before_anything = tiny_params.data.model_copy(
+        update={"until": (times.min() - pd.Timedelta(days=1)).to_pydatetime()}
+    )
+    with pytest.raises(DataContractError, match=r"data\.until: .* keeps no events"):
+        ingest.run(before_anything, tiny_params.seed, tmp_path / "none")
+    assert not (tmp_path / "none").exists()

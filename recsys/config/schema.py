@@ -84,8 +84,17 @@ class MovieLensSource(Section):
 class DataConfig(Section):
     source: Literal["synthetic", "movielens"]
     raw_dir: Path
+    # the data as known before this instant (exclusive): events, users and items created before it;
+    # null = everything. A scheduled Kubeflow run sets it to the start of its scheduled day
+    until: datetime | None
     synthetic: SyntheticSource
     movielens: MovieLensSource
+
+    @model_validator(mode="after")
+    def _until_is_aware(self) -> DataConfig:
+        if self.until is not None and self.until.tzinfo is None:
+            self.until = self.until.replace(tzinfo=UTC)
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

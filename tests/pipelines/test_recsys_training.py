@@ -173,7 +173,9 @@ def test_every_task_image_resolves_to_the_pinned_image_without_installing_kfp(co
         assert "pip install" not in " ".join(container["command"])  # kfp comes with the image
         assert "executor_main" in " ".join(container["command"])
     assert not _is_full_reference("0.1.0") and _is_full_reference("ghcr.io/a/b@sha256:" + "0" * 64)
-    assert set(parameters) == {"params_yaml", "data_source", "gpu_type", "namespace", "deploy_dry_run"}
+    assert set(parameters) == {
+        "params_yaml", "data_source", "gpu_type", "namespace", "data_until", "deploy_dry_run",
+    }  # fmt: skip
 
 
 def test_params_default_is_the_validated_params_file(compiled, params):
@@ -204,6 +206,44 @@ def test_configure_applies_the_run_parameters(params):
         steps.configure(params_as_text(params), "csv", "nvidia.com/gpu", "recsys")
     with pytest.raises(ConfigError, match=r"deploy\.namespace"):
         steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "Not_A_Namespace")
+
+
+def test_a_scheduled_run_trains_on_the_data_up_to_its_day(compiled, tasks, params):
+    """Every run of a schedule had the same inputs, so a daily run was a full cache hit: the configure
+    task now gets KFP's schedule-time placeholder and sets data.until to the start of that day."""
+    from pipelines import steps
+    from pipelines.recsys_training import params_as_text
+
+    component = compiled["spec"]["components"][tasks["configure"]["spec"]["componentRef"]["name"]]
+    assert "schedule_time" in component["inputDefinitions"]["parameters"]
+    argument = tasks["configure"]["spec"]["inputs"]["parameters"]["schedule_time"]
+    assert argument["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
+    text = params_as_text(params)
+    monday = params_from_yaml_text(
+        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-03T03:00:00Z")
+    )
+    tuesday = params_from_yaml_text(
+        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-04T03:00:00+00:00")
+    )
+    assert monday.data.until.isoformat() == "2026-08-03T00:00:00+00:00"
+    assert tuesday.data.until.isoformat() == "2026-08-04T00:00:00+00:00"
+    backfill = steps.configure(
+        text, "synthetic", "nvidia.com/gpu", "recsys", "2026-07-01", "2026-08-04T03:00:00Z"
+    )
+    assert params_from_yaml_text(backfill).data.until.isoformat() == "2026-07-01T00:00:00+00:00"
+    # kfp.local and one-off runs leave the placeholder unresolved: params.yaml's data.until stands
+    unresolved = steps.configure(
+        text, "synthetic", "nvidia.com/gpu", "recsys", "", "{{$.pipeline_job_schedule_time_utc}}"
+    )
+    assert params_from_yaml_text(unresolved).data.until == params.data.until
+
+
+def test_a_run_date_that_is_not_a_date_is_named():
+    from pipelines.run_window import RunWindowError, data_until
+
+    with pytest.raises(RunWindowError, match="data_until: 'yesterday'"):
+        data_until("yesterday", "")
+    assert data_until("", "") is None
 
 
 def test_pipeline_config_rejects_latest_and_bad_resources(params):

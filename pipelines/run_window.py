@@ -1,0 +1,31 @@
+"""Which data a run trains on: the day a scheduled run is for.
+
+A recurring run must not be a cache hit on yesterday's data: the ``configure`` task receives KFP's
+``{{$.pipeline_job_schedule_time_utc}}`` and sets ``data.until`` to the start of that day (UTC), so ingest
+keeps what was known before it and every downstream task sees a new input. A run can name the day itself
+(``data_until``, e.g. a backfill); a one-off run, and ``kfp.local`` (which leaves the placeholder as
+is), keeps params.yaml's ``data.until``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+class RunWindowError(ValueError):
+    """A run date that cannot be read; the message names the parameter."""
+
+
+def data_until(explicit: str, schedule_time: str) -> datetime | None:
+    """The start of the run's day (UTC): ``explicit`` if given, else the scheduled time, else None."""
+    for name, value in (("data_until", explicit), ("schedule time", schedule_time)):
+        text = (value or "").strip()
+        if not text or text.startswith("{{"):  # not given, or a placeholder nothing resolved
+            continue
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise RunWindowError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    return None
