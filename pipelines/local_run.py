@@ -57,7 +57,7 @@ def run_local(
     params = load_params(params_path, overrides)
     if runner == "docker" and training_image == "cpu":
         params.pipeline.training_image_repo = params.pipeline.image_repo
-    pipeline = build_pipeline(params)
+    pipeline = build_pipeline(params, scheduled=False)
     pipeline_root = Path(pipeline_root).resolve()
     if runner == "docker":
         local_runner: Any = docker_runner(params, pipeline_root)

@@ -44,8 +44,12 @@ def compile_pipeline(params_path: Path, output: Path) -> Path:
     return output
 
 
-def build_pipeline(params: Params) -> Any:
-    """The ``@dsl.pipeline`` for ``params``, which also become the ``params_yaml`` default."""
+def build_pipeline(params: Params, scheduled: bool = True) -> Any:
+    """The ``@dsl.pipeline`` for ``params``, which also become the ``params_yaml`` default.
+
+    ``scheduled``: hand the configure task KFP's schedule-time placeholder (the compiled pipeline);
+    ``kfp.local`` has no schedule and cannot resolve that placeholder, so run-local passes False.
+    """
     cfg = params.pipeline
     params_text = params_as_text(params)
 
@@ -95,7 +99,7 @@ def build_pipeline(params: Params) -> Any:
                 namespace=namespace,
                 data_until=data_until,
                 # a recurring run trains on the data up to its scheduled day (pipelines/run_window.py)
-                schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
+                schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if scheduled else "",
             ),
             "configure",
         )

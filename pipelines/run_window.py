@@ -3,8 +3,8 @@
 A recurring run must not be a cache hit on yesterday's data: the ``configure`` task receives KFP's
 ``{{$.pipeline_job_schedule_time_utc}}`` and sets ``data.until`` to the start of that day (UTC), so ingest
 keeps what was known before it and every downstream task sees a new input. A run can name the day itself
-(``data_until``, e.g. a backfill); a one-off run, and ``kfp.local`` (which leaves the placeholder as
-is), keeps params.yaml's ``data.until``.
+(``data_until``, e.g. a backfill); a one-off run whose placeholder stays unresolved keeps params.yaml's
+``data.until``, and so does run-local (``kfp.local`` cannot resolve the placeholder: it is not passed).
 """
 
 from __future__ import annotations
