@@ -4,7 +4,7 @@ throughout and the server's memory before and after.
 A server whose event loop is blocked by prediction fails its liveness probe under load and is restarted
 by Kubernetes although it is healthy; one that keeps request bodies or caches growing runs out of its
 memory limit. So each level records, next to requests / errors / throughput / p50 / p99, the latency of
-``/v2/health/live`` probed every 100 ms during the load, and the server's RSS (``/proc/<pid>/status``)
+``/v2/health/live`` probed every 100 ms during the load, and the server's RSS (psutil)
 after it. Loads:
 
 - ``light``: V1 ``recommend`` of one user (retrieve, rank, return 20);
@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 
 from benchmarks.load_client import run_load
 from benchmarks.model_server import free_port, start_server, stop_server
@@ -162,10 +163,7 @@ def _with_liveness_probes(base: str, load: Any) -> tuple[dict[str, Any], list[fl
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
 def _markdown(results: dict[str, Any]) -> str:

@@ -22,14 +22,8 @@ from recsys.feature_store import (
 
 
 def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> dict[str, str]:
-    """The materialised window of :func:`backfill_online_store` on the tables in ``features_dir``."""
-    return backfill_online_store(feast, features, features_dir)
-
-
-def backfill_online_store(
-    feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path
-) -> dict[str, str]:
-    """Register the feature views over ``features_dir`` and backfill the online store from them.
+    """Register the feature views over ``features_dir`` and backfill the online store from them; returns
+    the materialised window.
 
     The KFP pipeline runs this as a step of its own that is never cached: the online store lives outside
     the run, so a cache hit on the training sets must not leave a new or emptied store unfilled.

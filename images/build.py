@@ -66,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        known = images(args.params)
         for name in args.images:
             if name == "base":
                 print(ensure_local_base())
                 continue
-            image = images(args.params).get(name)
+            image = known.get(name)
             if image is None:
-                raise BuildError(
-                    f"unknown image {name!r}: choose from base, {', '.join(images(args.params))}"
-                )
+                raise BuildError(f"unknown image {name!r}: choose from base, {', '.join(known)}")
             build(image, args.base_image)
     except BuildError as exc:
         print(f"images/build.py: {exc}", file=sys.stderr)

@@ -23,12 +23,6 @@ from recsys import artifact_layout as layout
 from recsys.ann_index import load_index
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 
-TWO_TOWER = RETRIEVAL_MODEL
-MODELS_DIR = layout.BUNDLE_MODELS
-INDEX_FILE = layout.INDEX
-ITEM_EMBEDDINGS_FILE = layout.ITEM_EMBEDDINGS
-POPULAR_FILE = layout.POPULAR_ITEMS
-
 
 @dataclass
 class ServingBundle:
@@ -75,36 +69,39 @@ def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir, verify=True)
     files = manifest["files"]
-    two_tower_dir = bundle_dir / MODELS_DIR / TWO_TOWER
-    for name in (layout.bundle_model_file(TWO_TOWER, file) for file in layout.MODEL_FILES):
+    two_tower_dir = bundle_dir / layout.BUNDLE_MODELS / RETRIEVAL_MODEL
+    for name in (layout.bundle_model_file(RETRIEVAL_MODEL, file) for file in layout.MODEL_FILES):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' (the two-tower) is not in the bundle")
-    for name in (INDEX_FILE, layout.INDEX_SIDECAR, ITEM_EMBEDDINGS_FILE, POPULAR_FILE):
+    for name in (layout.INDEX, layout.INDEX_SIDECAR, layout.ITEM_EMBEDDINGS, layout.POPULAR_ITEMS):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' is not in the bundle")
     two_tower, tt_encoder = load_model(two_tower_dir)
-    if two_tower.kind != TWO_TOWER:
+    if two_tower.kind != RETRIEVAL_MODEL:
         raise BundleIntegrityError(f"{two_tower_dir}: holds a '{two_tower.kind}' model, not a two-tower")
     rankers = {}
     for kind in RANKERS:
         if layout.bundle_model_file(kind, layout.MODEL_CONFIG) in files:
-            model, encoder = load_model(bundle_dir / MODELS_DIR / kind)
+            model, encoder = load_model(bundle_dir / layout.BUNDLE_MODELS / kind)
             if model.kind != kind:
-                raise BundleIntegrityError(f"{bundle_dir / MODELS_DIR / kind}: holds a '{model.kind}' model")
+                raise BundleIntegrityError(
+                    f"{bundle_dir / layout.BUNDLE_MODELS / kind}: holds a '{model.kind}' model"
+                )
             rankers[kind] = (model, encoder)
     if default_ranker not in rankers:
         raise BundleIntegrityError(
             f"{bundle_dir}: serving.default_ranker '{default_ranker}' has no model in the bundle "
-            f"(files '{MODELS_DIR}/{default_ranker}/...'); it holds {sorted(rankers) or 'no ranker'}"
+            f"(files '{layout.bundle_model_file(default_ranker, '...')}'); "
+            f"it holds {sorted(rankers) or 'no ranker'}"
         )
-    index, _ = load_index(bundle_dir / INDEX_FILE, expected_dim=int(two_tower.output_dim))  # type: ignore[arg-type]
-    catalogue = load_file(str(bundle_dir / ITEM_EMBEDDINGS_FILE))["item_ids"].astype(np.int64)
+    index, _ = load_index(bundle_dir / layout.INDEX, expected_dim=int(two_tower.output_dim))  # type: ignore[arg-type]
+    catalogue = load_file(str(bundle_dir / layout.ITEM_EMBEDDINGS))["item_ids"].astype(np.int64)
     if len(catalogue) != index.ntotal:
         raise BundleIntegrityError(
-            f"{bundle_dir}: '{ITEM_EMBEDDINGS_FILE}' has {len(catalogue)} items, "
-            f"'{INDEX_FILE}' {index.ntotal}"
+            f"{bundle_dir}: '{layout.ITEM_EMBEDDINGS}' has {len(catalogue)} items, "
+            f"'{layout.INDEX}' {index.ntotal}"
         )
-    popular_ids, popular_scores = _popular_items(bundle_dir / POPULAR_FILE)
+    popular_ids, popular_scores = _popular_items(bundle_dir / layout.POPULAR_ITEMS)
     return ServingBundle(
         path=bundle_dir,
         version=str(manifest["version"]),

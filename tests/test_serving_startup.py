@@ -24,12 +24,12 @@ CATALOGUE = [10, 11, 12]  # 10 and 11 are in the store, 12 is not
 
 def handmade_online_store(root: Path) -> FeastConfig:
     """A registered and materialised Feast store under ``root``: users 1-3, items 10 and 11."""
-    from components.online_store import backfill_online_store
+    from components import online_store
 
     params = shipped_params()
     feast = revalidated(params.feast, repo_path=copy_feature_repo(root))
     _, features_dir = handmade_dataset(root / "data")
-    backfill_online_store(feast, params.features, features_dir)
+    online_store.run(feast, params.features, features_dir)
     return feast
 
 

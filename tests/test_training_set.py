@@ -154,7 +154,7 @@ def test_backfill_alone_fills_a_new_online_store(tmp_path):
     feast_cfg = _feast(copy_feature_repo(tmp_path))
     _, features_dir = handmade_dataset(tmp_path / "data")
     assert feature_store.open_feature_store(feast_cfg).list_feature_views() == []  # nothing registered yet
-    window = online_store.backfill_online_store(feast_cfg, FEATURES, features_dir)
+    window = online_store.run(feast_cfg, FEATURES, features_dir)
     online = _latest_user_values(feast_cfg)
     assert online["user_impressions_7d"] == [8, 4] and online["gender"] == ["F", "M"]
     assert window["end"] > day(9, 10).isoformat()
