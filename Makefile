@@ -17,7 +17,7 @@ export FEAST_USAGE := False
 $(STAMP): pyproject.toml images/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --constraint images/constraints.txt -e ".[dev,production]"
+	$(BIN)/python -m pip install --quiet --constraint images/constraints.txt -e ".[dev,production,spark]"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 

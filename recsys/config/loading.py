@@ -67,7 +67,9 @@ def _describe(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; allowed keys are the section's fields)"
         got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        # a check across sections (no key path) would show the whole configuration as its input
+        quiet = err["type"] in ("extra_forbidden", "missing") or not err["loc"]
+        shown = "" if quiet else f" (got {got!r})"
         lines.append(f"{key}: {message}{shown}")
     return f"{source}: invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -5,9 +5,10 @@ one source; tests/recsys/test_config_source.py keeps the two in step)."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -81,14 +82,22 @@ class MovieLensSource(Section):
     positive_rating: int = Field(ge=1, le=5)
 
 
+class MovieTweetingsSource(Section):
+    """MovieTweetings (IMDb ratings 0-10 from tweets; components/movietweetings.py): a local snapshot."""
+
+    path: Path  # a directory or zip holding ratings.dat, movies.dat, users.dat (never downloaded)
+    positive_rating: int = Field(ge=1, le=10)  # label 1 when rating >= this (8: the median, ~50% positive)
+
+
 class DataConfig(Section):
-    source: Literal["synthetic", "movielens"]
+    source: Literal["synthetic", "movielens", "movietweetings"]
     raw_dir: Path
     # the data as known before this instant (exclusive): events, users and items created before it;
     # null = everything. A scheduled Kubeflow run sets it to the start of its scheduled day
     until: datetime | None
     synthetic: SyntheticSource
     movielens: MovieLensSource
+    movietweetings: MovieTweetingsSource
 
     @model_validator(mode="after")
     def _until_is_aware(self) -> DataConfig:
@@ -155,8 +164,11 @@ class TrainingSetConfig(Section):
     # explicit cut points (both or neither) override the fractions: valid = [valid_start, test_start)
     valid_start: datetime | None
     test_start: datetime | None
-    # entity rows per get_historical_features call; each call reads only the feature rows it can use
+    # candidate (entity row, feature row) pairs per time chunk of one view's point-in-time join: each
+    # chunk reads only the feature rows it can use (recsys/point_in_time.py)
     chunk_rows: int = Field(gt=0)
+    # entity rows per get_historical_features call: the chunks of a call share it (partitioned keys)
+    call_rows: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _consistent_splits(self) -> TrainingSetConfig:
@@ -225,6 +237,69 @@ class EvaluationConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# search (components/search.py): Optuna locally, the same space as Katib Experiments on the cluster
+
+
+class SearchParameter(Section):
+    """One searched value: a float or int range (log-uniform when ``log``) or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None
+    high: float | None
+    log: bool
+    choices: list[Any] | None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchParameter:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical: give the choices (low/high null)")
+            return self
+        if self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"{self.type}: give low < high, got {self.low} and {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log: low must be positive")
+        return self
+
+
+class KatibSearchConfig(Section):
+    """How the Katib trials of manifests/katib/search.yaml reach the training sets and params."""
+
+    volume_claim: str = Field(pattern=DNS_LABEL)  # the PVC holding a pipeline run's training sets
+    mount_path: str = Field(pattern=r"^/")
+    training_dir: str = Field(pattern=r"^/")  # the training sets inside the mount
+    params_file: str = Field(pattern=r"^/")  # params.yaml inside the mount
+    parallel_trials: int = Field(ge=1)
+    max_failed_trials: int = Field(ge=0)
+
+
+class SearchConfig(Section):
+    """Hyper-parameter search per model on the validation split; off unless ``enabled``."""
+
+    enabled: bool
+    trials: int = Field(ge=1)  # per model
+    output: Path
+    # model kind -> dotted params key (models.<kind>.* or training.*) -> distribution
+    space: dict[str, dict[str, SearchParameter]]
+    katib: KatibSearchConfig
+
+    @field_validator("space")
+    @classmethod
+    def _known_models(
+        cls, space: dict[str, dict[str, SearchParameter]]
+    ) -> dict[str, dict[str, SearchParameter]]:
+        from models.kinds import MODEL_KINDS
+
+        for kind, keys in space.items():
+            if kind not in MODEL_KINDS:
+                raise ValueError(f"space: unknown model '{kind}'; expected one of {list(MODEL_KINDS)}")
+            for key in keys:
+                if not (key.startswith(f"models.{kind}.") or key.startswith("training.")):
+                    raise ValueError(f"space.{kind}: '{key}' must be a models.{kind}.* or training.* key")
+        return space
+
+
+# --------------------------------------------------------------------------------------------------
 # index, bundle, gate
 
 
@@ -280,6 +355,15 @@ class GateConfig(Section):
     metrics: dict[str, Literal["higher", "lower"]] = Field(min_length=1)
 
 
+class PromoteConfig(Section):
+    """Where components/promote.py puts the gated bundle: ``<uri>/<version>/`` + the ``<uri>/current.json``
+    pointer; ``secret`` holds the store's endpoint and credentials (KFP tasks and KServe both read it)."""
+
+    uri: str = Field(pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/]+)*/?|file:///.+)$")
+    version: str | None = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    secret: str = Field(pattern=DNS_LABEL)
+
+
 # --------------------------------------------------------------------------------------------------
 # pipeline (Kubeflow) and deploy (KServe)
 
@@ -309,6 +393,23 @@ class Resources(Section):
         return {"cpu": self.cpu_limit, "memory": self.memory_limit}
 
 
+class Toleration(Section):
+    """A Kubernetes toleration (core/v1 Toleration, without tolerationSeconds)."""
+
+    key: str | None
+    operator: Literal["Equal", "Exists"]
+    value: str | None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        return self
+
+
 class PipelineConfig(Section):
     """The Kubeflow pipeline (pipelines/): its image, cluster settings, resources and schedule.
 
@@ -332,6 +433,21 @@ class PipelineConfig(Section):
     train_resources: Resources
     step_resources: Resources
     retries: int = Field(ge=0, le=5)
+    # the Feast tasks get deploy.feast_config_map as a volume and these keys of deploy.feast_secret as env
+    feast_secret_keys: list[str] = Field(min_length=1)
+    gpu_tolerations: list[Toleration]  # the training tasks' (and PyTorchJob pods') tolerations
+    gpu_node_selector: dict[str, str]  # ... and node selector
+    training_nodes: int = Field(ge=1)  # >1: a PyTorchJob (Kubeflow Training Operator) per training task
+    training_volume: str = Field(pattern=DNS_LABEL)  # RWX PVC shared with the PyTorchJob pods (multi-node)
+    training_job_timeout_s: int = Field(gt=0)
+
+    @field_validator("feast_secret_keys")
+    @classmethod
+    def _env_names(cls, keys: list[str]) -> list[str]:
+        bad = [key for key in keys if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key)]
+        if bad:
+            raise ValueError(f"not environment variable names: {bad}")
+        return keys
 
     @field_validator("image_tag")
     @classmethod
@@ -373,6 +489,8 @@ class ServingConfig(Section):
     item_cache_ttl_s: float = Field(ge=0)  # item features are cached this long (0: never)
     exclude_history: bool  # recommend leaves out items in the user's click history
     torch_threads: int = Field(ge=1)  # intra-op threads per server process
+    # server processes on the one port (serving/workers.py); each holds the models and its own requests
+    workers: int = Field(ge=1, le=64)
     # a request body larger than this is refused with 413 before it is read (serving/request_limits.py)
     max_request_bytes: int = Field(ge=1_024)
     request_id_max_length: int = Field(ge=1)  # a V2 request's id is echoed back: bounded
@@ -407,6 +525,9 @@ class DeployConfig(Section):
     resources: Resources
     run_as_user: int = Field(ge=1)
     timeout_s: float = Field(gt=0)
+    # a pipeline rollout: the new model gets this share of traffic until it is Ready and healthy
+    canary_traffic_percent: int = Field(ge=1, le=99)
+    canary_soak_s: float = Field(ge=0)
     # where the production Feast config lives in the cluster (names only: values are never committed)
     feast_config_map: str = Field(pattern=DNS_LABEL)
     feast_secret: str = Field(pattern=DNS_LABEL)
@@ -427,6 +548,7 @@ class Params(Section):
     data: DataConfig
     features: FeaturesConfig
     evaluation: EvaluationConfig
+    search: SearchConfig
     feast: FeastConfig
     training_set: TrainingSetConfig
     validation: ValidationConfig
@@ -434,9 +556,24 @@ class Params(Section):
     index: IndexConfig
     bundle: BundleConfig
     gate: GateConfig
+    promote: PromoteConfig
     pipeline: PipelineConfig
     deploy: DeployConfig
     serving: ServingConfig
     # the models package's own sections (models/config.py): features, feature groups, the four models
     models: ModelsConfig
     training: TrainingConfig
+
+    @model_validator(mode="after")
+    def _serving_workers_fit_the_pod(self) -> Params:
+        # a server worker computes on about one core (serving/workers.py): workers beyond the pod's CPU
+        # limit add memory (the models and a request's working set each), not throughput
+        from kubernetes.utils.quantity import parse_quantity
+
+        cpu_limit = self.deploy.resources.cpu_limit
+        if self.serving.workers > parse_quantity(cpu_limit):
+            raise ValueError(
+                f"serving.workers {self.serving.workers} exceeds deploy.resources.cpu_limit {cpu_limit}: "
+                "more server processes than cores add memory, not throughput"
+            )
+        return self
