@@ -39,41 +39,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure_default(params: Params, root: Path) -> dict[str, Any]:
-    raw, feats, feast = _dataset(params, root)
+    raw, feats, feast = generate_dataset(params, root)
     out: dict[str, Any] = {"preset": "default", "events": params.data.synthetic.sizes().n_events}
     t0 = time.perf_counter()
     validate.run(params.validation, "raw", raw, report_dir=root / "docs_raw", summary_file=root / "raw.json")
     out["validate_raw_s"] = _since(t0)
-    config = params.training_set.model_copy(
-        update={
-            "metrics_file": root / "ts.json",
-            "report_file": root / "ts.md",
-            "output_dir": root / "training",
-        }
-    )
-    t0 = time.perf_counter()
-    report = training_set.run(config, feats, raw, feast=feast, features=params.features)
-    out["training_set_s"] = _since(t0)
+    report, out["training_set_s"] = timed_training_set(params, raw, feats, feast, root)
     out["training_set_parts_s"] = report["seconds"]
     out["rows"] = {name: info["rows"] for name, info in report["sets"].items()}
     t0 = time.perf_counter()
     validate.run(
         params.validation,
         "training",
-        config.output_dir,
+        root / "training",
         report_dir=root / "docs_training",
         summary_file=root / "training.json",
     )
     out["validate_training_s"] = _since(t0)
     out["chunk_rows_sweep"] = _chunk_sweep(
-        params, raw, feats, feast, rows=40_000, sizes=[2000, 4000, 8000, 16000]
+        params, raw, feats, feast, rows=40_000, sizes=[12_500, 50_000, 200_000]
     )
     return out
 
 
 def measure_large(params: Params, root: Path, slice_rows: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    raw, feats, feast = _dataset(params, root)
+    raw, feats, feast = generate_dataset(params, root)
     out: dict[str, Any] = {"preset": "large", "events": params.data.synthetic.sizes().n_events}
     out["generate_s"] = _since(t0)
     t0 = time.perf_counter()
@@ -90,7 +81,8 @@ def measure_large(params: Params, root: Path, slice_rows: int) -> dict[str, Any]
     return out
 
 
-def _dataset(params: Params, root: Path) -> tuple[Path, Path, FeastConfig]:
+def generate_dataset(params: Params, root: Path) -> tuple[Path, Path, FeastConfig]:
+    """Raw and feature tables of ``params.data`` under ``root``, and a feature_repo/ copy to register in."""
     raw, feats = root / "raw", root / "features"
     ingest.run(params.data, params.seed, raw)
     features.run(params.features, raw, feats)
@@ -100,6 +92,22 @@ def _dataset(params: Params, root: Path) -> tuple[Path, Path, FeastConfig]:
         if path.is_file():
             (repo / path.name).write_bytes(path.read_bytes())
     return raw, feats, FeastConfig.model_validate(params.feast.model_dump() | {"repo_path": repo})
+
+
+def timed_training_set(
+    params: Params, raw: Path, feats: Path, feast: FeastConfig, root: Path
+) -> tuple[dict[str, Any], float]:
+    """The training-set step on the tables, its outputs under ``root``: (its report, seconds)."""
+    config = params.training_set.model_copy(
+        update={
+            "metrics_file": root / "ts.json",
+            "report_file": root / "ts.md",
+            "output_dir": root / "training",
+        }
+    )
+    t0 = time.perf_counter()
+    report = training_set.run(config, feats, raw, feast=feast, features=params.features)
+    return report, _since(t0)
 
 
 def _chunked_join(
@@ -115,7 +123,9 @@ def _chunked_join(
     start = max(0, len(ranking) // 2 - rows // 2)
     entity = ranking.iloc[start : start + rows]
     t0 = time.perf_counter()
-    frame, _ = point_in_time.historical_features(store, entity, "ranking", sources, build, chunk_rows)
+    frame, _ = point_in_time.historical_features(
+        store, entity, "ranking", sources, build, chunk_rows, params.training_set.call_rows
+    )
     return {"seconds": _since(t0), "rows": len(frame), "store": store, "entity": entity, "build": build}
 
 
@@ -137,7 +147,9 @@ def _chunk_sweep(
     sweep["unpruned_single_call_s"] = _since(t0)
     t0 = time.perf_counter()
     sources = {name: feature_store.read_feature_table(feats, name) for name in FEATURE_TABLE_KEYS}
-    point_in_time.historical_features(store, small, "ranking", sources, build, params.training_set.chunk_rows)
+    point_in_time.historical_features(
+        store, small, "ranking", sources, build, params.training_set.chunk_rows, params.training_set.call_rows
+    )
     sweep["chunked_same_rows_s"] = _since(t0)
     return sweep
 

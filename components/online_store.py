@@ -7,6 +7,7 @@ run); locally the training_set step ends with the same backfill.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -30,9 +31,10 @@ def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) 
     """
     features_dir = Path(features_dir).resolve()
     store = open_feature_store(feast)
-    store.apply(feature_repo(feast, features, features_dir).objects())
+    build_repo = functools.partial(feature_repo, feast, features)
+    store.apply(build_repo(features_dir).objects())
     sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
-    start, end = materialize_online_store(store, sources)
+    start, end = materialize_online_store(store, sources, build_repo)
     return {"start": start.isoformat(), "end": end.isoformat()}
 
 

@@ -1,10 +1,10 @@
 """Feast definitions of the recommender's features: entities, file sources, feature views, services.
 
-Everything is built by :func:`build_feature_repo` from three inputs (where the feature tables live, the
-statistics windows, the TTL of each view) so that the ``feast`` CLI (through ``repo.py``) and the
-training-set step (``components/training_set.py``) register exactly the same objects from params.yaml.
-This module defines no Feast object at import time: ``feast apply`` imports every .py in the repo and
-would otherwise register a second copy.
+Everything is built by :func:`build_feature_repo` from its inputs (where the feature tables live, the
+statistics windows, the TTL of each view, the offline store that reads the tables) so that the
+``feast`` CLI (through ``repo.py``) and the training-set step (``components/training_set.py``)
+register exactly the same objects from params.yaml. This module defines no Feast object at import
+time: ``feast apply`` imports every .py in the repo and would otherwise register a second copy.
 
 Feature views mirror the feature tables of ``components/features.py`` one to one (see
 ``recsys/contracts.py``): the view name is the table name and every feature keeps its bare column
@@ -18,6 +18,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_source import DataSource
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Array, Float64, Int64, String
 
 TIMESTAMP = "event_timestamp"
@@ -29,8 +31,6 @@ FEATURE_VIEWS = USER_VIEWS + ITEM_VIEWS
 # tower the item views. Ranking: every feature (profiles, behaviour sequence for DIN attention,
 # activity statistics as dense inputs). They are the same today; two services let them diverge
 # without touching the training-set or serving code, which only name the service.
-# Order matters for speed, not results: Feast's file offline store joins the views in this order and
-# carries every joined column through the later joins, so the list-valued history goes last.
 _VIEW_ORDER = ("user_profile", "user_stats", "item_profile", "item_stats", "user_history")
 SERVICE_VIEWS: dict[str, tuple[str, ...]] = {
     "retrieval": _VIEW_ORDER,
@@ -43,12 +43,12 @@ class FeatureRepo:
     """The Feast objects of the project, by name."""
 
     entities: dict[str, Entity]
-    sources: dict[str, FileSource]
+    sources: dict[str, DataSource]
     views: dict[str, FeatureView]
     services: dict[str, FeatureService]
     feature_names: dict[str, list[str]] = field(default_factory=dict)
 
-    def objects(self) -> list[Entity | FileSource | FeatureView | FeatureService]:
+    def objects(self) -> list[Entity | DataSource | FeatureView | FeatureService]:
         """Every object, in the order ``FeatureStore.apply`` accepts them."""
         return [
             *self.entities.values(),
@@ -59,12 +59,17 @@ class FeatureRepo:
 
 
 def build_feature_repo(
-    features_dir: str | Path, stats_windows_days: list[int], ttl: dict[str, timedelta]
+    features_dir: str | Path,
+    stats_windows_days: list[int],
+    ttl: dict[str, timedelta],
+    offline_store: str = "duckdb",
 ) -> FeatureRepo:
     """Build the entities, sources, views and services over ``features_dir/<view>.parquet``.
 
     ``features_dir`` is used as given: pass an absolute path so the repo works from any working
-    directory (a relative one is resolved by Feast against the repo folder).
+    directory (a relative one is resolved by Feast against the repo folder). ``offline_store`` is the
+    ``offline_store.type`` of the store config: the Spark store reads parquet through ``SparkSource``,
+    every other (duckdb, file) through ``FileSource``; the tables and their meaning are the same.
     """
     missing = [name for name in FEATURE_VIEWS if name not in ttl]
     if missing:
@@ -77,15 +82,7 @@ def build_feature_repo(
     )
     schemas = _schemas(stats_windows_days)
     entity_of = {name: user if name in USER_VIEWS else item for name in FEATURE_VIEWS}
-    sources = {
-        name: FileSource(
-            name=f"{name}_source",
-            path=str(Path(features_dir) / f"{name}.parquet"),
-            timestamp_field=TIMESTAMP,
-            description=f"Feature table '{name}' written by components/features.py.",
-        )
-        for name in FEATURE_VIEWS
-    }
+    sources = {name: _source(name, Path(features_dir), offline_store) for name in FEATURE_VIEWS}
     views = {
         name: FeatureView(
             name=name,
@@ -113,6 +110,20 @@ def build_feature_repo(
         services=services,
         feature_names={name: [f.name for f in schemas[name]] for name in FEATURE_VIEWS},
     )
+
+
+def _source(name: str, features_dir: Path, offline_store: str) -> DataSource:
+    path = str(features_dir / f"{name}.parquet")
+    description = f"Feature table '{name}' written by components/features.py."
+    if offline_store == "spark":
+        return SparkSource(
+            name=f"{name}_source",
+            path=path,
+            file_format="parquet",
+            timestamp_field=TIMESTAMP,
+            description=description,
+        )
+    return FileSource(name=f"{name}_source", path=path, timestamp_field=TIMESTAMP, description=description)
 
 
 _VIEW_DESCRIPTIONS = {

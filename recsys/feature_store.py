@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -14,10 +16,13 @@ from typing import Any
 
 os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before Feast is imported
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from feast import FeatureStore
+import yaml
+from feast import FeatureStore, RepoConfig
+from feast.constants import FEAST_FS_YAML_FILE_PATH_ENV_NAME
 
 from recsys.config import FeastConfig, FeaturesConfig
 from recsys.contracts import (
@@ -40,10 +45,26 @@ def open_feature_store(feast: FeastConfig) -> FeatureStore:
     repo_path = resolve_repo_path(feast.repo_path)
     if feast.config_file is None:
         return FeatureStore(repo_path=str(repo_path))
+    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=store_config_file(feast))
+
+
+def store_config_file(feast: FeastConfig) -> Path:
+    """The yaml ``open_feature_store`` reads: ``feast.config_file`` (relative: inside the repo), else
+    $FEAST_FS_YAML_FILE_PATH, else ``<repo>/feature_store.yaml``."""
+    repo_path = resolve_repo_path(feast.repo_path)
+    if feast.config_file is None:
+        return Path(os.environ.get(FEAST_FS_YAML_FILE_PATH_ENV_NAME, repo_path / "feature_store.yaml"))
     config_file = feast.config_file if feast.config_file.is_absolute() else repo_path / feast.config_file
     if not config_file.exists():
         raise FileNotFoundError(f"feast.config_file: {config_file} does not exist")
-    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=config_file)
+    return config_file
+
+
+def offline_store_type(feast: FeastConfig) -> str:
+    """``offline_store.type`` of the store config (Feast's default, dask, when the yaml names none)."""
+    config = yaml.safe_load(store_config_file(feast).read_text()) or {}
+    offline = config.get("offline_store", "dask")
+    return str(offline.get("type", "dask") if isinstance(offline, dict) else offline)
 
 
 def resolve_repo_path(repo_path: Path) -> Path:
@@ -61,23 +82,71 @@ def resolve_repo_path(repo_path: Path) -> Path:
 
 
 def feature_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> Any:
-    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir``."""
+    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir``, with
+    the data-source kind the configured offline store reads."""
     definitions = _definitions_module(resolve_repo_path(feast.repo_path))
     ttl = {name: timedelta(days=days) for name, days in feast.ttl_days.model_dump().items()}
-    return definitions.build_feature_repo(Path(features_dir).resolve(), features.stats_windows_days, ttl)
+    return definitions.build_feature_repo(
+        Path(features_dir).resolve(), features.stats_windows_days, ttl, offline_store_type(feast)
+    )
 
 
-def materialize_online_store(store: FeatureStore, sources: dict[str, pa.Table]) -> tuple[datetime, datetime]:
+def materialize_online_store(
+    store: FeatureStore, sources: dict[str, pa.Table], build_repo: Callable[[Path], Any]
+) -> tuple[datetime, datetime]:
     """Backfill the online store with every view's latest row up to the end of the data.
 
     ``materialize_incremental`` would start at now - TTL and skip the history, so the window is explicit:
     from the oldest feature row to one second past the newest (Feast's end bound is exclusive).
+
+    Feast's ``materialize`` reads every row of a view in the window and keeps each entity's newest, the
+    only row the online store holds. It runs over a copy of the tables pruned to those newest rows
+    (``build_repo(folder)``: the definitions over it, in a staging registry whose online store is this
+    store's), so the whole history is not read, converted and sorted just to be dropped; the online store
+    gets the same rows, and this store's registry records the window as its own ``materialize`` would.
     """
     stamps = [table.column(TIMESTAMP) for table in sources.values() if table.num_rows]
     start = min(pc.min(s).as_py() for s in stamps)
     end = max(pc.max(s).as_py() for s in stamps) + timedelta(seconds=1)
-    store.materialize(start_date=start, end_date=end)
+    with tempfile.TemporaryDirectory(prefix="feast-materialize-") as tmp:
+        staging_dir = Path(tmp)
+        for name, table in sources.items():
+            newest = _newest_rows(table, FEATURE_TABLE_KEYS[name])
+            pq.write_table(newest, staging_dir / f"{name}.parquet", coerce_timestamps="us")
+        staging = FeatureStore(config=_staging_config(store, staging_dir))
+        repo = build_repo(staging_dir)
+        staging.apply(repo.objects())
+        staging.materialize(start_date=start, end_date=end)
+    for name in repo.views:
+        store.registry.apply_materialization(store.get_feature_view(name), store.project, start, end)
     return start, end
+
+
+def _newest_rows(table: pa.Table, key: str) -> pa.Table:
+    """Each entity's newest row (timestamps are unique per entity: the data contract)."""
+    if not table.num_rows:
+        return table
+    order = np.lexsort((table.column(TIMESTAMP).cast(pa.int64()).to_numpy(), table.column(key).to_numpy()))
+    keys = table.column(key).to_numpy()[order]
+    last = np.flatnonzero(np.append(keys[1:] != keys[:-1], True))
+    return table.take(pa.array(order[last]))
+
+
+def _staging_config(store: FeatureStore, staging_dir: Path) -> RepoConfig:
+    """This store's project, online and offline stores, with a registry of its own in ``staging_dir``."""
+    config = store.config
+    online = config.online_store.model_dump()
+    if online.get("type") == "sqlite" and not Path(online["path"]).is_absolute():
+        online["path"] = str(Path(store.repo_path) / online["path"])  # as Feast resolves it for the store
+    return RepoConfig(
+        project=config.project,
+        provider=config.provider,
+        registry=str(staging_dir / "registry.db"),
+        online_store=online,
+        offline_store=config.offline_store.model_dump(),
+        entity_key_serialization_version=config.entity_key_serialization_version,
+        repo_path=staging_dir,
+    )
 
 
 def _definitions_module(repo_path: Path) -> ModuleType:

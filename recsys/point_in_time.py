@@ -1,25 +1,30 @@
-"""Point-in-time joins through Feast's ``get_historical_features``, kept linear in the number of events.
+"""Point-in-time joins through Feast's ``get_historical_features``, posed so the engine's cost stays linear.
 
 Feast joins every feature as of the event time: the latest feature row with timestamp <= event time and
-within the view's TTL. Its file offline store silently drops an entity row when a view has rows for the
-entity but none inside the TTL window, so the result is left-joined back onto the entity frame by
-``row_id`` and missing features get the contract's explicit defaults ("" / 0 / empty list): every event
-is kept once.
+within the view's TTL. The result is left-joined back onto the entity frame by ``row_id`` and missing
+features get the contract's explicit defaults ("" / 0 / empty list): every event is kept once, whatever
+the offline store does with an entity row that has no feature row (the DuckDB and Spark stores return it
+with nulls, the dask file store drops it).
 
-Speed. Feast's file offline store merges each entity row with *every* feature row of its entity before
-filtering by time, and dask re-hashes the merged frames at each of its many ``persist`` calls. Two
-measures keep this linear (``benchmarks/training_set_validate.py`` has the numbers):
+How the join is posed (``benchmarks/feast_offline_stores.py`` has the numbers). A store's as-of join
+pairs each entity row with every feature row of its entity before it filters by time and TTL, so its
+cost is entity rows x feature rows per entity; the join is posed to keep that product small:
 
-- the entity frame is cut into time-ordered chunks of at most ``training_set.chunk_rows`` rows (spanning
-  at most as many rows of any feature table, see ``_chunk_bounds``), and each chunk
-  is joined against a copy of the feature tables that holds only the rows the chunk can use: per entity
-  in the chunk, its last row before the chunk starts plus its rows inside the chunk's time range. Any
-  other row is older than one of those (so never the latest <= the event time) or newer than every event
-  of the chunk, so Feast's answer is unchanged; a test compares it with an unpruned join. The copy also
-  holds one null placeholder row per entity, so that a view with no row inside its TTL yields defaults
-  for that view only instead of Feast dropping the event's other features with it (``_AsOfRows``);
-- dask hashes object columns that hold arrays (the behaviour history) through Arrow instead of pickling
-  them three times per ``persist``.
+- one view at a time: Feast is asked for one view's features of the service per call. Views differ by
+  orders of magnitude in rows per entity (one profile row against a history row per event), so each
+  gets its own chunks (below), no view's columns ride through another view's join, and each view is
+  timed on its own; the views come back in one frame by ``row_id``. The cheap views go first;
+- time chunks, pruned: the time-ordered entity rows are cut into chunks, and each chunk is joined
+  against only the feature rows it can use (``_AsOfRows``): per entity in the chunk, its last row before
+  the chunk starts (unless older than the view's TTL allows for any event of the chunk) plus its rows
+  inside the chunk's time range. Any other row is older than one of those (so never the latest <= the
+  event time), beyond the TTL, or newer than every event of the chunk, so Feast's answer is unchanged;
+  a test compares it with an unpruned join. A chunk is as long as keeps its candidate pairs within
+  ``training_set.chunk_rows`` (``_chunk_bounds``);
+- chunks batched: up to ``training_set.call_rows`` entity rows share one Feast call, each chunk's
+  entity rows and pruned feature rows under a join key of their own (chunk x entity, ``_join_view``),
+  so a call costs the sum of its chunks' pairs, not their product, and the store's fixed cost per call
+  (planning, reading the sources) is paid once per batch.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,20 @@ from recsys.training_data import ENTITY_COLUMNS
 
 log = logging.getLogger(__name__)
 
+# Join order: the views with one row per entity first, then the daily snapshots, the history (a row per
+# event, list-valued) last. Each view is its own call, so the order changes no value, only when the
+# largest intermediate results are built.
+VIEW_ORDER = ("user_profile", "item_profile", "user_stats", "item_stats", "user_history")
+
+
+@dataclass
+class JoinStats:
+    """What a join did, per feature view: rows that got defaults, seconds, Feast calls."""
+
+    defaulted_rows: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
 
 def historical_features(
     store: FeatureStore,
@@ -58,29 +79,51 @@ def historical_features(
     sources: dict[str, pa.Table],
     build_repo: Callable[[Path], Any],
     chunk_rows: int,
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Feast's as-of join for every entity row (kept exactly once, defaults filled), chunk by chunk.
+    call_rows: int,
+) -> tuple[pd.DataFrame, JoinStats]:
+    """Feast's as-of join for every entity row (kept exactly once, defaults filled), view by view.
 
-    ``build_repo(features_dir)`` builds the definitions over a directory of feature tables (each chunk
-    gets its own). Returns the frame in ``row_id`` order and, per feature view, how many rows got defaults.
+    ``build_repo(features_dir)`` builds the definitions over a directory of feature tables (the pruned
+    copies live in one). ``chunk_rows`` bounds the candidate pairs of one time chunk, ``call_rows`` the
+    entity rows of one Feast call. Returns the frame in ``row_id`` order and the per-view statistics.
     """
-    _register_arrow_tokens()
-    repo = build_repo(Path(tempfile.gettempdir()))
-    applied = sorted(_service_refs(store.get_feature_service(service)))
-    staged = sorted(_service_refs(repo.services[service]))
-    if applied != staged:
-        raise RuntimeError(f"feature service '{service}': registry and definitions disagree")
-    entity_df = entity_df.sort_values([TIMESTAMP, "row_id"], kind="stable", ignore_index=True)
-    slicers = {name: _AsOfRows(table, FEATURE_TABLE_KEYS[name]) for name, table in sources.items()}
-    parts = []
-    with tempfile.TemporaryDirectory(prefix="feast-chunks-") as tmp:
-        for number, (start, end) in enumerate(_chunk_bounds(entity_df, slicers, chunk_rows)):
-            chunk_dir = Path(tmp) / f"chunk_{number:06d}"
-            parts.append(
-                _join_chunk(store, entity_df.iloc[start:end], service, slicers, build_repo, chunk_dir)
+    with tempfile.TemporaryDirectory(prefix="feast-pit-") as tmp:
+        staging_dir = Path(tmp)
+        repo = build_repo(staging_dir)
+        applied = sorted(_service_refs(store.get_feature_service(service)))
+        staged = sorted(_service_refs(repo.services[service]))
+        if applied != staged:
+            raise RuntimeError(f"feature service '{service}': registry and definitions disagree")
+        features = _features_by_view(repo.services[service])
+        entity_df = entity_df.sort_values([TIMESTAMP, "row_id"], kind="stable", ignore_index=True)
+        for name in features:  # the staged sources exist (with their schema) before apply
+            pq.write_table(sources[name].schema.empty_table(), staging_dir / f"{name}.parquet")
+        staging = _staging_store(store.config, staging_dir)
+        staging.apply(repo.objects())
+        stats = JoinStats()
+        row_ids = entity_df["row_id"]
+        joined = {"row_id": row_ids.to_numpy()}
+        for name in sorted(features, key=VIEW_ORDER.index):
+            t0 = time.perf_counter()
+            rows = _AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
+            view_rows, stats.calls[name] = _join_view(
+                staging,
+                staging_dir / f"{name}.parquet",
+                name,
+                features[name],
+                entity_df,
+                rows,
+                chunk_rows,
+                call_rows,
             )
-    joined = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["row_id"])
-    return complete_training_rows(entity_df, joined, repo)
+            if not view_rows["row_id"].is_unique:  # a broken join, never a double-counted event
+                raise RuntimeError(f"feature view '{name}': get_historical_features repeated a row_id")
+            aligned = view_rows.set_index("row_id").reindex(row_ids)  # rows a store dropped: NaN
+            joined |= {feature: aligned[feature].to_numpy() for feature in features[name]}
+            stats.seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("point-in-time %s/%s: %.1fs", service, name, stats.seconds[name])
+    frame, stats.defaulted_rows = complete_training_rows(entity_df, pd.DataFrame(joined), repo)
+    return frame, stats
 
 
 def complete_training_rows(
@@ -88,8 +131,9 @@ def complete_training_rows(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Left-join Feast's rows back onto every entity row by ``row_id`` and fill missing features.
 
-    Feast may drop an entity row (no feature row within the TTL); a duplicated ``row_id`` would mean a
-    broken join and raises instead of silently double-counting an event.
+    A store may drop an entity row (the dask file store does when a view has no feature row within the
+    TTL); a duplicated ``row_id`` would mean a broken join and raises instead of silently
+    double-counting an event.
     """
     columns = feature_columns(repo)
     missing = [c for c in ["row_id", *columns] if c not in joined.columns]
@@ -117,11 +161,13 @@ class _AsOfRows:
     """A feature table in time order, swept forward chunk by chunk to find the rows a chunk can use.
 
     ``latest`` holds, per entity, the index of its newest row before the current chunk's start; chunks
-    must come in time order, so the whole sweep reads every row once.
+    must come in time order, so the whole sweep reads every row once. A row older than ``ttl_ns`` before
+    the chunk's first event is of no use to any event of the chunk and is left out.
     """
 
-    def __init__(self, table: pa.Table, key: str):
+    def __init__(self, table: pa.Table, key: str, ttl_ns: int | None):
         self.key = key
+        self.ttl_ns = ttl_ns
         order = np.argsort(_ns(table.column(TIMESTAMP)), kind="stable")
         self.table = table.take(pa.array(order))
         self.ts = _ns(self.table.column(TIMESTAMP))
@@ -138,93 +184,151 @@ class _AsOfRows:
         self.swept = end_before
         slots = np.intersect1d(np.unique(keys), self.ids, assume_unique=True, return_indices=True)[2]
         before = self.latest[slots]
+        before = before[before >= 0]
+        if self.ttl_ns is not None:
+            before = before[self.ts[before] >= t_first - self.ttl_ns]
         end_inside = int(np.searchsorted(self.ts, t_last, side="right"))
         inside = np.arange(end_before, end_inside, dtype=np.int64)
         inside = inside[np.isin(self.slot[inside], slots)]
-        usable = self.table.take(pa.array(np.concatenate([before[before >= 0], inside])))
-        return pa.concat_tables([usable, self._placeholders(np.unique(keys))])
+        return self.table.take(pa.array(np.concatenate([np.sort(before), inside])))
 
-    def _placeholders(self, keys: np.ndarray) -> pa.Table:
-        """One row per entity with a null timestamp and null features.
 
-        Feast's file offline store drops the whole entity row when every row of *one* view lies outside
-        that view's TTL, losing the other views' features too; it keeps a match whose timestamp is null
-        (its TTL filter lets nulls through). With a placeholder, the stale view comes back null (then
-        defaults) and the row keeps its other features. A real row inside the TTL sorts after the null
-        one and wins Feast's newest-row pick, so nothing else changes.
-        """
-        schema = self.table.schema
-        columns = {name: pa.nulls(len(keys), type=schema.field(name).type) for name in schema.names}
-        columns[self.key] = pa.array(keys, type=schema.field(self.key).type)
-        return pa.table(columns, schema=schema)
+def _join_view(
+    staging: FeatureStore,
+    source_path: Path,
+    name: str,
+    features: list[str],
+    entity_df: pd.DataFrame,
+    rows: _AsOfRows,
+    chunk_rows: int,
+    call_rows: int,
+) -> tuple[pd.DataFrame, int]:
+    """One view's features for every entity row: its time chunks, batched into Feast calls.
+
+    The chunks of one call share a table and an entity frame under *partitioned* join keys (chunk
+    number x entity count + the entity's index): an entity row only meets the rows pruned for its own
+    chunk, exactly as if each chunk were a call of its own, without a call's fixed cost per chunk.
+    Returns (row_id + features, number of calls).
+    """
+    key = rows.key
+    times = _ns(pa.array(entity_df[TIMESTAMP]))
+    keys = entity_df[key].to_numpy()
+    bounds = _chunk_bounds(times, keys, rows, chunk_rows)
+    ids = np.union1d(rows.ids, keys)
+    index = np.searchsorted(ids, keys)
+    calls: list[list[int]] = [[]]
+    for number, (_, end) in enumerate(bounds):
+        if calls[-1] and end - bounds[calls[-1][0]][0] > call_rows:
+            calls.append([])
+        calls[-1].append(number)
+    parts = []
+    for numbers in calls:
+        if not numbers:
+            continue
+        first, last = bounds[numbers[0]][0], bounds[numbers[-1]][1]
+        tables, chunk_of_row = [], np.empty(last - first, dtype=np.int64)
+        for local, number in enumerate(numbers):
+            start, end = bounds[number]
+            chunk_of_row[start - first : end - first] = local
+            usable = rows.rows_for(keys[start:end], int(times[start]), int(times[end - 1]))
+            partitioned = local * len(ids) + np.searchsorted(ids, usable.column(key).to_numpy())
+            column = usable.schema.get_field_index(key)
+            tables.append(usable.set_column(column, key, pa.array(partitioned, pa.int64())))
+        pq.write_table(pa.concat_tables(tables), source_path, coerce_timestamps="us")
+        entity = pd.DataFrame(
+            {
+                "row_id": entity_df["row_id"].to_numpy()[first:last],
+                key: chunk_of_row * len(ids) + index[first:last],
+                TIMESTAMP: pd.to_datetime(times[first:last], utc=True),
+            }
+        )
+        job = staging.get_historical_features(
+            entity_df=entity, features=[f"{name}:{f}" for f in features], full_feature_names=False
+        )
+        parts.append(job.to_arrow().select(["row_id", *features]))
+    view_rows = (
+        pa.concat_tables(parts, promote_options="permissive").to_pandas()
+        if parts
+        else pd.DataFrame(columns=["row_id", *features])
+    )
+    return view_rows, len([c for c in calls if c])
 
 
 def _chunk_bounds(
-    entity_df: pd.DataFrame, slicers: dict[str, _AsOfRows], chunk_rows: int
+    times: np.ndarray, keys: np.ndarray, rows: _AsOfRows, chunk_rows: int
 ) -> list[tuple[int, int]]:
-    """Row ranges of the time-ordered entity frame: at most ``chunk_rows`` entity rows per chunk, and a
-    time span holding at most ``chunk_rows`` rows of any feature table.
+    """Row ranges of the time-ordered entity rows (``times``, ``keys``) whose join stays within
+    ``chunk_rows`` candidate pairs.
 
-    The second bound matters for sparse entity frames (retrieval: positives only), whose chunks would
-    otherwise span many days of feature rows; Feast's join cost grows with entity rows x feature rows.
+    A store's as-of join pairs each entity row with every usable row of its entity before it filters by
+    time: the last row before the chunk plus the entity's rows inside the chunk's time range. So a chunk
+    costs sum over its entity rows of (1 + rows of that entity inside the range). For a view with one
+    row per entity (profiles) that is the entity row count; for the history (a row per event) it grows
+    with the square of a user's events in the range, and chunks get short. Each chunk is the longest
+    whose cost is at most ``chunk_rows`` (at least one row), to within a quarter of its length: the
+    search starts from the previous chunk's length (exact bounds buy nothing but time).
     """
-    times = _ns(pa.array(entity_df[TIMESTAMP]))
-    bounds = []
-    start = 0
+    slot = np.searchsorted(rows.ids, keys)
+    slot[slot >= len(rows.ids)] = 0
+    known = rows.ids[slot] == keys if len(rows.ids) else np.zeros(len(keys), dtype=bool)
+
+    def cost(start: int, end: int) -> int:
+        lo = int(np.searchsorted(rows.ts, times[start], side="left"))
+        hi = int(np.searchsorted(rows.ts, times[end - 1], side="right"))
+        entities, counts = np.unique(rows.slot[lo:hi], return_counts=True)
+        mine = slot[start:end][known[start:end]]
+        at = np.searchsorted(entities, mine).clip(max=max(len(entities) - 1, 0))
+        inside = counts[at][entities[at] == mine] if len(entities) else np.zeros(0, np.int64)
+        return (end - start) + int(inside.sum())
+
+    bounds: list[tuple[int, int]] = []
+    start, length = 0, chunk_rows
     while start < len(times):
-        limit = np.iinfo(np.int64).max
-        for slicer in slicers.values():
-            first = int(np.searchsorted(slicer.ts, times[start], side="left"))
-            if first + chunk_rows < len(slicer.ts):
-                limit = min(limit, int(slicer.ts[first + chunk_rows]))
-        end = min(start + chunk_rows, int(np.searchsorted(times, limit, side="left")))
-        end = max(end, start + 1)
-        bounds.append((start, end))
-        start = end
+        cap = min(chunk_rows, len(times) - start)  # a chunk costs at least its rows
+        length = min(length, cap)  # start from the previous chunk's length: neighbours are alike
+        if cost(start, start + length) <= chunk_rows:
+            while length < cap:  # grow by a quarter while it fits
+                longer = min(cap, max(length + 1, length * 5 // 4))
+                if cost(start, start + longer) > chunk_rows:
+                    break
+                length = longer
+        else:
+            while length > 1:  # shrink by a fifth until it fits (one row always goes)
+                length = max(1, length * 4 // 5)
+                if cost(start, start + length) <= chunk_rows:
+                    break
+        bounds.append((start, start + length))
+        start += length
     return bounds
 
 
-def _join_chunk(
-    store: FeatureStore,
-    chunk: pd.DataFrame,
-    service: str,
-    slicers: dict[str, _AsOfRows],
-    build_repo: Callable[[Path], Any],
-    chunk_dir: Path,
-) -> pd.DataFrame:
-    """One Feast ``get_historical_features`` call over the rows this chunk can use."""
-    chunk_dir.mkdir(parents=True)
-    t_first, t_last = (int(v) for v in _ns(pa.array(chunk[TIMESTAMP].iloc[[0, -1]])))
-    for name, slicer in slicers.items():
-        keys = chunk[FEATURE_TABLE_KEYS[name]].to_numpy()
-        pq.write_table(slicer.rows_for(keys, t_first, t_last), chunk_dir / f"{name}.parquet")
-    staging = _staging_store(store.config, chunk_dir)
-    staged_repo = build_repo(chunk_dir)
-    staging.apply(staged_repo.objects())
-    job = staging.get_historical_features(
-        entity_df=chunk.reset_index(drop=True),
-        features=staging.get_feature_service(service),
-        full_feature_names=False,
-    )
-    return job.to_df()
-
-
-def _staging_store(config: RepoConfig, chunk_dir: Path) -> FeatureStore:
-    """A throwaway store (own registry) with the project's offline store, over one chunk's tables."""
+def _staging_store(config: RepoConfig, staging_dir: Path) -> FeatureStore:
+    """A throwaway store (own registry) with the project's offline store, over the pruned tables."""
     staging = RepoConfig(
         project=config.project,
         provider="local",
-        registry=str(chunk_dir / "registry.db"),
-        online_store={"type": "sqlite", "path": str(chunk_dir / "online_store.db")},
+        registry=str(staging_dir / "registry.db"),
+        online_store={"type": "sqlite", "path": str(staging_dir / "online_store.db")},
         offline_store=config.offline_store.model_dump(),
         entity_key_serialization_version=config.entity_key_serialization_version,
-        repo_path=chunk_dir,
+        repo_path=staging_dir,
     )
     return FeatureStore(config=staging)
 
 
 def _service_refs(service: Any) -> list[str]:
     return [f"{p.name}:{f.name}" for p in service.feature_view_projections for f in p.features]
+
+
+def _features_by_view(service: Any) -> dict[str, list[str]]:
+    return {p.name: [f.name for f in p.features] for p in service.feature_view_projections}
+
+
+def _ttl_ns(ttl: Any) -> int | None:
+    """A view's TTL in nanoseconds; None (or zero, Feast's "no TTL") keeps every older row."""
+    if not ttl:
+        return None
+    return int(pd.Timedelta(ttl).value)
 
 
 def _feature_dtypes(repo: Any) -> dict[str, Any]:
@@ -277,41 +381,3 @@ def typed_table(frame: pd.DataFrame, repo: Any) -> pa.Table:
 
 def _ns(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy()
-
-
-_ARROW_TOKENS = False
-
-
-def _register_arrow_tokens() -> None:
-    """Let dask hash object columns holding arrays via Arrow (see the module docstring); once per process.
-
-    Dask names each persisted frame by a hash of its content and pickles object columns for it; for the
-    list-valued history that dominated the retrieval time. Any other array goes to dask's own hashing.
-    """
-    global _ARROW_TOKENS
-    if _ARROW_TOKENS:
-        return
-    from dask.base import normalize_token
-    from dask.hashing import hash_buffer_hex
-
-    dask_normalize = normalize_token.dispatch(np.ndarray)  # also runs dask's lazy numpy registration
-
-    def normalize_column(column: np.ndarray) -> Any:
-        if column.size and isinstance(column.flat[0], np.ndarray | list):
-            try:
-                arrow = pa.array(column, from_pandas=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                return dask_normalize(column)
-            buffers = [hash_buffer_hex(b) for b in arrow.buffers() if b is not None]
-            return ("arrow", str(arrow.type), len(arrow), buffers)
-        return dask_normalize(column)
-
-    def normalize_array(x: np.ndarray) -> Any:
-        if x.dtype.hasobject and x.ndim == 1:
-            return normalize_column(x)
-        if x.dtype.hasobject and x.ndim == 2:  # a pandas block: one row per column
-            return ("block", x.shape, [normalize_column(row) for row in x])
-        return dask_normalize(x)
-
-    normalize_token.register(np.ndarray, normalize_array)
-    _ARROW_TOKENS = True

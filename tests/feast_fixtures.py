@@ -60,6 +60,7 @@ def handmade_training_config(tmp_path: Path) -> TrainingSetConfig:
         metrics_file=tmp_path / "metrics" / "training_set.json",
         report_file=tmp_path / "reports" / "training_set.md",
         chunk_rows=2,
+        call_rows=3,
         **HANDMADE_CUTS,
     )
 

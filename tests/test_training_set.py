@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -86,17 +86,48 @@ def test_rows_beyond_ttl_or_before_any_feature_row_are_kept_with_defaults(handma
     assert report["defaulted_rows"]["ranking"]["user_profile"] == 1  # e2
 
 
-def test_feast_alone_drops_those_rows(handmade_run):
-    """The premise of the left join: Feast's file offline store returns fewer rows than it is given."""
+def test_feast_returns_nulls_where_the_step_writes_defaults(handmade_run):
+    """The premise of the defaults: the DuckDB store keeps every row and leaves a stale view null."""
     _, _, config, feast_cfg, _ = handmade_run
     store = feature_store.open_feature_store(feast_cfg)
+    assert store.config.offline_store.type == "duckdb"
     entity = training_set.entity_frames(pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet"))
     ranking = entity["ranking"]
     returned = store.get_historical_features(
         entity_df=ranking, features=store.get_feature_service("ranking")
     ).to_df()
-    assert len(returned) < len(ranking)
-    assert set(ranking["row_id"]) - set(returned["row_id"])  # rows Feast dropped ...
+    assert sorted(returned["row_id"]) == sorted(ranking["row_id"])
+    stale = returned.set_index("row_id").loc[ranking.loc[ranking["user_id"] == 2, "row_id"].min()]
+    assert pd.isna(stale["user_impressions_7d"]) and stale["gender"] == "M"  # e1: stats beyond the TTL
+
+
+def test_rows_a_store_drops_come_back_with_that_views_defaults_only(handmade_run, tmp_path):
+    """The dask file store drops an entity row when one view has no row within its TTL; joined view by
+    view and left-joined by row_id, the step's rows are the same as with the DuckDB store."""
+    _, frames, config, feast_cfg, features_dir = handmade_run
+    repo = copy_feature_repo(tmp_path)
+    local = (repo / "feature_store.yaml").read_text()
+    assert "type: duckdb" in local
+    (repo / "feature_store.file.yaml").write_text(local.replace("type: duckdb", "type: file"))
+    file_cfg = revalidated(feast_cfg, repo_path=repo, config_file="feature_store.file.yaml")
+    store = feature_store.open_feature_store(file_cfg)
+    build = functools.partial(feature_store.feature_repo, file_cfg, FEATURES)
+    store.apply(build(features_dir).objects())
+    ranking = training_set.entity_frames(
+        pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet")
+    )["ranking"]
+    whole = store.get_historical_features(entity_df=ranking, features=store.get_feature_service("ranking"))
+    assert len(whole.to_df()) < len(ranking)  # the file store drops rows ...
+    sources = {n: feature_store.read_feature_table(features_dir, n) for n in FEATURE_TABLE_KEYS}
+    frame, stats = point_in_time.historical_features(store, ranking, "ranking", sources, build, 2, 3)
+    expected = _by_event(frames).set_index("row_id").sort_index()  # ... the step keeps them all
+    assert frame["row_id"].tolist() == expected.index.tolist()
+    for column in point_in_time.feature_columns(build(features_dir)):
+        left, right = frame[column].tolist(), expected[column].tolist()
+        if column.startswith("hist_") and column != "hist_length":
+            left, right = [list(v) for v in left], [list(v) for v in right]
+        assert left == right, column
+    assert stats.defaulted_rows["user_stats"] == 3 and stats.defaulted_rows["user_profile"] == 1
 
 
 def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
@@ -201,7 +232,7 @@ def test_a_duplicated_row_id_from_the_join_is_an_error(tmp_path):
         point_in_time.complete_training_rows(entity, joined, repo)
 
 
-def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
+def test_as_of_rows_keep_the_last_row_before_the_chunk_within_the_ttl_and_the_rows_inside():
     ns = [int(day(d).value) for d in (0, 1, 2, 3, 4, 5)]
     table = pa.table(
         {
@@ -210,35 +241,64 @@ def test_as_of_rows_keep_the_last_row_before_the_chunk_and_the_rows_inside():
             "value": pa.array([10, 11, 12, 20, 21, 13], pa.int64()),
         }
     )
-    rows = point_in_time._AsOfRows(table, "user_id")
+    rows = point_in_time._AsOfRows(table, "user_id", ttl_ns=None)
     first = rows.rows_for(np.array([1]), ns[2], ns[3])  # user 1: last before day 2 is day 1; day 2 inside
-    assert _real_values(first) == [11, 12]
+    assert _values(first) == [11, 12]
     second = rows.rows_for(np.array([1, 2]), ns[4], ns[5])  # day 2 (user 1), day 3 (user 2), both inside
-    assert _real_values(second) == [12, 13, 20, 21]
-    placeholders = second.filter(pc.is_null(second.column("event_timestamp")))
-    assert placeholders.column("user_id").to_pylist() == [1, 2]
-    assert placeholders.column("value").null_count == 2
+    assert _values(second) == [12, 13, 20, 21]
     with pytest.raises(RuntimeError, match="time order"):
         rows.rows_for(np.array([1]), ns[0], ns[1])
+    one_day = int(pd.Timedelta(days=1).value)
+    fresh = point_in_time._AsOfRows(table, "user_id", ttl_ns=one_day)
+    assert _values(fresh.rows_for(np.array([1]), ns[3] + 1, ns[4])) == []  # day 2 is > 1 day before
+    assert _values(fresh.rows_for(np.array([1, 2]), ns[4], ns[5])) == [13, 20, 21]  # day 3 just in
 
 
-def test_chunks_are_bounded_by_entity_rows_and_by_the_feature_rows_they_span():
-    source = pa.table(  # a dense feature table: one row per hour for 100 hours
-        {
-            "user_id": pa.array(np.arange(100) % 7, pa.int64()),
-            "event_timestamp": pa.array([day(0, h) for h in range(100)], pa.timestamp("ns", tz="UTC")),
-        }
+def test_chunks_bound_the_pairs_a_join_considers():
+    """A chunk's cost is its entity rows plus, per entity row, its entity's feature rows inside the
+    chunk's time range: a row per entity costs one pair per event; a row per event, the square."""
+    hours = [day(0, h) for h in range(100)]
+    dense = point_in_time._AsOfRows(  # one feature row per hour, each user's own
+        pa.table(
+            {
+                "user_id": pa.array(np.arange(100) % 5, pa.int64()),
+                "event_timestamp": pa.array(hours, pa.timestamp("ns", tz="UTC")),
+            }
+        ),
+        "user_id",
+        ttl_ns=None,
     )
-    slicers = {"user_history": point_in_time._AsOfRows(source, "user_id")}
-    dense = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(100)]})
-    assert point_in_time._chunk_bounds(dense, slicers, 30) == [(0, 30), (30, 60), (60, 90), (90, 100)]
-    sparse = pd.DataFrame({"event_timestamp": [day(0, h + 0.5) for h in range(0, 100, 10)]})  # every 10 h
-    bounds = point_in_time._chunk_bounds(sparse, slicers, 30)
-    assert bounds == [(0, 4), (4, 8), (8, 10)]  # 4 rows span 30 feature rows (hours 1..30)
+    times = point_in_time._ns(pa.array([day(0, h + 0.5) for h in range(100)], pa.timestamp("ns", tz="UTC")))
+    keys = np.arange(100) % 5
+    feature_ns, feature_keys = dense.ts, np.arange(100) % 5
+
+    def pairs(start: int, end: int) -> int:  # counted row by row
+        inside = (feature_ns >= times[start]) & (feature_ns <= times[end - 1])
+        return sum(1 + int((inside & (feature_keys == k)).sum()) for k in keys[start:end])
+
+    bounds = point_in_time._chunk_bounds(times, keys, dense, chunk_rows=60)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    for start, end in bounds:
+        assert pairs(start, end) <= 60  # within the budget ...
+        longer = min(100, start + (end - start) * 5 // 4 + 1)
+        assert end == 100 or pairs(start, longer) > 60  # ... and not much shorter than it could be
+    assert 5 < len(bounds) < 15
+    static = point_in_time._AsOfRows(  # one row per user, before every event
+        pa.table(
+            {
+                "user_id": pa.array(np.arange(5), pa.int64()),
+                "event_timestamp": pa.array([day(-1)] * 5, pa.timestamp("ns", tz="UTC")),
+            }
+        ),
+        "user_id",
+        ttl_ns=None,
+    )
+    assert point_in_time._chunk_bounds(times, keys, static, chunk_rows=60) == [(0, 60), (60, 100)]
 
 
-def _real_values(table: pa.Table) -> list[int]:
-    return sorted(v for v in table.column("value").to_pylist() if v is not None)
+def _values(table: pa.Table) -> list[int]:
+    return sorted(table.column("value").to_pylist())
 
 
 # ---- end to end on the generated tiny dataset -------------------------------------------------------
@@ -303,6 +363,36 @@ def test_generated_history_and_stats_use_only_the_past(tiny_training, tiny_raw, 
 
 
 @pytest.mark.slow
+def test_backfill_gives_the_online_store_of_feasts_own_materialize(tiny_params, tiny_features_dir, tmp_path):
+    """The backfill materializes only each entity's newest row; Feast's materialize over the whole tables
+    must leave the very same online store."""
+    sources = {n: feature_store.read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
+    users = sources["user_profile"].column("user_id").to_pylist()
+    items = sources["item_profile"].column("item_id").to_pylist()
+    rows = [{"user_id": u, "item_id": items[i % len(items)]} for i, u in enumerate(users)]
+    rows += [{"user_id": users[i % len(users)], "item_id": item} for i, item in enumerate(items)]
+    online, window = {}, None
+    for how in ("pruned", "feast"):
+        feast = _feast(copy_feature_repo(tmp_path / how))
+        store = feature_store.open_feature_store(feast)
+        build = functools.partial(feature_store.feature_repo, feast, tiny_params.features)
+        store.apply(build(tiny_features_dir).objects())
+        if how == "pruned":
+            window = feature_store.materialize_online_store(store, sources, build)
+        else:
+            store.materialize(start_date=window[0], end_date=window[1])
+        online[how] = store.get_online_features(
+            features=store.get_feature_service("ranking"), entity_rows=rows
+        ).to_dict()
+        intervals = store.get_feature_view("user_history").materialization_intervals
+        assert [(a.timestamp(), b.timestamp()) for a, b in intervals] == [
+            (window[0].timestamp(), window[1].timestamp())
+        ]
+    assert online["pruned"] == online["feast"]
+    assert sum(v is not None for v in online["pruned"]["hist_item_ids"]) > len(users) // 2
+
+
+@pytest.mark.slow
 def test_pruned_chunks_give_the_same_rows_as_one_unpruned_feast_join(
     tiny_training, tiny_params, tiny_features_dir, tiny_raw
 ):
@@ -311,7 +401,9 @@ def test_pruned_chunks_give_the_same_rows_as_one_unpruned_feast_join(
     build = functools.partial(feature_store.feature_repo, feast, tiny_params.features)
     sources = {n: feature_store.read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
     entity = training_set.entity_frames(tiny_raw["events"])["ranking"].iloc[::20]
-    chunked, _ = point_in_time.historical_features(store, entity, "ranking", sources, build, chunk_rows=97)
+    chunked, _ = point_in_time.historical_features(
+        store, entity, "ranking", sources, build, chunk_rows=97, call_rows=400
+    )
     whole = store.get_historical_features(entity_df=entity, features=store.get_feature_service("ranking"))
     reference, _ = point_in_time.complete_training_rows(entity, whole.to_df(), build(tiny_features_dir))
     assert len(chunked) == len(entity) == len(reference)
