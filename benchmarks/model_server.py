@@ -70,6 +70,50 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def server_memory_mb(process: subprocess.Popen) -> dict[str, float]:
+    """The memory of the server's processes (the parent and any forked workers), summed, in MiB: RSS
+    (what ``top`` shows; counts pages the workers share with the parent once per process) and PSS
+    (each shared page split among its sharers: what the processes together occupy)."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    rss = pss = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            info = proc.memory_full_info()
+        except psutil.NoSuchProcess:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return {"rss_mb": round(rss / 2**20, 1), "pss_mb": round(pss / 2**20, 1)}
+
+
+def server_cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time (user + system) the server's live processes have used so far, in seconds."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def worker_requests(base_url: str) -> dict[str, float]:
+    """Requests answered so far by each worker process, from ``recsys_worker_requests_total``."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    pattern = r'^recsys_worker_requests_total\{worker="(\d+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
 def free_port() -> int:
     """A loopback port free now, so that parallel servers (and runs) never collide on a fixed one."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

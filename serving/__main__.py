@@ -1,9 +1,11 @@
-"""``python -m serving --model_dir artifacts/bundle [--http_port 8080] [--host 127.0.0.1]``.
+"""``python -m serving --model_dir artifacts/bundle [--http_port 8080] [--host 127.0.0.1] [--workers N]``.
 
 Loads and verifies the bundle first: a file whose checksum differs from the manifest stops start-up
 with exit code 1 and a message naming the file, before any port is opened. So does a missing Feast
 registry file when the online store is on (serving/online_features.py checks it before Feast would
-create an empty one).
+create an empty one). With ``serving.workers`` (or ``--workers``) above 1, the bundle is loaded and
+checked here once and the server processes are forked from this one (serving/workers.py); a worker that
+cannot start (the online store, say) ends the server with exit code 1 too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http_port", "--http-port", type=int, default=8080, help="REST port")
     parser.add_argument("--host", default=None, help="bind address (default: serving.host)")
     parser.add_argument(
+        "--workers", type=int, default=None, help="server processes (default: serving.workers)"
+    )
+    parser.add_argument(
         "--no_online_store",
         action="store_true",
         help="serve without Feast (features from requests / defaults)",
@@ -31,21 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        params = load_params(args.params)
+        overrides = {"serving.workers": args.workers} if args.workers is not None else None
+        params = load_params(args.params, overrides)
         if args.no_online_store:
             params.serving.online_store = False
-        from serving.server import build_models, serve
+        from serving.server import load_serving_bundle, models_from_bundle, serve, serve_forked
 
-        models = build_models(args.model_dir, params.serving, params.feast)
+        bundle = load_serving_bundle(args.model_dir, params.serving)
+        host = args.host or params.serving.host
+        if params.serving.workers > 1:
+            return serve_forked(bundle, params.serving, params.feast, host, args.http_port)
+        models = models_from_bundle(bundle, params.serving, params.feast)
     except (BundleIntegrityError, IndexContractError, ConfigError, FileNotFoundError) as exc:
         print(f"serving: cannot start: {exc}", file=sys.stderr)
         return 1
-    serve(
-        models,
-        host=args.host or params.serving.host,
-        http_port=args.http_port,
-        max_request_bytes=params.serving.max_request_bytes,
-    )
+    serve(models, host=host, http_port=args.http_port, max_request_bytes=params.serving.max_request_bytes)
     return 0
 
 
