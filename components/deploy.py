@@ -6,9 +6,14 @@ the same function and cannot drift apart. The predictor is a custom container (`
 the serving image running ``python -m serving``); the bundle travels as ``STORAGE_URI``, which KServe's
 storage initializer downloads into ``/mnt/models`` before the server starts.
 
-Live mode talks to the cluster through ``KServeClient``: replace when the InferenceService exists (the
-rendered object is the whole desired state, so fields dropped from it disappear), create otherwise, then
-wait for the new generation to be Ready and return its URL.
+Live mode talks to the cluster through ``KServeClient``. An absent InferenceService is created whole from
+the rendered object and waited for. An existing one is rolled out to (recsys/isvc_rollout.py): only the
+model (the serving image and ``STORAGE_URI``) is patched, so the replicas, resources and autoscaling an
+overlay or an operator set stay; in Knative mode the new revision first takes
+``deploy.canary_traffic_percent`` of the traffic, and is promoted to all of it once Ready and healthy for
+``deploy.canary_soak_s``, or rolled back (previous image and ``STORAGE_URI``) when it fails or is not
+healthy within ``deploy.timeout_s``; a rollback then fails the step, after ``on_rollback`` (the pipeline
+restores the promote pointer).
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kubernetes import client as k8s
 
+from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
 from recsys.config import ConfigError, DeployConfig, load_params
+from recsys.object_store import ObjectStoreError, open_store, read_pointer
 
 log = logging.getLogger(__name__)
 
-SERVING_CONTAINER = "kserve-container"  # the name KServe expects for a custom predictor container
+SERVING_CONTAINER = rollout.SERVING_CONTAINER  # the name KServe expects for a custom predictor
 MODEL_DIR = "/mnt/models"  # where the storage initializer puts the content of STORAGE_URI
 FEAST_CONFIG_DIR = "/etc/feast"  # the production feature_store.yaml, mounted from a ConfigMap
 FEAST_YAML_ENV = "FEAST_FS_YAML_FILE_PATH"  # Feast's own name for "the feature_store.yaml to use"
@@ -52,11 +60,13 @@ def run(
     manifest_path: str | Path | None = None,
     dry_run: bool = False,
     kserve_client: Any = None,
+    on_rollback: Callable[[str], None] | None = None,
 ) -> str | None:
-    """Render the InferenceService for ``storage_uri`` (default ``deploy.storage_uri``) and apply it.
+    """Render the InferenceService for ``storage_uri`` (default ``deploy.storage_uri``) and roll it out.
 
-    The rendered YAML is written to ``manifest_path`` when given (in live mode too: a record of exactly
-    what was applied). Returns the service URL, or None in dry-run mode, which never touches a cluster.
+    The rendered YAML is written to ``manifest_path`` when given (in live mode too: a record of the desired
+    model; on an existing service only its image and ``STORAGE_URI`` are applied). Returns the service URL,
+    or None in dry-run mode, which never touches a cluster. ``on_rollback(reason)`` runs after a rollback.
     """
     uri = resolve_storage_uri(storage_uri or deploy.storage_uri, allow_local=dry_run)
     isvc = build_inference_service(deploy, f"{deploy.image_repo}:{image_tag}", uri)
@@ -65,7 +75,12 @@ def run(
         log.info("deploy: rendered %s/%s to %s", deploy.namespace, deploy.isvc_name, manifest_path)
     if dry_run:
         return None
-    return apply_inference_service(isvc, deploy.timeout_s, kserve_client)
+    api = (
+        kserve_client
+        if isinstance(kserve_client, InferenceServiceApi)
+        else InferenceServiceApi(kserve_client)
+    )
+    return roll_out(isvc, deploy, api, on_rollback=on_rollback)
 
 
 def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) -> Any:
@@ -79,7 +94,7 @@ def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) 
         args=["--model_dir", MODEL_DIR, "--http_port", str(port)],
         ports=[k8s.V1ContainerPort(name="http1", container_port=port, protocol="TCP")],
         env=[
-            k8s.V1EnvVar(name="STORAGE_URI", value=storage_uri),
+            k8s.V1EnvVar(name=rollout.STORAGE_URI_ENV, value=storage_uri),
             k8s.V1EnvVar(name=FEAST_YAML_ENV, value=f"{FEAST_CONFIG_DIR}/feature_store.yaml"),
             k8s.V1EnvVar(name="FEAST_USAGE", value="False"),
             # the root filesystem is read-only: libraries that write under $HOME get the tmp volume
@@ -161,41 +176,215 @@ def resolve_storage_uri(uri: str, allow_local: bool = False) -> str:
     )
 
 
-def apply_inference_service(isvc: Any, timeout_s: float, kserve_client: Any = None) -> str:
-    """Create or replace ``isvc`` in its namespace, wait until that generation is Ready, return its URL."""
-    if kserve_client is None:
-        from kserve import KServeClient
-
-        kserve_client = KServeClient()
+def roll_out(
+    isvc: Any,
+    deploy: DeployConfig,
+    api: InferenceServiceApi,
+    on_rollback: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """Create ``isvc`` when absent; else patch in its model as a canary, promote or roll back. The URL."""
     name, namespace = isvc.metadata.name, isvc.metadata.namespace
+    where = f"InferenceService {namespace}/{name}"
+    live = api.get(name, namespace)
+    if live is None:
+        created = api.create(isvc)
+        generation = created.get("metadata", {}).get("generation", 1)
+        log.info("deploy: created %s (generation %s)", where, generation)
+        done, decision = _await(api, name, namespace, generation, None, None, deploy, 0.0, sleep, clock)
+        if not done:
+            if on_rollback is not None:  # it serves nothing: the promote pointer must not say otherwise
+                on_rollback(decision.reason)
+            raise DeployError(
+                f"{where} was created but is not Ready after {deploy.timeout_s:.0f}s (deploy.timeout_s): "
+                f"{decision.reason}; inspect it with `kubectl -n {namespace} describe isvc {name}`"
+            )
+        return _url(done, where)
+
+    desired = rollout.model_fields(inference_service_to_dict(isvc))
     try:
-        if _exists(kserve_client, name, namespace):
-            applied = kserve_client.replace(name, isvc, namespace=namespace)
-            action = "replaced"
-        else:
-            applied = kserve_client.create(isvc, namespace=namespace)
-            action = "created"
-    except RuntimeError as exc:  # the SDK wraps the API error (RBAC, admission webhook) in RuntimeError
-        raise DeployError(f"InferenceService {namespace}/{name}: apply failed: {exc}") from exc
-    generation = applied.get("metadata", {}).get("generation")
-    log.info("deploy: %s InferenceService %s/%s (generation %s)", action, namespace, name, generation)
-    try:
-        kserve_client.wait_isvc_ready(
-            name,
-            namespace=namespace,
-            timeout_seconds=timeout_s,
-            polling_interval=min(10.0, max(1.0, timeout_s / 10)),
-            expected_generation=generation,
+        previous = rollout.model_fields(live)
+    except rollout.RolloutError as exc:
+        raise DeployError(f"{where}: {exc}; not the serving container this project deploys") from exc
+    if (previous.image, previous.storage_uri) == (desired.image, desired.storage_uri):
+        return _already_set(api, live, previous, deploy, where, sleep, clock)
+    canary = deploy.canary_traffic_percent if rollout.is_serverless(live) else None
+    revision_before = _latest_created(live) if canary is not None else None
+    patched = api.json_patch(
+        name, namespace, rollout.model_patch(live, desired.image, desired.storage_uri, canary)
+    )
+    generation = patched["metadata"]["generation"]
+    log.info(
+        "deploy: %s generation %s: %s, %s%s",
+        where,
+        generation,
+        desired.image,
+        desired.storage_uri,
+        f" as a {canary}% canary" if canary is not None else "",
+    )
+    done, decision = _await(
+        api, name, namespace, generation, revision_before, canary, deploy, deploy.canary_soak_s, sleep, clock
+    )
+    if done and canary is not None:
+        log.info("deploy: promoting the canary: %s", decision.reason)
+        promoted = api.json_patch(name, namespace, rollout.promote_patch(canary))
+        done, decision = _await(
+            api, name, namespace, promoted["metadata"]["generation"], None, None, deploy, 0.0, sleep, clock
         )
-    except RuntimeError as exc:
-        raise DeployError(
-            f"InferenceService {namespace}/{name} was {action} but is not Ready after {timeout_s:.0f}s "
-            f"(deploy.timeout_s); inspect it with `kubectl -n {namespace} describe isvc {name}`"
-        ) from exc
-    url = kserve_client.get(name, namespace=namespace).get("status", {}).get("url")
+    if done:
+        log.info("deploy: %s is Ready with %s", where, desired.storage_uri)
+        return _url(done, where)
+    reason = decision.reason if decision.action == "rollback" else f"not healthy in time: {decision.reason}"
+    current = api.get(name, namespace) or patched
+    api.json_patch(name, namespace, rollout.rollback_patch(current, previous))
+    log.error("deploy: rolled %s back to %s: %s", where, previous.storage_uri, reason)
+    if on_rollback is not None:
+        on_rollback(reason)
+    raise DeployError(
+        f"{where}: the rollout of {desired.storage_uri} was rolled back to {previous.storage_uri}: {reason}"
+    )
+
+
+def _already_set(
+    api: InferenceServiceApi,
+    live: dict[str, Any],
+    fields: rollout.ModelFields,
+    deploy: DeployConfig,
+    where: str,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> str:
+    """The service already has this model: done if it serves it; a canary of it left healthy by an
+    interrupted run is promoted; anything else is for a person to look at (nothing here changed it)."""
+    name, namespace = live["metadata"]["name"], live["metadata"]["namespace"]
+    canary = fields.canary_traffic_percent
+    decision = rollout.canary_decision(live, live["metadata"].get("generation", 0), None, canary)
+    if decision.action == "promote" and canary is None:
+        log.info("deploy: %s already serves %s", where, fields.storage_uri)
+        return _url(live, where)
+    if decision.action == "promote":
+        log.info("deploy: %s has a healthy %s%% canary of %s: promoting", where, canary, fields.storage_uri)
+        promoted = api.json_patch(name, namespace, rollout.promote_patch(canary))
+        done, decision = _await(
+            api, name, namespace, promoted["metadata"]["generation"], None, None, deploy, 0.0, sleep, clock
+        )
+        if done:
+            return _url(done, where)
+    raise DeployError(
+        f"{where} already has {fields.storage_uri} but is not healthy ({decision.reason}); nothing was "
+        f"changed: inspect it with `kubectl -n {namespace} describe isvc {name}`"
+    )
+
+
+class InferenceServiceApi:
+    """The calls a rollout makes: get, create and JSON-patch one InferenceService (KServe SDK client)."""
+
+    def __init__(self, kserve_client: Any = None) -> None:
+        if kserve_client is None:
+            from kserve import KServeClient
+
+            kserve_client = KServeClient()
+        self.client = kserve_client
+
+    def get(self, name: str, namespace: str) -> dict[str, Any] | None:
+        """The InferenceService, or None when it does not exist (any other error is raised)."""
+        from kserve.constants import constants
+
+        try:
+            return self.client.api_instance.get_namespaced_custom_object(
+                constants.KSERVE_GROUP,
+                constants.KSERVE_V1BETA1_VERSION,
+                namespace,
+                constants.KSERVE_PLURAL_INFERENCESERVICE,
+                name,
+            )
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise DeployError(
+                f"{namespace}/{name}: InferenceService lookup failed: {exc.status} {exc.reason}"
+            ) from exc
+
+    def create(self, isvc: Any) -> dict[str, Any]:
+        try:
+            return self.client.create(isvc, namespace=isvc.metadata.namespace)
+        except RuntimeError as exc:  # the SDK wraps the API error (RBAC, admission webhook) in RuntimeError
+            raise DeployError(
+                f"InferenceService {isvc.metadata.namespace}/{isvc.metadata.name}: create failed: {exc}"
+            ) from exc
+
+    def json_patch(self, name: str, namespace: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """RFC 6902 patch (the SDK's patch sends merge patches only, which replace whole lists)."""
+        from kserve.constants import constants
+
+        path = (
+            f"/apis/{constants.KSERVE_GROUP}/{constants.KSERVE_V1BETA1_VERSION}/namespaces/{{namespace}}/"
+            f"{constants.KSERVE_PLURAL_INFERENCESERVICE}/{{name}}"
+        )
+        try:
+            return self.client.api_instance.api_client.call_api(
+                path,
+                "PATCH",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": "application/json", "Content-Type": "application/json-patch+json"},
+                body=ops,
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except k8s.ApiException as exc:  # 422: a test op failed (edited concurrently) or an invalid spec
+            raise DeployError(
+                f"InferenceService {namespace}/{name}: patch failed: {exc.status} {exc.reason} {exc.body}"
+            ) from exc
+
+
+def _await(
+    api: InferenceServiceApi,
+    name: str,
+    namespace: str,
+    generation: int,
+    revision_before: str | None,
+    canary: int | None,
+    deploy: DeployConfig,
+    soak_s: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> tuple[dict[str, Any] | None, rollout.Decision]:
+    """Poll until the decision is ``promote`` for ``soak_s`` in a row (returns the object), ``rollback``,
+    or ``deploy.timeout_s`` passed (returns None and the last decision)."""
+    deadline = clock() + deploy.timeout_s
+    interval = min(10.0, max(1.0, deploy.timeout_s / 60))
+    healthy_since = None
+    while True:
+        live = api.get(name, namespace) or {}
+        decision = rollout.canary_decision(live, generation, revision_before, canary)
+        log.info(
+            "deploy: %s/%s generation %s: %s (%s)", namespace, name, generation, *vars(decision).values()
+        )
+        if decision.action == "rollback":
+            return None, decision
+        if decision.action == "promote":
+            healthy_since = clock() if healthy_since is None else healthy_since
+            if clock() - healthy_since >= soak_s:
+                return live, decision
+        else:
+            healthy_since = None
+        if clock() >= deadline:
+            return None, decision
+        sleep(interval)
+
+
+def _latest_created(isvc: Mapping[str, Any]) -> str | None:
+    return (((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}).get(
+        "latestCreatedRevision"
+    )
+
+
+def _url(isvc: Mapping[str, Any], where: str) -> str:
+    url = (isvc.get("status") or {}).get("url")
     if not url:
-        raise DeployError(f"InferenceService {namespace}/{name} is Ready but reports no status.url")
-    log.info("deploy: %s/%s is Ready at %s", namespace, name, url)
+        raise DeployError(f"{where} is Ready but reports no status.url")
     return url
 
 
@@ -233,27 +422,6 @@ def _http_probe(path: str, port: int, period_s: int, initial_delay_s: int, failu
         timeout_seconds=5,
         failure_threshold=failures,
     )
-
-
-def _exists(kserve_client: Any, name: str, namespace: str) -> bool:
-    """Whether the InferenceService exists; any error but 404 (RBAC, connectivity) is raised as is."""
-    from kserve.constants import constants
-
-    try:
-        kserve_client.api_instance.get_namespaced_custom_object(
-            constants.KSERVE_GROUP,
-            constants.KSERVE_V1BETA1_VERSION,
-            namespace,
-            constants.KSERVE_PLURAL_INFERENCESERVICE,
-            name,
-        )
-    except k8s.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise DeployError(
-            f"{namespace}/{name}: InferenceService lookup failed: {exc.status} {exc.reason}"
-        ) from exc
-    return True
 
 
 _SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
@@ -311,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage-uri", default=None, help="the bundle to serve (default: deploy.storage_uri)"
     )
+    parser.add_argument(
+        "--promoted",
+        action="store_true",
+        help="serve the version current in the promote store (promote.uri's current.json)",
+    )
     parser.add_argument("--image-tag", default=None, help="serving image tag (default: pipeline.image_tag)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -319,8 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (DEFAULT_OUTPUT if args.dry_run else None)
     try:
         params = load_params(args.params, overrides)
-        url = run(params.deploy, params.pipeline.image_tag, args.storage_uri, output, dry_run=args.dry_run)
-    except (ConfigError, DeployError) as exc:
+        storage_uri = args.storage_uri
+        if args.promoted:
+            pointer = read_pointer(open_store(params.promote.uri))
+            if pointer is None:
+                raise DeployError(f"nothing promoted yet at {params.promote.uri}")
+            storage_uri = pointer["uri"]
+        url = run(params.deploy, params.pipeline.image_tag, storage_uri, output, dry_run=args.dry_run)
+    except (ConfigError, DeployError, ObjectStoreError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1
     if url:

@@ -4,6 +4,12 @@ The decision is data, not an exception: ``metrics/gate.json`` says ``passed`` an
 branches on it (KFP ``dsl.If``), so the step exits 0 either way unless ``--fail-on-reject``. A metric
 that cannot be compared (absent on either side, not a finite number) fails the gate: a deploy must never
 pass because evaluation silently stopped writing the number it was judged by.
+
+The deployed bundle is ``gate.deployed_bundle`` (or ``--deployed-bundle``): a local bundle folder (path or
+``file://``), or a promote store (``s3://...`` or ``file://`` holding ``current.json``, see
+recsys/object_store.py), whose current version's manifest is read from the store. The pipeline always
+compares with ``promote.uri``, the store its promote step writes: no pointer there is a first deploy,
+said so in the decision; an unreachable store is an error, never a pass.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from recsys.artifact_io import read_json, write_json
-from recsys.bundle_manifest import load_manifest
+from recsys.bundle_manifest import MANIFEST, load_manifest
 from recsys.config import GateConfig, load_params
+from recsys.object_store import POINTER, ObjectStoreError, open_store, promoted_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +49,13 @@ def run(
     output = Path(output or config.output)
     reference = deployed_bundle if deployed_bundle is not None else config.deployed_bundle
     new = _read_metrics(metrics_path)
-    deployed_dir = _local_bundle_dir(reference)
-    old, version = None, None
-    if deployed_dir is not None:
-        # only the recorded metrics are needed: a full checksum pass over the serving bundle is not
-        manifest = load_manifest(deployed_dir, verify=False)
-        old, version = manifest["metrics"], manifest["version"]
+    deployed, old, version = _deployed_metrics(reference)
     decision = decide(new, old, config.metrics, config.tolerance)
+    if old is None and deployed is not None:  # a promote store with nothing promoted yet
+        decision["reasons"] = [f"first deploy: nothing promoted yet at {deployed}"]
     decision |= {
         "metrics_file": str(metrics_path),
-        "deployed_bundle": None if deployed_dir is None else str(deployed_dir),
+        "deployed_bundle": None if old is None else deployed,
         "deployed_version": version,
     }
     write_json(decision, output)
@@ -152,23 +156,39 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return metrics
 
 
-def _local_bundle_dir(reference: str | None) -> Path | None:
-    """``gate.deployed_bundle`` as a local directory: a path or ``file://`` URI; None = first deploy."""
+def _deployed_metrics(reference: str | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(where, metrics, version) of the deployed bundle; metrics None = first deploy.
+
+    A local bundle folder (path or ``file://``) is read directly; a promote store (``s3://``, or a
+    ``file://`` folder without a manifest) through its ``current.json`` pointer.
+    """
     if reference is None or not str(reference).strip():
-        return None
-    parsed = urlparse(str(reference))
-    if parsed.scheme == "file":
-        path = Path(parsed.path)
-    elif not parsed.scheme:
-        path = Path(reference)
-    else:
+        return None, None, None
+    reference = str(reference).strip()
+    parsed = urlparse(reference)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else reference)
+        if (path / MANIFEST).is_file():
+            # only the recorded metrics are needed: a full checksum pass over the serving bundle is not
+            manifest = load_manifest(path, verify=False)
+            return str(path), manifest["metrics"], manifest["version"]
+        if not parsed.scheme and not (path / POINTER).is_file():
+            raise GateError(
+                f"gate.deployed_bundle: {path} is not a bundle directory (null means first deploy)"
+            )
+    elif parsed.scheme != "s3":
         raise GateError(
-            f"gate.deployed_bundle: {reference!r}: only local paths and file:// URIs are read; copy the "
-            "deployed bundle locally (e.g. the KFP deploy step's artifact) and point at it"
+            f"gate.deployed_bundle: {reference!r}: a local bundle, or a promote store (s3:// or file://)"
         )
-    if not path.is_dir():
-        raise GateError(f"gate.deployed_bundle: {path} is not a bundle directory (null means first deploy)")
-    return path
+    try:
+        store = open_store(reference if parsed.scheme else Path(reference).resolve().as_uri())
+        promoted = promoted_manifest(store)
+    except ObjectStoreError as exc:
+        raise GateError(f"gate.deployed_bundle: cannot read the promoted bundle: {exc}") from exc
+    if promoted is None:
+        return store.uri(POINTER), None, None
+    pointer, manifest = promoted
+    return pointer["uri"], manifest["metrics"], pointer["version"]
 
 
 def main(argv: list[str] | None = None) -> int:

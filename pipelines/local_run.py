@@ -54,6 +54,12 @@ def run_local(
     from pipelines.recsys_training import build_pipeline
 
     overrides = dict(overrides or {}) | ({"data.synthetic.preset": preset} if preset else {})
+    # no object store here: promote (and the gate, which compares with what was promoted) use a folder
+    # laid out like the bucket, kept across runs, so a second run is gated against the first one's bundle;
+    # beside the pipeline root, or inside it for Docker (the one folder mounted into the task containers)
+    root = Path(pipeline_root).resolve()
+    promoted = root / "promoted" if runner == "docker" else root.parent / "promoted"
+    overrides = {"promote.uri": promoted.as_uri()} | overrides
     params = load_params(params_path, overrides)
     if runner == "docker" and training_image == "cpu":
         params.pipeline.training_image_repo = params.pipeline.image_repo

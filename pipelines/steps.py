@@ -146,20 +146,22 @@ def train(
     metrics: Output[Metrics],
     curves: Output[HTML],
 ) -> None:
-    """Train one of the four models on the training sets (components/train.py); CUDA when present."""
+    """Train one of the four models on the training sets (components/train.py); CUDA when present.
+
+    Through the launcher (components/launch_training.py): torchrun over ``pipeline.accelerator_limit``
+    GPUs in this pod, or a PyTorchJob over ``pipeline.training_nodes`` pods.
+    """
     import tempfile
     from pathlib import Path
 
-    from components import train as step
+    from components import launch_training as step
     from pipelines.metrics_artifact import png_page, publish_metrics
-    from recsys.config import params_from_yaml_text
 
-    params = params_from_yaml_text(params_yaml)
     with tempfile.TemporaryDirectory() as scratch:
+        params_file = Path(scratch) / "params.yaml"
+        params_file.write_text(params_yaml)
         plot = Path(scratch) / f"{model_name}.png"
-        step.run(
-            model_name, params, training_sets.path, model.path, metrics_file=metrics.path, plot_file=plot
-        )
+        step.run(model_name, params_file, training_sets.path, model.path, metrics.path, plot)
         png_page(plot, curves.path, title=f"{model_name}: loss and validation metric per epoch")
     publish_metrics(metrics.path, metrics)
 
@@ -291,29 +293,69 @@ def bundle(
 
 
 def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:
-    """Pass only if no chosen metric is worse than the deployed bundle's (components/gate.py).
+    """Pass only if no chosen metric is worse than the promoted bundle's (components/gate.py).
 
-    Returns the decision; the pipeline deploys under ``dsl.If`` on it.
+    The deployed bundle is the one current in the promote store (``promote.uri``; endpoint and credentials
+    from the ``promote.secret`` environment); nothing promoted yet is a first deploy. Returns the decision;
+    the pipeline promotes and deploys under ``dsl.If`` on it.
     """
     from components import gate as step
     from pipelines.metrics_artifact import publish_metrics
     from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
-    result = step.run(params.gate, metrics_file=evaluation.path, output=decision.path)
+    result = step.run(
+        params.gate, metrics_file=evaluation.path, deployed_bundle=params.promote.uri, output=decision.path
+    )
     publish_metrics(decision.path, decision)
     decision.log_metric("passed", float(result["passed"]))
     return bool(result["passed"])
 
 
-def deploy(params_yaml: str, bundle: Input[Model], dry_run: bool, manifest: Output[Artifact]) -> str:
-    """Create or replace the InferenceService serving ``bundle``; returns its URL (components/deploy.py).
-
-    ``dry_run`` renders the InferenceService without a cluster (``run-local`` uses it).
-    """
-    from components import deploy as step
+def promote(params_yaml: str, bundle: Input[Model], pointer: Output[Artifact]) -> str:
+    """Copy the gated bundle to ``<promote.uri>/<version>/``, verify it there, make it current
+    (components/promote.py). ``pointer`` is the promote store's new ``current.json``; returns the
+    promoted version's URI."""
+    from components import promote as step
     from recsys.config import params_from_yaml_text
 
     params = params_from_yaml_text(params_yaml)
-    url = step.run(params.deploy, params.pipeline.image_tag, bundle.uri, manifest.path, dry_run=dry_run)
+    return step.run(params.promote, bundle.path, output=pointer.path)["uri"]
+
+
+def deploy(params_yaml: str, promoted: Input[Artifact], dry_run: bool, manifest: Output[Artifact]) -> str:
+    """Roll the InferenceService out to the promoted bundle; returns its URL (components/deploy.py).
+
+    Only the model (image, ``STORAGE_URI``) is patched on an existing service, as a canary. A rollback
+    also puts the promote pointer back to the version it replaced, so the next run's gate compares with
+    what serves. ``dry_run`` renders the InferenceService without a cluster (``run-local`` uses it).
+    """
+    import json
+    import logging
+
+    from components import deploy as step
+    from recsys.config import params_from_yaml_text
+    from recsys.object_store import open_store, restore_previous
+
+    params = params_from_yaml_text(params_yaml)
+    with open(promoted.path) as fh:
+        pointer = json.load(fh)
+
+    def restore_pointer(reason: str) -> None:
+        current = restore_previous(open_store(params.promote.uri), pointer["version"])
+        logging.getLogger(__name__).error(
+            "deploy: %s rolled back (%s); current promoted version: %s",
+            pointer["version"],
+            reason,
+            current["version"] if current else "none",
+        )
+
+    url = step.run(
+        params.deploy,
+        params.pipeline.image_tag,
+        pointer["uri"],
+        manifest.path,
+        dry_run=dry_run,
+        on_rollback=restore_pointer,
+    )
     return url or ""

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from models.kinds import MODEL_KINDS
+from tests.s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3 server on loopback)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

@@ -34,7 +34,8 @@ SERVING_IMAGE = f"{PARAMS.deploy.image_repo}:{PARAMS.pipeline.image_tag}"
 IMAGE_UID = PARAMS.deploy.run_as_user
 TASKS = {
     "configure", "ingest", "features", "validate", "validate-2", "training-set", "online-store",
-    "train", "train-2", "train-3", "train-4", "evaluate", "export", "build-index", "bundle", "gate", "deploy",
+    "train", "train-2", "train-3", "train-4", "evaluate", "export", "build-index", "bundle", "gate",
+    "promote", "deploy",
 }  # fmt: skip
 
 
@@ -74,7 +75,7 @@ def container_dag(images, tmp_path_factory) -> dict[str, Path]:
     bundle = run_local(REPO_ROOT / "params.yaml", preset="tiny", pipeline_root=root, runner="docker")
     print(f"container DAG: {time.monotonic() - started:.0f} s")
     (run_dir,) = [path for path in root.iterdir() if path.name.startswith(PARAMS.pipeline.name)]
-    return {"run": run_dir, "bundle": bundle, "feast": root / "feast"}
+    return {"run": run_dir, "bundle": bundle, "feast": root / "feast", "promoted": root / "promoted"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,6 +133,12 @@ def test_whole_tiny_dag_runs_in_the_pipeline_image(container_dag):
 
     manifest = load_manifest(container_dag["bundle"])  # every checksum verified
     assert manifest["metrics"] == evaluation
+    # promote (in the container, as its uid) put the bundle at its versioned place and named it current;
+    # the deploy renders the InferenceService onto that version
+    pointer = json.loads((container_dag["promoted"] / "current.json").read_text())
+    promoted = load_manifest(container_dag["promoted"] / pointer["version"])  # checksums verified again
+    assert promoted["version"] == manifest["version"] == pointer["bundle_version"]
+    assert pointer["version"] in rendered
     assert (container_dag["feast"] / "online_store.db").stat().st_size > 0  # online-store task's backfill
 
 

@@ -1,7 +1,6 @@
 """The deploy step: the rendered InferenceService, its round trip through the KServe SDK, live-mode logic.
 
-No cluster is reachable here, so live mode runs against a recording stand-in for ``KServeClient`` that
-answers the four calls deploy makes (lookup, create/replace, wait, get) like the API would.
+Live mode (the rollout on a cluster) is tests/test_rollout.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes.client import ApiException
 
 from components import deploy
 from recsys.config import ConfigError, load_params
@@ -139,66 +137,3 @@ def test_deploy_config_rejects_inverted_replicas(params):
             REPO_ROOT / "params.yaml",
             overrides={"deploy.resources.cpu_request": "4", "deploy.resources.cpu_limit": "2"},
         )
-
-
-class RecordingKServe:
-    """Answers deploy's calls like the API server: 404 until created, then a Ready generation."""
-
-    def __init__(self, exists: bool, ready: bool = True, lookup_status: int = 404):
-        self.exists, self.ready, self.lookup_status = exists, ready, lookup_status
-        self.calls: list[tuple[str, Any]] = []
-        self.api_instance = self
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("lookup", (group, version, namespace, plural, name)))
-        if not self.exists:
-            raise ApiException(status=self.lookup_status, reason="Not Found")
-        return {"metadata": {"name": name, "generation": 3}}
-
-    def create(self, isvc, namespace=None):
-        self.calls.append(("create", isvc))
-        return {"metadata": {"name": isvc.metadata.name, "generation": 1}}
-
-    def replace(self, name, isvc, namespace=None):
-        self.calls.append(("replace", isvc))
-        return {"metadata": {"name": name, "generation": 4}}
-
-    def wait_isvc_ready(self, name, namespace=None, timeout_seconds=600, polling_interval=10, **kwargs):
-        self.calls.append(("wait", kwargs.get("expected_generation")))
-        if not self.ready:
-            raise RuntimeError(f"Timeout to start the InferenceService {name}")
-
-    def get(self, name, namespace=None):
-        return {"status": {"url": f"http://{name}.{namespace}.example.com"}}
-
-
-def test_live_creates_when_absent_and_waits_for_its_generation(params, tmp_path):
-    fake = RecordingKServe(exists=False)
-    url = deploy.run(params.deploy, "0.1.0", "s3://b/v1", tmp_path / "applied.yaml", kserve_client=fake)
-    assert url == "http://recsys.recsys.example.com"
-    assert [c[0] for c in fake.calls] == ["lookup", "create", "wait"]
-    assert fake.calls[0][1] == ("serving.kserve.io", "v1beta1", "recsys", "inferenceservices", "recsys")
-    created = fake.calls[1][1]
-    assert {e.name: e.value for e in created.spec.predictor.containers[0].env}["STORAGE_URI"] == "s3://b/v1"
-    assert fake.calls[2][1] == 1
-    assert "s3://b/v1" in (tmp_path / "applied.yaml").read_text()  # a record of what was applied
-
-
-def test_live_replaces_when_present(params):
-    fake = RecordingKServe(exists=True)
-    deploy.run(params.deploy, "0.1.0", "minio://mlpipeline/x", kserve_client=fake)
-    assert [c[0] for c in fake.calls] == ["lookup", "replace", "wait"]
-    assert fake.calls[2][1] == 4  # waits for the new generation, not the old Ready one
-
-
-def test_live_timeout_and_lookup_errors_are_named(params):
-    with pytest.raises(deploy.DeployError, match=r"not Ready after 600s \(deploy.timeout_s\)"):
-        deploy.run(
-            params.deploy, "0.1.0", "s3://b/v1", kserve_client=RecordingKServe(exists=False, ready=False)
-        )
-    with pytest.raises(deploy.DeployError, match="lookup failed: 403"):
-        deploy.run(
-            params.deploy, "0.1.0", "s3://b/v1", kserve_client=RecordingKServe(False, lookup_status=403)
-        )
-    with pytest.raises(deploy.DeployError, match="KServe cannot fetch it"):
-        deploy.run(params.deploy, "0.1.0", "/local/bundle", kserve_client=RecordingKServe(exists=False))

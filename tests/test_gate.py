@@ -129,7 +129,7 @@ def test_cli_first_deploy_passes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("reference", "message"), [("s3://b/bundle", "only local paths"), ("nope", "not a bundle")]
+    ("reference", "message"), [("gs://b/bundle", "a promote store"), ("nope", "not a bundle")]
 )
 def test_unusable_deployed_reference_is_an_error_not_a_rejection(tmp_path, reference, message):
     (tmp_path / "evaluation.json").write_text(json.dumps(_metrics()))
@@ -150,3 +150,65 @@ def test_missing_new_metrics_file_is_an_error(tmp_path):
     )
     with pytest.raises(gate.GateError, match=r"absent\.json: new metrics file not found"):
         gate.run(config)
+
+
+# the cluster case: the deployed bundle is the one promoted to the object store (a real S3 server here)
+
+
+def _promote(tmp_path, store_uri: str, metrics: dict) -> dict:
+    from components import promote
+
+    member = tmp_path / "encoders.json"
+    member.write_text(json.dumps(metrics))
+    bundle = bd.assemble_bundle(
+        {"encoders.json": member}, tmp_path / "promoted", params_text="seed: 1\n", metrics=metrics
+    )
+    return promote.run(revalidated(shipped_params().promote, uri=store_uri), bundle)
+
+
+def _gate_config(tmp_path, metrics: dict):
+    (tmp_path / "evaluation.json").write_text(json.dumps(metrics))
+    return revalidated(
+        shipped_params().gate,
+        metrics_file=tmp_path / "evaluation.json",
+        output=tmp_path / "gate.json",
+        metrics=RULES,
+    )
+
+
+def test_gate_reads_the_promoted_bundle_from_the_object_store(tmp_path, s3_env):
+    store_uri = s3_env.uri("bundles")
+    first = gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=store_uri)
+    assert first["passed"] and first["first_deploy"]  # no pointer yet: a first deploy, and it says so
+    assert first["reasons"] == [f"first deploy: nothing promoted yet at {store_uri}/current.json"]
+
+    pointer = _promote(tmp_path, store_uri, OLD)
+    worse = gate.run(_gate_config(tmp_path, _metrics(0.30, 0.50)), deployed_bundle=store_uri)
+    assert worse["passed"] is False and worse["first_deploy"] is False
+    assert worse["deployed_version"] == pointer["version"] and worse["deployed_bundle"] == pointer["uri"]
+    assert worse["metrics"]["retrieval.recall@50"]["old"] == 0.40
+    better = gate.run(_gate_config(tmp_path, _metrics(0.45, 0.45)), deployed_bundle=store_uri)
+    assert better["passed"] is True and better["first_deploy"] is False
+
+
+def test_an_unreachable_store_is_an_error_not_a_first_deploy(tmp_path, s3_env):
+    with pytest.raises(gate.GateError, match="cannot read the promoted bundle"):
+        gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=f"{s3_env.uri()}-missing/bundles")
+    assert not (tmp_path / "gate.json").exists()
+
+
+def test_gate_reads_a_local_promote_store_too(tmp_path):
+    store_uri = (tmp_path / "store").as_uri()
+    _promote(tmp_path, store_uri, OLD)
+    assert (
+        gate.run(_gate_config(tmp_path, _metrics(0.30, 0.50)), deployed_bundle=store_uri)["passed"] is False
+    )
+
+
+def test_a_pointer_to_a_changed_version_is_an_error(tmp_path, s3_env):
+    store_uri = s3_env.uri("bundles")
+    pointer = _promote(tmp_path, store_uri, OLD)
+    key = f"bundles/{pointer['version']}/manifest.json"
+    s3_env.client().put_object(Bucket=s3_env.name, Key=key, Body=b'{"content_sha256": "edited"}')
+    with pytest.raises(gate.GateError, match="content digest differs"):
+        gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=store_uri)

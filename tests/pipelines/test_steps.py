@@ -31,8 +31,9 @@ def _unit_rows(rng, n: int, dim: int):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, params):
-    """export's artifact -> build_index -> bundle -> gate -> deploy (dry run), as the DAG wires them."""
+def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, params, s3_env):
+    """export's artifact -> build_index -> bundle -> gate -> promote -> deploy (dry run), as the DAG wires
+    them."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -60,10 +61,12 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
         node[leaf] = 0.7
     evaluation.write_text(json.dumps(metrics))
     (exported / layout.POPULAR_ITEMS).write_text(json.dumps({"item_ids": [1, 2], "scores": [2.0, 1.0]}))
+    params = params.model_copy(deep=True)
+    store = params.promote.uri = s3_env.uri("bundles")
     text = params_as_text(params)
     art = {
         name: FakeArtifact(tmp_path / name / name)
-        for name in ("index", "index_metrics", "bundle", "decision", "isvc")
+        for name in ("index", "index_metrics", "bundle", "decision", "pointer", "isvc")
     }
     models = {kind: FakeArtifact(tmp_path / "train" / kind) for kind in MODEL_KINDS}
     for model in models.values():  # stand-ins for trained models: training is run-local's business
@@ -85,9 +88,17 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
     manifest = load_manifest(art["bundle"].path)  # verifies every checksum
     assert set(manifest["files"]) == set(layout.bundle_members())  # each member from its task's artifact
     assert manifest["metrics"] == metrics  # the evaluation travels with the bundle
+    # gate -> promote -> deploy against the object store (a real S3 server on loopback)
     assert steps.gate(text, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is True
     assert art["decision"].metadata["passed"] == 1.0
-    assert steps.deploy(text, bundle=art["bundle"], dry_run=True, manifest=art["isvc"]) == ""
+    assert json.loads(Path(art["decision"].path).read_text())["first_deploy"] is True  # nothing promoted
+    uri = steps.promote(text, bundle=art["bundle"], pointer=art["pointer"])
+    assert uri == f"{store}/{manifest['version']}/"
+    assert json.loads(Path(art["pointer"].path).read_text())["uri"] == uri
+    assert steps.deploy(text, promoted=art["pointer"], dry_run=True, manifest=art["isvc"]) == ""
     isvc = yaml.safe_load(Path(art["isvc"].path).read_text())
     env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
-    assert env["STORAGE_URI"] == Path(art["bundle"].path).resolve().as_uri()
+    assert env["STORAGE_URI"] == uri  # the InferenceService serves the promoted version
+    # the next run is gated against the promoted bundle: a worse model is refused
+    evaluation.write_text(json.dumps(json.loads(json.dumps(metrics).replace("0.7", "0.5"))))
+    assert steps.gate(text, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is False
