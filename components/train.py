@@ -70,7 +70,10 @@ def run(
         "train_seconds": round(seconds, 2),
         "train_samples_per_s": round(len(train_df) * epochs / seconds, 1) if seconds > 0 else None,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "world_size": result.world_size,  # processes that trained (torchrun: components/launch_training.py)
     }
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return metrics  # under torchrun every rank holds the same weights; rank 0 writes them
     save_model(model.cpu(), encoder, model_config, model_dir, extra={"training": metrics})
     write_history_csv(result.history, model_dir / "history.csv")
     write_json(metrics, metrics_file)
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=None, help=f"default: {layout.MODELS_DIR}/<model>")
     parser.add_argument("--metrics", default=None, help="default: metrics/<model>.json")
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
+    parser.add_argument("--plot", default=None, help="default: plots/<model>.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         args.training_dir or params.training_set.output_dir,
         args.model_dir,
         args.metrics,
+        args.plot,
         checkpoint_dir=args.checkpoint_dir,
     )
     return 0

@@ -3,7 +3,7 @@
 ```
 configure -> ingest -> features -> validate(raw) -> training sets -> validate(training sets)
   -> train two_tower | multi_tower | multi_tower_din | dlrm   (in parallel, GPU)
-  -> evaluate -> export -> build index -> bundle -> gate -> [gate passed] deploy
+  -> evaluate -> export -> build index -> bundle -> gate -> [gate passed] promote -> deploy
 ```
 
 The pipeline is built from params.yaml at compile time: every task's image is a constant, the whole
@@ -23,11 +23,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
+from components.deploy import FEAST_CONFIG_DIR, FEAST_YAML_ENV
+from components.launch_training import TRAINING_VOLUME_PATH
 from models.config import MODEL_KINDS
 from pipelines import steps
-from recsys.config import Params, Resources, params_from_yaml_text
+from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
 
 COMPILED_HEADER = (
     "# Compiled by `python -m pipelines compile` from pipelines/ and params.yaml; do not edit by hand.\n"
@@ -68,6 +70,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
     build_index_op = component(steps.build_index)
     bundle_op = component(steps.bundle)
     gate_op = component(steps.gate)
+    promote_op = component(steps.promote)
     deploy_op = component(steps.deploy)
 
     @dsl.pipeline(
@@ -110,24 +113,34 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         training = step(
             training_set_op(params_yaml=config, features=feature_tables, raw=raw), "training-set"
         ).after(validate_raw)
+        with_feast_config(training, params, in_cluster=scheduled)
         training_sets = training.outputs["training_sets"]
         # the online store lives outside the run: backfilled on every run, after the training set registered
         # the feature views, and before any deploy
         online = step(
             online_store_op(params_yaml=config, features=feature_tables), "online-store", cache=False
         ).after(training)
+        with_feast_config(online, params, in_cluster=scheduled)
         validate_training = step(
             validate_op(params_yaml=config, target="training", data=training_sets), "validate-training-set"
         )
 
         models = {}
-        for kind in MODEL_KINDS:  # in parallel, each on its own accelerator
-            task = step(
-                train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
-                f"train-{kind.replace('_', '-')}",
-                resources=cfg.train_resources,
-            ).after(validate_training)
-            task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
+        for kind in MODEL_KINDS:  # in parallel, each on its own accelerator(s)
+            if cfg.training_nodes > 1:  # the task only drives a PyTorchJob, whose pods hold the GPUs
+                task = step(
+                    train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
+                    f"train-{kind.replace('_', '-')}",
+                ).after(validate_training)
+                kubernetes.mount_pvc(task, pvc_name=cfg.training_volume, mount_path=TRAINING_VOLUME_PATH)
+            else:  # torchrun over accelerator_limit GPUs in the task pod (components/launch_training.py)
+                task = step(
+                    train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
+                    f"train-{kind.replace('_', '-')}",
+                    resources=cfg.train_resources,
+                ).after(validate_training)
+                task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
+                on_gpu_nodes(task, cfg)
             models[kind] = task.outputs["model"]
 
         evaluate = step(
@@ -151,15 +164,59 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             "bundle",
         )
         bundle = bundling.outputs["bundle"]
-        # the gate reads the world outside the run (the deployed bundle): never cached
+        # the gate reads the world outside the run (the promoted bundle): never cached
         gate = step(gate_op(params_yaml=config, evaluation=evaluation), "gate", cache=False).after(
             bundling, online
         )
+        with_object_store(gate, params)
         with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712  (KFP condition)
-            step(deploy_op(params_yaml=config, bundle=bundle, dry_run=deploy_dry_run), "deploy", cache=False)
+            # the bundle goes to its versioned object-store place, verified, before anything serves it
+            promoting = step(promote_op(params_yaml=config, bundle=bundle), "promote", cache=False)
+            with_object_store(promoting, params)
+            deploying = step(
+                deploy_op(params_yaml=config, promoted=promoting.outputs["pointer"], dry_run=deploy_dry_run),
+                "deploy",
+                cache=False,
+            )
+            with_object_store(deploying, params)  # a rollback restores the promote pointer
         return bundle
 
     return recsys_training
+
+
+def with_feast_config(task: Any, params: Params, in_cluster: bool = True) -> Any:
+    """Give a Feast task the production feature_store.yaml and its credentials (kfp-kubernetes, per task).
+
+    The ConfigMap ``deploy.feast_config_map`` is mounted at /etc/feast, Feast is pointed at it through
+    $FEAST_FS_YAML_FILE_PATH, and the keys ``pipeline.feast_secret_keys`` of the Secret
+    ``deploy.feast_secret`` become environment variables of the same name (the ${VARS} the yaml uses).
+    Only the tasks that open the store get them: a missing Secret stops those tasks, not every pod.
+    ``in_cluster`` False (run-local): ``kfp.local`` ignores the Kubernetes config but hands a task's env to
+    its subprocess, where /etc/feast does not exist, so the path is left to the local runner.
+    """
+    kubernetes.use_config_map_as_volume(task, params.deploy.feast_config_map, mount_path=FEAST_CONFIG_DIR)
+    kubernetes.use_secret_as_env(
+        task, params.deploy.feast_secret, {key: key for key in params.pipeline.feast_secret_keys}
+    )
+    if in_cluster:
+        task.set_env_variable(FEAST_YAML_ENV, f"{FEAST_CONFIG_DIR}/feature_store.yaml")
+    return task
+
+
+def with_object_store(task: Any, params: Params) -> Any:
+    """The promote store's endpoint and credentials, from the Secret ``promote.secret`` (kfp-kubernetes,
+    per task: gate, promote, deploy), under the names boto3 and KServe read (recsys/object_store.py)."""
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+    return kubernetes.use_secret_as_env(task, params.promote.secret, {key: key for key in keys})
+
+
+def on_gpu_nodes(task: Any, cfg: PipelineConfig) -> Any:
+    """The GPU nodes' tolerations and node selector (``pipeline.gpu_tolerations`` / ``gpu_node_selector``)."""
+    for toleration in cfg.gpu_tolerations:
+        kubernetes.add_toleration(task, **toleration.model_dump())
+    for label, value in cfg.gpu_node_selector.items():
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    return task
 
 
 def params_as_text(params: Params) -> str:

@@ -126,9 +126,10 @@ def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rend
     assert kinds == [
         "InferenceService",
         "NetworkPolicy",
-        "PodDefault",
         "Role",
         "Role",
+        "Role",
+        "RoleBinding",
         "RoleBinding",
         "RoleBinding",
         "ServiceAccount",
@@ -175,20 +176,6 @@ def test_overlays_keep_the_security_settings_and_set_their_own(rendered):
         assert env["STORAGE_URI"].startswith("s3://")
         assert predictor["minReplicas"] >= 2
         assert serving_sa["secrets"] == [{"name": "recsys-bundle-storage"}]
-
-
-def test_poddefault_injects_the_feast_config_into_pipeline_pods():
-    (poddefault,) = _documents(MANIFESTS / "base" / "feast-poddefault.yaml")
-    spec = poddefault["spec"]
-    assert spec["selector"]["matchLabels"] == {"pipelines.kubeflow.org/v2_component": "true"}
-    params = load_params(REPO_ROOT / "params.yaml")
-    (volume,) = spec["volumes"]
-    assert volume["configMap"]["name"] == params.deploy.feast_config_map
-    assert spec["envFrom"] == [{"secretRef": {"name": params.deploy.feast_secret}}]
-    (mount,) = spec["volumeMounts"]
-    env = {e["name"]: e["value"] for e in spec["env"]}
-    assert env[deploy.FEAST_YAML_ENV] == f"{mount['mountPath']}/feature_store.yaml"
-    assert mount["mountPath"] == deploy.FEAST_CONFIG_DIR and mount["readOnly"] is True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
     *[("bundle", train) for train in TRAIN_TASKS],
     ("gate", "bundle"),
     ("gate", "online-store"),  # no deploy before the online store holds the run's features
+    ("deploy", "promote"),  # the InferenceService serves the promoted, verified copy
 ]
 
 
@@ -43,7 +44,9 @@ ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
 def compiled(tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("kfp") / "recsys_training.yaml"
     assert main(["--params", str(REPO_ROOT / "params.yaml"), "compile", "--output", str(out)]) == 0
-    return {"text": out.read_text(), "spec": yaml.safe_load(out.read_text())}
+    # the pipeline spec, then the kfp-kubernetes platform spec (tests/pipelines/test_kubernetes_platform.py)
+    spec, *_platform = yaml.safe_load_all(out.read_text())
+    return {"text": out.read_text(), "spec": spec}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,8 @@ def test_compiled_pipeline_has_every_task(compiled, tasks, params):
     steps = {name for name, task in tasks.items() if not task["key"].startswith("condition")}
     assert steps == {
         "configure", "ingest", "features", "validate-raw", "training-set", "validate-training-set",
-        "online-store", *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "deploy",
+        "online-store", *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "promote",
+        "deploy",
     }  # fmt: skip
 
 
@@ -119,6 +123,9 @@ def test_deploy_runs_only_when_the_gate_passes_and_is_never_cached(compiled, tas
     gate_component = compiled["spec"]["components"][tasks["gate"]["spec"]["componentRef"]["name"]]
     assert gate_component["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "BOOLEAN"
     assert not deploy["spec"].get("cachingOptions", {}).get("enableCache", False)
+    promote = tasks["promote"]  # only a gated bundle reaches the store (outside the run: never cached)
+    assert promote["parent"] == deploy["parent"]
+    assert not promote["spec"].get("cachingOptions", {}).get("enableCache", False)
     assert not tasks["gate"]["spec"].get("cachingOptions", {}).get("enableCache", False)
     # the online store lives outside the run too: a cache hit on the training set must not skip its backfill
     assert not tasks["online-store"]["spec"].get("cachingOptions", {}).get("enableCache", False)

@@ -1,0 +1,288 @@
+"""Launch step for training: one model's ``python -m components.train``, on as many processes as configured.
+
+- ``pipeline.training_nodes == 1``: in this process's machine (the pipeline's training task pod, or a
+  laptop). ``pipeline.accelerator_limit > 1`` (or ``--nproc N``) starts ``torchrun --standalone
+  --nproc_per_node=N`` (as ``python -m torch.distributed.run``), so every GPU of the pod trains a rank
+  of DistributedDataParallel (models/trainer.py: NCCL on GPU, gloo on CPU); one process runs the train
+  CLI directly.
+- ``pipeline.training_nodes > 1``: a Kubeflow Training Operator ``PyTorchJob`` (``kubeflow.org/v1``) of
+  ``training_nodes`` pods (one Master, the rest Workers), each running ``torchrun --nnodes=N
+  --nproc_per_node=accelerator_limit``; the operator gives every pod its node rank and the master's
+  address (``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, which torchrun reads). The
+  training sets and the outputs travel through the ReadWriteMany volume ``pipeline.training_volume``,
+  mounted at :data:`TRAINING_VOLUME_PATH` in the task and in the job's pods. The step waits for the job
+  to succeed or fail and fails with the job's reason and how to read its logs.
+
+The manifest is built by :func:`pytorch_job_manifest` only (tests validate it against the PyTorchJob
+CRD's openAPI schema, manifests/crds/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from models.kinds import MODEL_KINDS
+from recsys.config import PipelineConfig, load_params
+
+log = logging.getLogger(__name__)
+
+TRAINING_VOLUME_PATH = "/mnt/training"  # where the task and the PyTorchJob pods mount training_volume
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+PYTORCH_CONTAINER = "pytorch"  # the container name the Training Operator looks for in a PyTorchJob
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class TrainingJobError(RuntimeError):
+    """The distributed training did not produce a model; the message says which job and why."""
+
+
+def run(
+    kind: str,
+    params_file: str | Path,
+    training_dir: str | Path,
+    model_dir: str | Path,
+    metrics_file: str | Path,
+    plot_file: str | Path,
+    *,
+    nproc: int | None = None,
+) -> dict[str, Any]:
+    """Train ``kind`` on ``pipeline.accelerator_limit`` (or ``nproc``) processes per node over
+    ``pipeline.training_nodes`` nodes; returns the metrics rank 0 wrote."""
+    params = load_params(params_file)
+    cfg = params.pipeline
+    metrics_file = Path(metrics_file)
+    if cfg.training_nodes > 1:
+        run_pytorch_job(kind, Path(params_file), training_dir, model_dir, metrics_file, plot_file, cfg)
+    else:
+        command = train_command(
+            kind,
+            params_file,
+            training_dir,
+            model_dir,
+            metrics_file,
+            plot_file,
+            nproc=nproc or cfg.accelerator_limit,
+        )
+        log.info("launch: %s", " ".join(command))
+        done = subprocess.run(command, check=False)
+        if done.returncode != 0:
+            raise TrainingJobError(f"training {kind} failed (exit {done.returncode}): {' '.join(command)}")
+    return json.loads(metrics_file.read_text())
+
+
+def train_command(
+    kind: str,
+    params_file: str | Path,
+    training_dir: str | Path,
+    model_dir: str | Path,
+    metrics_file: str | Path,
+    plot_file: str | Path,
+    *,
+    nproc: int,
+    nodes: int = 1,
+    python: str = sys.executable,
+) -> list[str]:
+    """The train CLI for one node: plain with one process, under torchrun with several.
+
+    Several nodes: ``--nnodes`` is fixed here, the node rank and the rendezvous address come from the
+    ``PET_*`` environment the Training Operator sets in each pod.
+    """
+    train = [
+        "-m", "components.train", "--model", kind, "--params", str(params_file),
+        "--training-dir", str(training_dir), "--model-dir", str(model_dir),
+        "--metrics", str(metrics_file), "--plot", str(plot_file),
+    ]  # fmt: skip
+    if nproc == 1 and nodes == 1:
+        return [python, *train]
+    torchrun = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    torchrun += ["--standalone"] if nodes == 1 else [f"--nnodes={nodes}"]
+    return [*torchrun, *train]
+
+
+def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConfig, workdir: str) -> dict:
+    """The ``PyTorchJob`` training ``kind`` over ``cfg.training_nodes`` pods of ``cfg.accelerator_limit``
+    GPUs each, in the training image, reading and writing under ``workdir`` on ``cfg.training_volume``."""
+    work = Path(workdir)
+    command = train_command(
+        kind,
+        work / "params.yaml",
+        work / "training_sets",
+        work / "model",
+        work / "metrics.json",
+        work / "curves.png",
+        nproc=cfg.accelerator_limit,
+        nodes=cfg.training_nodes,
+        python="python",
+    )
+    resources = cfg.train_resources
+    gpus = {cfg.accelerator_type: str(cfg.accelerator_limit)}
+    container = {
+        "name": PYTORCH_CONTAINER,
+        "image": cfg.training_image,
+        "command": command,
+        "env": [{"name": "FEAST_USAGE", "value": "False"}],
+        "resources": {
+            "requests": {"cpu": resources.cpu_request, "memory": resources.memory_request, **gpus},
+            "limits": {"cpu": resources.cpu_limit, "memory": resources.memory_limit, **gpus},
+        },
+        "volumeMounts": [
+            {"name": "training", "mountPath": TRAINING_VOLUME_PATH},
+            {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL and torch share tensors through /dev/shm
+        ],
+    }
+    pod = {
+        "metadata": {
+            "labels": {"app.kubernetes.io/part-of": "recsys-kfp", "app.kubernetes.io/component": "training"},
+            # an Istio sidecar keeps a finished pod Running and intercepts the rendezvous port
+            "annotations": {"sidecar.istio.io/inject": "false"},
+        },
+        "spec": {
+            "containers": [container],
+            "volumes": [
+                {"name": "training", "persistentVolumeClaim": {"claimName": cfg.training_volume}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            ],
+            "tolerations": [
+                {k: v for k, v in toleration.model_dump().items() if v is not None}
+                for toleration in cfg.gpu_tolerations
+            ],
+            "nodeSelector": dict(cfg.gpu_node_selector),
+        },
+    }
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
+    if cfg.training_nodes > 1:
+        replicas["Worker"] = {
+            "replicas": cfg.training_nodes - 1,
+            "restartPolicy": "OnFailure",
+            "template": pod,
+        }
+    return {
+        "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "recsys-kfp", "recsys-kfp/model": kind.replace("_", "-")},
+        },
+        "spec": {
+            "nprocPerNode": str(cfg.accelerator_limit),
+            "runPolicy": {
+                "backoffLimit": cfg.retries,
+                "activeDeadlineSeconds": cfg.training_job_timeout_s,
+                "cleanPodPolicy": "None",  # keep the pods of a failed job for `kubectl logs`
+                "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def job_outcome(job: dict[str, Any]) -> tuple[str, str] | None:
+    """``("Succeeded" | "Failed", message)`` once the operator has finished ``job``, else None."""
+    for condition in reversed(job.get("status", {}).get("conditions", [])):
+        if condition.get("type") in ("Succeeded", "Failed") and condition.get("status") == "True":
+            reason = condition.get("reason", "")
+            return condition["type"], f"{reason}: {condition.get('message', '')}".strip(": ")
+    return None
+
+
+def run_pytorch_job(
+    kind: str,
+    params_file: Path,
+    training_dir: str | Path,
+    model_dir: str | Path,
+    metrics_file: Path,
+    plot_file: str | Path,
+    cfg: PipelineConfig,
+    *,
+    api: Any = None,
+    poll_s: float = 15.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Stage the inputs on the shared volume, create the PyTorchJob, wait for it, collect its outputs."""
+    name = f"recsys-train-{kind.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
+    namespace = _own_namespace(cfg.namespace)
+    workdir = Path(TRAINING_VOLUME_PATH) / name
+    workdir.mkdir(parents=True)
+    shutil.copyfile(params_file, workdir / "params.yaml")
+    shutil.copytree(training_dir, workdir / "training_sets")
+    manifest = pytorch_job_manifest(name, namespace, kind, cfg, str(workdir))
+    api = api or _custom_objects_api()
+    api.create_namespaced_custom_object(
+        PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, manifest
+    )
+    log.info("created PyTorchJob %s/%s (%d nodes)", namespace, name, cfg.training_nodes)
+    deadline = clock() + cfg.training_job_timeout_s
+    logs = f"kubectl -n {namespace} logs -l {JOB_NAME_LABEL}={name} --prefix"
+    while True:
+        job = api.get_namespaced_custom_object(
+            PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, name
+        )
+        outcome = job_outcome(job)
+        if outcome is not None:
+            break
+        if clock() > deadline:
+            raise TrainingJobError(
+                f"PyTorchJob {namespace}/{name} did not finish in {cfg.training_job_timeout_s}s; see `{logs}`"
+            )
+        time.sleep(poll_s)
+    state, message = outcome
+    if state != "Succeeded":
+        raise TrainingJobError(f"PyTorchJob {namespace}/{name} failed ({message}); see `{logs}`")
+    if not (workdir / "model").is_dir():
+        raise TrainingJobError(f"PyTorchJob {namespace}/{name} succeeded but wrote no model to {workdir}")
+    shutil.copytree(workdir / "model", model_dir, dirs_exist_ok=True)
+    shutil.copyfile(workdir / "metrics.json", metrics_file)
+    shutil.copyfile(workdir / "curves.png", plot_file)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _own_namespace(fallback: str) -> str:
+    """The namespace this pod runs in (its ServiceAccount's), else ``fallback`` (pipeline.namespace)."""
+    if SERVICE_ACCOUNT_NAMESPACE.exists():
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    return fallback
+
+
+def _custom_objects_api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.launch_training", description=__doc__)
+    parser.add_argument("--model", required=True, choices=MODEL_KINDS)
+    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plot", required=True)
+    parser.add_argument("--nproc", type=int, default=None, help="default: pipeline.accelerator_limit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    training_dir = args.training_dir or load_params(args.params).training_set.output_dir
+    metrics = run(
+        args.model, args.params, training_dir, args.model_dir, args.metrics, args.plot, nproc=args.nproc
+    )
+    log.info("trained %s on %s process(es)", args.model, metrics.get("world_size", 1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
