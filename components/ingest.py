@@ -44,7 +44,7 @@ def run(data: DataConfig, seed: int, raw_dir: str | Path | None = None) -> dict[
 
 
 def load_source(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
-    """The raw tables in memory, from the synthetic generator or a MovieLens directory/zip/download."""
+    """The raw tables in memory: synthetic, MovieLens (directory/zip/download) or MovieTweetings."""
     if data.source == "synthetic":
         from components.synthetic import generate
 
@@ -53,6 +53,10 @@ def load_source(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
         from components.movielens import read_movielens
 
         return read_movielens(data.movielens)
+    if data.source == "movietweetings":
+        from components.movietweetings import read_movietweetings
+
+        return read_movietweetings(data.movietweetings)
     raise DataContractError(f"data.source: unknown source {data.source!r}")
 
 

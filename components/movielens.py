@@ -7,11 +7,12 @@ the directory/zip or inside one sub-folder (``ml-100k/``, ``ml-1m/``), as in the
 Mapping to the contract (MovieLens has ratings, not impressions):
 - every rating is an impression; ``label`` = rating >= ``cfg.positive_rating``; ``event_type`` is
   "click" for label 1, else "impression".
-- ``event_timestamp`` is the rating's unix second as UTC **plus a sub-second offset in nanoseconds**:
+- ``event_timestamp`` is the rating's unix second as UTC **plus a sub-second offset in microseconds**:
   MovieLens users often rate many movies within the same second, but the contract keys events by
   (user_id, event_timestamp) and the behaviour history needs a strict order. The offset is the rank
   of the rating within its (user, second) group ordered by item_id, so it is deterministic and never
-  reaches the next second.
+  reaches the next second; microseconds, not nanoseconds, because Feast's offline stores keep
+  timestamps at microsecond resolution (a nanosecond offset fails the cast or is lost).
 - a (user, item) rated twice keeps only its latest rating (file order breaks ties).
 - users: ``age_bucket`` uses the ml-1m buckets (ml-100k raw ages are bucketed the same way),
   ``occupation`` is the ml-100k name or "occ_<code>" for ml-1m, ``zip_prefix`` the first 3 zip
@@ -94,7 +95,7 @@ def read_movielens(cfg: MovieLensSource) -> dict[str, pd.DataFrame]:
     """Read a MovieLens source into contract-checked ``{"users", "items", "events"}`` tables.
 
     See the module docstring for the mapping; note that ``price`` is 0.0 for every item (MovieLens has
-    no prices) and that event timestamps carry a nanosecond tie-break offset. Nothing is written here:
+    no prices) and that event timestamps carry a microsecond tie-break offset. Nothing is written here:
     the ingest step writes the tables atomically.
     """
     source = cfg.path if cfg.path is not None else download_archive(cfg)
@@ -276,10 +277,11 @@ def _integer_column(series: pd.Series, where: str, column: str) -> pd.Series:
     return numbers.astype(np.int64)
 
 
-def _parse_ratings(data: bytes, sep: str, where: str) -> pd.DataFrame:
+def _parse_ratings(data: bytes, sep: str, where: str, scale: tuple[int, int] = (1, 5)) -> pd.DataFrame:
+    """``user::item::rating::unix_seconds`` rows; ratings outside ``scale`` (inclusive) name the line."""
     df = _read_table(data, sep, ["user_id", "item_id", "rating", "unix_seconds"], where,
                      int_columns=["user_id", "item_id", "rating", "unix_seconds"])  # fmt: skip
-    _check_range(df, "rating", 1, 5, where)
+    _check_range(df, "rating", *scale, where)
     # datetime64[ns] ends in 2262; stay clear of the int64 overflow when adding the nanosecond offset
     _check_range(df, "unix_seconds", 0, 9_000_000_000, where)
     return df
@@ -444,9 +446,9 @@ def _events(ratings: pd.DataFrame, positive_rating: int) -> pd.DataFrame:
     starts = np.r_[True, group[1:] != group[:-1]]
     positions = np.arange(len(order))
     rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
-    # the rank within (user, second) as a nanosecond offset: unique (user_id, event_timestamp) and
-    # still inside the rating's second
-    nanos = seconds[order] * 1_000_000_000 + rank
+    # the rank within (user, second) as a microsecond offset: unique (user_id, event_timestamp) and
+    # still inside the rating's second (nothing rates a million movies in one second)
+    nanos = seconds[order] * 1_000_000_000 + rank * 1_000
 
     # events ordered by (event_timestamp, user_id): ``order`` is already by user, so a stable sort suffices
     final = np.argsort(nanos, kind="stable")

@@ -260,6 +260,14 @@ class MultiTowerConfig(ModelSection):
     feature_groups: list[FeatureGroup]
     towers: list[TowerConfig] = Field(min_length=1)
     final: MLPConfig
+    # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
+    # dense feature, added to the deep logit (Wide & Deep); [] = none
+    wide_features: list[str]
+    # L2 on the embedding rows (and wide weights) each batch looks up, times this, added to the loss
+    embedding_l2: float = Field(ge=0.0)
+    # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
+    # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
+    wide_prefit_l2: float | None = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerConfig:
@@ -274,6 +282,14 @@ class MultiTowerDINConfig(ModelSection):
     towers: list[TowerConfig]
     din_towers: list[DINTowerConfig] = Field(min_length=1)
     final: MLPConfig
+    # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
+    # dense feature, added to the deep logit (Wide & Deep); [] = none
+    wide_features: list[str]
+    # L2 on the embedding rows (and wide weights) each batch looks up, times this, added to the loss
+    embedding_l2: float = Field(ge=0.0)
+    # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
+    # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
+    wide_prefit_l2: float | None = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerDINConfig:
@@ -292,6 +308,14 @@ class DLRMConfig(ModelSection):
     dense_mlp: MLPConfig
     arch_with_sparse: bool
     final: MLPConfig
+    # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
+    # dense feature, added to the deep logit (Wide & Deep); [] = none
+    wide_features: list[str]
+    # L2 on the embedding rows (and wide weights) each batch looks up, times this, added to the loss
+    embedding_l2: float = Field(ge=0.0)
+    # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
+    # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
+    wide_prefit_l2: float | None = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _groups(self) -> DLRMConfig:
@@ -451,6 +475,12 @@ def check_model_config(kind: str, config: ModelSection, features: FeatureSpec) -
             raise ModelConfigError(f"two_tower: the item group '{item.name}' cannot hold sequence features")
     elif kind == "dlrm":
         _check_dlrm(config, features)  # type: ignore[arg-type]
+    for name in getattr(config, "wide_features", []):
+        if features.kind_of(name) not in ("sparse", "dense"):
+            raise ModelConfigError(
+                f"{kind}.wide_features: '{name}' is not a declared sparse or dense feature "
+                f"(known: {features.names})"
+            )
 
 
 def _check_group_features(kind: str, group: FeatureGroup, features: FeatureSpec) -> None:

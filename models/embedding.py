@@ -149,6 +149,17 @@ class EmbeddingGroup(nn.Module):
             out[name] = torch.cat(parts, dim=-1) if parts else _required(batch, DENSE_KEY)[:, :0]
         return out
 
+    def squared_norm(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the batch rows of the squared norms of the sparse embeddings they look up (each
+        sparse feature of every group once; sequences are left out): the embedding L2 penalty, which
+        only touches the rows a batch uses, unlike weight decay on the whole table."""
+        names = {f for g in self.groups.values() for f in self._sparse(g)}
+        total = torch.zeros((), device=next(self.tables.parameters()).device)
+        for name in sorted(names):
+            vectors = self.tables[self._table_name(name)](_required(batch, name))
+            total = total + vectors.float().square().sum(-1).mean()
+        return total
+
     def _lookup(self, name: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ids = _required(batch, name)
         if self.training and self.id_dropout > 0 and name in self.id_dropout_features:
@@ -203,3 +214,56 @@ def _required(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         raise KeyError(
             f"the batch has no '{key}' (keys: {sorted(batch)}); encode the feature with FeatureEncoder.encode"
         ) from None
+
+
+class WideLinear(nn.Module):
+    """The wide part of a ranker: one learned weight per value of each sparse feature (a linear model on
+    their one-hot encoding, e.g. user and item bias) plus a linear map of the listed dense features.
+
+    Weights start at zero, so the part adds nothing until training finds a signal; an id never seen in
+    training (the OOV row) keeps weight 0 unless OOV rows were trained.
+    """
+
+    def __init__(self, encoder: FeatureEncoder, features: Iterable[str]) -> None:
+        super().__init__()
+        spec = encoder.spec
+        features = list(features)
+        self.sparse = [f for f in features if spec.kind_of(f) == "sparse"]
+        dense = [f for f in features if spec.kind_of(f) == "dense"]
+        other = [f for f in features if f not in self.sparse and f not in dense]
+        if other:
+            raise ModelConfigError(f"wide_features: {other} are not sparse or dense features")
+        self.weights = nn.ModuleDict()
+        for name in self.sparse:
+            table = nn.Embedding(encoder.num_embeddings(name), 1, padding_idx=PAD_ID)
+            nn.init.zeros_(table.weight)
+            self.weights[name] = table
+        self.register_buffer(
+            "_dense_idx",
+            torch.tensor([encoder.dense_index(f) for f in dense], dtype=torch.long),
+            persistent=False,
+        )
+        self.dense = nn.Linear(len(dense), 1, bias=False) if dense else None
+        if self.dense is not None:
+            nn.init.zeros_(self.dense.weight)
+        self.feature_names = self.sparse + dense
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The wide logit [B] (zeros when no feature is listed)."""
+        out: torch.Tensor | None = None
+        for name, table in self.weights.items():
+            term = table(_required(batch, name)).squeeze(-1)
+            out = term if out is None else out + term
+        if self.dense is not None:
+            term = self.dense(_required(batch, DENSE_KEY).index_select(1, self._dense_idx)).squeeze(-1)
+            out = term if out is None else out + term.to(out.dtype)
+        if out is None:
+            return torch.zeros(next(iter(batch.values())).shape[0], device=self._dense_idx.device)
+        return out
+
+    def squared_norm(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the batch rows of the squared weights they look up (for embedding L2)."""
+        total = torch.zeros((), device=self._dense_idx.device)
+        for name, table in self.weights.items():
+            total = total + table(_required(batch, name)).float().square().sum(-1).mean()
+        return total

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.batch import DENSE_KEY, GROUP_KEY, LABEL_KEY
+from models.batch import DENSE_KEY, GROUP_KEY, LABEL_KEY, PAD_ID
 from models.config import (
     DLRMConfig,
     ModelConfigError,
@@ -24,7 +24,7 @@ from models.config import (
     MultiTowerDINConfig,
     check_model_config,
 )
-from models.embedding import EmbeddingGroup
+from models.embedding import EmbeddingGroup, WideLinear
 from models.encoding import FeatureEncoder
 from models.layers import MLP, DINAttention, DotInteraction
 from models.metrics import ranking_metrics
@@ -34,18 +34,56 @@ from models.model import RecModel, eval_batches, model_device
 class Ranker(RecModel):
     """Base of the rankers: ``predict`` -> logits [B]; BCE ``loss``; AUC / GAUC / logloss ``metrics``."""
 
+    def __init__(
+        self, encoder: FeatureEncoder, config: MultiTowerConfig | MultiTowerDINConfig | DLRMConfig
+    ) -> None:
+        super().__init__(encoder, config)
+        check_model_config(self.kind, config, encoder.spec)  # names the group or feature before any build
+        self.wide = WideLinear(encoder, config.wide_features)
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.predict(batch)
 
-    @abstractmethod
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits [B] (apply a sigmoid for click probabilities)."""
+        """Logits [B] (apply a sigmoid for click probabilities): the deep part plus the wide part."""
+        deep = self.deep_logit(batch)
+        return deep + self.wide(batch).to(deep.dtype)
+
+    @abstractmethod
+    def deep_logit(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The deep part's logits [B]."""
+
+    def prepare(self, train: Mapping[str, torch.Tensor]) -> None:
+        """With ``wide_prefit_l2``: start the wide part's sparse weights (and the output bias) at the
+        one-hot logistic regression on the training split, so joint training starts from the strong
+        bias-only model instead of reaching it while the deep part already overfits."""
+        l2 = self.config.wide_prefit_l2
+        if l2 is None or not self.wide.sparse:
+            return
+        from models.baselines import fit_one_hot_logistic
+
+        tables = [self.wide.weights[name] for name in self.wide.sparse]
+        bias, weights = fit_one_hot_logistic(
+            [train[name].cpu().numpy() for name in self.wide.sparse],
+            [table.num_embeddings for table in tables],
+            train[LABEL_KEY].cpu().numpy(),
+            l2,
+        )
+        with torch.no_grad():
+            for table, values in zip(tables, weights, strict=True):
+                table.weight.copy_(torch.from_numpy(values).unsqueeze(-1))
+                table.weight[PAD_ID].zero_()
+            self.output.bias.add_(bias)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if LABEL_KEY not in batch:
             raise KeyError("ranker loss: the batch has no 'label' (encode a frame with a label column)")
         logits = self.predict(batch)
-        return F.binary_cross_entropy_with_logits(logits.float(), batch[LABEL_KEY].float())
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch[LABEL_KEY].float())
+        if self.config.embedding_l2 > 0:
+            penalty = self.embedding.squared_norm(batch) + self.wide.squared_norm(batch)
+            loss = loss + self.config.embedding_l2 * penalty
+        return loss
 
     @staticmethod
     def metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
@@ -56,7 +94,8 @@ class Ranker(RecModel):
         return "auc"
 
     def feature_names(self) -> list[str]:
-        return self.embedding.feature_names()
+        names = self.embedding.feature_names()
+        return names + [n for n in self.wide.feature_names if n not in names]
 
     def predict_for_users(
         self,
@@ -117,7 +156,7 @@ class MultiTower(Ranker):
         self.final = MLP.from_config(head_dim, config.final)
         self.output = nn.Linear(self.final.output_dim, 1)
 
-    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def deep_logit(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         groups = self.embedding(batch)
         outputs = [tower(groups[name]) for name, tower in self.towers.items()]
         return self._head(outputs + self._sequence_outputs(groups))
@@ -141,7 +180,14 @@ class MultiTower(Ranker):
             tower(user_groups[name]).index_select(0, user_index) if name in per_user else tower(groups[name])
             for name, tower in self.towers.items()
         ]
-        return self._head(outputs + self._sequence_outputs(groups))
+        deep = self._head(outputs + self._sequence_outputs(groups))
+        wide_keys = [*self.wide.feature_names, DENSE_KEY]
+        wide_batch = merge_user_items(
+            {k: v for k, v in user_batch.items() if k in wide_keys},
+            {k: v for k, v in item_batch.items() if k in wide_keys},
+            user_index,
+        )
+        return deep + self.wide(wide_batch).to(deep.dtype)
 
     def _head(self, tower_outputs: list[torch.Tensor]) -> torch.Tensor:
         return self.output(self.final(torch.cat(tower_outputs, dim=-1))).squeeze(-1)
@@ -222,7 +268,7 @@ class DLRM(Ranker):
         self.final = MLP.from_config(top_dim, config.final)
         self.output = nn.Linear(self.final.output_dim, 1)
 
-    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def deep_logit(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         groups = self.embedding(batch)
         sparse = groups["sparse"]
         vectors = sparse.view(-1, self._num_sparse, self._sparse_dim)

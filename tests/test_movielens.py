@@ -93,8 +93,8 @@ def _write_zip(path: Path, files: dict[str, str], folder: str = "") -> Path:
     return path
 
 
-def _utc(seconds: int, nanos: int = 0) -> pd.Timestamp:
-    return pd.Timestamp(seconds * 1_000_000_000 + nanos, unit="ns", tz="UTC")
+def _utc(seconds: int, micros: int = 0) -> pd.Timestamp:
+    return pd.Timestamp(seconds * 1_000_000_000 + micros * 1_000, unit="ns", tz="UTC")
 
 
 def _ml100k(tmp_path: Path, files: dict[str, str] | None = None, **kwargs) -> dict[str, pd.DataFrame]:
@@ -143,7 +143,7 @@ def test_ml100k_events_labels_ties_and_order(tmp_path):
     assert [tuple(r) for r in rows] == [
         (2, 3, _utc(T0 - 949), 1, "click"),
         (1, 1, _utc(T0), 1, "click"),  # rating 5
-        (1, 2, _utc(T0, 1), 0, "impression"),  # rating 3, same second: +1 ns, after item 1
+        (1, 2, _utc(T0, 1), 0, "impression"),  # rating 3, same second: +1 µs, after item 1
         (1, 4, _utc(T0 + 1), 1, "click"),  # rating 4 is positive
         (2, 1, _utc(T0 + 70), 1, "click"),  # re-rated 3 -> 5: only the latest rating is kept
         (3, 4, _utc(T0 + 9_000), 0, "impression"),
@@ -243,7 +243,7 @@ def test_random_ratings_keep_the_event_invariants(tmp_path):
     assert (second == pd.to_datetime(merged["second"], unit="s", utc=True)).all()
     offsets = (merged["event_timestamp"] - second).to_numpy().astype(np.int64)  # nanoseconds
     expected = merged.groupby(["user_id", "second"])["item_id"].rank(method="first").astype("int64") - 1
-    assert (offsets == expected).all()  # rank by item_id within (user, second), in nanoseconds
+    assert (offsets == expected * 1_000).all()  # rank by item_id within (user, second), in microseconds
     assert not events.duplicated(["user_id", "event_timestamp"]).any()
     pd.testing.assert_frame_equal(
         events, events.sort_values(["event_timestamp", "user_id"], ignore_index=True)

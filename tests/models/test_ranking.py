@@ -36,8 +36,10 @@ def test_multi_tower_din_adds_a_din_tower(frame, models_config):
     plain = build_model("multi_tower", models_config.multi_tower, encoder)
     assert isinstance(din, MultiTowerDIN) and isinstance(plain, MultiTower)
     assert list(din.din_towers) == ["seq"]
-    # final MLP input = user tower + item tower + DIN output (query dim 32)
-    assert din.final.layers[0].in_features == 16 + 16 + 32
+    # DIN holds every MultiTower tower and adds the attention: the final MLP reads user + item + history
+    # towers (16 each in the small config) + the DIN output (query dim 32)
+    assert list(din.towers) == list(plain.towers) == ["user", "item", "history"]
+    assert din.final.layers[0].in_features == 16 + 16 + 16 + 32
 
 
 def test_dlrm_interaction_and_top_mlp_dims(frame, models_config):
@@ -60,7 +62,8 @@ def test_dlrm_construction_errors_name_the_problem():
         dense=[],
     )
     encoder = FeatureEncoder.fit(spec, pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}))
-    shipped = shipped_models_config().dlrm
+    # the spec declares only a and b: no wide part (the shipped one reads user_id and item_id)
+    shipped = revalidated(shipped_models_config().dlrm, wide_features=[])
     config = revalidated(
         shipped, feature_groups=[FeatureGroup(name="sparse", type="deep", features=["a", "b"])]
     )

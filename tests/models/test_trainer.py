@@ -138,10 +138,12 @@ def _interaction_models() -> tuple[FeatureSpec, dict[str, MultiTowerConfig | Mul
     user = FeatureGroup(name="user", type="deep", features=["user_id"])
     item = FeatureGroup(name="item", type="deep", features=["item_id", "category"])
     history = ["hist_item_ids", "hist_categories"]
+    no_wide = {"wide_features": [], "embedding_l2": 0.0, "wide_prefit_l2": None}  # the deep parts only
     multi_tower = MultiTowerConfig(
         feature_groups=[user, item, FeatureGroup(name="history", type="deep", features=history)],
         towers=[TowerConfig(input=g, mlp=mlp) for g in ("user", "item", "history")],
         final=final,
+        **no_wide,
     )
     din = MultiTowerDINConfig(
         feature_groups=[
@@ -152,6 +154,7 @@ def _interaction_models() -> tuple[FeatureSpec, dict[str, MultiTowerConfig | Mul
         towers=[TowerConfig(input=g, mlp=mlp) for g in ("user", "item")],
         din_towers=[DINTowerConfig(input="seq", attn_mlp=mlp)],
         final=final,
+        **no_wide,
     )
     return spec, {"multi_tower": multi_tower, "multi_tower_din": din}
 
