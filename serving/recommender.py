@@ -17,7 +17,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 from prometheus_client import Counter
@@ -287,6 +286,30 @@ def _pin_threads(n: int) -> None:
         _PINNED.threads = n
 
 
+class _IdPositions:
+    """Positions of ids in a fixed array (-1 where absent), safe to query from many threads at once.
+
+    Requests run in a thread pool; pandas' ``Index.get_indexer`` fills its hash table lazily on first use
+    and is not thread-safe: concurrent first calls answered "Reindexing only valid with uniquely valued
+    Index objects" (a 500) for a unique index. Sorted ids and ``searchsorted`` are read-only.
+    """
+
+    def __init__(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+        if len(ids) > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
+            raise ValueError("the catalogue has duplicate item ids")
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def positions(self, item_ids: np.ndarray) -> np.ndarray:
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, item_ids), len(self._sorted) - 1)
+        return np.where(self._sorted[at] == item_ids, self._order[at], -1)
+
+
 class _EncodedItems:
     """One ranker's encoded item features for the whole catalogue, gathered by row per request.
 
@@ -306,7 +329,7 @@ class _EncodedItems:
     ) -> None:
         self.ranker = ranker
         self.names = names
-        self.index = pd.Index(ids)
+        self.index = _IdPositions(ids)
         self.batch = batch
         self.entries: list[tuple[Any, ...] | None] = entries
 
@@ -331,7 +354,7 @@ class _EncodedItems:
         found = np.fromiter((e[-1] for e in entries), dtype=bool, count=n)
         if not len(self.index):  # an empty catalogue: nothing to gather from
             return _encode_items(rec, self.ranker, self.names, entries, overrides), found
-        positions = self.index.get_indexer(item_ids)
+        positions = self.index.positions(item_ids)
         known = self.entries
         changed = np.fromiter(
             (known[p] is not e for p, e in zip(positions.tolist(), entries, strict=True)), bool, n
