@@ -133,8 +133,8 @@ def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConf
         "command": command,
         "env": [{"name": "FEAST_USAGE", "value": "False"}],
         "resources": {
-            "requests": {"cpu": resources.cpu_request, "memory": resources.memory_request, **gpus},
-            "limits": {"cpu": resources.cpu_limit, "memory": resources.memory_limit, **gpus},
+            "requests": resources.requests() | gpus,
+            "limits": resources.limits() | gpus,
         },
         "volumeMounts": [
             {"name": "training", "mountPath": TRAINING_VOLUME_PATH},

@@ -153,3 +153,16 @@ def tiny_pipeline(tmp_path_factory) -> Path:
         bundle.run(params.bundle, "params.yaml")
         gate.run(params.gate)
     return root
+
+
+def small_serving_bundle(params, directory: Path) -> Path:
+    """The serving tests' bundle: 60 users, 80 items, 1,000 events of benchmarks/serving_bundle.py's
+    synthetic frame, every model trained on it briefly."""
+    from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
+
+    train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
+    item_cols = ["item_id", "category", "brand", "price"] + [
+        c for c in train.columns if c.startswith("item_") and c != "item_id"
+    ]
+    catalogue = item_catalogue(train, item_cols)
+    return build_serving_bundle(train, catalogue, params, directory / "bundle", directory / "work")

@@ -25,6 +25,7 @@ from packaging.version import Version
 
 from components import deploy
 from recsys.config import load_params
+from recsys.manifest_schemas import render_kustomization
 from tests.conftest import REPO_ROOT
 
 MANIFESTS = REPO_ROOT / "manifests"
@@ -48,11 +49,7 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 def rendered(request) -> tuple[str, list[dict[str, Any]]]:
     if KUBECTL is None:
         pytest.skip("kubectl not installed: kustomize not rendered")
-    result = subprocess.run(
-        [KUBECTL, "kustomize", str(MANIFESTS / request.param)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return request.param, render_kustomization(MANIFESTS / request.param, KUBECTL)
 
 
 def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
-from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 from recsys.config import load_params
+from tests.conftest import small_serving_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def bundle_dir(params, tmp_path_factory) -> Path:
-    train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
-    item_cols = ["item_id", "category", "brand", "price"] + [
-        c for c in train.columns if c.startswith("item_") and c != "item_id"
-    ]
-    tmp = tmp_path_factory.mktemp("serving")
-    return build_serving_bundle(train, item_catalogue(train, item_cols), params, tmp / "bundle", tmp / "work")
+    return small_serving_bundle(params, tmp_path_factory.mktemp("serving"))
 
 
 @pytest.fixture(scope="module")

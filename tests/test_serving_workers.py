@@ -23,10 +23,10 @@ import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
 from benchmarks.model_server import free_port, start_server, stop_server
-from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 from recsys.config import load_params
 from serving.routes import ServingSurface
 from serving.workers import WorkerSlots, _bind
+from tests.conftest import small_serving_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -35,12 +35,7 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     params = load_params(ROOT / "params.yaml")
-    train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
-    item_cols = ["item_id", "category", "brand", "price"] + [
-        c for c in train.columns if c.startswith("item_") and c != "item_id"
-    ]
-    tmp = tmp_path_factory.mktemp("serving_workers")
-    return build_serving_bundle(train, item_catalogue(train, item_cols), params, tmp / "bundle", tmp / "work")
+    return small_serving_bundle(params, tmp_path_factory.mktemp("serving_workers"))
 
 
 @pytest.fixture(scope="module")
