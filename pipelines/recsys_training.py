@@ -126,19 +126,16 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         )
 
         models = {}
+        multi_node = cfg.training_nodes > 1
         for kind in MODEL_KINDS:  # in parallel, each on its own accelerator(s)
-            if cfg.training_nodes > 1:  # the task only drives a PyTorchJob, whose pods hold the GPUs
-                task = step(
-                    train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
-                    f"train-{kind.replace('_', '-')}",
-                ).after(validate_training)
+            task = step(
+                train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
+                f"train-{kind.replace('_', '-')}",
+                resources=cfg.step_resources if multi_node else cfg.train_resources,
+            ).after(validate_training)
+            if multi_node:  # the task only drives a PyTorchJob, whose pods hold the GPUs
                 kubernetes.mount_pvc(task, pvc_name=cfg.training_volume, mount_path=TRAINING_VOLUME_PATH)
             else:  # torchrun over accelerator_limit GPUs in the task pod (components/launch_training.py)
-                task = step(
-                    train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
-                    f"train-{kind.replace('_', '-')}",
-                    resources=cfg.train_resources,
-                ).after(validate_training)
                 task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
                 on_gpu_nodes(task, cfg)
             models[kind] = task.outputs["model"]
