@@ -126,8 +126,9 @@ def _newest_rows(table: pa.Table, key: str) -> pa.Table:
     """Each entity's newest row (timestamps are unique per entity: the data contract)."""
     if not table.num_rows:
         return table
-    order = np.lexsort((table.column(TIMESTAMP).cast(pa.int64()).to_numpy(), table.column(key).to_numpy()))
-    keys = table.column(key).to_numpy()[order]
+    keys = table.column(key).to_numpy()
+    order = np.lexsort((table.column(TIMESTAMP).cast(pa.int64()).to_numpy(), keys))
+    keys = keys[order]
     last = np.flatnonzero(np.append(keys[1:] != keys[:-1], True))
     return table.take(pa.array(order[last]))
 

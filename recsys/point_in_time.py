@@ -65,11 +65,10 @@ VIEW_ORDER = ("user_profile", "item_profile", "user_stats", "item_stats", "user_
 
 @dataclass
 class JoinStats:
-    """What a join did, per feature view: rows that got defaults, seconds, Feast calls."""
+    """What a join did, per feature view: rows that got defaults, seconds."""
 
     defaulted_rows: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
 
 
 def historical_features(
@@ -106,7 +105,7 @@ def historical_features(
         for name in sorted(features, key=VIEW_ORDER.index):
             t0 = time.perf_counter()
             rows = _AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
-            view_rows, stats.calls[name] = _join_view(
+            view_rows = _join_view(
                 staging,
                 staging_dir / f"{name}.parquet",
                 name,
@@ -202,13 +201,13 @@ def _join_view(
     rows: _AsOfRows,
     chunk_rows: int,
     call_rows: int,
-) -> tuple[pd.DataFrame, int]:
+) -> pd.DataFrame:
     """One view's features for every entity row: its time chunks, batched into Feast calls.
 
     The chunks of one call share a table and an entity frame under *partitioned* join keys (chunk
     number x entity count + the entity's index): an entity row only meets the rows pruned for its own
     chunk, exactly as if each chunk were a call of its own, without a call's fixed cost per chunk.
-    Returns (row_id + features, number of calls).
+    Returns row_id + features.
     """
     key = rows.key
     times = _ns(pa.array(entity_df[TIMESTAMP]))
@@ -251,7 +250,7 @@ def _join_view(
         if parts
         else pd.DataFrame(columns=["row_id", *features])
     )
-    return view_rows, len([c for c in calls if c])
+    return view_rows
 
 
 def _chunk_bounds(
@@ -317,7 +316,7 @@ def _staging_store(config: RepoConfig, staging_dir: Path) -> FeatureStore:
 
 
 def _service_refs(service: Any) -> list[str]:
-    return [f"{p.name}:{f.name}" for p in service.feature_view_projections for f in p.features]
+    return [f"{view}:{f}" for view, names in _features_by_view(service).items() for f in names]
 
 
 def _features_by_view(service: Any) -> dict[str, list[str]]:
