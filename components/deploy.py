@@ -228,10 +228,7 @@ def roll_out(
     )
     if done and canary is not None:
         log.info("deploy: promoting the canary: %s", decision.reason)
-        promoted = api.json_patch(name, namespace, rollout.promote_patch(canary))
-        done, decision = _await(
-            api, name, namespace, promoted["metadata"]["generation"], None, None, deploy, 0.0, sleep, clock
-        )
+        done, decision = _promote(api, name, namespace, canary, deploy, sleep, clock)
     if done:
         log.info("deploy: %s is Ready with %s", where, desired.storage_uri)
         return _url(done, where)
@@ -265,10 +262,7 @@ def _already_set(
         return _url(live, where)
     if decision.action == "promote":
         log.info("deploy: %s has a healthy %s%% canary of %s: promoting", where, canary, fields.storage_uri)
-        promoted = api.json_patch(name, namespace, rollout.promote_patch(canary))
-        done, decision = _await(
-            api, name, namespace, promoted["metadata"]["generation"], None, None, deploy, 0.0, sleep, clock
-        )
+        done, decision = _promote(api, name, namespace, canary, deploy, sleep, clock)
         if done:
             return _url(done, where)
     raise DeployError(
@@ -373,6 +367,21 @@ def _await(
         if clock() >= deadline:
             return None, decision
         sleep(interval)
+
+
+def _promote(
+    api: InferenceServiceApi,
+    name: str,
+    namespace: str,
+    canary: int,
+    deploy: DeployConfig,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> tuple[dict[str, Any] | None, rollout.Decision]:
+    """Send all traffic to the canary and wait for that generation (as :func:`_await`)."""
+    promoted = api.json_patch(name, namespace, rollout.promote_patch(canary))
+    generation = promoted["metadata"]["generation"]
+    return _await(api, name, namespace, generation, None, None, deploy, 0.0, sleep, clock)
 
 
 def _latest_created(isvc: Mapping[str, Any]) -> str | None:

@@ -96,13 +96,17 @@ def _upload_verified(store: ObjectStore, bundle_dir: Path, manifest: dict[str, A
                 "versions are immutable: promote under a new version"
             )
     entries: dict[str, dict[str, Any]] = manifest["files"]
+    verified = set()
     for name, entry in sorted(entries.items()):
         key = f"{version}/{name}"
         if existing is not None and store.sha256(key) == (entry["sha256"], entry["bytes"]):
-            continue  # the same bundle promoted before: only repair what is missing or damaged
+            verified.add(name)  # the same bundle promoted before: only repair what is missing or damaged
+            continue
         store.put_file(key, bundle_dir / name)
     bad = []
     for name, entry in sorted(entries.items()):
+        if name in verified:  # already read back in full above
+            continue
         found = store.sha256(f"{version}/{name}")
         if found != (entry["sha256"], entry["bytes"]):
             bad.append(f"'{name}' ({'missing' if found is None else f'{found[1]} bytes, sha256 {found[0]}'})")

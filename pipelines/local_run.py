@@ -57,14 +57,13 @@ def run_local(
     # no object store here: promote (and the gate, which compares with what was promoted) use a folder
     # laid out like the bucket, kept across runs, so a second run is gated against the first one's bundle;
     # beside the pipeline root, or inside it for Docker (the one folder mounted into the task containers)
-    root = Path(pipeline_root).resolve()
-    promoted = root / "promoted" if runner == "docker" else root.parent / "promoted"
+    pipeline_root = Path(pipeline_root).resolve()
+    promoted = pipeline_root / "promoted" if runner == "docker" else pipeline_root.parent / "promoted"
     overrides = {"promote.uri": promoted.as_uri()} | overrides
     params = load_params(params_path, overrides)
     if runner == "docker" and training_image == "cpu":
         params.pipeline.training_image_repo = params.pipeline.image_repo
     pipeline = build_pipeline(params, scheduled=False)
-    pipeline_root = Path(pipeline_root).resolve()
     if runner == "docker":
         local_runner: Any = docker_runner(params, pipeline_root)
     elif runner == "subprocess":

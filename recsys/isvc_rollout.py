@@ -180,8 +180,9 @@ def _failure(status: Mapping[str, Any], revision_before: str | None) -> str | No
         return f"model transition {model['transitionStatus']}{detail}"
     if info and created not in (None, revision_before) and info.get("modelRevisionName") == created:
         return f"revision {created} failed: {info.get('reason')}: {info.get('message')}"
+    conditions = _conditions(status)
     for kind in _REVISION_CONDITIONS:
-        condition = _conditions(status).get(kind, {})
+        condition = conditions.get(kind, {})
         if condition.get("status") == "False" and condition.get("reason") in FAILED_REASONS:
             return f"{kind} False ({condition['reason']}): {condition.get('message', '')}".rstrip(": ")
     return None

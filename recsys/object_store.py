@@ -100,7 +100,7 @@ def write_pointer(
         # one step of history: what a rollback restores (its own "previous" is dropped, not chained)
         "previous": None if previous is None else {k: v for k, v in previous.items() if k != "previous"},
     }
-    store.put_bytes(POINTER, json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n")
+    _put_pointer(store, pointer)
     return pointer
 
 
@@ -142,8 +142,12 @@ def restore_previous(store: ObjectStore, version: str) -> dict[str, Any] | None:
         store.delete(POINTER)
         return None
     restored = dict(previous) | {"previous": None, "restored_at": datetime.now(UTC).isoformat()}
-    store.put_bytes(POINTER, json.dumps(restored, indent=2, sort_keys=True).encode() + b"\n")
+    _put_pointer(store, restored)
     return restored
+
+
+def _put_pointer(store: ObjectStore, pointer: dict[str, Any]) -> None:
+    store.put_bytes(POINTER, json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n")
 
 
 class ObjectStore:
