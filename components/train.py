@@ -3,13 +3,20 @@
 The two-tower learns from positive events (``retrieval_*``), the rankers from every impression
 (``ranking_*``). The feature encoder is fitted on the train split only and saved with the weights, so
 validation, test and serving see exactly the vocabularies and normalisation the model was trained with.
+
+Several ``--model`` values train side by side, ``--jobs`` at a time, each in its own process (the local
+DAG's one ``train`` stage; Kubeflow runs one task per model instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +116,75 @@ def plot_history(history: list[dict[str, float]], path: str | Path, title: str) 
     return path
 
 
+def default_jobs(kinds: Sequence[str], params: Params) -> int:
+    """How many models train at once when ``--jobs`` is 0: the cores over each run's torch threads.
+
+    Why: these models are small, and more torch threads make them slower, not faster (one thread is the
+    default), so sequential runs leave cores idle. On CUDA one at a time, as each run may fill the GPU.
+    """
+    configs = [params.training.for_model(kind) for kind in kinds]
+    if any(c.device != "cpu" for c in configs):
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    threads = max(c.num_workers for c in configs)
+    cores = len(os.sched_getaffinity(0))
+    return max(1, min(len(kinds), cores // threads if threads > 0 else 1))
+
+
+def run_many(kinds: Sequence[str], params_file: str | Path, training_dir: str | Path, jobs: int) -> None:
+    """Train ``kinds`` (in this order, ``jobs`` at a time), each in a fresh process with the default paths.
+
+    A process trains exactly as a lone ``--model`` run does (same seeds, one process per model), so the
+    weights are the same bit for bit. After a failure no further model starts; the error names every
+    failed model (each one's traceback is logged under its name).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--model: one model per torchrun launch (components/launch_training.py)")
+    failed: dict[str, BaseException] = {}
+    waiting = list(kinds)
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the children
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running: dict[Future[None], str] = {}
+        while running or (waiting and not failed):
+            # submitted only when a worker is free: the pool would queue a call ahead, past a failure
+            while waiting and not failed and len(running) < jobs:
+                kind = waiting.pop(0)
+                running[pool.submit(_train_in_process, kind, str(params_file), str(training_dir))] = kind
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind = running.pop(future)
+                if future.exception() is not None:
+                    failed[kind] = future.exception()  # type: ignore[assignment]
+    if failed:
+        detail = "; ".join(f"{kind}: {type(error).__name__}: {error}" for kind, error in failed.items())
+        skipped = f"; not started: {', '.join(waiting)}" if waiting else ""
+        raise RuntimeError(f"train: {len(failed)} model(s) failed ({detail}){skipped}")
+
+
+def _train_in_process(kind: str, params_file: str, training_dir: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"{kind}: %(message)s", force=True)
+    log.info("training %s (pid %d)", kind, os.getpid())
+    try:
+        run(kind, load_params(params_file), training_dir)
+    except BaseException:
+        log.exception("training %s failed", kind)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train", description=__doc__)
-    parser.add_argument("--model", required=True, choices=sorted(TASK_OF))
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        choices=sorted(TASK_OF),
+        help="one or more; trained in this order",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="models trained at once (0: cores / training.num_workers)"
+    )
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
     parser.add_argument("--model-dir", default=None, help=f"default: {layout.MODELS_DIR}/<model>")
@@ -121,10 +194,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
+    training_dir = args.training_dir or params.training_set.output_dir
+    kinds: list[str] = args.model
+    if len(set(kinds)) != len(kinds):
+        parser.error(f"--model: a model is named twice in {kinds}")
+    if args.jobs < 0:
+        parser.error(f"--jobs: must be >= 0, got {args.jobs}")
+    if len(kinds) > 1:
+        per_model = {
+            "--model-dir": args.model_dir,
+            "--metrics": args.metrics,
+            "--plot": args.plot,
+            "--checkpoint-dir": args.checkpoint_dir,
+        }
+        given = [flag for flag, value in per_model.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: one model's paths; name a single --model with them")
+        jobs = args.jobs or default_jobs(kinds, params)
+        log.info("training %s, %d at a time", ", ".join(kinds), jobs)
+        run_many(kinds, args.params, training_dir, jobs)
+        return 0
     run(
-        args.model,
+        kinds[0],
         params,
-        args.training_dir or params.training_set.output_dir,
+        training_dir,
         args.model_dir,
         args.metrics,
         args.plot,

@@ -101,3 +101,54 @@ def test_training_is_deterministic_for_a_seed(tiny_pipeline, tmp_path):
         weights.append(load_file(str(out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _train_cli_workdir(tiny_pipeline, tmp_path, changes):
+    """A working directory with the tiny training sets and a params file, as the DVC stage sees them."""
+    from tests.conftest import write_params
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "training").symlink_to(tiny_pipeline / "data" / "training")
+    write_params(tmp_path / "params.yaml", {"training.epochs": 1, **changes})
+    return tmp_path
+
+
+def test_models_trained_side_by_side_equal_lone_runs(tiny_pipeline, tmp_path, monkeypatch):
+    """The DVC stage's several --model values in parallel processes give each model exactly the weights
+    a lone run of it gives (same seeds, own process), with the default paths."""
+    from components import train
+    from recsys.config import load_params
+
+    work = _train_cli_workdir(tiny_pipeline, tmp_path, {})
+    monkeypatch.chdir(work)
+    assert train.main(["--model", "dlrm", "two_tower", "--jobs", "2"]) == 0
+    params = load_params("params.yaml")
+    for kind in ("dlrm", "two_tower"):
+        alone = tmp_path / "alone" / kind
+        train.run(kind, params, "data/training", alone, alone / "m.json", alone / "p.png")
+        parallel = load_file(str(work / "artifacts" / "models" / kind / "model.safetensors"))
+        reference = load_file(str(alone / "model.safetensors"))
+        assert parallel.keys() == reference.keys()
+        assert all(torch.equal(parallel[k], reference[k]) for k in parallel), kind
+        assert json.loads((work / "metrics" / f"{kind}.json").read_text())["model"] == kind
+
+
+def test_a_failed_model_is_named_and_later_ones_do_not_start(tiny_pipeline, tmp_path, monkeypatch):
+    from components import train
+
+    # rankers report auc/gauc/logloss, so stopping on ndcg fails after dlrm's first epoch
+    changes = {"training.per_model": {"dlrm": {"early_stopping_metric": "ndcg@10"}}}
+    monkeypatch.chdir(_train_cli_workdir(tiny_pipeline, tmp_path, changes))
+    with pytest.raises(
+        RuntimeError, match=r"dlrm: ValueError: early_stopping_metric .*not started: multi_tower"
+    ):
+        train.main(["--model", "dlrm", "multi_tower", "--jobs", "1"])
+    assert not (tmp_path / "artifacts" / "models" / "multi_tower").exists()
+
+
+def test_per_model_paths_need_a_single_model(capsys):
+    from components import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--model", "dlrm", "two_tower", "--metrics", "m.json"])
+    assert "--metrics: one model's paths" in capsys.readouterr().err

@@ -24,10 +24,17 @@ def test_every_registry_names_the_same_model_kinds():
 
 def test_dvc_trains_every_kind_into_the_layout():
     train = DVC["train"]
-    assert train["foreach"] == list(MODEL_KINDS)
-    outs = [next(iter(out)) if isinstance(out, dict) else out for out in train["do"]["outs"]]
-    for name in layout.MODEL_FILES:
-        assert str(layout.model_dir("${item}") / name) in outs
+    named = train["cmd"].split("--model", 1)[1].split("--")[0].split()
+    assert sorted(named) == sorted(MODEL_KINDS)
+    declared = [
+        next(iter(out)) if isinstance(out, dict) else out
+        for key in ("outs", "plots", "metrics")
+        for out in train[key]
+    ]
+    for kind in MODEL_KINDS:
+        for name in layout.MODEL_FILES:
+            assert str(layout.model_dir(kind) / name) in declared, (kind, name)
+        assert f"metrics/{kind}.json" in declared and f"plots/{kind}.png" in declared
 
 
 @pytest.mark.parametrize(
