@@ -3,6 +3,7 @@
 ```
 configure -> ingest -> features -> validate(raw) -> training sets -> validate(training sets)
   -> train two_tower | multi_tower | multi_tower_din | dlrm   (in parallel, GPU)
+     [run_search] search   (Optuna per model, GPU, beside the trainings; best configs = Metrics)
   -> evaluate -> export -> build index -> bundle -> gate -> [gate passed] promote -> deploy
 ```
 
@@ -65,6 +66,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
     training_set_op = component(steps.training_set)
     online_store_op = component(steps.online_store)
     train_op = component(steps.train, image=cfg.training_image)
+    search_op = component(steps.search, image=cfg.training_image)
     evaluate_op = component(steps.evaluate)
     export_op = component(steps.export)
     build_index_op = component(steps.build_index)
@@ -85,6 +87,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         namespace: str = params.deploy.namespace,
         data_until: str = "",
         deploy_dry_run: bool = False,
+        run_search: bool = params.search.enabled,
     ) -> dsl.Model:
         def step(task: Any, name: str, resources: Resources = cfg.step_resources, cache: bool = True) -> Any:
             task.set_display_name(name).set_caching_options(cache)
@@ -139,6 +142,15 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
                 task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
                 on_gpu_nodes(task, cfg)
             models[kind] = task.outputs["model"]
+        with dsl.If(run_search == True, name="search-enabled"):  # noqa: E712  (KFP condition)
+            # a side branch: its report is for the next params.yaml, this run trains on the current one
+            searching = step(
+                search_op(params_yaml=config, gpu_type=gpu_type, training_sets=training_sets),
+                "search",
+                resources=cfg.train_resources,
+            ).after(validate_training)
+            searching.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
+            on_gpu_nodes(searching, cfg)
 
         evaluate = step(
             evaluate_op(params_yaml=config, features=feature_tables, training_sets=training_sets, **models),

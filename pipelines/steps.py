@@ -138,6 +138,33 @@ def online_store(params_yaml: str, features: Input[Dataset]) -> str:
     return json.dumps(step.run(params.feast, params.features, features.path))
 
 
+def search(params_yaml: str, gpu_type: str, training_sets: Input[Dataset], search: Output[Metrics]) -> None:
+    """Optuna search per model on the validation split (components/search.py), when the run asks for it.
+
+    The pipeline runs this task only under its ``run_search`` parameter, so here the search is on whatever
+    ``search.enabled`` says. The report (best value and configuration per model, next to params.yaml's own,
+    and the accelerator its timings were taken on) is the task's Metrics artifact; copy ``best_params``
+    into params.yaml to adopt them, as locally. ``gpu_type`` is an input, not only the task's accelerator:
+    KFP passes a run parameter into a ``dsl.If`` group only through its tasks' inputs (kfp 2.x compiles
+    one used just in a resource field to a reference the group does not have; kubeflow/pipelines#12617).
+    """
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from components import search as step
+    from pipelines.metrics_artifact import publish_metrics
+    from recsys.config import parse_params
+
+    raw = yaml.safe_load(params_yaml)
+    raw["search"]["enabled"] = True
+    params = parse_params(raw, source="params_yaml with run_search")
+    report = step.run(params, raw, training_sets.path, output=search.path)
+    Path(search.path).write_text(json.dumps(report | {"accelerator_type": gpu_type}, indent=2) + "\n")
+    publish_metrics(search.path, search)
+
+
 def train(
     params_yaml: str,
     model_name: str,

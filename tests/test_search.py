@@ -74,6 +74,35 @@ def test_a_study_records_the_default_and_the_best_configuration(training_dir, tm
         assert 1e-3 <= study["best_params"]["training.per_model.multi_tower.lr"] <= 1e-2
 
 
+def test_the_pipeline_task_searches_even_when_params_say_off_and_logs_the_best(training_dir, tmp_path):
+    """The KFP task runs only under the run's ``run_search`` parameter, so it searches whatever
+    ``search.enabled`` says, and publishes the report as its Metrics artifact."""
+    from pipelines import steps
+    from tests.pipelines.test_steps import FakeArtifact
+
+    drawn = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True, "choices": None}
+    text = write_params(
+        tmp_path / "params.yaml",
+        {
+            "training.epochs": 1,
+            "search.trials": 1,
+            "search.space": {"multi_tower": {"models.multi_tower.embedding_l2": drawn}},
+        },
+    ).read_text()
+    assert yaml.safe_load(text)["search"]["enabled"] is False
+    artifact = FakeArtifact(tmp_path / "search" / "search")
+    steps.search(
+        params_yaml=text, gpu_type="nvidia.com/gpu", training_sets=FakeArtifact(training_dir), search=artifact
+    )
+    report = json.loads(Path(artifact.path).read_text())
+    assert report["enabled"] is True and set(report["studies"]) == {"multi_tower"}
+    assert report["accelerator_type"] == "nvidia.com/gpu"
+    study = report["studies"]["multi_tower"]
+    assert len(study["trials"]) == 1
+    assert artifact.metadata["studies.multi_tower.best_value"] == study["best_value"]
+    assert artifact.metadata["studies.multi_tower.default_value"] == study["default_value"]
+
+
 def test_trial_values_reach_the_model_and_training_keys_only_the_studied_model(tmp_path):
     raw = _raw(tmp_path)
     params = search.trial_params(

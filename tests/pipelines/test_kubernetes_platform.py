@@ -19,6 +19,7 @@ from tests.conftest import REPO_ROOT, write_params
 
 FEAST_TASKS = {"training-set", "online-store"}
 TRAIN_TASKS = {"train-two-tower", "train-multi-tower", "train-multi-tower-din", "train-dlrm"}
+GPU_TASKS = TRAIN_TASKS | {"search"}  # the optional search trains models too
 
 
 def _compile(tmp_path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -90,16 +91,16 @@ def test_the_secret_keys_are_the_variables_the_production_feature_store_yaml_use
     assert set(re.findall(r"\$\{(\w+)\}", body)) == set(params.pipeline.feast_secret_keys)
 
 
-def test_exactly_the_training_tasks_get_gpu_tolerations_and_node_selector(single_node, params):
+def test_exactly_the_gpu_tasks_get_gpu_tolerations_and_node_selector(single_node, params):
     cfg = params.pipeline
     assert cfg.gpu_tolerations and cfg.gpu_node_selector, "the shipped params.yaml schedules onto GPU nodes"
     tasks = _tasks_by_executor(single_node["spec"])
     executors = single_node["platform"]["deploymentSpec"]["executors"]
     on_gpu = {name for name, task in tasks.items() if "tolerations" in executors.get(task["executor"], {})}
     selected = {name for name, task in tasks.items() if "nodeSelector" in executors.get(task["executor"], {})}
-    assert on_gpu == selected == TRAIN_TASKS
+    assert on_gpu == selected == GPU_TASKS
     expected = [{k: v for k, v in t.model_dump().items() if v is not None} for t in cfg.gpu_tolerations]
-    for name in TRAIN_TASKS:
+    for name in GPU_TASKS:
         config = executors[tasks[name]["executor"]]
         assert config["tolerations"] == expected
         assert config["nodeSelector"]["labels"] == cfg.gpu_node_selector

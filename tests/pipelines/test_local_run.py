@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from models.kinds import MODEL_KINDS
 from recsys.config import load_params
 from tests.conftest import REPO_ROOT
 
@@ -17,9 +18,8 @@ def test_run_local_end_to_end_on_the_tiny_preset(tmp_path):
     from recsys.bundle_manifest import load_manifest
     from serving.bundle import load_bundle
 
-    bundle = run_local(
-        REPO_ROOT / "params.yaml", preset="tiny", pipeline_root=tmp_path, overrides={"training.epochs": 1}
-    )
+    overrides = {"training.epochs": 1, "search.enabled": True, "search.trials": 1}  # the optional branch too
+    bundle = run_local(REPO_ROOT / "params.yaml", preset="tiny", pipeline_root=tmp_path, overrides=overrides)
     manifest = load_manifest(bundle)  # every checksum verified
     assert manifest["metrics"]["retrieval"] and manifest["metrics"]["ranking"]  # evaluation travelled along
     served = load_bundle(bundle, load_params(REPO_ROOT / "params.yaml").serving.default_ranker)
@@ -28,3 +28,5 @@ def test_run_local_end_to_end_on_the_tiny_preset(tmp_path):
     rendered = list(run_dir.rglob("manifest"))  # deploy's dry-run InferenceService, when the gate passed
     gate = json.loads(next(run_dir.rglob("gate/decision")).read_text())
     assert bool(rendered) == gate["passed"]
+    search = json.loads(next(run_dir.rglob("search/search")).read_text())
+    assert search["enabled"] is True and set(search["studies"]) == set(MODEL_KINDS)

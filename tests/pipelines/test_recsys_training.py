@@ -76,8 +76,8 @@ def test_compiled_pipeline_has_every_task(compiled, tasks, params):
     steps = {name for name, task in tasks.items() if not task["key"].startswith("condition")}
     assert steps == {
         "configure", "ingest", "features", "validate-raw", "training-set", "validate-training-set",
-        "online-store", *TRAIN_TASKS, "evaluate", "export", "build-index", "bundle", "gate", "promote",
-        "deploy",
+        "online-store", *TRAIN_TASKS, "search", "evaluate", "export", "build-index", "bundle", "gate",
+        "promote", "deploy",
     }  # fmt: skip
 
 
@@ -133,6 +133,43 @@ def test_deploy_runs_only_when_the_gate_passes_and_is_never_cached(compiled, tas
         assert tasks[name]["spec"]["cachingOptions"]["enableCache"] is True
 
 
+def test_search_is_an_optional_gpu_task_beside_the_trainings(compiled, tasks, params):
+    search = tasks["search"]
+    condition = tasks[search["parent"]]["spec"]
+    assert (
+        condition["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--run_search'] == true"
+    )
+    run_search = compiled["spec"]["root"]["inputDefinitions"]["parameters"]["run_search"]
+    assert run_search["defaultValue"] is params.search.enabled is False  # off unless a run asks
+    keys = {task["key"]: name for name, task in tasks.items()}
+    assert "validate-training-set" in {keys[k] for k in condition.get("dependentTasks", [])} | {
+        keys[k] for k in search["spec"].get("dependentTasks", [])
+    }
+    resources = _executor(compiled, tasks, "search")["resources"]
+    assert resources["accelerator"]["resourceCount"] == str(params.pipeline.accelerator_limit)
+    assert resources["resourceMemoryLimit"] == params.pipeline.train_resources.memory_limit
+    assert (
+        _executor(compiled, tasks, "search")["image"] == _executor(compiled, tasks, TRAIN_TASKS[0])["image"]
+    )
+    # nothing waits for it: its report is for the next params.yaml
+    assert all(search["key"] not in t["spec"].get("dependentTasks", []) for t in tasks.values())
+
+
+def test_every_group_receives_the_parameters_its_tasks_read(compiled):
+    """A task inside a dsl.If group reads run parameters through the group's own inputs; one the group
+    lacks fails at run time ("Parent pipeline input argument ... not found"): kfp 2.x drops a run
+    parameter used only in a task's resource field (the search task's accelerator) from the group."""
+    for name, component in compiled["spec"]["components"].items():
+        if "dag" not in component:
+            continue
+        declared = set(component.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in component["dag"]["tasks"].items():
+            for value in task.get("inputs", {}).get("parameters", {}).values():
+                wanted = value.get("componentInputParameter")
+                assert wanted is None or wanted in declared, f"{name}/{task_name} reads {wanted}"
+
+
 # A container image as the KFP v2 driver resolves it (backend driver.go / resolve.go): an input-parameter
 # placeholder is substituted only as the whole image string; a placeholder inside a longer string makes the
 # pod image the bare parameter value (e.g. "repo:{{...image_tag}}" -> "0.1.0"), which nothing can pull.
@@ -176,12 +213,12 @@ def test_every_task_image_resolves_to_the_pinned_image_without_installing_kfp(co
         container = _executor(compiled, tasks, name)
         image = driver_resolved_image(container["image"], parameters)
         assert _is_full_reference(image), f"{name}: the driver would run image {image!r}"
-        assert image == (cfg.training_image if name in TRAIN_TASKS else cfg.image), name
+        assert image == (cfg.training_image if name in [*TRAIN_TASKS, "search"] else cfg.image), name
         assert "pip install" not in " ".join(container["command"])  # kfp comes with the image
         assert "executor_main" in " ".join(container["command"])
     assert not _is_full_reference("0.1.0") and _is_full_reference("ghcr.io/a/b@sha256:" + "0" * 64)
     assert set(parameters) == {
-        "params_yaml", "data_source", "gpu_type", "namespace", "data_until", "deploy_dry_run",
+        "params_yaml", "data_source", "gpu_type", "namespace", "data_until", "deploy_dry_run", "run_search",
     }  # fmt: skip
 
 
