@@ -1,8 +1,8 @@
 """The model kinds, named once: which kinds exist, which task (training set) each serves, which rank.
 
 Every other place — the config sections, the model classes (``models/build.py``), the train step, the
-evaluation, the KFP DAG, the serving bundle, the tests — takes the kinds from here; ``dvc.yaml``'s
-``train`` foreach is checked against it by a test.
+evaluation, the KFP DAG, the serving bundle, the tests — takes the kinds from here; the models and
+outputs of ``dvc.yaml``'s ``train`` stage are checked against it by a test.
 """
 
 from __future__ import annotations
