@@ -9,6 +9,8 @@ global time split 80/10/10 by rating time: ``training_set.valid_start`` / ``test
 work directory: ingest, features, validate raw, training_set, validate training, train (four models),
 evaluate, export, build_index. The online store is not materialized (``feast.materialize: false``).
 ``--search-trials N`` also runs the hyper-parameter search step on the same training sets first.
+``--seeds 1 2 ...`` then trains and evaluates the four models again with each ``training.seed`` (same
+training sets, configuration and split) and reports every quality bar per seed: how robust each margin is.
 
 Results: ``benchmarks/results/real_data_quality.{json,md}`` with the quality bars of issue 16:
 - each ranker's test AUC >= the item-CTR baseline's + 0.02 and > the logistic regression on user + item
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-trials", type=int, default=0, help="run the search step first (0: no)")
     parser.add_argument("--skip-data", action="store_true", help="reuse the work directory's training sets")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[], help="retrain with each training.seed; bars per seed"
+    )
     args = parser.parse_args(argv)
 
     workdir = args.workdir.resolve()
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds["search"] = step(workdir, "search")
         found = json.loads((workdir / "metrics/search.json").read_text())["studies"]
         best = {key: value for study in found.values() for key, value in study["best_params"].items()}
-        write_params(args.params, params_file, workdir, dataset, cuts, overrides | search | best)
+        overrides = overrides | search | best
+        write_params(args.params, params_file, workdir, dataset, cuts, overrides)
     for kind in ("two_tower", *RANKERS):
         seconds[f"train {kind}"] = step(workdir, "train", "--model", kind)
     seconds["evaluate"] = step(workdir, "evaluate")
@@ -94,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
 
     report = summarise(workdir, seconds, args.dataset, overrides)
     report["data_steps_run"] = not args.skip_data
+    if args.seeds:
+        seed = yaml.safe_load(params_file.read_text())["training"]["seed"]
+        report["bars_per_seed"] = {str(seed): report["bars"]}
+        for seed in args.seeds:
+            write_params(
+                args.params, params_file, workdir, dataset, cuts, overrides | {"training.seed": seed}
+            )
+            step(workdir, "train", "--model", *RANKERS, "two_tower")  # side by side: only the bars count here
+            step(workdir, "evaluate")
+            report["bars_per_seed"][str(seed)] = summarise(workdir, {}, args.dataset, overrides)["bars"]
     write_results(report, args.results)
     print(json.dumps(report["bars"], indent=1))
     return 0
@@ -269,6 +285,21 @@ def markdown(report: dict[str, Any]) -> str:
             "Each study starts from the configuration the search ran with (`default_params` in the JSON);",
             "its best values are in benchmarks/real_data_params.yaml, which this run used.",
         ]
+    if report.get("bars_per_seed"):
+        seeds = list(report["bars_per_seed"])
+        extra = " ".join(seeds[1:])
+        lines += [
+            "",
+            f"## The bars per training seed (`--seeds {extra}`: same training sets and configuration)",
+            "",
+        ]
+        lines += ["| bar | " + " | ".join(f"seed {s}" for s in seeds) + " | passed |"]
+        lines += ["|---|" + "---:|" * len(seeds) + "---|"]
+        for name in report["bars"]:
+            per_seed = [report["bars_per_seed"][s][name] for s in seeds]
+            cells = [f"{b['value']:.4f} vs {b['threshold']:.4f}" for b in per_seed]
+            passed = sum(b["passed"] for b in per_seed)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {passed} of {len(seeds)} |")
     lines += ["", "## Steps (seconds)", ""]
     if not report.get("data_steps_run", True):
         lines += ["Training sets reused from the work directory's earlier run (`--skip-data`).", ""]
