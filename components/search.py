@@ -110,16 +110,10 @@ def evaluate_trial(
     valid_df: pd.DataFrame,
 ) -> float:
     """Train ``kind`` with ``values`` applied; the best validation value of its early-stopping metric."""
-    import torch
+    from components.train import initial_model
+    from models import fit
 
-    from models import FeatureEncoder, build_model, fit
-
-    params = trial_params(kind, raw_params, values)
-    encoder = FeatureEncoder.fit(params.models.features, train_df)
-    training = params.training.for_model(kind)
-    counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
-    torch.manual_seed(training.seed)
-    model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
+    encoder, model, training = initial_model(kind, trial_params(kind, raw_params, values), train_df)
     result = fit(model, encoder.encode(train_df), encoder.encode(valid_df), training, progress=False)
     return float(result.best_metric) if result.best_metric is not None else float("nan")
 

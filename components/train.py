@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -27,6 +27,11 @@ from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.config import Params, load_params
 from recsys.training_data import read_split
+
+if TYPE_CHECKING:
+    from models.config import TrainingConfig
+    from models.encoding import FeatureEncoder
+    from models.model import RecModel
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ def run(
     """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
     import torch
 
-    from models import FeatureEncoder, build_model, fit, save_model, write_history_csv
+    from models import fit, save_model, write_history_csv
 
     if kind not in TASK_OF:
         raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
@@ -52,13 +57,8 @@ def run(
     plot_file = Path(plot_file or f"plots/{kind}.png")
     train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
 
-    encoder = FeatureEncoder.fit(params.models.features, train_df)
+    encoder, model, training = initial_model(kind, params, train_df)
     train, valid = encoder.encode(train_df), encoder.encode(valid_df)
-    model_config = params.models.model(kind)
-    training = params.training.for_model(kind)
-    counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
-    torch.manual_seed(training.seed)  # the initial weights too, not just the batches: same seed, same model
-    model = build_model(kind, model_config, encoder, item_counts=counts)
 
     started = time.perf_counter()
     result = fit(model, train, valid, training, checkpoint_dir=checkpoint_dir)
@@ -81,12 +81,31 @@ def run(
     }
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return metrics  # under torchrun every rank holds the same weights; rank 0 writes them
-    save_model(model.cpu(), encoder, model_config, model_dir, extra={"training": metrics})
+    save_model(model.cpu(), encoder, params.models.model(kind), model_dir, extra={"training": metrics})
     write_history_csv(result.history, model_dir / "history.csv")
     write_json(metrics, metrics_file)
     plot_history(result.history, plot_file, title=kind)
     log.info("train %s: %s", kind, metrics)
     return metrics
+
+
+def initial_model(
+    kind: str, params: Params, train_df: pd.DataFrame
+) -> tuple[FeatureEncoder, RecModel, TrainingConfig]:
+    """What a training run of ``kind`` starts from: the encoder fitted on ``train_df``, the model seeded
+    with ``training.seed`` (the initial weights too, not just the batches: same seed, same model) and the
+    model's training section. Shared by this step and the search step's trials, so a trial of
+    params.yaml's own configuration is the model this step trains."""
+    import torch
+
+    from models import FeatureEncoder, build_model
+
+    encoder = FeatureEncoder.fit(params.models.features, train_df)
+    training = params.training.for_model(kind)
+    counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
+    torch.manual_seed(training.seed)
+    model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
+    return encoder, model, training
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:
