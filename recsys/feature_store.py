@@ -139,11 +139,19 @@ def _staging_config(store: FeatureStore, staging_dir: Path) -> RepoConfig:
     online = config.online_store.model_dump()
     if online.get("type") == "sqlite" and not Path(online["path"]).is_absolute():
         online["path"] = str(Path(store.repo_path) / online["path"])  # as Feast resolves it for the store
+    return staging_config(config, staging_dir, online, config.provider)
+
+
+def staging_config(
+    config: RepoConfig, staging_dir: Path, online_store: dict[str, Any], provider: str
+) -> RepoConfig:
+    """``config``'s project and offline store with a registry of its own in ``staging_dir``: objects applied
+    there (pruned sources, staged views) never reach the project's registry."""
     return RepoConfig(
         project=config.project,
-        provider=config.provider,
+        provider=provider,
         registry=str(staging_dir / "registry.db"),
-        online_store=online,
+        online_store=online_store,
         offline_store=config.offline_store.model_dump(),
         entity_key_serialization_version=config.entity_key_serialization_version,
         repo_path=staging_dir,

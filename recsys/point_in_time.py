@@ -53,6 +53,7 @@ from recsys.contracts import (
     NUMBER_DEFAULT,
     TIMESTAMP,
 )
+from recsys.feature_store import staging_config
 from recsys.training_data import ENTITY_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -303,16 +304,8 @@ def _chunk_bounds(
 
 def _staging_store(config: RepoConfig, staging_dir: Path) -> FeatureStore:
     """A throwaway store (own registry) with the project's offline store, over the pruned tables."""
-    staging = RepoConfig(
-        project=config.project,
-        provider="local",
-        registry=str(staging_dir / "registry.db"),
-        online_store={"type": "sqlite", "path": str(staging_dir / "online_store.db")},
-        offline_store=config.offline_store.model_dump(),
-        entity_key_serialization_version=config.entity_key_serialization_version,
-        repo_path=staging_dir,
-    )
-    return FeatureStore(config=staging)
+    online = {"type": "sqlite", "path": str(staging_dir / "online_store.db")}
+    return FeatureStore(config=staging_config(config, staging_dir, online, provider="local"))
 
 
 def _service_refs(service: Any) -> list[str]:
