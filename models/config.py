@@ -254,12 +254,9 @@ class TwoTowerConfig(ModelSection):
         return self
 
 
-class MultiTowerConfig(ModelSection):
-    """Ranking: one MLP tower per deep group -> concat -> final MLP -> logit (TorchEasyRec MultiTower)."""
+class RankerSection(ModelSection):
+    """What every ranker has besides its deep part: the wide part and the embedding regularisation."""
 
-    feature_groups: list[FeatureGroup]
-    towers: list[TowerConfig] = Field(min_length=1)
-    final: MLPConfig
     # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
     # dense feature, added to the deep logit (Wide & Deep); [] = none
     wide_features: list[str]
@@ -268,6 +265,14 @@ class MultiTowerConfig(ModelSection):
     # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
     # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
     wide_prefit_l2: float | None = Field(ge=0.0)
+
+
+class MultiTowerConfig(RankerSection):
+    """Ranking: one MLP tower per deep group -> concat -> final MLP -> logit (TorchEasyRec MultiTower)."""
+
+    feature_groups: list[FeatureGroup]
+    towers: list[TowerConfig] = Field(min_length=1)
+    final: MLPConfig
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerConfig:
@@ -275,21 +280,13 @@ class MultiTowerConfig(ModelSection):
         return self
 
 
-class MultiTowerDINConfig(ModelSection):
+class MultiTowerDINConfig(RankerSection):
     """MultiTower plus DIN towers over sequence groups (TorchEasyRec MultiTowerDIN)."""
 
     feature_groups: list[FeatureGroup]
     towers: list[TowerConfig]
     din_towers: list[DINTowerConfig] = Field(min_length=1)
     final: MLPConfig
-    # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
-    # dense feature, added to the deep logit (Wide & Deep); [] = none
-    wide_features: list[str]
-    # L2 on the embedding rows (and wide weights) each batch looks up, times this, added to the loss
-    embedding_l2: float = Field(ge=0.0)
-    # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
-    # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
-    wide_prefit_l2: float | None = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _groups(self) -> MultiTowerDINConfig:
@@ -297,7 +294,7 @@ class MultiTowerDINConfig(ModelSection):
         return self
 
 
-class DLRMConfig(ModelSection):
+class DLRMConfig(RankerSection):
     """DLRM: dense MLP + pairwise dot interaction of [dense, sparse...] + top MLP (TorchEasyRec DLRM).
 
     Groups are named ``dense`` (dense features only, optional) and ``sparse`` (sparse id features whose
@@ -308,14 +305,6 @@ class DLRMConfig(ModelSection):
     dense_mlp: MLPConfig
     arch_with_sparse: bool
     final: MLPConfig
-    # the wide part: a weight per value of each sparse feature (user / item bias) and a linear term per
-    # dense feature, added to the deep logit (Wide & Deep); [] = none
-    wide_features: list[str]
-    # L2 on the embedding rows (and wide weights) each batch looks up, times this, added to the loss
-    embedding_l2: float = Field(ge=0.0)
-    # null: the wide weights start at zero; else they start at the one-hot logistic regression on the
-    # training split with this L2 (sum of squared weights / rows), the output bias at its intercept
-    wide_prefit_l2: float | None = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _groups(self) -> DLRMConfig:

@@ -22,6 +22,7 @@ from models.config import (
     ModelConfigError,
     MultiTowerConfig,
     MultiTowerDINConfig,
+    RankerSection,
     check_model_config,
 )
 from models.embedding import EmbeddingGroup, WideLinear
@@ -34,9 +35,7 @@ from models.model import RecModel, eval_batches, model_device
 class Ranker(RecModel):
     """Base of the rankers: ``predict`` -> logits [B]; BCE ``loss``; AUC / GAUC / logloss ``metrics``."""
 
-    def __init__(
-        self, encoder: FeatureEncoder, config: MultiTowerConfig | MultiTowerDINConfig | DLRMConfig
-    ) -> None:
+    def __init__(self, encoder: FeatureEncoder, config: RankerSection) -> None:
         super().__init__(encoder, config)
         check_model_config(self.kind, config, encoder.spec)  # names the group or feature before any build
         self.wide = WideLinear(encoder, config.wide_features)
