@@ -29,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from recsys import artifact_layout as layout
 
 RESULTS = Path(__file__).parent / "results"

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.kinds import RANKERS, RETRIEVAL_MODEL
+from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import write_json
 from recsys.catalogue import item_catalogue
@@ -115,7 +115,7 @@ def evaluate_retrieval(
     baseline = retrieval_metrics(full_catalogue_topk(ones, popularity[:, None], k, exclude), relevant, ks)
     lift = {f"recall@{kk}": _ratio(two_tower[f"recall@{kk}"], baseline[f"recall@{kk}"]) for kk in ks}
     return {
-        "two_tower": two_tower,
+        RETRIEVAL_MODEL: two_tower,
         "popularity": baseline,
         "lift_over_popularity": lift,
         "users": len(users),

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from models.kinds import RETRIEVAL_MODEL
+from models.registry import RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.catalogue import item_catalogue

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from recsys.config import PipelineConfig, load_params
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from models.kinds import TASK_OF
+from models.registry import TASK_OF
 from recsys.artifact_io import write_json
 from recsys.config import Params, SearchParameter, load_params, parse_params
 from recsys.training_data import read_split
@@ -110,10 +110,10 @@ def evaluate_trial(
     valid_df: pd.DataFrame,
 ) -> float:
     """Train ``kind`` with ``values`` applied; the best validation value of its early-stopping metric."""
-    from components.train import initial_model
-    from models import fit
+    from models import fit, initial_model
 
-    encoder, model, training = initial_model(kind, trial_params(kind, raw_params, values), train_df)
+    params = trial_params(kind, raw_params, values)
+    encoder, model, training = initial_model(kind, params.models, params.training, train_df)
     result = fit(model, encoder.encode(train_df), encoder.encode(valid_df), training, progress=False)
     return float(result.best_metric) if result.best_metric is not None else float("nan")
 
@@ -253,10 +253,9 @@ def _current(raw: dict[str, Any], kind: str, key: str) -> Any:
 
 def _metric_name(kind: str, raw: dict[str, Any] | None, params: Params | None = None) -> str:
     params = params or parse_params(raw or {}, source="search")
-    training = params.training.for_model(kind)
-    if training.early_stopping_metric != "auto":
-        return training.early_stopping_metric
-    return f"recall@{training.eval_k}" if kind == "two_tower" else "auc"
+    from models.registry import default_metric
+
+    return default_metric(kind, params.training.for_model(kind))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Train step: one model (two_tower, multi_tower, multi_tower_din or dlrm) on the point-in-time sets.
+"""Train step: one registered model (models/registry.py) on the point-in-time sets.
 
-The two-tower learns from positive events (``retrieval_*``), the rankers from every impression
-(``ranking_*``). The feature encoder is fitted on the train split only and saved with the weights, so
-validation, test and serving see exactly the vocabularies and normalisation the model was trained with.
+A model learns from its task's training set: the two-tower from positive events (``retrieval_*``), the
+rankers from every impression (``ranking_*``). The feature encoder is fitted on the train split only and
+saved with the weights, so validation, test and serving see exactly the vocabularies and normalisation
+the model was trained with.
 
 Several ``--model`` values train side by side, ``--jobs`` at a time, each in its own process (the local
 DAG's one ``train`` stage; Kubeflow runs one task per model instead).
@@ -18,20 +19,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from models.kinds import TASK_OF
+from models.registry import TASK_OF
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.config import Params, load_params
 from recsys.training_data import read_split
-
-if TYPE_CHECKING:
-    from models.config import TrainingConfig
-    from models.encoding import FeatureEncoder
-    from models.model import RecModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +44,7 @@ def run(
     """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
     import torch
 
-    from models import fit, save_model, write_history_csv
+    from models import fit, initial_model, save_model, write_history_csv
 
     if kind not in TASK_OF:
         raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
@@ -57,7 +53,7 @@ def run(
     plot_file = Path(plot_file or f"plots/{kind}.png")
     train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
 
-    encoder, model, training = initial_model(kind, params, train_df)
+    encoder, model, training = initial_model(kind, params.models, params.training, train_df)
     train, valid = encoder.encode(train_df), encoder.encode(valid_df)
 
     started = time.perf_counter()
@@ -87,25 +83,6 @@ def run(
     plot_history(result.history, plot_file, title=kind)
     log.info("train %s: %s", kind, metrics)
     return metrics
-
-
-def initial_model(
-    kind: str, params: Params, train_df: pd.DataFrame
-) -> tuple[FeatureEncoder, RecModel, TrainingConfig]:
-    """What a training run of ``kind`` starts from: the encoder fitted on ``train_df``, the model seeded
-    with ``training.seed`` (the initial weights too, not just the batches: same seed, same model) and the
-    model's training section. Shared by this step and the search step's trials, so a trial of
-    params.yaml's own configuration is the model this step trains."""
-    import torch
-
-    from models import FeatureEncoder, build_model
-
-    encoder = FeatureEncoder.fit(params.models.features, train_df)
-    training = params.training.for_model(kind)
-    counts = encoder.id_counts(train_df, "item_id") if kind == "two_tower" else None
-    torch.manual_seed(training.seed)
-    model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
-    return encoder, model, training
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:

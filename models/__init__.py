@@ -5,14 +5,14 @@ Typical use (what components/train.py does)::
 
     encoder = FeatureEncoder.fit(params.models.features, train_df)    # train split only
     train, valid = encoder.encode(train_df), encoder.encode(valid_df)
-    counts = encoder.id_counts(train_df, "item_id")                    # log-Q frequencies (two_tower)
-    model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
+    fitted = model_class(kind).fitted_inputs(encoder, train_df)        # e.g. log-Q item frequencies
+    model = build_model(kind, params.models.model(kind), encoder, **fitted)
     result = fit(model, train, valid, params.training, checkpoint_dir=...)
     save_model(model, encoder, params.models.model(kind), out_dir)
     write_history_csv(result.history, out_dir / "history.csv")
 
-The names below are loaded on first use, so ``import models.config`` (done by recsys/config/ for
-every step) does not import torch.
+The names below are loaded on first use. The model kinds and the ``models:`` section come from the model
+classes (``models/registry.py``), so reading params.yaml imports torch.
 """
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "models.build": ["MODEL_CLASSES", "build_model"],
-    "models.kinds": ["MODEL_KINDS", "RANKERS", "RETRIEVAL_MODEL", "TASK_OF"],
+    "models.registry": [
+        "MODELS",
+        "MODEL_KINDS",
+        "ModelsConfig",
+        "RANKERS",
+        "RETRIEVAL_MODEL",
+        "TASK_OF",
+        "build_model",
+        "initial_model",
+        "model_class",
+    ],
     "models.config": [
         "DLRMConfig",
         "FeatureGroup",
         "FeatureSpec",
         "ModelConfigError",
-        "ModelsConfig",
         "MultiTowerConfig",
         "MultiTowerDINConfig",
         "TrainingConfig",
@@ -46,8 +54,8 @@ _EXPORTS = {
         "retrieval_metrics",
     ],
     "models.model": ["RecModel"],
-    "models.ranking": ["DLRM", "MultiTower", "MultiTowerDIN", "Ranker"],
-    "models.retrieval": ["TwoTower"],
+    "models.architectures.ranking": ["DLRM", "MultiTower", "MultiTowerDIN", "Ranker"],
+    "models.architectures.retrieval": ["TwoTower"],
     "models.serialization": ["load_model", "save_model"],
     "models.trainer": ["TrainingResult", "fit", "write_history_csv"],
 }

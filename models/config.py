@@ -1,10 +1,11 @@
-"""Typed configuration of the models package: features, feature groups, the four models and training.
+"""Typed configuration of the models package: features, feature groups, the models' configs and training.
 
 The classes mirror TorchEasyRec's model config: features are declared once, each model lists named
 ``feature_groups`` (so adding a feature to a group is a config change, not a code change) and names the
 groups its towers read. The package keeps its own pydantic base class so it does not depend on the
-pipeline's ``components`` package; ``recsys/config/`` embeds :class:`ModelsConfig` and
-:class:`TrainingConfig` as the ``models:`` and ``training:`` sections of ``params.yaml``.
+pipeline's ``components`` package; ``recsys/config/`` embeds ``ModelsConfig`` (built in
+``models/registry.py`` from the declared model classes) and :class:`TrainingConfig` as the ``models:``
+and ``training:`` sections of ``params.yaml``.
 
 Cross-references (a group naming an unknown feature, a tower reading an unknown group, DLRM dimension
 rules) are checked by :class:`ModelsConfig` at load time and again when a model is built, with messages
@@ -30,8 +31,6 @@ from pydantic import (
     model_validator,
 )
 
-from models.kinds import MODEL_KINDS
-
 # Keys of an encoded batch that are not feature names (see models/batch.py).
 RESERVED_NAMES = frozenset({"dense", "label", "group"})
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -45,6 +44,10 @@ class ModelSection(BaseModel):
     """Base of every models config class: unknown keys are errors (a typo must not become a default)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def check_features(self, kind: str, features: FeatureSpec) -> None:
+        """Model-specific checks against the declared features (after the groups' own); raise
+        :class:`ModelConfigError` naming the field. None by default."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +256,25 @@ class TwoTowerConfig(ModelSection):
                 raise ValueError(f"two_tower.feature_groups '{g.name}': towers read deep groups only")
         return self
 
+    def check_features(self, kind: str, features: FeatureSpec) -> None:
+        sparse = {f.name for f in features.sparse}
+        for name in self.id_dropout_features:
+            if name not in sparse:
+                raise ModelConfigError(
+                    f"{kind}.id_dropout_features: '{name}' is not a sparse feature (sparse: {sorted(sparse)})"
+                )
+        if self.item_id_feature not in sparse:
+            raise ModelConfigError(
+                f"{kind}.item_id_feature: '{self.item_id_feature}' is not a sparse feature"
+            )
+        item = next(g for g in self.feature_groups if g.name == self.item_group)
+        if self.item_id_feature not in item.features:
+            raise ModelConfigError(
+                f"{kind}: the item group '{item.name}' must contain the item id '{self.item_id_feature}'"
+            )
+        if any(features.kind_of(n) == "sequence" for n in item.features):
+            raise ModelConfigError(f"{kind}: the item group '{item.name}' cannot hold sequence features")
+
 
 class RankerSection(ModelSection):
     """What every ranker has besides its deep part: the wide part and the embedding regularisation."""
@@ -321,42 +343,34 @@ class DLRMConfig(RankerSection):
             )
         return self
 
-
-ModelConfig = TwoTowerConfig | MultiTowerConfig | MultiTowerDINConfig | DLRMConfig
-CONFIG_CLASSES: dict[str, type[ModelSection]] = {
-    "two_tower": TwoTowerConfig,
-    "multi_tower": MultiTowerConfig,
-    "multi_tower_din": MultiTowerDINConfig,
-    "dlrm": DLRMConfig,
-}
+    def check_features(self, kind: str, features: FeatureSpec) -> None:
+        _check_dlrm(self, features)
 
 
-class ModelsConfig(ModelSection):
-    """The ``models:`` section: the shared feature declarations and one config per model kind."""
+class ModelsSection(ModelSection):
+    """Base of the ``models:`` section: the shared feature declarations; ``models/registry.py`` adds one
+    field per declared model kind, typed by that model's ``config_class``."""
 
     features: FeatureSpec
-    two_tower: TwoTowerConfig
-    multi_tower: MultiTowerConfig
-    multi_tower_din: MultiTowerDINConfig
-    dlrm: DLRMConfig
 
-    @field_validator(*MODEL_KINDS)
+    @field_validator("*")
     @classmethod
-    def _model_fits_features(cls, config: ModelSection, info: ValidationInfo) -> ModelSection:
+    def _model_fits_features(cls, config: Any, info: ValidationInfo) -> Any:
         """Check each model against the declared features, so the error's key path names the model."""
         features = info.data.get("features")
-        if features is not None:  # else the features themselves failed and are reported
+        if info.field_name != "features" and features is not None:  # else features failed and are reported
             try:
                 check_model_config(str(info.field_name), config, features)
             except ModelConfigError as exc:
                 raise ValueError(str(exc)) from None
         return config
 
-    def model(self, kind: str) -> ModelConfig:
-        """The config of one model kind (``two_tower`` | ``multi_tower`` | ``multi_tower_din`` | ``dlrm``)."""
-        if kind not in MODEL_KINDS:
-            raise ModelConfigError(f"unknown model kind '{kind}'; expected one of {list(MODEL_KINDS)}")
-        return getattr(self, kind)
+    def model(self, kind: str) -> ModelSection:
+        """The config of one model kind."""
+        kinds = [name for name in type(self).model_fields if name != "features"]
+        if kind not in kinds:
+            raise ModelConfigError(f"unknown model kind '{kind}'; expected one of {kinds}")
+        return getattr(self, kind)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +378,7 @@ class ModelsConfig(ModelSection):
 
 
 class TrainingConfig(ModelSection):
-    """The ``training:`` section: one loop for all four models (models/trainer.py)."""
+    """The ``training:`` section: one loop for every model (models/trainer.py)."""
 
     batch_size: int = Field(gt=1)  # per process; the global batch is batch_size * world size
     eval_batch_size: int = Field(gt=0)
@@ -405,6 +419,8 @@ class TrainingConfig(ModelSection):
         # an override is checked as the section it becomes (the other fields, validated before this last one)
         base = {name: info.data[name] for name in cls.model_fields if name in info.data}
         complete = len(base) == len(cls.model_fields) - 1  # else another field failed and is reported
+        from models.registry import MODEL_KINDS  # the registry imports the model classes, which import this
+
         for kind, override in per_model.items():
             if kind not in MODEL_KINDS:
                 raise ValueError(f"per_model: unknown model '{kind}'; expected one of {list(MODEL_KINDS)}")
@@ -442,28 +458,7 @@ def check_model_config(kind: str, config: ModelSection, features: FeatureSpec) -
     groups: list[FeatureGroup] = config.feature_groups  # type: ignore[attr-defined]
     for group in groups:
         _check_group_features(kind, group, features)
-    if kind == "two_tower":
-        assert isinstance(config, TwoTowerConfig)
-        sparse = {f.name for f in features.sparse}
-        for name in config.id_dropout_features:
-            if name not in sparse:
-                raise ModelConfigError(
-                    f"two_tower.id_dropout_features: '{name}' is not a sparse feature "
-                    f"(sparse: {sorted(sparse)})"
-                )
-        if config.item_id_feature not in sparse:
-            raise ModelConfigError(
-                f"two_tower.item_id_feature: '{config.item_id_feature}' is not a sparse feature"
-            )
-        item = next(g for g in groups if g.name == config.item_group)
-        if config.item_id_feature not in item.features:
-            raise ModelConfigError(
-                f"two_tower: the item group '{item.name}' must contain the item id '{config.item_id_feature}'"
-            )
-        if any(features.kind_of(n) == "sequence" for n in item.features):
-            raise ModelConfigError(f"two_tower: the item group '{item.name}' cannot hold sequence features")
-    elif kind == "dlrm":
-        _check_dlrm(config, features)  # type: ignore[arg-type]
+    config.check_features(kind, features)
     for name in getattr(config, "wide_features", []):
         if features.kind_of(name) not in ("sparse", "dense"):
             raise ModelConfigError(

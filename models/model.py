@@ -1,15 +1,23 @@
 """The contract every model of the package keeps, so one trainer, one saver and one evaluator fit all.
 
-A model is built from ``(encoder, config)`` alone (``models.build.build_model``), which is what lets
+A model is built from ``(encoder, config)`` alone (``models.registry.build_model``), which is what lets
 ``load_model`` rebuild it from ``config.json`` without pickle.
+
+A concrete model class declares, once, what the rest of the project needs to know of it: its ``kind``
+(the params.yaml key under ``models:`` and the artifact folder name), its ``config_class``, its ``task``
+(which training set it learns from: ``retrieval`` or ``ranking``), its default early-stopping metric and
+the extra inputs it fits from the training rows (``fit_inputs``). Defining the class registers it
+(``models/registry.py`` derives the kinds, the ``models:`` section and the builders from these).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -17,11 +25,34 @@ from models.batch import DENSE_KEY, GROUP_KEY, LABEL_KEY, LENGTH_SUFFIX, Batch
 from models.config import ModelSection
 from models.encoding import FeatureEncoder
 
+Task = Literal["retrieval", "ranking"]
+TASKS: tuple[Task, ...] = ("retrieval", "ranking")  # the training sets (Feast feature services)
+
+# kind -> class, in definition order; filled by RecModel.__init_subclass__, read by models/registry.py
+DECLARED: dict[str, type[RecModel]] = {}
+
 
 class RecModel(nn.Module, ABC):
     """Base of the two-tower and the rankers: a training loss and validation metrics on a batch."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # set on concrete classes only: the params.yaml section and artifact name
+    config_class: ClassVar[type[ModelSection]]
+    task: ClassVar[Task]
+    fit_inputs: ClassVar[tuple[str, ...]] = ()  # constructor arguments fitted on the training rows
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:  # an abstract base (Ranker) declares no kind
+            return
+        for attr in ("config_class", "task"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"model class {cls.__name__} (kind '{cls.kind}') must declare {attr}")
+        if cls.task not in TASKS:
+            raise TypeError(f"model class {cls.__name__}: task '{cls.task}' is not one of {list(TASKS)}")
+        other = DECLARED.get(cls.kind)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise TypeError(f"model kind '{cls.kind}' is declared twice: {other.__name__} and {cls.__name__}")
+        DECLARED[cls.kind] = cls
 
     def __init__(self, encoder: FeatureEncoder, config: ModelSection) -> None:
         super().__init__()
@@ -39,9 +70,15 @@ class RecModel(nn.Module, ABC):
         """Metrics on a whole encoded split (eval mode, no gradients), used for early stopping; ``k`` is
         the cut-off of retrieval metrics."""
 
+    @classmethod
     @abstractmethod
-    def default_metric(self, k: int) -> str:
-        """The early-stopping metric when the config says ``auto``."""
+    def default_metric(cls, k: int) -> str:
+        """The early-stopping (and search) metric when the config says ``auto``; ``k``: ``eval_k``."""
+
+    @classmethod
+    def fitted_inputs(cls, encoder: FeatureEncoder, train_df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The ``fit_inputs`` constructor arguments computed from the training rows (none by default)."""
+        return {}
 
     @abstractmethod
     def feature_names(self) -> list[str]:

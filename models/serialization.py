@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.build import build_model
 from models.encoding import FeatureEncoder
 from models.model import RecModel
+from models.registry import build_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -80,7 +80,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         config["kind"],
         config["model_config"],
         encoder,
-        item_counts=None if counts is None else np.asarray(counts, dtype=np.int64),
+        **({} if counts is None else {"item_counts": np.asarray(counts, dtype=np.int64)}),
     )
     state = load_file(str(weights_path), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -28,7 +28,7 @@ from kfp import compiler, dsl, kubernetes
 
 from components.deploy import FEAST_CONFIG_DIR, FEAST_YAML_ENV
 from components.launch_training import TRAINING_VOLUME_PATH
-from models.config import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from pipelines import steps
 from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
 

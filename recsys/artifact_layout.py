@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from recsys.ann_index import SIDECAR_SUFFIX
 
 ARTIFACTS = Path("artifacts")

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from models import FeatureEncoder, RecModel, load_model
-from models.kinds import RANKERS, RETRIEVAL_MODEL
+from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.ann_index import load_index
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest

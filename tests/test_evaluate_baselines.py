@@ -8,7 +8,7 @@ import torch
 
 from components.evaluate import evaluate_rankers
 from models import FeatureEncoder, build_model, save_model
-from models.kinds import RANKERS
+from models.registry import RANKERS
 from tests.models.conftest import make_frame, small_models_config
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from models.kinds import RANKERS
+from models.registry import RANKERS
 from tests.conftest import MODEL_KINDS, REPO_ROOT, build_training_sets, pipeline_workdir
 
 pytestmark = pytest.mark.slow

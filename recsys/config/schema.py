@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.config import ModelsConfig, TrainingConfig
-from models.kinds import RankerKind
+from models.config import TrainingConfig
+from models.registry import MODEL_KINDS, RANKERS, ModelsConfig
 from recsys.config.cron import kfp_cron
 from recsys.config.kubernetes import DNS_LABEL, IMAGE_REPO, IMAGE_TAG, QUANTITY
 from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
@@ -288,8 +288,6 @@ class SearchConfig(Section):
     def _known_models(
         cls, space: dict[str, dict[str, SearchParameter]]
     ) -> dict[str, dict[str, SearchParameter]]:
-        from models.kinds import MODEL_KINDS
-
         for kind, keys in space.items():
             if kind not in MODEL_KINDS:
                 raise ValueError(f"space: unknown model '{kind}'; expected one of {list(MODEL_KINDS)}")
@@ -483,7 +481,7 @@ class ServingConfig(Section):
     retrieve_k: int = Field(gt=0)  # recommend: candidates retrieved, then ranked
     default_n: int = Field(gt=0)  # recommend: items returned when the request names no n
     max_n: int = Field(gt=0)
-    default_ranker: RankerKind
+    default_ranker: str  # one of the registry's ranking models
     online_store: bool  # false: features only from the request, else the contract's defaults
     feast_timeout_s: float = Field(gt=0)  # an online read slower than this counts as down
     item_cache_ttl_s: float = Field(ge=0)  # item features are cached this long (0: never)
@@ -506,6 +504,13 @@ class ServingConfig(Section):
         if self.max_n > self.retrieve_k:
             raise ValueError("max_n must not exceed retrieve_k (recommend ranks retrieve_k candidates)")
         return self
+
+    @field_validator("default_ranker")
+    @classmethod
+    def _known_ranker(cls, kind: str) -> str:
+        if kind not in RANKERS:
+            raise ValueError(f"unknown ranker '{kind}'; expected one of {list(RANKERS)}")
+        return kind
 
 
 class DeployConfig(Section):

@@ -7,7 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from models.config import FeatureGroup, MLPConfig, ModelsConfig, SparseFeature
+from models.config import FeatureGroup, MLPConfig, SparseFeature
+from models.registry import ModelsConfig
 from tests.conftest import revalidated, shipped_params
 
 STAT_COLUMNS = [

@@ -7,11 +7,11 @@ from models.config import (
     FeatureGroup,
     FeatureSpec,
     ModelConfigError,
-    ModelsConfig,
     SequenceFeature,
     TowerConfig,
     check_model_config,
 )
+from models.registry import ModelsConfig
 from tests.conftest import revalidated, shipped_params
 from tests.models.conftest import mlp_config, shipped_models_config, sparse_feature
 

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from models.build import build_model
 from models.config import TrainingConfig
 from models.encoding import FeatureEncoder
+from models.registry import build_model
 from models.trainer import TrainingObjective, fit, shard_indices
 from tests.conftest import revalidated, shipped_params
 from tests.models.conftest import make_frame, small_models_config

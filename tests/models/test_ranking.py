@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from models.build import build_model
+from models.architectures.ranking import DLRM, MultiTower, MultiTowerDIN, Ranker
 from models.config import FeatureGroup, FeatureSpec, ModelConfigError
 from models.encoding import FeatureEncoder
-from models.ranking import DLRM, MultiTower, MultiTowerDIN, Ranker
+from models.registry import build_model
 from tests.conftest import revalidated
 from tests.models.conftest import mlp_config, shipped_models_config, sparse_feature
 

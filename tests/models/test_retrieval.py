@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.architectures.retrieval import TwoTower
 from models.batch import OOV_ID
-from models.build import build_model
 from models.config import ModelConfigError
 from models.encoding import FeatureEncoder
 from models.losses import (
@@ -18,7 +18,7 @@ from models.losses import (
     same_item_pairs,
     sampled_softmax_loss,
 )
-from models.retrieval import TwoTower
+from models.registry import build_model
 
 
 def _unit(n: int, d: int = 4, seed: int = 0) -> torch.Tensor:

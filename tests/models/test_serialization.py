@@ -6,9 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.build import build_model
 from models.encoding import FeatureEncoder
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS, build_model, model_class
 from models.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from tests.models.conftest import make_frame
 
@@ -20,7 +19,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, frame, models_config, 
     if kind == "two_tower":
         config = config.model_copy(update={"history_pooling": "attention", "learn_temperature": True})
     encoder = FeatureEncoder.fit(models_config.features, frame)
-    model = build_model(kind, config, encoder, item_counts=encoder.id_counts(frame, "item_id"))
+    model = build_model(kind, config, encoder, **model_class(kind).fitted_inputs(encoder, frame))
     model.loss(encoder.encode(frame)).backward()  # touch the weights so they differ from a fresh init
     with torch.no_grad():
         for p in model.parameters():

@@ -5,7 +5,6 @@ import csv
 import pytest
 import torch
 
-from models.build import build_model
 from models.config import (
     DINTowerConfig,
     FeatureGroup,
@@ -17,6 +16,7 @@ from models.config import (
     TrainingConfig,
 )
 from models.encoding import FeatureEncoder
+from models.registry import build_model, model_class
 from models.trainer import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, fit, shard_indices, write_history_csv
 from tests.conftest import revalidated, shipped_params
 from tests.models.conftest import make_frame, mlp_config, sparse_feature
@@ -27,7 +27,7 @@ def _setup(models_config, kind="multi_tower", seed=0, **frame_args):
     encoder = FeatureEncoder.fit(models_config.features, frame)
     torch.manual_seed(seed)
     model = build_model(
-        kind, models_config.model(kind), encoder, item_counts=encoder.id_counts(frame, "item_id")
+        kind, models_config.model(kind), encoder, **model_class(kind).fitted_inputs(encoder, frame)
     )
     return model, encoder, frame
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from models.baselines import OneHotLogisticRegression, item_ctr_logits
-from models.build import build_model
-from models.config import ModelsConfig
 from models.encoding import FeatureEncoder
+from models.registry import ModelsConfig, build_model
 from models.trainer import fit
 from tests.conftest import revalidated, shipped_params
 from tests.models.conftest import make_frame, small_models_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from recsys.config import load_params
 from tests.conftest import REPO_ROOT
 

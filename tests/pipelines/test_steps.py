@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from recsys import artifact_layout as layout
 
 

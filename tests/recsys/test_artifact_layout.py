@@ -1,23 +1,22 @@
 """The artifact layout and the model kinds are said once: dvc.yaml, the model registry, the config
-sections and the bundle agree with recsys/artifact_layout.py and models/kinds.py."""
+sections and the bundle agree with recsys/artifact_layout.py and the model registry."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from models.build import MODEL_CLASSES
-from models.config import CONFIG_CLASSES, ModelsConfig
-from models.kinds import MODEL_KINDS, RANKERS, RETRIEVAL_MODEL, TASK_OF
+from models.registry import MODEL_KINDS, MODELS, RANKERS, RETRIEVAL_MODEL, TASK_OF, ModelsConfig
 from recsys import artifact_layout as layout
 from tests.conftest import REPO_ROOT
 
 DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def test_every_registry_names_the_same_model_kinds():
-    assert set(MODEL_CLASSES) == set(CONFIG_CLASSES) == set(MODEL_KINDS)
-    assert set(MODEL_KINDS) <= set(ModelsConfig.model_fields)
+def test_the_models_section_is_derived_from_the_model_classes():
+    assert list(ModelsConfig.model_fields) == ["features", *MODEL_KINDS]
+    for kind, cls in MODELS.items():
+        assert cls.kind == kind and ModelsConfig.model_fields[kind].annotation is cls.config_class
     assert set(RANKERS) | {RETRIEVAL_MODEL} == set(MODEL_KINDS)
     assert {kind for kind, task in TASK_OF.items() if task == "ranking"} == set(RANKERS)
 

@@ -89,7 +89,8 @@ class Ranker(RecModel):
         """AUC, logloss and (with per-row user groups) GAUC."""
         return ranking_metrics(labels, logits, groups)
 
-    def default_metric(self, k: int) -> str:
+    @classmethod
+    def default_metric(cls, k: int) -> str:
         return "auc"
 
     def feature_names(self) -> list[str]:
@@ -140,6 +141,8 @@ class MultiTower(Ranker):
     """One MLP tower per deep feature group -> concat -> final MLP -> linear logit."""
 
     kind = "multi_tower"
+    config_class = MultiTowerConfig
+    task = "ranking"
 
     def __init__(self, encoder: FeatureEncoder, config: MultiTowerConfig | MultiTowerDINConfig) -> None:
         super().__init__(encoder, config)
@@ -210,6 +213,7 @@ class MultiTowerDIN(MultiTower):
     """MultiTower plus one DIN attention tower per sequence group (target item attends to history)."""
 
     kind = "multi_tower_din"
+    config_class = MultiTowerDINConfig
 
     def _build_sequence_towers(self) -> int:
         self.din_towers = nn.ModuleDict()
@@ -240,6 +244,8 @@ class DLRM(Ranker):
     """
 
     kind = "dlrm"
+    config_class = DLRMConfig
+    task = "ranking"
 
     def __init__(self, encoder: FeatureEncoder, config: DLRMConfig) -> None:
         super().__init__(encoder, config)

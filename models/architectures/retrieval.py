@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +43,9 @@ class TwoTower(RecModel):
     """
 
     kind = "two_tower"
+    config_class = TwoTowerConfig
+    task = "retrieval"
+    fit_inputs = ("item_counts",)
 
     def __init__(
         self, encoder: FeatureEncoder, config: TwoTowerConfig, item_counts: np.ndarray | None = None
@@ -196,8 +200,14 @@ class TwoTower(RecModel):
 
     # ---- validation -----------------------------------------------------------------------------
 
-    def default_metric(self, k: int) -> str:
+    @classmethod
+    def default_metric(cls, k: int) -> str:
         return f"recall@{k}"
+
+    @classmethod
+    def fitted_inputs(cls, encoder: FeatureEncoder, train_df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The log-Q correction's item frequencies: training occurrences per encoded item id."""
+        return {"item_counts": encoder.id_counts(train_df, "item_id")}
 
     @torch.no_grad()
     def item_embeddings(self, items: Mapping[str, torch.Tensor], batch_size: int = 8192) -> torch.Tensor:
