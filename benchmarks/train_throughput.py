@@ -5,7 +5,8 @@ batch size on the same generated frame, in the same process:
 
 - **trainer**: ``FeatureEncoder.encode`` turns the frame into tensors once (vectorised), then
   ``models.trainer.fit`` slices a random permutation of them for each batch;
-- **reference**: a ``torch.utils.data.Dataset`` whose ``__getitem__`` builds one row's tensors in Python
+- **reference**: a ``torch.utils.data.Dataset`` (tests/models/row_reference.py, the per-row oracle the
+  encoder's test checks) whose ``__getitem__`` builds one row's tensors in Python
   (vocabulary dict lookups, history padding, dense normalisation) and a default ``DataLoader`` that
   collates them, the way a first version of a recommender training script usually looks. It builds the
   exact tensors the encoder builds (checked before timing), so only the input path differs.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -34,12 +34,13 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.batch import DENSE_KEY, FIRST_ID, LABEL_KEY, LENGTH_SUFFIX, OOV_ID
-from models.build import build_model
-from models.config import MODEL_KINDS, TrainingConfig
+from models.batch import LABEL_KEY
+from models.config import TrainingConfig
 from models.encoding import FeatureEncoder
+from models.registry import MODEL_KINDS, build_model, model_class
 from models.trainer import TrainingObjective, fit
 from recsys.config import load_params
+from tests.models.row_reference import RowDataset
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -93,7 +94,6 @@ def run(
     encoder = FeatureEncoder.fit(config.features, frame)
     train = encoder.encode(frame)
     encode_seconds = time.perf_counter() - started
-    item_counts = encoder.id_counts(frame, "item_id")
     reference_data = RowDataset(frame, encoder)
     _check_same_tensors(reference_data, train)
 
@@ -102,7 +102,9 @@ def run(
         ours, reference = 0.0, 0.0
         for _ in range(repeats):  # alternate the two paths; best of each (a shared machine only slows down)
             torch.manual_seed(0)
-            model = build_model(kind, config.model(kind), encoder, item_counts=item_counts)
+            model = build_model(
+                kind, config.model(kind), encoder, **model_class(kind).fitted_inputs(encoder, frame)
+            )
             timed = {"epochs": 1, "batch_size": batch_size, "device": "cpu", "patience": 0, "seed": 0}
             training = TrainingConfig.model_validate(
                 params.training.for_model(kind).model_dump() | timed | {"num_workers": threads}
@@ -110,7 +112,9 @@ def run(
             history = fit(model, train, None, training, progress=False).history
             ours = max(ours, history[0]["samples_per_second"])
             torch.manual_seed(0)
-            model = build_model(kind, config.model(kind), encoder, item_counts=item_counts)
+            model = build_model(
+                kind, config.model(kind), encoder, **model_class(kind).fitted_inputs(encoder, frame)
+            )
             reference = max(
                 reference, reference_samples_per_second(model, reference_data, batch_size, reference_batches)
             )
@@ -158,52 +162,6 @@ def reference_samples_per_second(
         if step == batches:
             break
     return seen / (time.perf_counter() - started)
-
-
-class RowDataset(Dataset):
-    """The seed-style input path: one row at a time, tensors built in Python per row.
-
-    Columns are pulled out of the frame once (as plain lists / numpy arrays), the fair version of this
-    pattern; the usual ``df.iloc[i]`` per row would be several times slower still.
-    """
-
-    def __init__(self, frame: pd.DataFrame, encoder: FeatureEncoder) -> None:
-        spec = encoder.spec
-        self.sparse = {
-            f.name: (
-                frame[f.name].tolist(),
-                {v: i + FIRST_ID for i, v in enumerate(encoder.vocabs[f.name].tolist())},
-            )
-            for f in spec.sparse
-        }
-        self.sequences = {
-            f.name: (frame[f.name].tolist(), self.sparse[f.shares][1], f.max_length) for f in spec.sequence
-        }
-        self.dense = [
-            (frame[f.name].to_numpy(np.float64), f.transform == "log1p", *encoder.dense_stats[f.name])
-            for f in spec.dense
-        ]
-        self.labels = frame["label"].to_numpy()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row: dict[str, torch.Tensor] = {}
-        for name, (values, vocab) in self.sparse.items():
-            row[name] = torch.tensor(vocab.get(values[i], OOV_ID), dtype=torch.int64)
-        for name, (values, vocab, max_length) in self.sequences.items():
-            history = list(values[i])[-max_length:]
-            ids = [vocab.get(v, OOV_ID) for v in history]
-            row[name] = torch.tensor(ids + [0] * (max_length - len(ids)), dtype=torch.int64)
-            row[name + LENGTH_SUFFIX] = torch.tensor(len(ids), dtype=torch.int64)
-        dense = []
-        for values, log1p, mean, std in self.dense:
-            x = float(values[i])
-            dense.append(((math.log1p(max(x, 0.0)) if log1p else x) - mean) / std)
-        row[DENSE_KEY] = torch.tensor(dense, dtype=torch.float32)
-        row[LABEL_KEY] = torch.tensor(float(self.labels[i]), dtype=torch.float32)
-        return row
 
 
 def make_training_frame(

@@ -18,6 +18,7 @@ import pandas as pd
 from recsys.artifact_io import write_tables
 from recsys.config import ConfigError, DataConfig, load_params
 from recsys.contracts import KNOWN_SINCE, RAW_TABLES, DataContractError, check_raw_table
+from sources import load_source
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,6 @@ def run(data: DataConfig, seed: int, raw_dir: str | Path | None = None) -> dict[
         time.perf_counter() - started,
     )
     return paths
-
-
-def load_source(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
-    """The raw tables in memory: synthetic, MovieLens (directory/zip/download) or MovieTweetings."""
-    if data.source == "synthetic":
-        from components.synthetic import generate
-
-        return generate(data.synthetic, seed)
-    if data.source == "movielens":
-        from components.movielens import read_movielens
-
-        return read_movielens(data.movielens)
-    if data.source == "movietweetings":
-        from components.movietweetings import read_movietweetings
-
-        return read_movietweetings(data.movietweetings)
-    raise DataContractError(f"data.source: unknown source {data.source!r}")
 
 
 def known_before(tables: dict[str, pd.DataFrame], until: pd.Timestamp) -> dict[str, pd.DataFrame]:

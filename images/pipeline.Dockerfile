@@ -40,6 +40,7 @@ RUN --mount=type=bind,source=images/wheelhouse,target=/wheelhouse \
     && /opt/venv/bin/pip install --constraint images/constraints.txt ".[production]"
 COPY README.md ./
 COPY recsys recsys
+COPY sources sources
 COPY components components
 COPY models models
 COPY pipelines pipelines

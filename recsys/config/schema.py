@@ -24,7 +24,7 @@ from recsys.config.section import Section
 
 
 class SyntheticSource(Section):
-    """The embedded deterministic generator with planted structure (see components/synthetic.py)."""
+    """The embedded deterministic generator with planted structure (see sources/synthetic.py)."""
 
     preset: Literal["tiny", "small", "default", "large"]
     # explicit sizes override the preset's, field by field
@@ -70,7 +70,7 @@ class MovieLensSource(Section):
     """MovieLens ml-100k / ml-1m: a local directory or zip (``path``), else a checksummed download.
 
     ``url`` defaults to the GroupLens archive of the variant; ``sha256`` defaults to the published
-    digest of that archive (components/movielens.py), so a download is never used unverified.
+    digest of that archive (sources/movielens.py), so a download is never used unverified.
     """
 
     variant: Literal["ml-100k", "ml-1m"]
@@ -83,7 +83,7 @@ class MovieLensSource(Section):
 
 
 class MovieTweetingsSource(Section):
-    """MovieTweetings (IMDb ratings 0-10 from tweets; components/movietweetings.py): a local snapshot."""
+    """MovieTweetings (IMDb ratings 0-10 from tweets; sources/movietweetings.py): a local snapshot."""
 
     path: Path  # a directory or zip holding ratings.dat, movies.dat, users.dat (never downloaded)
     positive_rating: int = Field(ge=1, le=10)  # label 1 when rating >= this (8: the median, ~50% positive)

@@ -7,7 +7,7 @@ The source is a local directory or zip (``cfg.path``: files at the top or in one
 never downloaded or committed by the project.
 
 The files are MovieLens-1M-shaped, so parsing, de-duplication, the microsecond tie-break of ratings in the
-same second and the mapping to the contract are components/movielens.py's; what differs:
+same second and the mapping to the contract are sources/ratings_files.py's; what differs:
 - ``label`` = rating >= ``cfg.positive_rating`` on the 0-10 scale. 8 is the shipped choice: it is the
   median rating and splits the data about in half (50.5% positive on the 100K snapshot; >= 7 would make
   73% positive, >= 9 26%), the same share and meaning ("liked it", the top of the scale) as MovieLens'
@@ -26,30 +26,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.movielens import UNKNOWN, _open_source, _parse_ratings, _read_table, _to_raw_tables
-from recsys.config import MovieTweetingsSource
-from recsys.contracts import check_raw_table
+from recsys.config import DataConfig, MovieTweetingsSource
+from sources.ratings_files import UNKNOWN, Layout, read_ratings, read_table
 
+NAME = "movietweetings"
 RATINGS, USERS, MOVIES = "ratings.dat", "users.dat", "movies.dat"
 RATING_SCALE = (0, 10)
 YEAR_BUCKET_FROM = 2000  # release years from here on are their own brand; earlier ones their decade
 
 
+def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
+    """The source table's reader: ``data.movietweetings``; ``seed`` is unused (the data is what it is)."""
+    return read_movietweetings(data.movietweetings)
+
+
 def read_movietweetings(cfg: MovieTweetingsSource) -> dict[str, pd.DataFrame]:
     """Read a MovieTweetings snapshot into contract-checked ``{"users", "items", "events"}`` tables."""
-    with _open_source(Path(cfg.path), RATINGS) as files:
-        ratings_at, users_at, items_at = (files.describe(n) for n in (RATINGS, USERS, MOVIES))
-        ratings = _parse_ratings(files.read(RATINGS), "::", ratings_at, RATING_SCALE)
-        users = _parse_users(files.read(USERS), users_at)
-        items = _parse_movies(files.read(MOVIES), items_at)
-    tables = _to_raw_tables(ratings, users, items, cfg.positive_rating, ratings_at, users_at, items_at)
-    for name, where in (("users", users_at), ("items", items_at), ("events", ratings_at)):
-        check_raw_table(name, tables[name], where)
-    return tables
+    return read_ratings(Path(cfg.path), _LAYOUT, cfg.positive_rating)
 
 
 def _parse_users(data: bytes, where: str) -> pd.DataFrame:
-    df = _read_table(data, "::", ["user_id", "twitter_id"], where, int_columns=["user_id"])
+    df = read_table(data, "::", ["user_id", "twitter_id"], where, int_columns=["user_id"])
     # no demographics: one constant profile (the models' profile features carry no signal here)
     return pd.DataFrame({
         "user_id": df["user_id"],
@@ -61,7 +58,7 @@ def _parse_users(data: bytes, where: str) -> pd.DataFrame:
 
 
 def _parse_movies(data: bytes, where: str) -> pd.DataFrame:
-    df = _read_table(data, "::", ["item_id", "title", "genres"], where, int_columns=["item_id"])
+    df = read_table(data, "::", ["item_id", "title", "genres"], where, int_columns=["item_id"])
     first = df["genres"].str.split("|", n=1).str[0].str.strip()
     df["category"] = first.mask(first == "", UNKNOWN)
     df["brand"] = year_bucket(df["title"].str.extract(r"\((\d{4})\)\s*$", expand=False))
@@ -74,3 +71,6 @@ def year_bucket(years: pd.Series) -> pd.Series:
     decades = (numbers // 10 * 10).astype("Int64").astype(str) + "s"
     buckets = numbers.astype("Int64").astype(str).where(numbers >= YEAR_BUCKET_FROM, decades)
     return buckets.where(numbers.notna(), UNKNOWN).astype(object)
+
+
+_LAYOUT = Layout(RATINGS, USERS, MOVIES, "::", _parse_users, _parse_movies, scale=RATING_SCALE)

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.movielens import PUBLISHED_ARCHIVES, ChecksumError, DownloadError, read_movielens
 from recsys.config import ConfigError, MovieLensSource, load_params
 from recsys.contracts import DataContractError, check_raw_table
+from sources.movielens import PUBLISHED_ARCHIVES, ChecksumError, DownloadError, read_movielens
 from tests.conftest import REPO_ROOT, revalidated, shipped_params
 
 
@@ -388,36 +388,40 @@ def test_damaged_member_in_zip_names_zip_and_member(tmp_path, compression):
     assert f"{archive}: MovieLens file 'ml-1m/ratings.dat' in the zip is damaged" in str(err.value)
 
 
-def test_wrong_number_of_columns_names_file_and_line(tmp_path):
-    files = ML100K | {"u.data": ML100K["u.data"] + "4\t1\t5\n"}
-    message = _error_for(tmp_path, "ml-100k", files)
-    assert "u.data: line 8 has 3 column(s), expected 4" in message
-
-
-def test_wrong_number_of_columns_in_dat_file(tmp_path):
-    files = ML1M | {"users.dat": ML1M["users.dat"].replace("2::M::56::16::70072", "2::M::56::16")}
-    message = _error_for(tmp_path, "ml-1m", files)
-    assert "users.dat: line 2 has 4 column(s), expected 5" in message
-
-
-def test_non_integer_id_names_file_line_and_column(tmp_path):
-    files = ML100K | {"u.data": ML100K["u.data"].replace(f"3\t4\t1\t{T0 + 9_000}", f"x3\t4\t1\t{T0 + 9_000}")}
-    message = _error_for(tmp_path, "ml-100k", files)
-    assert "u.data: line 6, column 'user_id': expected an integer, found 'x3'" in message
-
-
-def test_non_integer_rating_is_rejected(tmp_path):
-    files = ML1M | {
-        "ratings.dat": ML1M["ratings.dat"].replace(f"3::2::2::{T1 + 200}", f"3::2::2.5::{T1 + 200}")
-    }
-    message = _error_for(tmp_path, "ml-1m", files)
-    assert "ratings.dat: line 5, column 'rating': expected an integer" in message
-
-
-def test_non_integer_movie_id_in_item_file(tmp_path):
-    files = ML100K | {"u.item": ML100K["u.item"].replace("5|Never Rated", "five|Never Rated")}
-    message = _error_for(tmp_path, "ml-100k", files)
-    assert "u.item: line 5, column 'item_id'" in message
+@pytest.mark.parametrize(
+    ("variant", "file", "edit", "message"),
+    [
+        ("ml-100k", "u.data", lambda t: t + "4\t1\t5\n", "u.data: line 8 has 3 column(s), expected 4"),
+        (
+            "ml-1m",
+            "users.dat",
+            lambda t: t.replace("2::M::56::16::70072", "2::M::56::16"),
+            "users.dat: line 2 has 4 column(s), expected 5",
+        ),
+        (
+            "ml-100k",
+            "u.data",
+            lambda t: t.replace(f"3\t4\t1\t{T0 + 9_000}", f"x3\t4\t1\t{T0 + 9_000}"),
+            "u.data: line 6, column 'user_id': expected an integer, found 'x3'",
+        ),
+        (
+            "ml-1m",
+            "ratings.dat",
+            lambda t: t.replace(f"3::2::2::{T1 + 200}", f"3::2::2.5::{T1 + 200}"),
+            "ratings.dat: line 5, column 'rating': expected an integer",
+        ),
+        (
+            "ml-100k",
+            "u.item",
+            lambda t: t.replace("5|Never Rated", "five|Never Rated"),
+            "u.item: line 5, column 'item_id'",
+        ),
+    ],
+    ids=["column_count", "dat_column_count", "non_integer_id", "non_integer_rating", "non_integer_movie_id"],
+)
+def test_malformed_line_names_file_line_and_problem(tmp_path, variant, file, edit, message):
+    files = ML100K if variant == "ml-100k" else ML1M
+    assert message in _error_for(tmp_path, variant, files | {file: edit(files[file])})
 
 
 def test_empty_ratings_file_is_named(tmp_path):

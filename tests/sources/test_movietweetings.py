@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.movietweetings import read_movietweetings, year_bucket
 from recsys.config import ConfigError, MovieTweetingsSource, load_params
 from recsys.contracts import DataContractError, read_raw_tables
+from sources.movietweetings import read_movietweetings, year_bucket
 from tests.conftest import REPO_ROOT, revalidated, shipped_params
 
 T0 = 1_362_062_307  # a unix second in the 100K snapshot's range (2013-02-28)

@@ -1,154 +1,61 @@
-"""MovieLens ml-100k / ml-1m as the three raw tables (users, items, events) of the data contract.
+"""Rating dumps in the MovieLens file layout as the three raw tables (users, items, events) of the contract.
 
-The source is a local directory or zip (``cfg.path``), or the GroupLens archive downloaded into
-``cfg.cache_dir`` and verified against its SHA-256 before it is trusted. Files may sit at the top of
-the directory/zip or inside one sub-folder (``ml-100k/``, ``ml-1m/``), as in the published zips.
-
-Mapping to the contract (MovieLens has ratings, not impressions):
-- every rating is an impression; ``label`` = rating >= ``cfg.positive_rating``; ``event_type`` is
-  "click" for label 1, else "impression".
-- ``event_timestamp`` is the rating's unix second as UTC **plus a sub-second offset in microseconds**:
-  MovieLens users often rate many movies within the same second, but the contract keys events by
-  (user_id, event_timestamp) and the behaviour history needs a strict order. The offset is the rank
-  of the rating within its (user, second) group ordered by item_id, so it is deterministic and never
-  reaches the next second; microseconds, not nanoseconds, because Feast's offline stores keep
-  timestamps at microsecond resolution (a nanosecond offset fails the cast or is lost).
-- a (user, item) rated twice keeps only its latest rating (file order breaks ties).
-- users: ``age_bucket`` uses the ml-1m buckets (ml-100k raw ages are bucketed the same way),
-  ``occupation`` is the ml-100k name or "occ_<code>" for ml-1m, ``zip_prefix`` the first 3 zip
-  characters, ``signup_timestamp`` the user's first rating (MovieLens records no sign-up time).
-- items: ``category`` is the first listed genre ("unknown" when none), ``brand`` the release decade
-  ("1990s"; "unknown" when the year is missing), ``price`` is 0.0 for every item because MovieLens has
-  no prices, ``created_timestamp`` the movie's first rating. Users and movies without any rating get
-  the first rating time of the dataset, so the whole catalogue stays available from the start.
+MovieLens and MovieTweetings ship the same shape of files (a ratings file ``user, item, rating, unix
+seconds`` beside a users and an items file, in a directory or zip, at the top or in one sub-folder), so
+reading, checking, de-duplicating and tie-breaking the ratings and mapping them to the contract live here
+once; a source module only declares its :class:`Layout` (file names, separator, rating scale and its own
+users/items parsers). See sources/movielens.py for the mapping to the contract.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import logging
-import shutil
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from recsys.artifact_io import staged_path
-from recsys.config import MovieLensSource
 from recsys.contracts import DataContractError, check_raw_table
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PublishedArchive:
-    url: str
-    sha256: str
-    size_bytes: int
-
-
-# SHA-256 of the GroupLens zips as pinned by tensorflow/datasets (url_checksums/movielens.txt) and the
-# TensorFlow model garden (MOVIELENS_ZIP_HASH); the archives have been frozen since their release.
-PUBLISHED_ARCHIVES: dict[str, PublishedArchive] = {
-    "ml-100k": PublishedArchive(
-        url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-        sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
-        size_bytes=4_924_029,
-    ),
-    "ml-1m": PublishedArchive(
-        url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
-        size_bytes=5_917_549,
-    ),
-}
-
-ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
-]  # fmt: skip
-# ml-1m age buckets, each labelled by its lower bound: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
-AGE_BUCKETS = np.array([1, 18, 25, 35, 45, 50, 56], dtype=np.int64)
-ML1M_OCCUPATION_CODES = range(21)
 UNKNOWN = "unknown"
 
 
-class DownloadError(DataContractError):
-    """The MovieLens archive could not be fetched; the message names the URL and the target file."""
+@dataclass(frozen=True)
+class Layout:
+    """One source's files: names, field separator, rating scale and the users/items parsers."""
+
+    ratings: str
+    users: str
+    items: str
+    sep: str
+    parse_users: Callable[[bytes, str], pd.DataFrame]
+    parse_items: Callable[[bytes, str], pd.DataFrame]
+    scale: tuple[int, int] = (1, 5)  # inclusive rating range; a rating outside it names its line
 
 
-class ChecksumError(DownloadError):
-    """A downloaded archive whose SHA-256 differs from the expected one; nothing is kept."""
+def read_ratings(source: Path, layout: Layout, positive_rating: int) -> dict[str, pd.DataFrame]:
+    """Read a directory or zip laid out as ``layout`` into contract-checked raw tables.
 
-
-def read_movielens(cfg: MovieLensSource) -> dict[str, pd.DataFrame]:
-    """Read a MovieLens source into contract-checked ``{"users", "items", "events"}`` tables.
-
-    See the module docstring for the mapping; note that ``price`` is 0.0 for every item (MovieLens has
-    no prices) and that event timestamps carry a microsecond tie-break offset. Nothing is written here:
-    the ingest step writes the tables atomically.
+    ``label`` = rating >= ``positive_rating``. Nothing is written here: the ingest step writes the tables
+    atomically.
     """
-    source = cfg.path if cfg.path is not None else download_archive(cfg)
-    layout = _LAYOUTS[cfg.variant]
-    with _open_source(Path(source), layout.ratings) as files:
+    with _open_source(source, layout.ratings) as files:
         ratings_at, users_at, items_at = (
             files.describe(n) for n in (layout.ratings, layout.users, layout.items)
         )
-        ratings = _parse_ratings(files.read(layout.ratings), layout.sep, ratings_at)
+        ratings = _parse_ratings(files.read(layout.ratings), layout.sep, ratings_at, layout.scale)
         users = layout.parse_users(files.read(layout.users), users_at)
         items = layout.parse_items(files.read(layout.items), items_at)
-    tables = _to_raw_tables(ratings, users, items, cfg.positive_rating, ratings_at, users_at, items_at)
+    tables = _to_raw_tables(ratings, users, items, positive_rating, ratings_at, users_at, items_at)
     for name, where in (("users", users_at), ("items", items_at), ("events", ratings_at)):
         check_raw_table(name, tables[name], where)
     return tables
-
-
-def download_archive(cfg: MovieLensSource) -> Path:
-    """Fetch the variant's zip into ``cfg.cache_dir`` (or reuse a verified cached copy) and return it.
-
-    The bytes land in a temporary sibling and are renamed into place only after the SHA-256 matches,
-    so a truncated or tampered download never sits in the cache where a later run would trust it.
-    """
-    published = PUBLISHED_ARCHIVES[cfg.variant]
-    url = cfg.url or published.url
-    expected = (cfg.sha256 or published.sha256).lower()
-    name = PurePosixPath(urlparse(url).path).name or f"{cfg.variant}.zip"
-    target = Path(cfg.cache_dir) / name
-    if target.is_file():
-        cached = _sha256_of(target)
-        if cached == expected:
-            return target
-        log.warning(
-            "%s: cached archive has SHA-256 %s, expected %s; downloading again", target, cached, expected
-        )
-        target.unlink()
-    log.info("downloading %s -> %s", url, target)
-    with staged_path(target) as tmp:
-        try:
-            with (
-                urllib.request.urlopen(url, timeout=cfg.download_timeout_s) as response,
-                tmp.open("wb") as out,
-            ):
-                shutil.copyfileobj(response, out, length=1 << 20)
-        except (urllib.error.URLError, OSError) as exc:
-            raise DownloadError(f"{url}: download to {target} failed: {exc}") from exc
-        actual = _sha256_of(tmp)
-        if actual != expected:
-            raise ChecksumError(
-                f"{target}: SHA-256 mismatch for {url}: expected {expected}, got {actual}; "
-                "the download was discarded (set data.movielens.sha256 only for a mirror you trust)"
-            )
-    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +63,7 @@ def download_archive(cfg: MovieLensSource) -> Path:
 
 
 class _SourceFiles:
-    """Reads the member files of one MovieLens source, naming each as ``<source>:<member>`` in errors."""
+    """Reads the member files of one source, naming each as ``<source>:<member>`` in errors."""
 
     def __init__(self, source: Path, prefix: str, archive: zipfile.ZipFile | None) -> None:
         self.source, self.prefix, self.archive = source, prefix, archive
@@ -228,9 +135,7 @@ def _single_prefix(prefixes: list[str], source: Path, ratings_name: str) -> str:
 # parsing: one vectorised read per file, checked column counts and integer columns
 
 
-def _read_table(
-    data: bytes, sep: str, columns: list[str], where: str, int_columns: list[str]
-) -> pd.DataFrame:
+def read_table(data: bytes, sep: str, columns: list[str], where: str, int_columns: list[str]) -> pd.DataFrame:
     """Parse a separator-delimited latin-1 file; wrong column counts and non-integers name the line."""
     if sep == "::":  # one-byte separator for the C parser (MovieLens fields never contain \x1f)
         data, sep = data.replace(b"::", b"\x1f"), "\x1f"
@@ -279,96 +184,21 @@ def _integer_column(series: pd.Series, where: str, column: str) -> pd.Series:
 
 def _parse_ratings(data: bytes, sep: str, where: str, scale: tuple[int, int] = (1, 5)) -> pd.DataFrame:
     """``user::item::rating::unix_seconds`` rows; ratings outside ``scale`` (inclusive) name the line."""
-    df = _read_table(data, sep, ["user_id", "item_id", "rating", "unix_seconds"], where,
+    df = read_table(data, sep, ["user_id", "item_id", "rating", "unix_seconds"], where,
                      int_columns=["user_id", "item_id", "rating", "unix_seconds"])  # fmt: skip
-    _check_range(df, "rating", *scale, where)
+    check_range(df, "rating", *scale, where)
     # datetime64[ns] ends in 2262; stay clear of the int64 overflow when adding the nanosecond offset
-    _check_range(df, "unix_seconds", 0, 9_000_000_000, where)
+    check_range(df, "unix_seconds", 0, 9_000_000_000, where)
     return df
 
 
-def _check_range(df: pd.DataFrame, column: str, low: int, high: int, where: str) -> None:
+def check_range(df: pd.DataFrame, column: str, low: int, high: int, where: str) -> None:
     bad = (df[column] < low) | (df[column] > high)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataContractError(
             f"{where}: line {row + 1}, column '{column}': {df[column].iloc[row]} is outside [{low}, {high}]"
         )
-
-
-def _check_gender(df: pd.DataFrame, where: str) -> None:
-    bad = ~df["gender"].isin(["F", "M"])
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataContractError(
-            f"{where}: line {row + 1}, column 'gender': expected 'F' or 'M', found {df['gender'].iloc[row]!r}"
-        )
-
-
-def _parse_ml100k_users(data: bytes, where: str) -> pd.DataFrame:
-    df = _read_table(data, "|", ["user_id", "age", "gender", "occupation", "zip"], where, ["user_id", "age"])
-    _check_gender(df, where)
-    _check_range(df, "age", 0, 150, where)
-    # bucket lower bounds: age 17 -> 1 (under 18), 24 -> 18, 25 -> 25, ..., 56 and over -> 56
-    df["age_bucket"] = AGE_BUCKETS[np.searchsorted(AGE_BUCKETS[1:], df["age"].to_numpy(), side="right")]
-    return df[["user_id", "gender", "age_bucket", "occupation", "zip"]]
-
-
-def _parse_ml1m_users(data: bytes, where: str) -> pd.DataFrame:
-    df = _read_table(data, "::", ["user_id", "gender", "age_bucket", "occupation_code", "zip"], where,
-                     int_columns=["user_id", "age_bucket", "occupation_code"])  # fmt: skip
-    _check_gender(df, where)
-    bad_age = ~df["age_bucket"].isin(AGE_BUCKETS)
-    if bad_age.any():
-        row = int(np.flatnonzero(bad_age.to_numpy())[0])
-        raise DataContractError(
-            f"{where}: line {row + 1}, column 'age': {df['age_bucket'].iloc[row]} is not an ml-1m age "
-            f"bucket {AGE_BUCKETS.tolist()}"
-        )
-    _check_range(df, "occupation_code", ML1M_OCCUPATION_CODES.start, ML1M_OCCUPATION_CODES.stop - 1, where)
-    df["occupation"] = "occ_" + df["occupation_code"].astype(str)
-    return df[["user_id", "gender", "age_bucket", "occupation", "zip"]]
-
-
-def _parse_ml100k_items(data: bytes, where: str) -> pd.DataFrame:
-    columns = ["item_id", "title", "release_date", "video_release_date", "imdb_url", *ML100K_GENRES]
-    df = _read_table(data, "|", columns, where, int_columns=["item_id", *ML100K_GENRES])
-    flags = df[ML100K_GENRES].to_numpy() != 0
-    genres = np.asarray(ML100K_GENRES, dtype=object)
-    df["category"] = np.where(flags.any(axis=1), genres[flags.argmax(axis=1)], UNKNOWN)
-    df["brand"] = _decade(df["release_date"].str.extract(r"(\d{4})\s*$", expand=False))
-    return df[["item_id", "category", "brand"]]
-
-
-def _parse_ml1m_items(data: bytes, where: str) -> pd.DataFrame:
-    df = _read_table(data, "::", ["item_id", "title", "genres"], where, int_columns=["item_id"])
-    first = df["genres"].str.split("|", n=1).str[0].str.strip()
-    df["category"] = first.mask(first.isin(["", "(no genres listed)"]), UNKNOWN)
-    df["brand"] = _decade(df["title"].str.extract(r"\((\d{4})\)\s*$", expand=False))
-    return df[["item_id", "category", "brand"]]
-
-
-def _decade(years: pd.Series) -> pd.Series:
-    """'1995' -> '1990s'; a missing year -> 'unknown'."""
-    numbers = pd.to_numeric(years, errors="coerce")
-    decades = (numbers // 10 * 10).astype("Int64").astype(str) + "s"
-    return decades.where(numbers.notna(), UNKNOWN).astype(object)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    ratings: str
-    users: str
-    items: str
-    sep: str
-    parse_users: Callable[[bytes, str], pd.DataFrame]
-    parse_items: Callable[[bytes, str], pd.DataFrame]
-
-
-_LAYOUTS = {
-    "ml-100k": _Layout("u.data", "u.user", "u.item", "\t", _parse_ml100k_users, _parse_ml100k_items),
-    "ml-1m": _Layout("ratings.dat", "users.dat", "movies.dat", "::", _parse_ml1m_users, _parse_ml1m_items),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,11 +294,3 @@ def _events(ratings: pd.DataFrame, positive_rating: int) -> pd.DataFrame:
 
 
 _EVENT_TYPES = np.array(["impression", "click"], dtype=object)  # indexed by label
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

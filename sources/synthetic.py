@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recsys.config import SyntheticSizes, SyntheticSource
+from recsys.config import DataConfig, SyntheticSizes, SyntheticSource
 
+NAME = "synthetic"
 SECOND_NS = 1_000_000_000
 DAY_S = 86_400
 AGE_BUCKETS = np.array([18, 25, 35, 45, 50, 56])
@@ -41,6 +42,11 @@ GENDERS = np.array(["F", "M"])
 N_OCCUPATIONS = 21
 N_ZIP_PREFIXES = 50
 HISTORY_DEPTH = 3  # clicks that shape the next impression and its click probability
+
+
+def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
+    """The source table's reader: ``data.synthetic`` generated from ``seed``."""
+    return generate(data.synthetic, seed)
 
 
 def generate(cfg: SyntheticSource, seed: int) -> dict[str, pd.DataFrame]:
