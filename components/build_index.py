@@ -26,7 +26,10 @@ from safetensors.numpy import load_file
 from recsys import artifact_layout as layout
 from recsys.ann_index import METRIC, IndexContractError, TuningResult, search, write_index
 from recsys.artifact_io import write_json
-from recsys.config import IndexConfig, load_params
+from recsys.config import IndexConfig
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["build_index"]
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default=None, help="metrics JSON (default: index.metrics_file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     run(
         params.index,
         params.seed,

@@ -37,7 +37,10 @@ from recsys.bundle_manifest import (
     content_sha256,
     load_manifest,
 )
-from recsys.config import BundleConfig, load_params
+from recsys.config import BundleConfig
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "assemble":
-        params = load_params(args.params)
+        params = CONTRACT.load(args.params)
         run(params.bundle, args.params, args.out_dir)
         return 0
     try:

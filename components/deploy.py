@@ -31,8 +31,11 @@ from kubernetes import client as k8s
 
 from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
-from recsys.config import ConfigError, DeployConfig, load_params
+from recsys.config import ConfigError, DeployConfig
 from recsys.object_store import ObjectStoreError, open_store, read_pointer
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["deploy"]
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"pipeline.image_tag": args.image_tag} if args.image_tag else None
     output = args.output or (DEFAULT_OUTPUT if args.dry_run else None)
     try:
-        params = load_params(args.params, overrides)
+        params = CONTRACT.load(args.params, overrides)
         storage_uri = args.storage_uri
         if args.promoted:
             pointer = read_pointer(open_store(params.promote.uri))

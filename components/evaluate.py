@@ -29,15 +29,17 @@ from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import write_json
 from recsys.catalogue import item_catalogue
-from recsys.config import Params, load_params
 from recsys.contracts import TIMESTAMP
+from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import read_split, test_start_of
+
+CONTRACT = STEPS["evaluate"]
 
 log = logging.getLogger(__name__)
 
 
 def run(
-    params: Params,
+    params: StepParams,
     training_dir: str | Path = "data/training",
     models_dir: str | Path = layout.MODELS_DIR,
     features_dir: str | Path | None = None,
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="metrics/evaluation.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     run(params, args.training_dir or params.training_set.output_dir, args.models_dir, output=args.output)
     return 0
 

@@ -24,17 +24,19 @@ from models.registry import RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.catalogue import item_catalogue
-from recsys.config import Params, load_params
 from recsys.contracts import TIMESTAMP
+from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import MANIFEST as TRAINING_MANIFEST
 from recsys.training_data import read_split
+
+CONTRACT = STEPS["export"]
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
 
 
 def run(
-    params: Params,
+    params: StepParams,
     training_dir: str | Path = "data/training",
     model_dir: str | Path = layout.MODELS_DIR / RETRIEVAL_MODEL,
     out_dir: str | Path = layout.EMBEDDINGS_DIR,
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--popular-file", default=str(layout.EXPORT_DIR / layout.POPULAR_ITEMS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     run(
         params,
         args.training_dir or params.training_set.output_dir,

@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from recsys.artifact_io import write_tables
-from recsys.config import FeaturesConfig, load_params
+from recsys.config import FeaturesConfig
 from recsys.contracts import (
     ITEM_PROFILE_FEATURES,
     TIMESTAMP,
@@ -33,6 +33,9 @@ from recsys.contracts import (
     read_raw_tables,
     stats_features,
 )
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["features"]
 
 log = logging.getLogger(__name__)
 DAY_NS = 86_400 * 1_000_000_000
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     run(params.features, args.raw_dir or params.data.raw_dir, args.features_dir)
     return 0
 

@@ -24,8 +24,11 @@ from urllib.parse import urlparse
 
 from recsys.artifact_io import read_json, write_json
 from recsys.bundle_manifest import MANIFEST, load_manifest
-from recsys.config import GateConfig, load_params
+from recsys.config import GateConfig
 from recsys.object_store import POINTER, ObjectStoreError, open_store, promoted_manifest
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["gate"]
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the gate rejects")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     decision = run(
         params.gate, metrics_file=args.metrics, deployed_bundle=args.deployed_bundle, output=args.output
     )

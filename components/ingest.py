@@ -16,9 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from recsys.artifact_io import write_tables
-from recsys.config import ConfigError, DataConfig, load_params
+from recsys.config import ConfigError, DataConfig
 from recsys.contracts import KNOWN_SINCE, RAW_TABLES, DataContractError, check_raw_table
+from recsys.step_contract import STEPS
 from sources import load_source
+
+CONTRACT = STEPS["ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        params = load_params(args.params)
+        params = CONTRACT.load(args.params)
         run(params.data, params.seed, args.raw_dir)
     except (ConfigError, DataContractError) as exc:  # DataContractError covers download + checksum errors
         print(f"ingest: {exc}", file=sys.stderr)

@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from models.registry import MODEL_KINDS
-from recsys.config import PipelineConfig, load_params
+from recsys.config import PipelineConfig
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["train"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def run(
 ) -> dict[str, Any]:
     """Train ``kind`` on ``pipeline.accelerator_limit`` (or ``nproc``) processes per node over
     ``pipeline.training_nodes`` nodes; returns the metrics rank 0 wrote."""
-    params = load_params(params_file)
+    params = CONTRACT.load(params_file)
     cfg = params.pipeline
     metrics_file = Path(metrics_file)
     if cfg.training_nodes > 1:
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=None, help="default: pipeline.accelerator_limit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    training_dir = args.training_dir or load_params(args.params).training_set.output_dir
+    training_dir = args.training_dir or CONTRACT.load(args.params).training_set.output_dir
     metrics = run(
         args.model, args.params, training_dir, args.model_dir, args.metrics, args.plot, nproc=args.nproc
     )

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from recsys.config import FeastConfig, FeaturesConfig, load_params
+from recsys.config import FeastConfig, FeaturesConfig
 from recsys.contracts import FEATURE_TABLE_KEYS
 from recsys.feature_store import (
     feature_repo,
@@ -20,6 +20,9 @@ from recsys.feature_store import (
     open_feature_store,
     read_feature_table,
 )
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["online_store"]
 
 
 def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> dict[str, str]:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features-dir", default=None, help="default: features.features_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     window = run(params.feast, params.features, args.features_dir or params.features.features_dir)
     print(json.dumps(window))
     return 0

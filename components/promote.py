@@ -23,7 +23,7 @@ from typing import Any
 
 from recsys.artifact_io import file_sha256, write_json
 from recsys.bundle_manifest import MANIFEST, BundleIntegrityError, load_manifest
-from recsys.config import ConfigError, PromoteConfig, load_params
+from recsys.config import ConfigError, PromoteConfig
 from recsys.object_store import (
     ObjectStore,
     ObjectStoreError,
@@ -32,6 +32,9 @@ from recsys.object_store import (
     read_pointer,
     write_pointer,
 )
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["promote"]
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        params = load_params(args.params)
+        params = CONTRACT.load(args.params)
         pointer = run(
             params.promote, args.bundle, store_uri=args.uri, version=args.version, output=args.output
         )

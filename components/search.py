@@ -32,8 +32,11 @@ import yaml
 
 from models.registry import TASK_OF
 from recsys.artifact_io import write_json
-from recsys.config import Params, SearchParameter, load_params, parse_params
+from recsys.config import SearchParameter
+from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import read_split
+
+CONTRACT = STEPS["search"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ KATIB_API = "kubeflow.org/v1beta1"
 
 
 def run(
-    params: Params, raw_params: dict[str, Any], training_dir: str | Path, output: str | Path | None = None
+    params: StepParams, raw_params: dict[str, Any], training_dir: str | Path, output: str | Path | None = None
 ) -> dict[str, Any]:
     """Run every study of ``params.search.space`` (when enabled) and write ``search.output``."""
     cfg = params.search
@@ -118,7 +121,7 @@ def evaluate_trial(
     return float(result.best_metric) if result.best_metric is not None else float("nan")
 
 
-def trial_params(kind: str, raw_params: dict[str, Any], values: dict[str, Any]) -> Params:
+def trial_params(kind: str, raw_params: dict[str, Any], values: dict[str, Any]) -> StepParams:
     """``raw_params`` with a trial's values set (``training.*`` keys for ``kind`` only), validated."""
     raw = yaml.safe_load(yaml.safe_dump(raw_params))  # a deep copy
     for key, value in values.items():
@@ -127,7 +130,7 @@ def trial_params(kind: str, raw_params: dict[str, Any], values: dict[str, Any]) 
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return parse_params(raw, source=f"search trial of {kind}")
+    return CONTRACT.from_raw(raw, source=f"search trial of {kind}")
 
 
 def recorded_key(kind: str, key: str) -> str:
@@ -145,7 +148,7 @@ def suggest(trial: Any, key: str, spec: SearchParameter) -> Any:
     return trial.suggest_float(key, spec.low, spec.high, log=spec.log)
 
 
-def katib_experiments(params: Params) -> list[dict[str, Any]]:
+def katib_experiments(params: StepParams) -> list[dict[str, Any]]:
     """One Katib Experiment per model of ``search.space``: the same parameters, ranges and objective."""
     cfg, pipeline = params.search, params.pipeline
     experiments = []
@@ -183,7 +186,7 @@ def katib_experiments(params: Params) -> list[dict[str, Any]]:
     return experiments
 
 
-def _katib_trial_job(params: Params, kind: str, names: dict[str, str]) -> dict[str, Any]:
+def _katib_trial_job(params: StepParams, kind: str, names: dict[str, str]) -> dict[str, Any]:
     """The batch Job of one Katib trial: ``components.search trial`` in the training image."""
     cfg, pipeline = params.search.katib, params.pipeline
     command = ["python", "-m", "components.search", "trial", "--model", kind]
@@ -251,8 +254,8 @@ def _current(raw: dict[str, Any], kind: str, key: str) -> Any:
     raise KeyError(f"search.space.{kind}: '{key}' is not a key of params.yaml")
 
 
-def _metric_name(kind: str, raw: dict[str, Any] | None, params: Params | None = None) -> str:
-    params = params or parse_params(raw or {}, source="search")
+def _metric_name(kind: str, raw: dict[str, Any] | None, params: StepParams | None = None) -> str:
+    params = params or CONTRACT.from_raw(raw or {}, source="search")
     from models.registry import default_metric
 
     return default_metric(kind, params.training.for_model(kind))
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = yaml.safe_load(Path(args.params).read_text())
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     training_dir = Path(args.training_dir or params.training_set.output_dir)
     if args.mode == "katib":
         yaml.safe_dump_all(katib_experiments(params), sys.stdout, sort_keys=False)

@@ -26,15 +26,17 @@ import pandas as pd
 from models.registry import TASK_OF
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
-from recsys.config import Params, load_params
+from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import read_split
+
+CONTRACT = STEPS["train"]
 
 log = logging.getLogger(__name__)
 
 
 def run(
     kind: str,
-    params: Params,
+    params: StepParams,
     training_dir: str | Path = "data/training",
     model_dir: str | Path | None = None,
     metrics_file: str | Path | None = None,
@@ -112,7 +114,7 @@ def plot_history(history: list[dict[str, float]], path: str | Path, title: str) 
     return path
 
 
-def default_jobs(kinds: Sequence[str], params: Params) -> int:
+def default_jobs(kinds: Sequence[str], params: StepParams) -> int:
     """How many models train at once when ``--jobs`` is 0: the cores over each run's torch threads.
 
     Why: these models are small, and more torch threads make them slower, not faster (one thread is the
@@ -163,7 +165,7 @@ def _train_in_process(kind: str, params_file: str, training_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"{kind}: %(message)s", force=True)
     log.info("training %s (pid %d)", kind, os.getpid())
     try:
-        run(kind, load_params(params_file), training_dir)
+        run(kind, CONTRACT.load(params_file), training_dir)
     except BaseException:
         log.exception("training %s failed", kind)
         raise
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="default: plots/<model>.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     training_dir = args.training_dir or params.training_set.output_dir
     kinds: list[str] = args.model
     if len(set(kinds)) != len(kinds):

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 
 from recsys.artifact_io import write_json, write_tables, write_text
-from recsys.config import FeastConfig, FeaturesConfig, TrainingSetConfig, load_params
+from recsys.config import FeastConfig, FeaturesConfig, TrainingSetConfig
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
     TIMESTAMP,
@@ -46,7 +46,10 @@ from recsys.feature_store import (
     read_feature_table,
 )
 from recsys.point_in_time import feature_columns, historical_features, typed_table
+from recsys.step_contract import STEPS
 from recsys.training_data import MANIFEST, SPLITS
+
+CONTRACT = STEPS["training_set"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)
-    params = load_params(args.params)
+    params = CONTRACT.load(args.params)
     run(
         params.training_set,
         args.features_dir or params.features.features_dir,

@@ -53,7 +53,7 @@ from great_expectations.expectations.metrics.map_metric_provider import (
 )
 
 from recsys.artifact_io import write_json
-from recsys.config import ConfigError, ValidationConfig, load_params
+from recsys.config import ConfigError, ValidationConfig
 from recsys.contracts import (
     RAW_TABLES,
     TIMESTAMP,
@@ -62,6 +62,9 @@ from recsys.contracts import (
     parquet_schema,
     read_parquet,
 )
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["validate"]
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("great_expectations", "great_expectations.data_context.types.base"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the latter sets INFO on itself
     try:
-        params = load_params(args.params)
+        params = CONTRACT.load(args.params)
         default_dir = params.data.raw_dir if args.target == "raw" else params.training_set.output_dir
         run(params.validation, args.target, args.data_dir or default_dir)
     except (ConfigError, DataValidationError, DataContractError) as exc:

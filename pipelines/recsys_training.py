@@ -109,30 +109,33 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             ),
             "configure",
         )
-        config = configure.output
-        raw = step(ingest_op(params_yaml=config), "ingest").outputs["raw"]
-        feature_tables = step(features_op(params_yaml=config, raw=raw), "features").outputs["features"]
-        validate_raw = step(validate_op(params_yaml=config, target="raw", data=raw), "validate-raw")
+        config = configure.outputs  # per step: the sections its contract reads (recsys/step_contract.py)
+        raw = step(ingest_op(config=config["ingest"]), "ingest").outputs["raw"]
+        feature_tables = step(features_op(config=config["features"], raw=raw), "features").outputs["features"]
+        validate_raw = step(validate_op(config=config["validate"], target="raw", data=raw), "validate-raw")
         training = step(
-            training_set_op(params_yaml=config, features=feature_tables, raw=raw), "training-set"
+            training_set_op(config=config["training_set"], features=feature_tables, raw=raw), "training-set"
         ).after(validate_raw)
         with_feast_config(training, params, in_cluster=scheduled)
         training_sets = training.outputs["training_sets"]
         # the online store lives outside the run: backfilled on every run, after the training set registered
         # the feature views, and before any deploy
         online = step(
-            online_store_op(params_yaml=config, features=feature_tables), "online-store", cache=False
+            online_store_op(config=config["online_store"], features=feature_tables),
+            "online-store",
+            cache=False,
         ).after(training)
         with_feast_config(online, params, in_cluster=scheduled)
         validate_training = step(
-            validate_op(params_yaml=config, target="training", data=training_sets), "validate-training-set"
+            validate_op(config=config["validate"], target="training", data=training_sets),
+            "validate-training-set",
         )
 
         models = {}
         multi_node = cfg.training_nodes > 1
         for kind in MODEL_KINDS:  # in parallel, each on its own accelerator(s)
             task = step(
-                train_op(params_yaml=config, model_name=kind, training_sets=training_sets),
+                train_op(config=config["train"], model_name=kind, training_sets=training_sets),
                 f"train-{kind.replace('_', '-')}",
                 resources=cfg.step_resources if multi_node else cfg.train_resources,
             ).after(validate_training)
@@ -145,7 +148,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         with dsl.If(run_search == True, name="search-enabled"):  # noqa: E712  (KFP condition)
             # a side branch: its report is for the next params.yaml, this run trains on the current one
             searching = step(
-                search_op(params_yaml=config, gpu_type=gpu_type, training_sets=training_sets),
+                search_op(config=config["search"], gpu_type=gpu_type, training_sets=training_sets),
                 "search",
                 resources=cfg.train_resources,
             ).after(validate_training)
@@ -153,13 +156,15 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             on_gpu_nodes(searching, cfg)
 
         evaluate = step(
-            evaluate_op(params_yaml=config, features=feature_tables, training_sets=training_sets, **models),
+            evaluate_op(
+                config=config["evaluate"], features=feature_tables, training_sets=training_sets, **models
+            ),
             "evaluate",
         )
         evaluation = evaluate.outputs["evaluation"]
         export = step(
             export_op(
-                params_yaml=config,
+                config=config["export"],
                 features=feature_tables,
                 training_sets=training_sets,
                 two_tower=models["two_tower"],
@@ -167,23 +172,29 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             "export",
         ).after(evaluate)
         exported = export.outputs["exported"]
-        index = step(build_index_op(params_yaml=config, exported=exported), "build-index").outputs["index"]
+        index = step(build_index_op(config=config["build_index"], exported=exported), "build-index").outputs[
+            "index"
+        ]
         bundling = step(
-            bundle_op(params_yaml=config, exported=exported, index=index, evaluation=evaluation, **models),
+            bundle_op(
+                config=config["bundle"], exported=exported, index=index, evaluation=evaluation, **models
+            ),
             "bundle",
         )
         bundle = bundling.outputs["bundle"]
         # the gate reads the world outside the run (the promoted bundle): never cached
-        gate = step(gate_op(params_yaml=config, evaluation=evaluation), "gate", cache=False).after(
+        gate = step(gate_op(config=config["gate"], evaluation=evaluation), "gate", cache=False).after(
             bundling, online
         )
         with_object_store(gate, params)
         with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712  (KFP condition)
             # the bundle goes to its versioned object-store place, verified, before anything serves it
-            promoting = step(promote_op(params_yaml=config, bundle=bundle), "promote", cache=False)
+            promoting = step(promote_op(config=config["promote"], bundle=bundle), "promote", cache=False)
             with_object_store(promoting, params)
             deploying = step(
-                deploy_op(params_yaml=config, promoted=promoting.outputs["pointer"], dry_run=deploy_dry_run),
+                deploy_op(
+                    config=config["deploy"], promoted=promoting.outputs["pointer"], dry_run=deploy_dry_run
+                ),
                 "deploy",
                 cache=False,
             )

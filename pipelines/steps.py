@@ -2,13 +2,18 @@
 
 Each function becomes a KFP lightweight component (``pipelines/recsys_training.py`` decorates it with the
 project image as ``base_image``). KFP ships only the function's source to the container, so everything
-it needs is imported inside it, from the project installed in the image. A wrapper parses the run's
-configuration (the params.yaml text the ``configure`` task validated), hands the step its typed section
-and the artifact paths, and publishes metrics/reports as typed artifacts; no step logic lives here.
+it needs is imported inside it, from the project installed in the image. ``configure`` validates the
+run's whole configuration once and hands every step only the sections its contract declares
+(recsys/step_contract.py), so a task's inputs, and KFP's cache key, change only when its own sections
+do. A wrapper parses its ``config``, hands the step those sections and the artifact paths, and publishes
+metrics/reports as typed artifacts; no step logic lives here. Each wrapper's artifact parameters are its
+contract's named inputs and outputs (a test checks them).
 
 No ``from __future__ import annotations`` in this module: KFP reads the artifact annotations
 (``Input[Dataset]``, ``Output[Model]``, ...) at decoration time and needs them as objects.
 """
+
+from typing import NamedTuple
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -20,17 +25,35 @@ def configure(
     namespace: str,
     data_until: str = "",
     schedule_time: str = "",
-) -> str:
+) -> NamedTuple(  # one scoped configuration per step of recsys.step_contract.STEPS (a test checks the names)
+    "StepConfigs",
+    [
+        ("ingest", str),
+        ("features", str),
+        ("validate", str),
+        ("training_set", str),
+        ("online_store", str),
+        ("search", str),
+        ("train", str),
+        ("evaluate", str),
+        ("export", str),
+        ("build_index", str),
+        ("bundle", str),
+        ("gate", str),
+        ("promote", str),
+        ("deploy", str),
+    ],
+):
     """Validate the run's configuration once, before any work: params.yaml text + the run's overrides.
 
     ``data.until`` becomes the run's day (pipelines/run_window.py): ``data_until`` if given, else the
-    scheduled time of a recurring run. Returns the effective configuration as YAML; every other task
-    reads that, so the whole run agrees (and a new day is a new input for every cached task).
+    scheduled time of a recurring run. Returns, per step, the sections of the effective configuration
+    that step reads (recsys/step_contract.py): the whole run agrees, a new day is a new input for every
+    task that reads ``data``, and a change to ``serving.*`` leaves the trainings' inputs as they were.
     """
-    import yaml
-
     from pipelines.run_window import data_until as run_day
     from recsys.config import params_from_yaml_text, parse_params
+    from recsys.step_contract import STEPS, scoped_configs
 
     effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
     day = run_day(data_until, schedule_time)
@@ -40,29 +63,32 @@ def configure(
     effective["pipeline"]["accelerator_type"] = gpu_type
     effective["deploy"]["namespace"] = namespace
     params = parse_params(effective, source="params_yaml with the run's parameters")
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    # KFP ships this function's source alone, so the outputs type is spelled in the signature (inline)
+    outputs = configure.__annotations__["return"]
+    configs = scoped_configs(params, STEPS.values())
+    return outputs(**{name: configs[name] for name in outputs._fields})
 
 
-def ingest(params_yaml: str, raw: Output[Dataset]) -> None:
+def ingest(config: str, raw: Output[Dataset]) -> None:
     """Raw users/items/events tables from the configured source (components/ingest.py)."""
     from components import ingest as step
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["ingest"])
     step.run(params.data, params.seed, raw.path)
 
 
-def features(params_yaml: str, raw: Input[Dataset], features: Output[Dataset]) -> None:
+def features(config: str, raw: Input[Dataset], features: Output[Dataset]) -> None:
     """Point-in-time feature tables for the Feast file sources (components/features.py)."""
     from components import features as step
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["features"])
     step.run(params.features, raw.path, features.path)
 
 
 def validate(
-    params_yaml: str,
+    config: str,
     target: str,
     data: Input[Dataset],
     data_docs: Output[HTML],
@@ -79,9 +105,9 @@ def validate(
 
     from components import validate as step
     from pipelines.metrics_artifact import publish_metrics
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["validate"])
     result = step.run(
         params.validation, target, data.path, report_dir=data_docs_site.path, summary_file=summary.path
     )
@@ -90,7 +116,7 @@ def validate(
 
 
 def training_set(
-    params_yaml: str,
+    config: str,
     features: Input[Dataset],
     raw: Input[Dataset],
     training_sets: Output[Dataset],
@@ -104,9 +130,9 @@ def training_set(
     """
     from components import training_set as step
     from pipelines.metrics_artifact import publish_metrics
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["training_set"])
     step.run(
         params.training_set,
         features.path,
@@ -120,7 +146,7 @@ def training_set(
     publish_metrics(stats.path, stats)
 
 
-def online_store(params_yaml: str, features: Input[Dataset]) -> str:
+def online_store(config: str, features: Input[Dataset]) -> str:
     """Backfill Feast's online store from the run's feature tables, so serving reads the newest values.
 
     Its own step, never cached: the store lives outside the run, and a cached training-set step would
@@ -130,15 +156,15 @@ def online_store(params_yaml: str, features: Input[Dataset]) -> str:
     import json
 
     from components import online_store as step
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["online_store"])
     if not params.feast.materialize:
         return ""
     return json.dumps(step.run(params.feast, params.features, features.path))
 
 
-def search(params_yaml: str, gpu_type: str, training_sets: Input[Dataset], search: Output[Metrics]) -> None:
+def search(config: str, gpu_type: str, training_sets: Input[Dataset], search: Output[Metrics]) -> None:
     """Optuna search per model on the validation split (components/search.py), when the run asks for it.
 
     The pipeline runs this task only under its ``run_search`` parameter, so here the search is on whatever
@@ -151,29 +177,27 @@ def search(params_yaml: str, gpu_type: str, training_sets: Input[Dataset], searc
     import json
     from pathlib import Path
 
-    import yaml
-
     from components import search as step
     from pipelines.metrics_artifact import publish_metrics
-    from recsys.config import parse_params
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    raw = yaml.safe_load(params_yaml)
+    raw = step_params_from_json(config, STEPS["search"]).dump()
     raw["search"]["enabled"] = True
-    params = parse_params(raw, source="params_yaml with run_search")
+    params = STEPS["search"].from_raw(raw, source="the search task's config with run_search")
     report = step.run(params, raw, training_sets.path, output=search.path)
     Path(search.path).write_text(json.dumps(report | {"accelerator_type": gpu_type}, indent=2) + "\n")
     publish_metrics(search.path, search)
 
 
 def train(
-    params_yaml: str,
+    config: str,
     model_name: str,
     training_sets: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
     curves: Output[HTML],
 ) -> None:
-    """Train one of the four models on the training sets (components/train.py); CUDA when present.
+    """Train one registered model on the training sets (components/train.py); CUDA when present.
 
     Through the launcher (components/launch_training.py): torchrun over ``pipeline.accelerator_limit``
     GPUs in this pod, or a PyTorchJob over ``pipeline.training_nodes`` pods.
@@ -183,10 +207,11 @@ def train(
 
     from components import launch_training as step
     from pipelines.metrics_artifact import png_page, publish_metrics
+    from recsys.step_contract import STEPS, step_params_from_json
 
     with tempfile.TemporaryDirectory() as scratch:
-        params_file = Path(scratch) / "params.yaml"
-        params_file.write_text(params_yaml)
+        params_file = Path(scratch) / "params.yaml"  # the train step's sections, for its subprocesses
+        params_file.write_text(step_params_from_json(config, STEPS["train"]).to_yaml())
         plot = Path(scratch) / f"{model_name}.png"
         step.run(model_name, params_file, training_sets.path, model.path, metrics.path, plot)
         png_page(plot, curves.path, title=f"{model_name}: loss and validation metric per epoch")
@@ -194,7 +219,7 @@ def train(
 
 
 def evaluate(
-    params_yaml: str,
+    config: str,
     features: Input[Dataset],
     training_sets: Input[Dataset],
     two_tower: Input[Model],
@@ -213,9 +238,9 @@ def evaluate(
 
     from components import evaluate as step
     from pipelines.metrics_artifact import publish_metrics
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["evaluate"])
     models = {
         "two_tower": two_tower,
         "multi_tower": multi_tower,
@@ -230,7 +255,7 @@ def evaluate(
 
 
 def export(
-    params_yaml: str,
+    config: str,
     features: Input[Dataset],
     training_sets: Input[Dataset],
     two_tower: Input[Model],
@@ -243,26 +268,24 @@ def export(
     from pathlib import Path
 
     from components import export as step
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["export"])
     params.features.features_dir = Path(features.path)
     popular = Path(exported.path) / "popular_items.json"
     step.run(params, training_sets.path, two_tower.path, exported.path, popular_file=popular)
 
 
-def build_index(
-    params_yaml: str, exported: Input[Model], index: Output[Model], metrics: Output[Metrics]
-) -> None:
+def build_index(config: str, exported: Input[Model], index: Output[Model], metrics: Output[Metrics]) -> None:
     """FAISS inner-product index over the item embeddings, search tuned (components/build_index.py)."""
     from pathlib import Path
 
     from components import build_index as step
     from pipelines.metrics_artifact import publish_metrics
     from recsys import artifact_layout as layout
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["build_index"])
     # export's artifact holds the embeddings; this task's artifact is the index folder
     step.run(
         params.index,
@@ -276,7 +299,7 @@ def build_index(
 
 
 def bundle(
-    params_yaml: str,
+    config: str,
     exported: Input[Model],
     index: Input[Model],
     two_tower: Input[Model],
@@ -296,9 +319,9 @@ def bundle(
 
     from components import bundle as step
     from recsys import artifact_layout as layout
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["bundle"])
     models = {
         "two_tower": two_tower,
         "multi_tower": multi_tower,
@@ -315,11 +338,11 @@ def bundle(
     params.bundle.metrics_file = Path(evaluation.path)
     with tempfile.TemporaryDirectory() as scratch:
         params_file = Path(scratch) / "params.yaml"
-        params_file.write_text(params_yaml)
+        params_file.write_text(params.to_yaml())
         step.run(params.bundle, params_file, out_dir=bundle.path, files=members)
 
 
-def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:
+def gate(config: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:
     """Pass only if no chosen metric is worse than the promoted bundle's (components/gate.py).
 
     The deployed bundle is the one current in the promote store (``promote.uri``; endpoint and credentials
@@ -328,9 +351,9 @@ def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]
     """
     from components import gate as step
     from pipelines.metrics_artifact import publish_metrics
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["gate"])
     result = step.run(
         params.gate, metrics_file=evaluation.path, deployed_bundle=params.promote.uri, output=decision.path
     )
@@ -339,18 +362,18 @@ def gate(params_yaml: str, evaluation: Input[Metrics], decision: Output[Metrics]
     return bool(result["passed"])
 
 
-def promote(params_yaml: str, bundle: Input[Model], pointer: Output[Artifact]) -> str:
+def promote(config: str, bundle: Input[Model], pointer: Output[Artifact]) -> str:
     """Copy the gated bundle to ``<promote.uri>/<version>/``, verify it there, make it current
     (components/promote.py). ``pointer`` is the promote store's new ``current.json``; returns the
     promoted version's URI."""
     from components import promote as step
-    from recsys.config import params_from_yaml_text
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["promote"])
     return step.run(params.promote, bundle.path, output=pointer.path)["uri"]
 
 
-def deploy(params_yaml: str, promoted: Input[Artifact], dry_run: bool, manifest: Output[Artifact]) -> str:
+def deploy(config: str, promoted: Input[Artifact], dry_run: bool, manifest: Output[Artifact]) -> str:
     """Roll the InferenceService out to the promoted bundle; returns its URL (components/deploy.py).
 
     Only the model (image, ``STORAGE_URI``) is patched on an existing service, as a canary. A rollback
@@ -361,10 +384,10 @@ def deploy(params_yaml: str, promoted: Input[Artifact], dry_run: bool, manifest:
     import logging
 
     from components import deploy as step
-    from recsys.config import params_from_yaml_text
     from recsys.object_store import open_store, restore_previous
+    from recsys.step_contract import STEPS, step_params_from_json
 
-    params = params_from_yaml_text(params_yaml)
+    params = step_params_from_json(config, STEPS["deploy"])
     with open(promoted.path) as fh:
         pointer = json.load(fh)
 

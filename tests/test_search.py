@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from components import search
-from recsys.config import ConfigError, load_params
+from recsys.config import ConfigError, load_params, params_from_yaml_text
+from recsys.step_contract import STEPS
 from tests.conftest import REPO_ROOT, write_params
 from tests.models.conftest import make_frame
 
@@ -91,8 +92,9 @@ def test_the_pipeline_task_searches_even_when_params_say_off_and_logs_the_best(t
     ).read_text()
     assert yaml.safe_load(text)["search"]["enabled"] is False
     artifact = FakeArtifact(tmp_path / "search" / "search")
+    config = STEPS["search"].scope(params_from_yaml_text(text)).to_json()  # what configure hands the task
     steps.search(
-        params_yaml=text, gpu_type="nvidia.com/gpu", training_sets=FakeArtifact(training_dir), search=artifact
+        config=config, gpu_type="nvidia.com/gpu", training_sets=FakeArtifact(training_dir), search=artifact
     )
     report = json.loads(Path(artifact.path).read_text())
     assert report["enabled"] is True and set(report["studies"]) == {"multi_tower"}

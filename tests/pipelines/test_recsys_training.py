@@ -240,12 +240,11 @@ def test_configure_applies_the_run_parameters(params):
     from pipelines import steps
     from pipelines.recsys_training import params_as_text
 
-    text = steps.configure(params_as_text(params), "movielens", "nvidia.com/mig-1g.10gb", "recsys-dev")
-    effective = params_from_yaml_text(text)
-    assert effective.data.source == "movielens"
-    assert effective.pipeline.accelerator_type == "nvidia.com/mig-1g.10gb"
-    assert effective.deploy.namespace == "recsys-dev"
-    assert effective.models == params.models
+    configs = steps.configure(params_as_text(params), "movielens", "nvidia.com/mig-1g.10gb", "recsys-dev")
+    assert _section(configs, "ingest").data.source == "movielens"
+    assert _section(configs, "train").pipeline.accelerator_type == "nvidia.com/mig-1g.10gb"
+    assert _section(configs, "deploy").deploy.namespace == "recsys-dev"
+    assert _section(configs, "train").models == params.models
     with pytest.raises(ConfigError, match=r"data\.source"):
         steps.configure(params_as_text(params), "csv", "nvidia.com/gpu", "recsys")
     with pytest.raises(ConfigError, match=r"deploy\.namespace"):
@@ -263,23 +262,92 @@ def test_a_scheduled_run_trains_on_the_data_up_to_its_day(compiled, tasks, param
     argument = tasks["configure"]["spec"]["inputs"]["parameters"]["schedule_time"]
     assert argument["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
     text = params_as_text(params)
-    monday = params_from_yaml_text(
-        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-03T03:00:00Z")
+    monday = _section(
+        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-03T03:00:00Z"), "ingest"
     )
-    tuesday = params_from_yaml_text(
-        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-04T03:00:00+00:00")
+    tuesday = _section(
+        steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", "", "2026-08-04T03:00:00+00:00"),
+        "ingest",
     )
     assert monday.data.until.isoformat() == "2026-08-03T00:00:00+00:00"
     assert tuesday.data.until.isoformat() == "2026-08-04T00:00:00+00:00"
     backfill = steps.configure(
         text, "synthetic", "nvidia.com/gpu", "recsys", "2026-07-01", "2026-08-04T03:00:00Z"
     )
-    assert params_from_yaml_text(backfill).data.until.isoformat() == "2026-07-01T00:00:00+00:00"
+    assert _section(backfill, "ingest").data.until.isoformat() == "2026-07-01T00:00:00+00:00"
     # kfp.local and one-off runs leave the placeholder unresolved: params.yaml's data.until stands
     unresolved = steps.configure(
         text, "synthetic", "nvidia.com/gpu", "recsys", "", "{{$.pipeline_job_schedule_time_utc}}"
     )
-    assert params_from_yaml_text(unresolved).data.until == params.data.until
+    assert _section(unresolved, "ingest").data.until == params.data.until
+
+
+def _section(configs: Any, step: str) -> Any:
+    """One step's configuration out of configure's outputs."""
+    from recsys.step_contract import STEPS, step_params_from_json
+
+    return step_params_from_json(getattr(configs, step), STEPS[step])
+
+
+def test_each_task_gets_only_its_steps_sections(tasks):
+    """Every step task's config is configure's output named after its step (recsys/step_contract.py)."""
+    from recsys.step_contract import STEPS
+
+    for name, task in tasks.items():
+        config = task["spec"].get("inputs", {}).get("parameters", {}).get("config")
+        if name == "configure" or config is None:
+            continue
+        # the component is the step's wrapper: comp-<step>, comp-<step>-2 for a second use
+        wrapper = re.sub(r"-\d+$", "", task["spec"]["componentRef"]["name"].removeprefix("comp-"))
+        step = wrapper.replace("-", "_")
+        assert step in STEPS, name
+        if "taskOutputParameter" in config:
+            assert config["taskOutputParameter"] == {"producerTask": "configure", "outputParameterKey": step}
+        else:  # inside a dsl.If group, the group passes configure's output on
+            assert config["componentInputParameter"] == f"pipelinechannel--configure-{step}", name
+
+
+def test_a_serving_change_leaves_the_trainings_inputs_and_cache_keys_as_they_were(params):
+    """Compiling with a changed ``serving.*`` value changes the bundle's config (it records the whole
+    configuration) and no config of a step before it: the training tasks' inputs, KFP's cache key, stay."""
+    from pipelines import steps
+    from pipelines.recsys_training import params_as_text
+    from recsys.step_contract import STEPS
+
+    changed = params.model_copy(deep=True)
+    changed.serving.max_request_bytes = params.serving.max_request_bytes * 2
+    before = steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "recsys")
+    after = steps.configure(params_as_text(changed), "synthetic", "nvidia.com/gpu", "recsys")
+    differ = {step for step in STEPS if getattr(before, step) != getattr(after, step)}
+    assert differ == {"bundle"}, differ
+
+    first, second = _compiled_spec(params), _compiled_spec(changed)
+    for name in TRAIN_TASKS:
+        assert _task_by_name(first, name) == _task_by_name(second, name), name
+    assert first["root"]["inputDefinitions"] != second["root"]["inputDefinitions"]  # params_yaml default
+
+
+def _compiled_spec(params: Any) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from kfp import compiler
+
+    from pipelines.recsys_training import build_pipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "p.yaml"
+        compiler.Compiler().compile(build_pipeline(params), str(out))
+        spec, *_ = yaml.safe_load_all(out.read_text())
+    return spec
+
+
+def _task_by_name(spec: dict[str, Any], display: str) -> dict[str, Any]:
+    for task in spec["root"]["dag"]["tasks"].values():
+        if task["taskInfo"]["name"] == display:
+            component = spec["components"][task["componentRef"]["name"]]
+            return {"task": task, "component": component}
+    raise KeyError(display)
 
 
 def test_a_run_date_that_is_not_a_date_is_named():
