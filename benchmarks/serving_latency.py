@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load_client import in_process_latency, measure
-from benchmarks.model_server import free_port, start_server, stop_server
-from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 from recsys.config import load_params
+from serving.load_client import in_process_latency, measure
+from serving.local_server import free_port, start_server, stop_server
+from tests.synthetic_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

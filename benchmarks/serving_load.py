@@ -1,5 +1,6 @@
-"""Serving under load: light and heavy requests at 1, 4 and 16 concurrent clients, on one server process
-and on two (``serving.workers``), with liveness probed throughout and the servers' memory before and after.
+"""Serving under load: light and heavy requests at 1, 4 and 16 concurrent clients, on one server process,
+on two forked by serving/workers.py (``serving.workers``) and on two of KServe's own multi-process server
+(benchmarks/kserve_workers.py), with liveness probed throughout and the servers' memory before and after.
 
 A server whose event loop is blocked by prediction fails its liveness probe under load and is restarted
 by Kubernetes although it is healthy; one that keeps request bodies or caches growing runs out of its
@@ -14,12 +15,12 @@ worker). Loads:
 - ``heavy``: V1 ``ranking`` of 64 users x 1000 candidates with MultiTowerDIN (the largest request the
   default limits admit).
 
-Both servers run at once (idle, a server costs no CPU) and each level runs on one, then at once on the
-other, so the ratio workers=2 / workers=1 compares runs a few seconds apart: this machine's speed drifts
-with what else runs on it, absolute numbers less reliably than the ratio. The clients are threads of
-this process on the same cores as the servers.
+All servers run at once (idle, a server costs no CPU) and each level runs on one after the other (the
+order rotates per level), so the ratio of each server's throughput to the single process's compares runs
+seconds apart: this machine's speed drifts with what else runs on it, absolute numbers less reliably than
+the ratio. The clients are threads of this process on the same cores as the servers.
 
-``python -m benchmarks.serving_load [--seconds 10] [--workers 1 2]``; results go to
+``python -m benchmarks.serving_load [--seconds 10] [--workers 1 2] [--kserve-workers 2]``; results go to
 benchmarks/results/serving_load.{json,md}. The bundle is built here from a synthetic training frame
 (untrained models: cost, not quality), served without the online store, on 127.0.0.1 only.
 """
@@ -38,8 +39,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.load_client import run_load
-from benchmarks.model_server import (
+from recsys.config import load_params
+from serving.load_client import run_load
+from serving.local_server import (
     free_port,
     server_cpu_seconds,
     server_memory_mb,
@@ -47,8 +49,7 @@ from benchmarks.model_server import (
     stop_server,
     worker_requests,
 )
-from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
-from recsys.config import load_params
+from tests.synthetic_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="light: per level and server")
     parser.add_argument("--heavy-seconds", type=float, default=20.0, help="heavy: per level and server")
     parser.add_argument("--max-requests", type=int, default=5_000, help="per load, level and server")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server processes to compare")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="serving.workers to compare")
+    parser.add_argument(
+        "--kserve-workers", type=int, nargs="*", default=[2], help="KServe multi-process servers to compare"
+    )
     parser.add_argument("--out", default=str(RESULTS / "serving_load"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": params.serving.torch_threads,
         "max_batch": params.serving.max_batch,
         "max_candidates": params.serving.max_candidates,
-        "workers": args.workers,
+        "servers_compared": [*map(str, args.workers), *(f"kserve-{n}" for n in args.kserve_workers)],
         "servers": {},
         "loads": {},
     }
@@ -101,40 +105,40 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             ),
         }
-        servers: dict[int, tuple[Any, str]] = {}
+        launchers = [(str(n), "serving", n) for n in args.workers]
+        launchers += [(f"kserve-{n}", "benchmarks.kserve_workers", n) for n in args.kserve_workers]
+        servers: dict[str, tuple[Any, str]] = {}
         try:
-            for workers in args.workers:
+            for name, module, workers in launchers:
                 port = free_port()
-                process = start_server(
-                    bundle, Path(args.params), port, ["--no_online_store", "--workers", str(workers)]
-                )
+                extra = ["--no_online_store", "--workers", str(workers)]
+                process = start_server(bundle, Path(args.params), port, extra, module=module)
                 base = f"http://127.0.0.1:{port}"
-                servers[workers] = (process, base)
-                results["servers"][str(workers)] = {"memory_at_start": server_memory_mb(process)}
-            for workers, (_, base) in servers.items():  # warm-up: lazy imports and caches in every worker
-                run_load(
-                    f"{base}/v1/models/recommend:predict", bodies["light"][1][:50], 2 * workers, 2.0, 200
-                )
+                servers[name] = (process, base)
+                results["servers"][name] = {"workers": workers, "memory_at_start": server_memory_mb(process)}
+            for name, (_, base) in servers.items():  # warm-up: lazy imports and caches in every worker
+                clients = 2 * results["servers"][name]["workers"]
+                run_load(f"{base}/v1/models/recommend:predict", bodies["light"][1][:50], clients, 2.0, 200)
             seconds = results["seconds_per_level"]
             for load, (model, payloads) in bodies.items():
                 runs: list[dict[str, Any]] = []
                 for i, level in enumerate(LEVELS):
                     order = list(servers.items())
-                    for workers, (process, base) in order if i % 2 == 0 else order[::-1]:  # ABAB -> ABBA
+                    for name, (process, base) in order[i % len(order) :] + order[: i % len(order)]:
                         runs.append(
-                            {"workers": workers}
+                            {"server": name}
                             | _level(process, base, model, payloads, level, seconds[load], args.max_requests)
                         )
                 results["loads"][load] = {"model": model, "runs": runs}
-            for workers, (process, _) in servers.items():
-                results["servers"][str(workers)]["memory_at_end"] = server_memory_mb(process)
+            for name, (process, _) in servers.items():
+                results["servers"][name]["memory_at_end"] = server_memory_mb(process)
         finally:
             for process, _ in servers.values():
                 stop_server(process)
-            for workers, (process, _) in servers.items():
-                results["servers"][str(workers)]["exit_code"] = process.returncode
+            for name, (process, _) in servers.items():
+                results["servers"][name]["exit_code"] = process.returncode
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["ratios"] = _ratios(results, args.workers)
+    results["ratios"] = _ratios(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
@@ -174,16 +178,18 @@ def _level(
     }
 
 
-def _ratios(results: dict[str, Any], workers: list[int]) -> dict[str, dict[str, float]]:
-    """Throughput of the most workers over that of the fewest, per load and level."""
-    if len(workers) < 2:
+def _ratios(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Throughput of each server over that of the first (the single process), per load and level."""
+    names = results["servers_compared"]
+    if len(names) < 2:
         return {}
-    low, high = min(workers), max(workers)
-    ratios: dict[str, dict[str, float]] = {}
+    base = names[0]
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
     for load, entry in results["loads"].items():
-        by = {(r["workers"], r["concurrency"]): r["throughput_rps"] for r in entry["runs"]}
+        by = {(r["server"], r["concurrency"]): r["throughput_rps"] for r in entry["runs"]}
         ratios[load] = {
-            str(level): round(by[high, level] / by[low, level], 2) for level in LEVELS if by.get((low, level))
+            name: {str(lv): round(by[name, lv] / by[base, lv], 2) for lv in LEVELS if by.get((base, lv))}
+            for name in names[1:]
         }
     return ratios
 
@@ -231,16 +237,22 @@ def _with_liveness_probes(base: str, load: Any) -> tuple[dict[str, Any], list[fl
 
 
 def _markdown(results: dict[str, Any]) -> str:
-    workers = results["workers"]
+    names = results["servers_compared"]
     start = results["servers"]
     lines = [
-        f"# Serving under load: workers {' vs '.join(map(str, workers))}, light and heavy requests at 1, 4 "
-        "and 16 clients",
+        f"# Serving under load: servers {' vs '.join(names)}, light and heavy requests at 1, 4 and 16 "
+        "clients",
+        "",
+        "Servers: a number is `python -m serving --workers N` (N > 1: serving/workers.py forks N workers "
+        "from the process that loaded the bundle, each on its own SO_REUSEPORT socket); `kserve-N` is "
+        "KServe's own multi-process server (`RESTServerMultiProcess`, what `ModelServer(workers=N)` runs: "
+        "N spawned interpreters on one shared socket, each with its own copy of the models, the parent "
+        "keeping one too; benchmarks/kserve_workers.py), serving the same app.",
         "",
         f"{results['cpu_count']} CPU cores, shared by the servers, the load clients (threads of the "
         "benchmark) and whatever else ran on the machine (other jobs did: load average "
         f"{results['load_average_at_start'][0]} at start, {results['load_average_at_end'][0]} at end, and "
-        "per level in the JSON); absolute numbers are noisy, the ratio compares runs seconds apart. Torch "
+        "per level in the JSON); absolute numbers are noisy, the ratios compare runs seconds apart. Torch "
         f"threads {results['torch_threads']} per process; {results['seconds_per_level']['light']:g} s "
         f"(light) and {results['seconds_per_level']['heavy']:g} s (heavy) per level and server. light = "
         f"recommend of one user; heavy = ranking of {results['max_batch']} users x "
@@ -252,42 +264,43 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         "Memory at start (idle, before the warm-up requests): "
         + "; ".join(
-            f"workers={w}: RSS {start[str(w)]['memory_at_start']['rss_mb']} MB, "
-            f"PSS {start[str(w)]['memory_at_start']['pss_mb']} MB"
-            for w in workers
+            f"{n}: RSS {start[n]['memory_at_start']['rss_mb']} MB, "
+            f"PSS {start[n]['memory_at_start']['pss_mb']} MB"
+            for n in names
         )
         + ". At the end: "
         + "; ".join(
-            f"workers={w}: RSS {start[str(w)]['memory_at_end']['rss_mb']} MB, "
-            f"PSS {start[str(w)]['memory_at_end']['pss_mb']} MB"
-            for w in workers
-            if "memory_at_end" in start[str(w)]
+            f"{n}: RSS {start[n]['memory_at_end']['rss_mb']} MB, PSS {start[n]['memory_at_end']['pss_mb']} MB"
+            for n in names
+            if "memory_at_end" in start[n]
         )
         + ".",
         "",
     ]
     if results.get("ratios"):
         lines += [
-            f"Throughput ratio workers={max(workers)} / workers={min(workers)}:",
+            f"Throughput ratio to server {names[0]}:",
             "",
-            "| load | " + " | ".join(f"{level} clients" for level in LEVELS) + " |",
-            "|---|" + "---:|" * len(LEVELS),
+            "| load | server | " + " | ".join(f"{level} clients" for level in LEVELS) + " |",
+            "|---|---|" + "---:|" * len(LEVELS),
         ]
-        for load, by_level in results["ratios"].items():
-            lines.append(f"| {load} | " + " | ".join(str(by_level.get(str(lv), "")) for lv in LEVELS) + " |")
+        for load, by_server in results["ratios"].items():
+            for name, by_level in by_server.items():
+                cells = " | ".join(str(by_level.get(str(lv), "")) for lv in LEVELS)
+                lines.append(f"| {load} | {name} | {cells} |")
         lines.append("")
     lines += [
-        "| load | workers | clients | requests | errors | req/s | p50 ms | p99 ms | server cores "
+        "| load | server | clients | requests | errors | req/s | p50 ms | p99 ms | server cores "
         "| req/s per core | per worker | live p50 ms | live max ms | live failures | RSS before MB "
         "| RSS after MB | PSS after MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for load, entry in results["loads"].items():
         for run in entry["runs"]:
             split = " / ".join(str(n) for n in run["per_worker"].values())
             per_core = round(run["throughput_rps"] / run["server_cores"], 1) if run["server_cores"] else ""
             lines.append(
-                f"| {load} | {run['workers']} | {run['concurrency']} | {run['requests']:,} | "
+                f"| {load} | {run['server']} | {run['concurrency']} | {run['requests']:,} | "
                 f"{run['errors']} | {run['throughput_rps']} | {run['p50_ms']} | {run['p99_ms']} | "
                 f"{run['server_cores']} | {per_core} | {split} | "
                 f"{run['live_p50_ms']} | {run['live_max_ms']} | {run['live_failures']} | "

@@ -1,16 +1,20 @@
-"""Assemble the models from a bundle and run them on KServe's ``ModelServer``.
+"""Assemble the models from a bundle and serve them with KServe's REST server.
 
-KServe's REST server always binds 0.0.0.0 (``RESTServer`` hard-codes uvicorn's host), which is right in
-a pod and wrong on a laptop or in tests; :class:`RecsysModelServer` sets the bind address on KServe's
-own uvicorn config just before it starts serving. FastAPI's 422 for a V2 body that is not an inference
-request (malformed JSON, a missing ``inputs``) becomes a 400 naming the field, like every other bad
-request. With ``serving.workers`` > 1 the same server runs in each of several forked processes on one
-port (serving/workers.py): the bundle is loaded once, before the fork; the rest of the models per worker.
+Only KServe's public API is used: ``ModelServer`` holds the models (``register_model``) and its data
+plane, and KServe's public ``RESTServer`` class serves them. KServe 0.21's ``ModelServer.start`` builds
+its own ``RESTServer`` with no hook for what this project needs (the bind address: KServe hard-codes
+0.0.0.0, right in a pod and wrong on a laptop or in tests; a socket from serving/workers.py; the
+project's HTTP surface on the app), so :func:`serve_models` does what ``start`` does for one REST
+process and :class:`SurfaceRESTServer` extends ``RESTServer`` through its public methods: the host on
+its uvicorn ``config``, the surface added in ``create_application``, sockets through ``run``. FastAPI's
+422 for a V2 body that is not an inference request (malformed JSON, a missing ``inputs``) becomes a 400
+naming the field, like every other bad request. With ``serving.workers`` > 1 the same server runs in each
+of several forked processes on one port (serving/workers.py): the bundle is loaded once, before the fork;
+the rest of the models per worker.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -26,6 +30,7 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.protocol.rest.server import RESTServer
+from uvicorn.importer import import_from_string
 
 from recsys.config import ConfigError, FeastConfig, ServingConfig
 from serving.bundle import ServingBundle, load_bundle
@@ -33,6 +38,7 @@ from serving.endpoints import RankingModel, RecommendModel, RecsysModel, Retriev
 from serving.online_features import OnlineFeatures, feature_defaults
 from serving.recommender import Recommender
 from serving.request_limits import RequestLimits
+from serving.request_log import install_bad_request_log
 from serving.routes import ServingSurface, hide_repository_routes
 from serving.schemas import build_schemas
 from serving.workers import METRICS_DIR_ENV, WorkerSlots, serve_workers, use_multiprocess_metrics
@@ -97,60 +103,81 @@ def models_from_bundle(
     ]
 
 
-class RecsysModelServer(ModelServer):
-    """KServe's ModelServer (REST only by default) listening on ``host`` instead of always 0.0.0.0, with
-    the project's HTTP surface: no model repository routes, readiness over every model (and every worker
-    process), request limits.
+EVENT_LOOP = "asyncio"  # what KServe's ModelServer.start runs uvicorn on (RESTServer.run's "auto" is uvloop)
 
-    In a worker process (``sockets`` and ``slots`` given) it serves on the socket serving/workers.py bound
-    for it (``SO_REUSEPORT``, the port shared with the other workers) and marks its slot ready once its
-    models are registered.
-    """
+
+class SurfaceRESTServer(RESTServer):
+    """KServe's REST server listening on ``host`` with the project's HTTP surface: no model repository
+    routes, readiness over every model (and every worker process, ``slots``), request limits, 400s
+    naming the field. Picklable, like KServe's own (its multi-process server spawns ``run``)."""
 
     def __init__(
         self,
+        server: ModelServer,
         host: str,
-        http_port: int,
         max_request_bytes: int,
-        enable_grpc: bool = False,
-        sockets: list[socket.socket] | None = None,
         slots: WorkerSlots | None = None,
-        **kwargs: Any,
+        http_port: int | None = None,
     ) -> None:
-        kwargs.setdefault("enable_latency_logging", False)  # a log line per request; Prometheus has it
-        super().__init__(http_port=http_port, enable_grpc=enable_grpc, workers=1, **kwargs)
-        self.host = host
+        super().__init__(
+            FASTAPI_APP_IMPORT_STRING,
+            server.dataplane,
+            server.model_repository_extension,
+            server.http_port if http_port is None else http_port,
+            access_log_format=server.access_log_format,
+            grace_period=server.grace_period,
+            event_loop=EVENT_LOOP,
+            timeout_keep_alive=server.timeout_keep_alive,
+        )
+        self.config.host = host  # uvicorn's public Config: KServe's constructor hard-codes 0.0.0.0
         self.max_request_bytes = max_request_bytes
-        self.sockets = sockets
         self.slots = slots
 
-    def setup_event_loop(self) -> None:
-        # called by start() after the models are registered and the REST server (and its uvicorn config)
-        # exists, before it binds and before it adds KServe's routes to the app (in its own start): the
-        # app is finished right after
-        if self._rest_server is not None:
-            self._rest_server.config.host = self.host
-            add_kserve_routes = self._rest_server.create_application
+    def create_application(self) -> None:
+        """KServe's routes, middlewares and handlers on its app, then the project's surface over them
+        (``run`` calls this once, before uvicorn loads the app)."""
+        if getattr(kserve_app().state, "recsys_routes", False):
+            return  # KServe's app is a process-wide singleton: its routes are added once
+        super().create_application()
+        _finish_app(kserve_app(), self.dataplane, self.max_request_bytes, self.slots)
 
-            def create_application() -> None:
-                add_kserve_routes()
-                _finish_app(_kserve_app(), self.dataplane, self.max_request_bytes, self.slots)
 
-            self._rest_server.create_application = create_application  # type: ignore[method-assign]
-            if self.sockets is not None:  # a worker: its SO_REUSEPORT socket, not one uvicorn would bind
-                uvicorn_server = self._rest_server._server
-                uvicorn_server.serve = functools.partial(uvicorn_server.serve, sockets=self.sockets)  # type: ignore[method-assign]
-        if self.slots is not None:
-            self.slots.set_ready(self.slots.slot, True)
-        super().setup_event_loop()
+def new_model_server(http_port: int = 0) -> ModelServer:
+    """A REST-only ``ModelServer`` without a log line per request (Prometheus has the latencies)."""
+    return ModelServer(http_port=http_port, enable_grpc=False, workers=1, enable_latency_logging=False)
+
+
+def serve_models(
+    models: list[RecsysModel],
+    host: str,
+    http_port: int,
+    max_request_bytes: int,
+    sockets: list[socket.socket] | None = None,
+    slots: WorkerSlots | None = None,
+) -> None:
+    """Serve ``models`` on ``host:http_port`` (or on ``sockets``, a worker's) until SIGTERM / SIGINT.
+
+    ``ModelServer.start``'s steps for one REST process, on public API: register and start the models,
+    KServe's stop handler (uvicorn drains on the signal, then passes it on to that handler, which unloads
+    the models: exit 0), serve. A worker marks its ``slots`` flag once its models are registered.
+    """
+    server = new_model_server(http_port)
+    for model in models:
+        server.register_model(model)
+        model.enable_latency_logging = server.enable_latency_logging
+        model.start()
+    rest = SurfaceRESTServer(server, host, max_request_bytes, slots)
+    if slots is not None:
+        slots.set_ready(slots.slot, True)
+    server.register_signal_handler()
+    rest.run(sockets=sockets)
 
 
 def serve(models: list[RecsysModel], host: str, http_port: int, max_request_bytes: int) -> None:
     """Serve the models in this process until SIGTERM / SIGINT."""
     if os.environ.get(METRICS_DIR_ENV):  # set by the deployment: prometheus_client writes there already
         use_multiprocess_metrics()  # made and emptied, as with several workers
-    server = RecsysModelServer(host=host, http_port=http_port, max_request_bytes=max_request_bytes)
-    server.start(models)
+    serve_models(models, host, http_port, max_request_bytes)
 
 
 def serve_forked(
@@ -164,14 +191,7 @@ def serve_forked(
         except (ConfigError, FileNotFoundError) as exc:  # the online store: said as one process says it
             print(f"serving: cannot start: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
-        server = RecsysModelServer(
-            host=host,
-            http_port=http_port,
-            max_request_bytes=serving.max_request_bytes,
-            sockets=sockets,
-            slots=slots,
-        )
-        server.start(models)
+        serve_models(models, host, http_port, serving.max_request_bytes, sockets, slots)
 
     return serve_workers(run_worker, host, http_port, serving.workers)
 
@@ -182,13 +202,14 @@ def create_app(server: ModelServer, max_request_bytes: int) -> FastAPI:
     For in-process clients (tests). KServe's app is a process-wide singleton, so the routes are added
     once; register further models on the same ``server`` to change what they answer.
     """
-    app = _kserve_app()
-    if not getattr(app.state, "recsys_routes", False):
-        RESTServer(
-            FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0
-        ).create_application()
-        _finish_app(app, server.dataplane, max_request_bytes)
-    return app
+    SurfaceRESTServer(server, "127.0.0.1", max_request_bytes).create_application()
+    return kserve_app()
+
+
+def kserve_app() -> FastAPI:
+    """KServe's app: the public ``kserve.model_server.app`` that ``RESTServer`` adds its routes to and
+    uvicorn serves (``FASTAPI_APP_IMPORT_STRING``); 0.21 takes no app of our own."""
+    return import_from_string(FASTAPI_APP_IMPORT_STRING)
 
 
 def _finish_app(
@@ -196,24 +217,14 @@ def _finish_app(
 ) -> None:
     """The project's HTTP surface on KServe's app: 400s naming the field, no repository routes,
     readiness over every model (and worker), request limits before parsing. Once per app."""
-    if getattr(app.state, "recsys_routes", False):
-        return
     _install_bad_request_handler(app)
-    from serving.request_log import install_bad_request_log  # a 400 logs one line, not KServe's traceback
-
-    install_bad_request_log(app)
+    install_bad_request_log(app)  # a 400 logs one line, not KServe's traceback
     hide_repository_routes(app)
     app.add_middleware(RequestLimits, max_bytes=max_request_bytes)
     app.add_middleware(  # outermost
         ServingSurface, dataplane=dataplane, model_names=list(MODEL_NAMES), slots=slots
     )
     app.state.recsys_routes = True
-
-
-def _kserve_app() -> FastAPI:
-    from kserve.model_server import app
-
-    return app
 
 
 def _install_bad_request_handler(app: FastAPI) -> None:

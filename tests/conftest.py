@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from models.kinds import MODEL_KINDS
+from models.registry import MODEL_KINDS
 from tests.s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3 server on loopback)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -156,9 +156,9 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 
 def small_serving_bundle(params, directory: Path) -> Path:
-    """The serving tests' bundle: 60 users, 80 items, 1,000 events of benchmarks/serving_bundle.py's
+    """The serving tests' bundle: 60 users, 80 items, 1,000 events of tests/synthetic_bundle.py's
     synthetic frame, every model trained on it briefly."""
-    from benchmarks.serving_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
+    from tests.synthetic_bundle import build_serving_bundle, item_catalogue, synthetic_training_frame
 
     train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
     item_cols = ["item_id", "category", "brand", "price"] + [

@@ -1,4 +1,4 @@
-"""benchmarks/load_client.py: the load client counts what it sends, times each request and counts failures."""
+"""serving/load_client.py: the load client counts what it sends, times each request and counts failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from benchmarks.load_client import run_load
+from serving.load_client import run_load
 
 
 class _Echo(BaseHTTPRequestHandler):

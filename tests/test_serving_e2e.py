@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmarks.model_server import free_port, start_server, stop_server
-from models.kinds import RANKERS
+from models.registry import RANKERS
+from serving.local_server import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,10 +243,10 @@ def test_liveness_answers_while_a_heavy_request_runs(server, pipeline):
 
 
 def test_the_probe_table_against_the_live_server(server, pipeline):
-    """benchmarks/serving_probe.py: every bad or hostile request gets its status, naming the field, and
+    """serving/probe.py: every bad or hostile request gets its status, naming the field, and
     the server is alive after each."""
-    from benchmarks.serving_probe import cases, probe
     from recsys.config import load_params
+    from serving.probe import cases, probe
 
     limits = load_params(pipeline["params_file"]).serving
     outcomes = probe(server, cases(limits.max_batch, limits.max_request_bytes))

@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
-from benchmarks.model_server import free_port, start_server, stop_server
 from recsys.config import load_params
+from serving.local_server import free_port, start_server, stop_server
 from serving.routes import ServingSurface
 from serving.workers import WorkerSlots, _bind
 from tests.conftest import small_serving_bundle

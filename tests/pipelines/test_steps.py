@@ -63,7 +63,10 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
     (exported / layout.POPULAR_ITEMS).write_text(json.dumps({"item_ids": [1, 2], "scores": [2.0, 1.0]}))
     params = params.model_copy(deep=True)
     store = params.promote.uri = s3_env.uri("bundles")
-    text = params_as_text(params)
+    # what configure hands each task: its step's sections of the run's configuration
+    config = steps.configure(
+        params_as_text(params), params.data.source, params.pipeline.accelerator_type, params.deploy.namespace
+    )
     art = {
         name: FakeArtifact(tmp_path / name / name)
         for name in ("index", "index_metrics", "bundle", "decision", "pointer", "isvc")
@@ -74,11 +77,13 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
         save_file({"weight": _unit_rows(rng, 4, 4)}, str(Path(model.path) / layout.MODEL_WEIGHTS))
         (Path(model.path) / layout.MODEL_CONFIG).write_text(json.dumps({"kind": "stand-in"}))
 
-    steps.build_index(text, exported=FakeArtifact(exported), index=art["index"], metrics=art["index_metrics"])
+    steps.build_index(
+        config.build_index, exported=FakeArtifact(exported), index=art["index"], metrics=art["index_metrics"]
+    )
     assert (Path(art["index"].path) / layout.INDEX).is_file()
     assert art["index_metrics"].metadata  # the index metrics reach the UI
     steps.bundle(
-        text,
+        config.bundle,
         FakeArtifact(exported),
         art["index"],
         evaluation=FakeArtifact(evaluation),
@@ -89,16 +94,16 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
     assert set(manifest["files"]) == set(layout.bundle_members())  # each member from its task's artifact
     assert manifest["metrics"] == metrics  # the evaluation travels with the bundle
     # gate -> promote -> deploy against the object store (a real S3 server on loopback)
-    assert steps.gate(text, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is True
+    assert steps.gate(config.gate, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is True
     assert art["decision"].metadata["passed"] == 1.0
     assert json.loads(Path(art["decision"].path).read_text())["first_deploy"] is True  # nothing promoted
-    uri = steps.promote(text, bundle=art["bundle"], pointer=art["pointer"])
+    uri = steps.promote(config.promote, bundle=art["bundle"], pointer=art["pointer"])
     assert uri == f"{store}/{manifest['version']}/"
     assert json.loads(Path(art["pointer"].path).read_text())["uri"] == uri
-    assert steps.deploy(text, promoted=art["pointer"], dry_run=True, manifest=art["isvc"]) == ""
+    assert steps.deploy(config.deploy, promoted=art["pointer"], dry_run=True, manifest=art["isvc"]) == ""
     isvc = yaml.safe_load(Path(art["isvc"].path).read_text())
     env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"] == uri  # the InferenceService serves the promoted version
     # the next run is gated against the promoted bundle: a worse model is refused
     evaluation.write_text(json.dumps(json.loads(json.dumps(metrics).replace("0.7", "0.5"))))
-    assert steps.gate(text, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is False
+    assert steps.gate(config.gate, evaluation=FakeArtifact(evaluation), decision=art["decision"]) is False

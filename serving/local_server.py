@@ -1,7 +1,8 @@
-"""The model server under test: ``python -m serving`` as a subprocess on loopback, started and stopped.
+"""``python -m serving`` as a subprocess on loopback, started and stopped, and what it uses.
 
-A real process (not the app in-process) so that what is measured and tested is what KServe serves:
-its HTTP stack, its worker and its startup.
+A real process (not the app in-process) so that what the tests check and the benchmarks measure is
+what KServe serves: its HTTP stack, its workers and its startup. ``module`` runs another launcher with
+the same command line (the benchmark's KServe-native multi-process variant).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(
-    bundle: Path, params_file: Path, port: int, extra: list[str] | None = None, timeout_s: float = 180
+    bundle: Path,
+    params_file: Path,
+    port: int,
+    extra: list[str] | None = None,
+    timeout_s: float = 180,
+    module: str = "serving",
 ) -> subprocess.Popen:
-    """``python -m serving`` on 127.0.0.1:``port``, returned once ``/v2/health/ready`` answers 200."""
+    """``python -m <module>`` on 127.0.0.1:``port``, returned once ``/v2/health/ready`` answers 200."""
     import httpx
 
     log = open(Path(tempfile.gettempdir()) / f"serving-{port}.log", "w")  # noqa: SIM115 (lives with the process)
@@ -28,7 +34,7 @@ def start_server(
         [
             sys.executable,
             "-m",
-            "serving",
+            module,
             "--model_dir",
             str(bundle),
             "--params",

@@ -1,4 +1,4 @@
-"""The load client of the serving benchmark: V1 ``recommend`` requests over loopback, timed per request.
+"""The serving benchmarks' load client: V1 requests over loopback, timed per request.
 
 ``measure`` warms the server up and runs one load per concurrency level; ``in_process_latency`` times the
 same recommender without HTTP, so a run can tell the machine's speed from what HTTP and KServe add.

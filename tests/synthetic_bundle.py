@@ -1,6 +1,6 @@
 """A real serving bundle from synthetic data, built with the project's own steps (index, bundle).
 
-The serving tests and the latency benchmark need a bundle before a pipeline run has made one: the frame
+The serving tests and the serving benchmarks need a bundle before a pipeline run has made one: the frame
 has the training contract's columns and types, so the models, the index and the manifest are the ones a
 run would produce, only with random values (untrained models are enough to time and exercise serving).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.kinds import RANKERS
+from models.registry import MODEL_KINDS, RETRIEVAL_MODEL, model_class
 from recsys.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +42,9 @@ def build_serving_bundle(
     batch = encoder.encode(train)
     files: dict[str, Path] = {}
     two_tower = None
-    for kind in ("two_tower", *RANKERS):
-        counts = encoder.id_counts(train, "item_id") if kind == "two_tower" else None
-        model = build_model(kind, params.models.model(kind), encoder, item_counts=counts)
+    for kind in MODEL_KINDS:
+        fitted = model_class(kind).fitted_inputs(encoder, train)
+        model = build_model(kind, params.models.model(kind), encoder, **fitted)
         model.prepare(batch)
         if train_steps:
             optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -61,7 +61,7 @@ def build_serving_bundle(
         save_model(model, encoder, params.models.model(kind), work_dir / "models" / kind)
         for name in ("model.safetensors", "config.json"):
             files[f"models/{kind}/{name}"] = work_dir / "models" / kind / name
-        if kind == "two_tower":
+        if kind == RETRIEVAL_MODEL:
             two_tower = model
     assert two_tower is not None
     with torch.inference_mode():
@@ -108,7 +108,7 @@ def build_serving_bundle(
         out_dir,
         params_text=(ROOT / "params.yaml").read_text(),
         metrics={},
-        embedding_dims={"models/two_tower": int(two_tower.output_dim)},
+        embedding_dims={f"models/{RETRIEVAL_MODEL}": int(two_tower.output_dim)},
     )
 
 
