@@ -31,11 +31,8 @@ def _discover() -> dict[str, type[RecModel]]:
         importlib.import_module(f"{models.architectures.__name__}.{module.name}")
     if not DECLARED:
         raise RuntimeError("models/architectures/ declares no model class")
-    order = list(DECLARED)
-    return {
-        kind: DECLARED[kind]
-        for kind in sorted(order, key=lambda k: (DECLARED[k].task != "retrieval", order.index(k)))
-    }
+    # stable: retrieval first, each task's kinds in declaration order
+    return {kind: DECLARED[kind] for kind in sorted(DECLARED, key=lambda k: DECLARED[k].task != "retrieval")}
 
 
 MODELS: dict[str, type[RecModel]] = _discover()

@@ -10,6 +10,7 @@ same ``params`` sections and that each Kubeflow wrapper's artifacts are the name
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class StepContract:
         sections = {}
         for name in self.sections:
             try:
-                sections[name] = TypeAdapter(Params.model_fields[name].annotation).validate_python(raw[name])
+                sections[name] = _section_type(name).validate_python(raw[name])
             except ValidationError as exc:
                 error = exc.errors()[0]
                 where = ".".join(str(p) for p in (name, *error["loc"]))
@@ -116,7 +117,7 @@ class StepParams:
     def dump(self) -> dict[str, Any]:
         """The sections as JSON-compatible data (what a task receives, what a step writes for a child)."""
         return {
-            name: TypeAdapter(Params.model_fields[name].annotation).dump_python(value, mode="json")
+            name: _section_type(name).dump_python(value, mode="json")
             for name, value in self._sections.items()
         }
 
@@ -127,6 +128,12 @@ class StepParams:
     def to_yaml(self) -> str:
         """The sections as a params file that :meth:`StepContract.load` reads back."""
         return yaml.safe_dump(self.dump(), sort_keys=False)
+
+
+@functools.cache
+def _section_type(name: str) -> TypeAdapter[Any]:
+    """The validator of one params section, built once (every task parses and dumps its sections)."""
+    return TypeAdapter(Params.model_fields[name].annotation)
 
 
 def step_params_from_json(text: str, contract: StepContract) -> StepParams:
