@@ -32,6 +32,7 @@ from components.build_index import (
     search,
     tune_search_param,
 )
+from recsys import artifact_layout as layout
 from recsys.config import IndexConfig, load_params
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-queries", type=int, default=1_000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--params", default="params.yaml", help="index settings come from index.*")
-    parser.add_argument("--embeddings", default="artifacts/embeddings/item_embeddings.safetensors")
-    parser.add_argument(
-        "--query-embeddings", default="artifacts/embeddings/user_embeddings_valid.safetensors"
-    )
+    parser.add_argument("--embeddings", default=str(layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS))
+    parser.add_argument("--query-embeddings", default=str(layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS))
     parser.add_argument("--out", default=str(RESULTS), help="directory for ann.json and ann.md")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

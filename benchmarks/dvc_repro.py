@@ -72,7 +72,7 @@ def measure(logs: Path) -> dict[str, Any]:
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     out: dict[str, Any] = {
         "dvc_repro_s": timed(f"{sys.executable} -m dvc repro -f", logs / "dvc_repro.log"),
-        "evaluation_md5": hashlib.md5((REPO_ROOT / "metrics/evaluation.json").read_bytes()).hexdigest(),
+        "evaluation_md5": hashlib.md5((REPO_ROOT / layout.EVALUATION).read_bytes()).hexdigest(),
     }
     out["stages_s"] = {name: timed(stage["cmd"], logs / f"{name}.log") for name, stage in stages.items()}
     side_by_side = model_weights()

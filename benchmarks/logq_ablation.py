@@ -12,18 +12,20 @@ import tempfile
 from pathlib import Path
 
 from components import evaluate, train
+from recsys import artifact_layout as layout
 from recsys import training_data
 from recsys.catalogue import item_catalogue
 from recsys.config import load_params
+from recsys.step_contract import STEPS
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> int:
     base = load_params()
-    training_dir = Path(base.training_set.output_dir)
+    training_dir = layout.TRAINING_DIR
     test_start = training_data.test_start_of(training_dir)
-    catalogue = item_catalogue(Path(base.features.features_dir), test_start, base.feast.ttl_days.item_stats)
+    catalogue = item_catalogue(layout.FEATURES_DIR, test_start, base.feast.ttl_days.item_stats)
     ranking_test = training_data.read_split(training_dir, "ranking", "test")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,7 +33,9 @@ def main() -> int:
             name = "log-Q corrected" if logq else "plain in-batch softmax"
             params = load_params(overrides={"models.two_tower.logq_correction": logq})
             out = Path(tmp) / str(logq)
-            fitted = train.run("two_tower", params, training_dir, out, out / "m.json", out / "p.png")
+            fitted = train.run(
+                "two_tower", STEPS["train"].scope(params), training_dir, out, out / "m.json", out / "p.png"
+            )
             result = evaluate.evaluate_retrieval(
                 out,
                 training_dir,

@@ -34,6 +34,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from recsys import artifact_layout as layout
+
 RESULTS = Path(__file__).parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANKERS = ("multi_tower", "multi_tower_din", "dlrm")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_data:
         write_params(args.params, params_file, workdir, dataset, None, overrides)
         seconds["ingest"] = step(workdir, "ingest")
-        cuts = time_cuts(workdir / "data/raw/events.parquet")
+        cuts = time_cuts(workdir / layout.RAW_DIR / "events.parquet")
         write_params(args.params, params_file, workdir, dataset, cuts, overrides)
         for name, extra in (
             ("features", []),
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         search = {"search.enabled": True, "search.trials": args.search_trials}
         write_params(args.params, params_file, workdir, dataset, cuts, overrides | search)
         seconds["search"] = step(workdir, "search")
-        found = json.loads((workdir / "metrics/search.json").read_text())["studies"]
+        found = json.loads((workdir / layout.SEARCH_REPORT).read_text())["studies"]
         best = {key: value for study in found.values() for key, value in study["best_params"].items()}
         overrides = overrides | search | best
         write_params(args.params, params_file, workdir, dataset, cuts, overrides)
@@ -123,8 +125,8 @@ def write_params(
     cuts: dict[str, str] | None,
     overrides: dict[str, Any],
 ) -> None:
-    """``base`` with the MovieTweetings source, outputs under ``workdir``, (once known) the time cuts and
-    ``overrides`` (dotted keys) applied."""
+    """``base`` with the MovieTweetings source, its Feast store under ``workdir``, (once known) the time
+    cuts and ``overrides`` (dotted keys) applied."""
     raw = yaml.safe_load(base.read_text())
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
@@ -134,9 +136,7 @@ def write_params(
         node[leaf] = value
     raw["data"]["source"] = "movietweetings"
     raw["data"]["movietweetings"]["path"] = str(dataset)
-    raw["data"]["raw_dir"] = "data/raw"
     raw["data"]["until"] = None
-    raw["features"]["features_dir"] = "data/features"
     feast_dir = workdir / "feast"
     feast_dir.mkdir(exist_ok=True)
     store = yaml.safe_load((REPO_ROOT / "feature_repo/feature_store.yaml").read_text())
@@ -146,14 +146,8 @@ def write_params(
     raw["feast"]["repo_path"] = str(REPO_ROOT / "feature_repo")
     raw["feast"]["config_file"] = str(feast_dir / "feature_store.yaml")
     raw["feast"]["materialize"] = False
-    raw["training_set"].update(
-        {"output_dir": "data/training", "metrics_file": "metrics/training_set.json",
-         "report_file": "reports/training_set.md"}
-    )  # fmt: skip
     if cuts:
         raw["training_set"].update(cuts)
-    raw["validation"]["reports_dir"] = "reports/validation"
-    raw["index"]["metrics_file"] = "metrics/index.json"
     target.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -179,8 +173,8 @@ def step(workdir: Path, name: str, *args: str) -> float:
 def summarise(
     workdir: Path, seconds: dict[str, float], dataset: Path, overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    evaluation = json.loads((workdir / "metrics/evaluation.json").read_text())
-    training_set = json.loads((workdir / "metrics/training_set.json").read_text())
+    evaluation = json.loads((workdir / layout.EVALUATION).read_text())
+    training_set = json.loads((workdir / layout.TRAINING_SET_STATS).read_text())
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     ranking, retrieval = evaluation["ranking"], evaluation["retrieval"]
     ctr, lr = ranking["item_ctr_baseline"]["auc"], ranking["logistic_regression_baseline"]["auc"]
@@ -200,9 +194,10 @@ def summarise(
         tt, RECALL_LIFT * pop, tt >= RECALL_LIFT * pop
     )
     models = {
-        kind: json.loads((workdir / f"metrics/{kind}.json").read_text()) for kind in ("two_tower", *RANKERS)
+        kind: json.loads((workdir / layout.model_metrics(kind)).read_text())
+        for kind in ("two_tower", *RANKERS)
     }
-    search_file = workdir / "metrics/search.json"
+    search_file = workdir / layout.SEARCH_REPORT
     return {
         "dataset": {"name": "MovieTweetings", "path": str(dataset), "licence": "MIT"},
         "split": {k: params["training_set"][k] for k in ("valid_start", "test_start")},

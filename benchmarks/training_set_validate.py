@@ -98,15 +98,17 @@ def timed_training_set(
     params: Params, raw: Path, feats: Path, feast: FeastConfig, root: Path
 ) -> tuple[dict[str, Any], float]:
     """The training-set step on the tables, its outputs under ``root``: (its report, seconds)."""
-    config = params.training_set.model_copy(
-        update={
-            "metrics_file": root / "ts.json",
-            "report_file": root / "ts.md",
-            "output_dir": root / "training",
-        }
-    )
     t0 = time.perf_counter()
-    report = training_set.run(config, feats, raw, feast=feast, features=params.features)
+    report = training_set.run(
+        params.training_set,
+        feats,
+        raw,
+        root / "training",
+        feast=feast,
+        features=params.features,
+        metrics_file=root / "ts.json",
+        report_file=root / "ts.md",
+    )
     return report, _since(t0)
 
 

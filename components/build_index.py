@@ -23,7 +23,6 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from recsys import artifact_layout as layout
 from recsys.ann_index import METRIC, IndexContractError, TuningResult, search, write_index
 from recsys.artifact_io import write_json
 from recsys.config import IndexConfig
@@ -76,18 +75,16 @@ class Embeddings:
 
 def run(
     config: IndexConfig,
-    seed: int = 0,
+    seed: int,
     *,
-    item_embeddings: str | Path | None = None,
-    query_embeddings: str | Path | None = None,
-    output: str | Path | None = None,
-    metrics_file: str | Path | None = None,
+    item_embeddings: str | Path,
+    query_embeddings: str | Path,
+    output: str | Path,
+    metrics_file: str | Path,
 ) -> dict[str, Any]:
-    """Build, tune and write the index (+ sidecar) and its metrics; paths default to the artifact layout's."""
-    item_path = Path(item_embeddings or layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS)
-    query_path = Path(query_embeddings or layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS)
-    output = Path(output or layout.INDEX_DIR / layout.INDEX)
-    metrics_file = Path(metrics_file or config.metrics_file)
+    """Build, tune and write the index (+ sidecar) and its metrics."""
+    item_path, query_path = Path(item_embeddings), Path(query_embeddings)
+    output, metrics_file = Path(output), Path(metrics_file)
 
     items = read_embeddings(item_path, "item_ids", config.norm_tolerance, unique_ids=True)
     queries = read_embeddings(query_path, "user_ids", config.norm_tolerance)
@@ -384,22 +381,11 @@ def _exact_index(items: Embeddings) -> faiss.Index:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.build_index", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--item-embeddings", default=None, help="default: index.item_embeddings")
-    parser.add_argument("--query-embeddings", default=None, help="default: index.query_embeddings")
-    parser.add_argument("--output", default=None, help="index file (default: index.output)")
-    parser.add_argument("--metrics", default=None, help="metrics JSON (default: index.metrics_file)")
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    run(
-        params.index,
-        params.seed,
-        item_embeddings=args.item_embeddings,
-        query_embeddings=args.query_embeddings,
-        output=args.output,
-        metrics_file=args.metrics,
-    )
+    run(params.index, params.seed, **CONTRACT.paths(args))
     return 0
 
 

@@ -37,7 +37,6 @@ from recsys.bundle_manifest import (
     content_sha256,
     load_manifest,
 )
-from recsys.config import BundleConfig
 from recsys.step_contract import STEPS
 
 CONTRACT = STEPS["bundle"]
@@ -48,20 +47,15 @@ EMBEDDINGS_TENSOR = "embeddings"
 
 
 def run(
-    config: BundleConfig,
     params_path: str | Path,
-    out_dir: str | Path = layout.BUNDLE_DIR,
-    files: Mapping[str, str | Path] | None = None,
+    metrics_file: str | Path,
+    out_dir: str | Path,
+    files: Mapping[str, str | Path],
 ) -> Path:
-    """Assemble ``files`` (default: the local artifact layout's bundle members) with
-    ``config.metrics_file``'s metrics and the params file's text."""
-    params_path, metrics_path = Path(params_path), Path(config.metrics_file)
-    metrics = read_json(
-        metrics_path, BundleIntegrityError, "evaluation metrics not found (bundle.metrics_file)"
-    )
-    return assemble_bundle(
-        files or layout.bundle_members(), Path(out_dir), params_text=params_path.read_text(), metrics=metrics
-    )
+    """Assemble ``files`` (bundle member name -> file) with the evaluation metrics of ``metrics_file`` and
+    the params file's text (the whole configuration the run was built with)."""
+    metrics = read_json(Path(metrics_file), BundleIntegrityError, "evaluation metrics not found")
+    return assemble_bundle(files, Path(out_dir), params_text=Path(params_path).read_text(), metrics=metrics)
 
 
 def assemble_bundle(
@@ -198,16 +192,15 @@ def _git_revision() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.bundle", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    assemble = commands.add_parser("assemble", help="build the bundle from params (bundle.*)")
-    assemble.add_argument("--params", default="params.yaml", help="the project configuration file")
-    assemble.add_argument("--out-dir", default=str(layout.BUNDLE_DIR), help="the bundle folder")
+    assemble = commands.add_parser("assemble", help="build the bundle from the layout's artifacts")
+    CONTRACT.add_path_options(assemble)
     verify = commands.add_parser("verify", help="check every file of a bundle against its manifest")
     verify.add_argument("bundle_dir", help="the bundle directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "assemble":
-        params = CONTRACT.load(args.params)
-        run(params.bundle, args.params, args.out_dir)
+        CONTRACT.load(args.params)  # validated whole: the bundle records it
+        run(args.params, args.metrics_file, args.out_dir, layout.bundle_members())
         return 0
     try:
         manifest = load_manifest(args.bundle_dir, verify=True)

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from kubernetes import client as k8s
 
+from recsys import artifact_layout as layout
 from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
 from recsys.config import ConfigError, DeployConfig
@@ -43,7 +44,6 @@ SERVING_CONTAINER = rollout.SERVING_CONTAINER  # the name KServe expects for a c
 MODEL_DIR = "/mnt/models"  # where the storage initializer puts the content of STORAGE_URI
 FEAST_CONFIG_DIR = "/etc/feast"  # the production feature_store.yaml, mounted from a ConfigMap
 FEAST_YAML_ENV = "FEAST_FS_YAML_FILE_PATH"  # Feast's own name for "the feature_store.yaml to use"
-DEFAULT_OUTPUT = Path("artifacts/deploy/inferenceservice.yaml")
 API_VERSION = "serving.kserve.io/v1beta1"
 RENDERED_HEADER = (
     "# Rendered by components/deploy.py from params.yaml (deploy section); do not edit by hand.\n"
@@ -487,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     parser.add_argument("--dry-run", action="store_true", help="render the YAML only; no cluster needed")
-    parser.add_argument("--output", default=None, help=f"where to write the YAML (dry run: {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--output", default=None, help=f"where to write the YAML (dry run: {layout.INFERENCE_SERVICE})"
+    )
     parser.add_argument(
         "--storage-uri", default=None, help="the bundle to serve (default: deploy.storage_uri)"
     )
@@ -501,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # an --image-tag goes through the config so it is validated like the one in params.yaml
     overrides = {"pipeline.image_tag": args.image_tag} if args.image_tag else None
-    output = args.output or (DEFAULT_OUTPUT if args.dry_run else None)
+    output = args.output or (layout.INFERENCE_SERVICE if args.dry_run else None)
     try:
         params = CONTRACT.load(args.params, overrides)
         storage_uri = args.storage_uri

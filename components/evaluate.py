@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 def run(
     params: StepParams,
-    training_dir: str | Path = "data/training",
-    models_dir: str | Path = layout.MODELS_DIR,
-    features_dir: str | Path | None = None,
-    output: str | Path = "metrics/evaluation.json",
+    training_dir: str | Path,
+    models_dir: str | Path,
+    features_dir: str | Path,
+    output: str | Path,
 ) -> dict[str, Any]:
-    """Write ``metrics/evaluation.json`` with retrieval and ranking metrics next to their baselines."""
-    training_dir, models_dir = Path(training_dir), Path(models_dir)
-    features_dir = Path(features_dir or params.features.features_dir)
+    """Write ``output`` (metrics/evaluation.json) with retrieval and ranking metrics next to their
+    baselines."""
+    training_dir, models_dir, features_dir = Path(training_dir), Path(models_dir), Path(features_dir)
     cfg = params.evaluation
     ranking_test = read_split(training_dir, "ranking", "test")
     test_start = test_start_of(training_dir)
@@ -166,14 +166,11 @@ def _ratio(a: float, b: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--models-dir", default=str(layout.MODELS_DIR))
-    parser.add_argument("--output", default="metrics/evaluation.json")
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    run(params, args.training_dir or params.training_set.output_dir, args.models_dir, output=args.output)
+    run(params, **CONTRACT.paths(args))
     return 0
 
 

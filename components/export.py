@@ -20,7 +20,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from models.registry import RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.catalogue import item_catalogue
@@ -37,10 +36,11 @@ PARITY_TOLERANCE = 1e-5
 
 def run(
     params: StepParams,
-    training_dir: str | Path = "data/training",
-    model_dir: str | Path = layout.MODELS_DIR / RETRIEVAL_MODEL,
-    out_dir: str | Path = layout.EMBEDDINGS_DIR,
-    popular_file: str | Path = layout.EXPORT_DIR / layout.POPULAR_ITEMS,
+    training_dir: str | Path,
+    model_dir: str | Path,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    popular_file: str | Path,
 ) -> dict[str, Any]:
     """Write ``item_embeddings.safetensors``, ``user_embeddings_valid.safetensors`` and the popular items."""
     from models import load_model
@@ -49,7 +49,7 @@ def run(
     device = "cuda" if torch.cuda.is_available() and params.training.device != "cpu" else "cpu"
     model, encoder = load_model(model_dir, device=device)
     manifest = json.loads((training_dir / TRAINING_MANIFEST).read_text())
-    features_dir = Path(params.features.features_dir)
+    features_dir = Path(features_dir)
     end = pd.read_parquet(features_dir / "item_stats.parquet", columns=[TIMESTAMP])[TIMESTAMP].max()
     catalogue = item_catalogue(features_dir, end, params.feast.ttl_days.item_stats)
 
@@ -117,21 +117,11 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.export", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--model-dir", default=str(layout.model_dir(RETRIEVAL_MODEL)))
-    parser.add_argument("--out-dir", default=str(layout.EMBEDDINGS_DIR))
-    parser.add_argument("--popular-file", default=str(layout.EXPORT_DIR / layout.POPULAR_ITEMS))
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    run(
-        params,
-        args.training_dir or params.training_set.output_dir,
-        args.model_dir,
-        args.out_dir,
-        args.popular_file,
-    )
+    run(params, **CONTRACT.paths(args))
     return 0
 
 

@@ -42,14 +42,12 @@ DAY_NS = 86_400 * 1_000_000_000
 TRAILING_NS = 1_000_000_000  # the trailing history row sits one second after the user's last event
 
 
-def run(
-    features: FeaturesConfig, raw_dir: str | Path, features_dir: str | Path | None = None
-) -> dict[str, Path]:
+def run(features: FeaturesConfig, raw_dir: str | Path, features_dir: str | Path) -> dict[str, Path]:
     """Read the raw tables from ``raw_dir`` and write every feature table to ``features_dir``."""
     started = time.perf_counter()
     raw = read_raw_tables(raw_dir)
     tables = build_feature_tables(raw, features)
-    paths = write_tables(tables, features_dir or features.features_dir)
+    paths = write_tables(tables, features_dir)
     log.info(
         "features: %s in %.1fs",
         ", ".join(f"{name}={table.num_rows:,}" for name, table in tables.items()),
@@ -179,15 +177,11 @@ def _timestamps(ns: np.ndarray) -> pa.Array:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.features", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--raw-dir", default=None, help="raw tables directory (default: data.raw_dir)")
-    parser.add_argument(
-        "--features-dir", default=None, help="output directory (default: features.features_dir)"
-    )
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    run(params.features, args.raw_dir or params.data.raw_dir, args.features_dir)
+    run(params.features, **CONTRACT.paths(args))
     return 0
 
 

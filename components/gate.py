@@ -43,13 +43,13 @@ class GateError(ValueError):
 def run(
     config: GateConfig,
     *,
-    metrics_file: str | Path | None = None,
+    metrics_file: str | Path,
+    output: str | Path,
     deployed_bundle: str | None = None,
-    output: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compare ``metrics_file`` with the deployed bundle's manifest metrics and write the decision."""
-    metrics_path = Path(metrics_file or config.metrics_file)
-    output = Path(output or config.output)
+    """Compare ``metrics_file`` with the deployed bundle's manifest metrics and write the decision to
+    ``output``; ``deployed_bundle`` overrides ``gate.deployed_bundle``."""
+    metrics_path, output = Path(metrics_file), Path(output)
     reference = deployed_bundle if deployed_bundle is not None else config.deployed_bundle
     new = _read_metrics(metrics_path)
     deployed, old, version = _deployed_metrics(reference)
@@ -196,17 +196,13 @@ def _deployed_metrics(reference: str | None) -> tuple[str | None, dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.gate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--metrics", default=None, help="new metrics JSON (default: gate.metrics_file)")
+    CONTRACT.add_path_options(parser)
     parser.add_argument("--deployed-bundle", default=None, help="default: gate.deployed_bundle")
-    parser.add_argument("--output", default=None, help="decision JSON (default: gate.output)")
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the gate rejects")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    decision = run(
-        params.gate, metrics_file=args.metrics, deployed_bundle=args.deployed_bundle, output=args.output
-    )
+    decision = run(params.gate, deployed_bundle=args.deployed_bundle, **CONTRACT.paths(args))
     return 1 if args.fail_on_reject and not decision["passed"] else 0
 
 

@@ -26,9 +26,9 @@ CONTRACT = STEPS["ingest"]
 log = logging.getLogger(__name__)
 
 
-def run(data: DataConfig, seed: int, raw_dir: str | Path | None = None) -> dict[str, Path]:
-    """Build the raw tables from ``data.source`` and write them to ``raw_dir`` (default ``data.raw_dir``)."""
-    raw_dir = Path(raw_dir or data.raw_dir)
+def run(data: DataConfig, seed: int, raw_dir: str | Path) -> dict[str, Path]:
+    """Build the raw tables from ``data.source`` and write them to ``raw_dir``."""
+    raw_dir = Path(raw_dir)
     started = time.perf_counter()
     tables = load_source(data, seed)
     if data.until is not None:
@@ -77,13 +77,12 @@ def _check_references(tables: dict[str, pd.DataFrame], source: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.ingest", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--raw-dir", default=None, help="output directory (default: data.raw_dir)")
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         params = CONTRACT.load(args.params)
-        run(params.data, params.seed, args.raw_dir)
+        run(params.data, params.seed, **CONTRACT.paths(args))
     except (ConfigError, DataContractError) as exc:  # DataContractError covers download + checksum errors
         print(f"ingest: {exc}", file=sys.stderr)
         return 1

@@ -271,17 +271,15 @@ def _custom_objects_api() -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.launch_training", description=__doc__)
     parser.add_argument("--model", required=True, choices=MODEL_KINDS)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
+    CONTRACT.add_path_options(parser)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plot", required=True)
     parser.add_argument("--nproc", type=int, default=None, help="default: pipeline.accelerator_limit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    training_dir = args.training_dir or CONTRACT.load(args.params).training_set.output_dir
     metrics = run(
-        args.model, args.params, training_dir, args.model_dir, args.metrics, args.plot, nproc=args.nproc
+        args.model, args.params, args.training_dir, args.model_dir, args.metrics, args.plot, nproc=args.nproc
     )
     log.info("trained %s on %s process(es)", args.model, metrics.get("world_size", 1))
     return 0

@@ -43,12 +43,11 @@ def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.online_store", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--features-dir", default=None, help="default: features.features_dir")
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    window = run(params.feast, params.features, args.features_dir or params.features.features_dir)
+    window = run(params.feast, params.features, **CONTRACT.paths(args))
     print(json.dumps(window))
     return 0
 

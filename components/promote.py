@@ -127,8 +127,7 @@ def _upload_verified(store: ObjectStore, bundle_dir: Path, manifest: dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.promote", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--bundle", default="artifacts/bundle", help="the bundle folder to promote")
+    CONTRACT.add_path_options(parser)  # --bundle-dir: the bundle folder to promote
     parser.add_argument("--uri", default=None, help="the store (default: promote.uri)")
     parser.add_argument("--version", default=None, help="default: promote.version or the bundle's version")
     parser.add_argument("--output", default=None, help="write the pointer JSON here")
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = CONTRACT.load(args.params)
         pointer = run(
-            params.promote, args.bundle, store_uri=args.uri, version=args.version, output=args.output
+            params.promote, args.bundle_dir, store_uri=args.uri, version=args.version, output=args.output
         )
     except (ConfigError, PromoteError) as exc:
         print(f"promote: {exc}", file=sys.stderr)

@@ -44,11 +44,11 @@ KATIB_API = "kubeflow.org/v1beta1"
 
 
 def run(
-    params: StepParams, raw_params: dict[str, Any], training_dir: str | Path, output: str | Path | None = None
+    params: StepParams, raw_params: dict[str, Any], training_dir: str | Path, output: str | Path
 ) -> dict[str, Any]:
-    """Run every study of ``params.search.space`` (when enabled) and write ``search.output``."""
+    """Run every study of ``params.search.space`` (when enabled) and write the report to ``output``."""
     cfg = params.search
-    output = Path(output or cfg.output)
+    output = Path(output)
     if not cfg.enabled:
         report: dict[str, Any] = {"enabled": False}
         write_json(report, output)
@@ -270,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["run", "trial", "katib"],
         help="run: every study (default); trial: one training run (Katib); katib: print the manifests",
     )
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
-    parser.add_argument("--output", default=None, help="default: search.output")
+    CONTRACT.add_path_options(parser)
     parser.add_argument("--model", choices=sorted(TASK_OF), help="trial: the model to train")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="trial: a drawn value"
@@ -281,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = yaml.safe_load(Path(args.params).read_text())
     params = CONTRACT.load(args.params)
-    training_dir = Path(args.training_dir or params.training_set.output_dir)
+    training_dir = args.training_dir
     if args.mode == "katib":
         yaml.safe_dump_all(katib_experiments(params), sys.stdout, sort_keys=False)
         return 0

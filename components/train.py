@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 def run(
     kind: str,
     params: StepParams,
-    training_dir: str | Path = "data/training",
-    model_dir: str | Path | None = None,
-    metrics_file: str | Path | None = None,
-    plot_file: str | Path | None = None,
+    training_dir: str | Path,
+    model_dir: str | Path,
+    metrics_file: str | Path,
+    plot_file: str | Path,
     checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
@@ -50,9 +50,7 @@ def run(
 
     if kind not in TASK_OF:
         raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
-    model_dir = Path(model_dir or layout.model_dir(kind))
-    metrics_file = Path(metrics_file or f"metrics/{kind}.json")
-    plot_file = Path(plot_file or f"plots/{kind}.png")
+    model_dir, metrics_file, plot_file = Path(model_dir), Path(metrics_file), Path(plot_file)
     train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
 
     encoder, model, training = initial_model(kind, params.models, params.training, train_df)
@@ -132,7 +130,7 @@ def default_jobs(kinds: Sequence[str], params: StepParams) -> int:
 
 
 def run_many(kinds: Sequence[str], params_file: str | Path, training_dir: str | Path, jobs: int) -> None:
-    """Train ``kinds`` (in this order, ``jobs`` at a time), each in a fresh process with the default paths.
+    """Train ``kinds`` (in this order, ``jobs`` at a time), each in a fresh process with the layout's paths.
 
     A process trains exactly as a lone ``--model`` run does (same seeds, one process per model), so the
     weights are the same bit for bit. After a failure no further model starts; the error names every
@@ -165,7 +163,14 @@ def _train_in_process(kind: str, params_file: str, training_dir: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"{kind}: %(message)s", force=True)
     log.info("training %s (pid %d)", kind, os.getpid())
     try:
-        run(kind, CONTRACT.load(params_file), training_dir)
+        run(
+            kind,
+            CONTRACT.load(params_file),
+            training_dir,
+            layout.model_dir(kind),
+            layout.model_metrics(kind),
+            layout.model_plot(kind),
+        )
     except BaseException:
         log.exception("training %s failed", kind)
         raise
@@ -183,16 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=0, help="models trained at once (0: cores / training.num_workers)"
     )
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument("--training-dir", default=None, help="default: training_set.output_dir")
+    CONTRACT.add_path_options(parser)
     parser.add_argument("--model-dir", default=None, help=f"default: {layout.MODELS_DIR}/<model>")
-    parser.add_argument("--metrics", default=None, help="default: metrics/<model>.json")
+    parser.add_argument("--metrics", default=None, help=f"default: {layout.model_metrics('<model>')}")
     parser.add_argument("--checkpoint-dir", default=None, help="resume from / save checkpoints here")
-    parser.add_argument("--plot", default=None, help="default: plots/<model>.png")
+    parser.add_argument("--plot", default=None, help=f"default: {layout.model_plot('<model>')}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    training_dir = args.training_dir or params.training_set.output_dir
+    training_dir = args.training_dir
     kinds: list[str] = args.model
     if len(set(kinds)) != len(kinds):
         parser.error(f"--model: a model is named twice in {kinds}")
@@ -212,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training %s, %d at a time", ", ".join(kinds), jobs)
         run_many(kinds, args.params, training_dir, jobs)
         return 0
+    kind = kinds[0]
     run(
-        kinds[0],
+        kind,
         params,
         training_dir,
-        args.model_dir,
-        args.metrics,
-        args.plot,
+        args.model_dir or layout.model_dir(kind),
+        args.metrics or layout.model_metrics(kind),
+        args.plot or layout.model_plot(kind),
         checkpoint_dir=args.checkpoint_dir,
     )
     return 0

@@ -72,17 +72,17 @@ def run(
     config: TrainingSetConfig,
     features_dir: str | Path,
     raw_dir: str | Path,
-    output_dir: str | Path | None = None,
+    output_dir: str | Path,
     *,
     feast: FeastConfig,
     features: FeaturesConfig,
-    metrics_file: str | Path | None = None,
-    report_file: str | Path | None = None,
+    metrics_file: str | Path,
+    report_file: str | Path,
 ) -> dict[str, Any]:
     """Build, split and write both training sets, then backfill the online store; returns the report."""
     started = time.perf_counter()
     features_dir = Path(features_dir).resolve()
-    output_dir = Path(output_dir or config.output_dir)
+    output_dir = Path(output_dir)
     events = _read_events(Path(raw_dir) / "events.parquet")
     store = open_feature_store(feast)
     build_repo = functools.partial(feature_repo, feast, features)
@@ -134,8 +134,8 @@ def run(
         report["materialized"] = {"start": start.isoformat(), "end": end.isoformat()}
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
     report["cuts"] = {"valid_start": manifest["valid_start"], "test_start": manifest["test_start"]}
-    write_json(report, metrics_file or config.metrics_file)
-    write_text(_markdown(report), report_file or config.report_file)
+    write_json(report, metrics_file)
+    write_text(_markdown(report), report_file)
     log.info(
         "training_set: %s in %.1fs",
         ", ".join(f"{name}={info['rows']:,}" for name, info in report["sets"].items()),
@@ -226,24 +226,12 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.training_set", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
-    parser.add_argument(
-        "--features-dir", default=None, help="feature tables (default: features.features_dir)"
-    )
-    parser.add_argument("--raw-dir", default=None, help="raw tables (default: data.raw_dir)")
-    parser.add_argument("--output-dir", default=None, help="output (default: training_set.output_dir)")
+    CONTRACT.add_path_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)
     params = CONTRACT.load(args.params)
-    run(
-        params.training_set,
-        args.features_dir or params.features.features_dir,
-        args.raw_dir or params.data.raw_dir,
-        args.output_dir,
-        feast=params.feast,
-        features=params.features,
-    )
+    run(params.training_set, feast=params.feast, features=params.features, **CONTRACT.paths(args))
     return 0
 
 

@@ -52,6 +52,7 @@ from great_expectations.expectations.metrics.map_metric_provider import (
     column_condition_partial,
 )
 
+from recsys import artifact_layout as layout
 from recsys.artifact_io import write_json
 from recsys.config import ConfigError, ValidationConfig
 from recsys.contracts import (
@@ -146,15 +147,14 @@ def run(
     target: Target,
     data_dir: str | Path,
     *,
-    report_dir: str | Path | None = None,
-    summary_file: str | Path | None = None,
+    report_dir: str | Path,
+    summary_file: str | Path,
 ) -> dict[str, Any]:
     """Validate the ``target`` tables in ``data_dir``; write Data Docs + summary; raise on any failure."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     data_dir = Path(data_dir)
-    report_dir = Path(report_dir or config.reports_dir / target)
-    summary_file = Path(summary_file or config.reports_dir / f"{target}_summary.json")
+    report_dir, summary_file = Path(report_dir), Path(summary_file)
     tables = raw_checks(config, data_dir) if target == "raw" else training_checks(config, data_dir)
     results = _run_checkpoint(target, data_dir, tables, report_dir, config.unexpected_examples)
     summary = _summarise(target, data_dir, results, config.unexpected_examples, report_dir)
@@ -477,17 +477,23 @@ def _plain(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the project configuration file")
+    CONTRACT.add_path_options(parser)
     parser.add_argument("--target", choices=TARGETS, required=True, help="which tables to validate")
-    parser.add_argument("--data-dir", default=None, help="default: data.raw_dir or training_set.output_dir")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: the tables of --target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("great_expectations", "great_expectations.data_context.types.base"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the latter sets INFO on itself
     try:
         params = CONTRACT.load(args.params)
-        default_dir = params.data.raw_dir if args.target == "raw" else params.training_set.output_dir
-        run(params.validation, args.target, args.data_dir or default_dir)
+        default_dir = layout.RAW_DIR if args.target == "raw" else layout.TRAINING_DIR
+        run(
+            params.validation,
+            args.target,
+            args.data_dir or default_dir,
+            report_dir=layout.validation_docs(args.target),
+            summary_file=layout.validation_summary(args.target),
+        )
     except (ConfigError, DataValidationError, DataContractError) as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from recsys import artifact_layout as layout
 from recsys.config import ConfigError, load_params
 
 DEFAULT_PACKAGE = Path("pipelines/recsys_training.yaml")
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     local_cmd.add_argument(
         "--preset", default=None, choices=["tiny", "small", "default", "large"], help="synthetic size"
     )
-    local_cmd.add_argument("--pipeline-root", default="artifacts/kfp-local", help="where task outputs go")
+    local_cmd.add_argument("--pipeline-root", default=str(layout.KFP_LOCAL_DIR), help="where task outputs go")
     local_cmd.add_argument(
         "--runner",
         default="subprocess",

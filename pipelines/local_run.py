@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from recsys import artifact_layout as layout
 from recsys.config import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class LocalRunError(RuntimeError):
 def run_local(
     params_path: str | Path = REPO_ROOT / "params.yaml",
     preset: str | None = None,
-    pipeline_root: str | Path = REPO_ROOT / "artifacts" / "kfp-local",
+    pipeline_root: str | Path = REPO_ROOT / layout.KFP_LOCAL_DIR,
     overrides: dict[str, Any] | None = None,
     runner: str = "subprocess",
     training_image: str = "cpu",

@@ -261,19 +261,16 @@ def export(
     two_tower: Input[Model],
     exported: Output[Model],
 ) -> None:
-    """Item embeddings of the catalogue, validation query vectors, popular items (components/export.py).
-
-    The step reads the item features from ``features.features_dir``: here that is the features artifact.
-    """
+    """Item embeddings of the catalogue, validation query vectors, popular items (components/export.py)."""
     from pathlib import Path
 
     from components import export as step
+    from recsys import artifact_layout as layout
     from recsys.step_contract import STEPS, step_params_from_json
 
     params = step_params_from_json(config, STEPS["export"])
-    params.features.features_dir = Path(features.path)
-    popular = Path(exported.path) / "popular_items.json"
-    step.run(params, training_sets.path, two_tower.path, exported.path, popular_file=popular)
+    popular = Path(exported.path) / layout.POPULAR_ITEMS
+    step.run(params, training_sets.path, two_tower.path, features.path, exported.path, popular)
 
 
 def build_index(config: str, exported: Input[Model], index: Output[Model], metrics: Output[Metrics]) -> None:
@@ -335,11 +332,10 @@ def bundle(
         export_dir=exported.path,
         index_dir=index.path,
     )
-    params.bundle.metrics_file = Path(evaluation.path)
     with tempfile.TemporaryDirectory() as scratch:
         params_file = Path(scratch) / "params.yaml"
         params_file.write_text(params.to_yaml())
-        step.run(params.bundle, params_file, out_dir=bundle.path, files=members)
+        step.run(params_file, evaluation.path, bundle.path, members)
 
 
 def gate(config: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> bool:
@@ -355,7 +351,7 @@ def gate(config: str, evaluation: Input[Metrics], decision: Output[Metrics]) -> 
 
     params = step_params_from_json(config, STEPS["gate"])
     result = step.run(
-        params.gate, metrics_file=evaluation.path, deployed_bundle=params.promote.uri, output=decision.path
+        params.gate, metrics_file=evaluation.path, output=decision.path, deployed_bundle=params.promote.uri
     )
     publish_metrics(decision.path, decision)
     decision.log_metric("passed", float(result["passed"]))

@@ -1,8 +1,10 @@
-"""Where every model artifact lives: the local (DVC) folders under ``artifacts/`` and the bundle's members.
+"""The one layout: where every local file of the DAG lives (data, metrics, reports, plots, models, the
+bundle, local pipeline runs), relative to the project root, and the bundle's member names.
 
-The steps' defaults, the bundle step's member list, the Kubeflow wrappers (which put each folder's files
-into a KFP artifact instead) and serving's bundle reader all take their paths from here. dvc.yaml spells
-the same folders for DVC; a test checks it against this module.
+Steps take their paths as arguments (no defaults); their CLIs default to these, through the step
+contracts (recsys/step_contract.py), whose ``reads``/``writes`` dvc.yaml is checked against. The Kubeflow
+wrappers put the same files into KFP artifacts instead; serving's bundle reader uses the member names.
+params.yaml holds no local path.
 """
 
 from __future__ import annotations
@@ -13,12 +15,30 @@ from pathlib import Path
 from models.registry import MODEL_KINDS
 from recsys.ann_index import SIDECAR_SUFFIX
 
+DATA = Path("data")
+RAW_DIR = DATA / "raw"  # ingest: {users,items,events}.parquet
+FEATURES_DIR = DATA / "features"  # features: the Feast file sources' tables
+TRAINING_DIR = DATA / "training"  # training_set: {retrieval,ranking}_{train,valid,test}.parquet + manifest
+METRICS_DIR = Path("metrics")  # every DVC metrics file
+REPORTS_DIR = Path("reports")
+VALIDATION_DIR = REPORTS_DIR / "validation"  # validate: Data Docs per target, <target>_summary.json
+PLOTS_DIR = Path("plots")  # train: a PNG of each model's history
+
+TRAINING_SET_STATS = METRICS_DIR / "training_set.json"
+TRAINING_SET_REPORT = REPORTS_DIR / "training_set.md"
+SEARCH_REPORT = METRICS_DIR / "search.json"
+EVALUATION = METRICS_DIR / "evaluation.json"
+INDEX_METRICS = METRICS_DIR / "index.json"
+GATE_DECISION = METRICS_DIR / "gate.json"
+
 ARTIFACTS = Path("artifacts")
 MODELS_DIR = ARTIFACTS / "models"  # <kind>/{model.safetensors,config.json,history.csv}
 EMBEDDINGS_DIR = ARTIFACTS / "embeddings"  # export: item and validation-user embeddings
 EXPORT_DIR = ARTIFACTS / "export"  # export: the cold-start popular items
 INDEX_DIR = ARTIFACTS / "index"  # build_index: the FAISS index and its sidecar
 BUNDLE_DIR = ARTIFACTS / "bundle"  # bundle: what serving loads, with its manifest
+KFP_LOCAL_DIR = ARTIFACTS / "kfp-local"  # run-local: the pipeline root of kfp.local runs
+INFERENCE_SERVICE = ARTIFACTS / "deploy" / "inferenceservice.yaml"  # deploy --dry-run: the rendered YAML
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -34,6 +54,26 @@ BUNDLE_MODELS = "models"  # a bundle holds each model under models/<kind>/
 def model_dir(kind: str, models_dir: str | Path = MODELS_DIR) -> Path:
     """Where the train step writes model ``kind``."""
     return Path(models_dir) / kind
+
+
+def model_metrics(kind: str) -> Path:
+    """The train step's metrics file of model ``kind``."""
+    return METRICS_DIR / f"{kind}.json"
+
+
+def model_plot(kind: str) -> Path:
+    """The train step's history plot of model ``kind``."""
+    return PLOTS_DIR / f"{kind}.png"
+
+
+def validation_summary(target: str) -> Path:
+    """The validate step's summary of ``target`` (``raw`` or ``training``)."""
+    return VALIDATION_DIR / f"{target}_summary.json"
+
+
+def validation_docs(target: str) -> Path:
+    """The validate step's Data Docs folder of ``target``."""
+    return VALIDATION_DIR / target
 
 
 def bundle_model_file(kind: str, name: str) -> str:

@@ -10,30 +10,38 @@ same ``params`` sections and that each Kubeflow wrapper's artifacts are the name
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from models.registry import RETRIEVAL_MODEL
+from recsys import artifact_layout as layout
 from recsys.config import ConfigError, Params, load_params, parse_params
+from recsys.config.loading import DEFAULT_PARAMS
 
 ALL_SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
 
 
 @dataclass(frozen=True)
 class StepContract:
-    """One step: its name (the module ``components.<name>``), the params.yaml sections it reads, and the
-    names of the artifacts it takes and makes (its Kubeflow task's ``Input``/``Output`` parameters)."""
+    """One step: its name (the module ``components.<name>``), the params.yaml sections it reads, the
+    names of the artifacts it takes and makes (its Kubeflow task's ``Input``/``Output`` parameters), and
+    the local files it ``reads`` and ``writes`` (its ``run`` argument -> the layout's path: the CLI's
+    defaults, and what dvc.yaml lists as the stage's deps and outs)."""
 
     name: str
     sections: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    reads: Mapping[str, Path] = field(default_factory=dict)
+    writes: Mapping[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in ALL_SECTIONS]
@@ -41,6 +49,24 @@ class StepContract:
             raise ValueError(
                 f"step '{self.name}': unknown params section(s) {unknown}; known: {ALL_SECTIONS}"
             )
+
+    def add_path_options(self, parser: argparse.ArgumentParser) -> None:
+        """``--params`` and one ``--<name>`` option per file the step reads or writes, defaulting to the
+        layout (what DVC runs)."""
+        parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="the project configuration file")
+        for name, path in {**self.reads, **self.writes}.items():
+            role = "reads" if name in self.reads else "writes"
+            parser.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                type=Path,
+                default=path,
+                help=f"{role} (default: {path})",
+            )
+
+    def paths(self, args: argparse.Namespace) -> dict[str, Path]:
+        """The files of a parsed command line, by ``run`` argument name."""
+        return {name: getattr(args, name) for name in {**self.reads, **self.writes}}
 
     def scope(self, params: Params) -> StepParams:
         """The sections of a whole, validated configuration this step reads."""
@@ -162,50 +188,110 @@ def _steps(*contracts: StepContract) -> dict[str, StepContract]:
 # (components/launch_training.py) reads the GPU and node counts from it. ``bundle`` reads every section:
 # the bundle records the whole configuration it was built with.
 STEPS: dict[str, StepContract] = _steps(
-    StepContract("ingest", ("seed", "data"), outputs=("raw",)),
-    StepContract("features", ("data", "features"), inputs=("raw",), outputs=("features",)),
+    StepContract("ingest", ("seed", "data"), outputs=("raw",), writes={"raw_dir": layout.RAW_DIR}),
     StepContract(
-        "validate",
-        ("data", "training_set", "validation"),
-        inputs=("data",),
-        outputs=("data_docs", "data_docs_site", "summary"),
+        "features",
+        ("features",),
+        inputs=("raw",),
+        outputs=("features",),
+        reads={"raw_dir": layout.RAW_DIR},
+        writes={"features_dir": layout.FEATURES_DIR},
+    ),
+    # one step, two DVC stages (--target raw | training): its files are the layout's per target
+    StepContract(
+        "validate", ("validation",), inputs=("data",), outputs=("data_docs", "data_docs_site", "summary")
     ),
     StepContract(
         "training_set",
-        ("data", "features", "feast", "training_set"),
+        ("features", "feast", "training_set"),
         inputs=("features", "raw"),
         outputs=("training_sets", "report", "stats"),
+        reads={"features_dir": layout.FEATURES_DIR, "raw_dir": layout.RAW_DIR},
+        writes={
+            "output_dir": layout.TRAINING_DIR,
+            "metrics_file": layout.TRAINING_SET_STATS,
+            "report_file": layout.TRAINING_SET_REPORT,
+        },
     ),
-    StepContract("online_store", ("features", "feast"), inputs=("features",)),
+    StepContract(
+        "online_store",
+        ("features", "feast"),
+        inputs=("features",),
+        reads={"features_dir": layout.FEATURES_DIR},
+    ),
     StepContract(
         "search",
-        ("seed", "search", "training_set", "pipeline", "models", "training"),
+        ("seed", "search", "pipeline", "models", "training"),
         inputs=("training_sets",),
         outputs=("search",),
+        reads={"training_dir": layout.TRAINING_DIR},
+        writes={"output": layout.SEARCH_REPORT},
     ),
+    # train's files are per model (layout.model_dir / model_metrics / model_plot)
     StepContract(
         "train",
-        ("training_set", "pipeline", "models", "training"),
+        ("pipeline", "models", "training"),
         inputs=("training_sets",),
         outputs=("model", "metrics", "curves"),
+        reads={"training_dir": layout.TRAINING_DIR},
     ),
     StepContract(
         "evaluate",
-        ("features", "evaluation", "feast", "training_set", "training"),
+        ("evaluation", "feast", "training"),
         inputs=("features", "training_sets", "models"),
         outputs=("evaluation",),
+        reads={
+            "training_dir": layout.TRAINING_DIR,
+            "models_dir": layout.MODELS_DIR,
+            "features_dir": layout.FEATURES_DIR,
+        },
+        writes={"output": layout.EVALUATION},
     ),
     StepContract(
         "export",
-        ("features", "feast", "training_set", "export", "training"),
+        ("feast", "export", "training"),
         inputs=("features", "training_sets", "two_tower"),
         outputs=("exported",),
+        reads={
+            "training_dir": layout.TRAINING_DIR,
+            "model_dir": layout.model_dir(RETRIEVAL_MODEL),
+            "features_dir": layout.FEATURES_DIR,
+        },
+        writes={"out_dir": layout.EMBEDDINGS_DIR, "popular_file": layout.EXPORT_DIR / layout.POPULAR_ITEMS},
     ),
-    StepContract("build_index", ("seed", "index"), inputs=("exported",), outputs=("index", "metrics")),
     StepContract(
-        "bundle", ALL_SECTIONS, inputs=("exported", "index", "models", "evaluation"), outputs=("bundle",)
+        "build_index",
+        ("seed", "index"),
+        inputs=("exported",),
+        outputs=("index", "metrics"),
+        reads={
+            "item_embeddings": layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS,
+            "query_embeddings": layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS,
+        },
+        writes={"output": layout.INDEX_DIR / layout.INDEX, "metrics_file": layout.INDEX_METRICS},
     ),
-    StepContract("gate", ("gate", "promote"), inputs=("evaluation",), outputs=("decision",)),
-    StepContract("promote", ("promote",), inputs=("bundle",), outputs=("pointer",)),
+    StepContract(
+        "bundle",
+        ALL_SECTIONS,
+        inputs=("exported", "index", "models", "evaluation"),
+        outputs=("bundle",),
+        reads={"metrics_file": layout.EVALUATION},
+        writes={"out_dir": layout.BUNDLE_DIR},
+    ),
+    StepContract(
+        "gate",
+        ("gate", "promote"),
+        inputs=("evaluation",),
+        outputs=("decision",),
+        reads={"metrics_file": layout.EVALUATION},
+        writes={"output": layout.GATE_DECISION},
+    ),
+    StepContract(
+        "promote",
+        ("promote",),
+        inputs=("bundle",),
+        outputs=("pointer",),
+        reads={"bundle_dir": layout.BUNDLE_DIR},
+    ),
     StepContract("deploy", ("pipeline", "promote", "deploy"), inputs=("promoted",), outputs=("manifest",)),
 )

@@ -107,24 +107,67 @@ def pipeline_workdir(root: Path) -> Iterator[None]:
 
 
 def build_training_sets(params, validate: bool = False) -> None:
-    """The real data steps in the current directory: ingest, features and the Feast training sets, with
-    the great-expectations gates on the raw tables and the training sets when ``validate``."""
+    """The real data steps in the current directory, on the layout's paths: ingest, features and the
+    Feast training sets, with the great-expectations gates on the raw tables and the training sets when
+    ``validate``."""
     from components import features, ingest, training_set
     from components import validate as validation
+    from recsys import artifact_layout as layout
 
-    ingest.run(params.data, params.seed)
-    features.run(params.features, params.data.raw_dir)
+    ingest.run(params.data, params.seed, layout.RAW_DIR)
+    features.run(params.features, layout.RAW_DIR, layout.FEATURES_DIR)
     if validate:
-        validation.run(params.validation, "raw", params.data.raw_dir)
+        validate_target(validation, params, "raw", layout.RAW_DIR)
     training_set.run(
         params.training_set,
-        params.features.features_dir,
-        params.data.raw_dir,
+        layout.FEATURES_DIR,
+        layout.RAW_DIR,
+        layout.TRAINING_DIR,
         feast=params.feast,
         features=params.features,
+        metrics_file=layout.TRAINING_SET_STATS,
+        report_file=layout.TRAINING_SET_REPORT,
     )
     if validate:
-        validation.run(params.validation, "training", params.training_set.output_dir)
+        validate_target(validation, params, "training", layout.TRAINING_DIR)
+
+
+def validate_target(validation, params, target: str, data_dir: Path) -> dict[str, Any]:
+    """The validate step on ``target`` with the layout's report folder and summary file."""
+    from recsys import artifact_layout as layout
+
+    return validation.run(
+        params.validation,
+        target,
+        data_dir,
+        report_dir=layout.validation_docs(target),
+        summary_file=layout.validation_summary(target),
+    )
+
+
+def train_and_evaluate(params) -> dict[str, Any]:
+    """Every model trained and evaluated in the current directory, on the layout's paths; returns the
+    evaluation report."""
+    from components import evaluate, train
+    from recsys import artifact_layout as layout
+    from recsys.step_contract import STEPS
+
+    for kind in MODEL_KINDS:
+        train.run(
+            kind,
+            STEPS["train"].scope(params),
+            layout.TRAINING_DIR,
+            layout.model_dir(kind),
+            layout.model_metrics(kind),
+            layout.model_plot(kind),
+        )
+    return evaluate.run(
+        STEPS["evaluate"].scope(params),
+        layout.TRAINING_DIR,
+        layout.MODELS_DIR,
+        layout.FEATURES_DIR,
+        layout.EVALUATION,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -134,8 +177,11 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     Returns the working directory; the bundle is in ``artifacts/bundle``. Steps are the real ones: Feast,
     great-expectations, torch training, FAISS.
     """
-    from components import build_index, bundle, evaluate, export, gate, train
+    from components import build_index, bundle, export, gate
+    from models.registry import RETRIEVAL_MODEL
+    from recsys import artifact_layout as layout
     from recsys.config import load_params
+    from recsys.step_contract import STEPS
 
     root = tmp_path_factory.mktemp("pipeline")
     shutil.copy(REPO_ROOT / "params.yaml", root / "params.yaml")
@@ -145,13 +191,19 @@ def tiny_pipeline(tmp_path_factory) -> Path:
             overrides={"data.synthetic.preset": "tiny", "training.epochs": 3, "index.tune_queries": 200},
         )
         build_training_sets(params, validate=True)
-        for kind in MODEL_KINDS:
-            train.run(kind, params)
-        evaluate.run(params)
-        export.run(params)
-        build_index.run(params.index, params.seed)
-        bundle.run(params.bundle, "params.yaml")
-        gate.run(params.gate)
+        train_and_evaluate(params)
+        export.run(
+            STEPS["export"].scope(params),
+            layout.TRAINING_DIR,
+            layout.model_dir(RETRIEVAL_MODEL),
+            layout.FEATURES_DIR,
+            layout.EMBEDDINGS_DIR,
+            layout.EXPORT_DIR / layout.POPULAR_ITEMS,
+        )
+        index_paths = STEPS["build_index"].reads | STEPS["build_index"].writes
+        build_index.run(params.index, params.seed, **index_paths)
+        bundle.run("params.yaml", layout.EVALUATION, layout.BUNDLE_DIR, layout.bundle_members())
+        gate.run(params.gate, metrics_file=layout.EVALUATION, output=layout.GATE_DECISION)
     return root
 
 

@@ -53,12 +53,18 @@ HANDMADE_EVENTS = [
 HANDMADE_CUTS = {"valid_start": day(7).to_pydatetime(), "test_start": day(9).to_pydatetime()}
 
 
-def handmade_training_config(tmp_path: Path) -> TrainingSetConfig:
+def training_set_outputs(root: Path) -> dict[str, Path]:
+    """The training-set step's output arguments under ``root`` (the layout's names, another root)."""
+    return {
+        "output_dir": root / "training",
+        "metrics_file": root / "metrics" / "training_set.json",
+        "report_file": root / "reports" / "training_set.md",
+    }
+
+
+def handmade_training_config() -> TrainingSetConfig:
     return revalidated(
         shipped_params().training_set,
-        output_dir=tmp_path / "training",
-        metrics_file=tmp_path / "metrics" / "training_set.json",
-        report_file=tmp_path / "reports" / "training_set.md",
         chunk_rows=2,
         call_rows=3,
         **HANDMADE_CUTS,

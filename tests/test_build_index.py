@@ -180,10 +180,16 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
         hnsw_m=16,
         hnsw_ef_construction=64,
         tune_queries=200,
-        metrics_file=tmp_path / "metrics" / "index.json",
     )
     output = tmp_path / "index" / "items.faiss"
-    metrics = bi.run(config, seed=0, item_embeddings=item_file, query_embeddings=query_file, output=output)
+    metrics = bi.run(
+        config,
+        seed=0,
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=output,
+        metrics_file=tmp_path / "metrics" / "index.json",
+    )
 
     on_disk = json.loads((tmp_path / "metrics" / "index.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -205,9 +211,13 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
 
 def test_auto_small_catalogue_is_exact(tmp_path, exported):
     item_file, query_file = exported
-    config = _index(metrics_file=tmp_path / "index.json")
     metrics = bi.run(
-        config, item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "items.faiss"
+        _index(),
+        seed=0,
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=tmp_path / "items.faiss",
+        metrics_file=tmp_path / "index.json",
     )
     assert metrics["type"] == "flat" and metrics["search_param"] is None
     assert metrics["recall_at_k"] == 1.0
@@ -253,7 +263,14 @@ def test_query_dim_mismatch_is_rejected(tmp_path, exported):
     with pytest.raises(
         ann_index.IndexContractError, match=r"users\.safetensors: query dim 40 != item embedding dim 32"
     ):
-        bi.run(_index(), item_embeddings=item_file, query_embeddings=query_file, output=tmp_path / "x.faiss")
+        bi.run(
+            _index(),
+            seed=0,
+            item_embeddings=item_file,
+            query_embeddings=query_file,
+            output=tmp_path / "x.faiss",
+            metrics_file=tmp_path / "x.json",
+        )
     assert not (tmp_path / "x.faiss").exists()
 
 
@@ -265,12 +282,15 @@ def test_search_rejects_wrong_query_dim(built):
 @pytest.fixture()
 def saved_index(tmp_path, exported):
     item_file, query_file = exported
-    config = _index(
-        type="flat",
+    output = tmp_path / "idx" / "items.faiss"
+    bi.run(
+        _index(type="flat"),
+        seed=0,
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=output,
         metrics_file=tmp_path / "index.json",
     )
-    output = tmp_path / "idx" / "items.faiss"
-    bi.run(config, item_embeddings=item_file, query_embeddings=query_file, output=output)
     return tmp_path / "idx" / "items.faiss"
 
 
@@ -304,21 +324,18 @@ def test_load_requires_the_sidecar(saved_index):
 
 def test_cli_builds_from_params(tmp_path, exported, monkeypatch):
     item_file, query_file = exported
-    params = write_params(
-        tmp_path / "params.yaml", {"index.metrics_file": str(tmp_path / "out" / "index.json"), "index.k": 5}
-    )
+    params = write_params(tmp_path / "params.yaml", {"index.k": 5})
     output = tmp_path / "out" / "items.faiss"
     arguments = [
-        "--item-embeddings",
-        str(item_file),
-        "--query-embeddings",
-        str(query_file),
-        "--output",
-        str(output),
+        *("--item-embeddings", str(item_file)),
+        *("--query-embeddings", str(query_file)),
+        *("--output", str(output)),
+        *("--metrics-file", str(tmp_path / "out" / "index.json")),
     ]
     assert bi.main(["--params", str(params), *arguments]) == 0
     index, meta = ann_index.load_index(output)
     assert meta["k"] == 5 and index.ntotal == 3000
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["count"] == 3000
 
 
 def test_cli_reads_the_artifact_layout_by_default(tmp_path, exported, monkeypatch):
@@ -327,10 +344,10 @@ def test_cli_reads_the_artifact_layout_by_default(tmp_path, exported, monkeypatc
     layout.EMBEDDINGS_DIR.mkdir(parents=True)
     shutil.copyfile(item_file, layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS)
     shutil.copyfile(query_file, layout.EMBEDDINGS_DIR / layout.QUERY_EMBEDDINGS)
-    write_params(tmp_path / "params.yaml", {"index.metrics_file": str(tmp_path / "index.json")})
+    write_params(tmp_path / "params.yaml", {})
     assert bi.main([]) == 0
     index, _ = ann_index.load_index(layout.INDEX_DIR / layout.INDEX)
-    assert index.ntotal == 3000
+    assert index.ntotal == 3000 and layout.INDEX_METRICS.is_file()
 
 
 def _read(path):

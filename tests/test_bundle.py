@@ -247,9 +247,10 @@ def test_cli_assemble_from_the_artifact_layout(tmp_path, monkeypatch):
         else:
             path.write_text(json.dumps({"member": name}))
     (tmp_path / "evaluation.json").write_text(json.dumps(METRICS))
-    write_params(tmp_path / "params.yaml", {"bundle.metrics_file": str(tmp_path / "evaluation.json")})
-    assert bd.main(["assemble", "--params", "params.yaml", "--out-dir", "out"]) == 0
+    write_params(tmp_path / "params.yaml", {"seed": 7})
+    cli = ["assemble", "--params", "params.yaml", "--metrics-file", "evaluation.json", "--out-dir", "out"]
+    assert bd.main(cli) == 0
     manifest = load_manifest(tmp_path / "out")
     assert manifest["metrics"] == METRICS
     assert set(manifest["files"]) == set(members)  # every model of every kind, the index, the embeddings
-    assert manifest["params"]["bundle"]["metrics_file"] == str(tmp_path / "evaluation.json")
+    assert manifest["params"]["seed"] == 7  # the whole configuration it was built with

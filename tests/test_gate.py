@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,36 +95,35 @@ def deployed(tmp_path):
     )
 
 
-def _params(tmp_path, metrics: dict, deployed_bundle: str | None) -> str:
+def _cli(tmp_path, metrics: dict, deployed_bundle: str | None) -> list[str]:
+    """The gate's command line: a params file with ``deployed_bundle``, the new metrics, the decision."""
     (tmp_path / "evaluation.json").write_text(json.dumps(metrics))
-    gate_section = {
-        "metrics_file": str(tmp_path / "evaluation.json"),
-        "output": str(tmp_path / "metrics" / "gate.json"),
-        "deployed_bundle": deployed_bundle,
-        "tolerance": 0.01,
-        "metrics": RULES,
-    }
-    return str(write_params(tmp_path / "params.yaml", {"gate": gate_section}))
+    gate_section = {"deployed_bundle": deployed_bundle, "tolerance": 0.01, "metrics": RULES}
+    params = write_params(tmp_path / "params.yaml", {"gate": gate_section})
+    return [
+        *("--params", str(params)),
+        *("--metrics-file", str(tmp_path / "evaluation.json")),
+        *("--output", str(tmp_path / "metrics" / "gate.json")),
+    ]
 
 
 def test_cli_writes_the_decision_and_exits_zero_unless_asked(tmp_path, deployed):
-    params = _params(tmp_path, _metrics(0.30, 0.50), str(deployed))
-    assert gate.main(["--params", params]) == 0
+    cli = _cli(tmp_path, _metrics(0.30, 0.50), str(deployed))
+    assert gate.main(cli) == 0
     decision = json.loads((tmp_path / "metrics" / "gate.json").read_text())
     assert decision["passed"] is False
     assert decision["deployed_version"] == bd.load_manifest(deployed)["version"]
     assert decision["metrics"]["retrieval.recall@50"]["old"] == 0.40
     assert decision["metrics"]["ranking.logloss"]["ok"] is True
-    assert gate.main(["--params", params, "--fail-on-reject"]) == 1
+    assert gate.main([*cli, "--fail-on-reject"]) == 1
 
-    better = _params(tmp_path, _metrics(0.41, 0.49), f"file://{deployed}")
-    assert gate.main(["--params", better, "--fail-on-reject"]) == 0
+    better = _cli(tmp_path, _metrics(0.41, 0.49), f"file://{deployed}")
+    assert gate.main([*better, "--fail-on-reject"]) == 0
     assert json.loads((tmp_path / "metrics" / "gate.json").read_text())["passed"] is True
 
 
 def test_cli_first_deploy_passes(tmp_path):
-    params = _params(tmp_path, _metrics(), None)
-    assert gate.main(["--params", params, "--fail-on-reject"]) == 0
+    assert gate.main([*_cli(tmp_path, _metrics(), None), "--fail-on-reject"]) == 0
     decision = json.loads((tmp_path / "metrics" / "gate.json").read_text())
     assert decision["first_deploy"] is True and decision["deployed_bundle"] is None
 
@@ -133,23 +133,19 @@ def test_cli_first_deploy_passes(tmp_path):
 )
 def test_unusable_deployed_reference_is_an_error_not_a_rejection(tmp_path, reference, message):
     (tmp_path / "evaluation.json").write_text(json.dumps(_metrics()))
-    config = revalidated(
-        shipped_params().gate,
-        metrics_file=tmp_path / "evaluation.json",
-        output=tmp_path / "gate.json",
-        metrics=RULES,
-    )
+    config = revalidated(shipped_params().gate, metrics=RULES)
     with pytest.raises(gate.GateError, match=message):
-        gate.run(config, deployed_bundle=str(tmp_path / reference) if reference == "nope" else reference)
+        gate.run(
+            config,
+            deployed_bundle=str(tmp_path / reference) if reference == "nope" else reference,
+            **_files(tmp_path),
+        )
     assert not (tmp_path / "gate.json").exists()
 
 
 def test_missing_new_metrics_file_is_an_error(tmp_path):
-    config = revalidated(
-        shipped_params().gate, metrics_file=tmp_path / "absent.json", output=tmp_path / "gate.json"
-    )
     with pytest.raises(gate.GateError, match=r"absent\.json: new metrics file not found"):
-        gate.run(config)
+        gate.run(shipped_params().gate, metrics_file=tmp_path / "absent.json", output=tmp_path / "gate.json")
 
 
 # the cluster case: the deployed bundle is the one promoted to the object store (a real S3 server here)
@@ -166,43 +162,43 @@ def _promote(tmp_path, store_uri: str, metrics: dict) -> dict:
     return promote.run(revalidated(shipped_params().promote, uri=store_uri), bundle)
 
 
-def _gate_config(tmp_path, metrics: dict):
+def _files(tmp_path) -> dict[str, Path]:
+    """The gate's files: the new metrics it reads, the decision it writes."""
+    return {"metrics_file": tmp_path / "evaluation.json", "output": tmp_path / "gate.json"}
+
+
+def _gate(tmp_path, metrics: dict, deployed_bundle: str) -> dict:
+    """The gate on ``metrics`` against ``deployed_bundle``."""
     (tmp_path / "evaluation.json").write_text(json.dumps(metrics))
-    return revalidated(
-        shipped_params().gate,
-        metrics_file=tmp_path / "evaluation.json",
-        output=tmp_path / "gate.json",
-        metrics=RULES,
-    )
+    config = revalidated(shipped_params().gate, metrics=RULES)
+    return gate.run(config, deployed_bundle=deployed_bundle, **_files(tmp_path))
 
 
 def test_gate_reads_the_promoted_bundle_from_the_object_store(tmp_path, s3_env):
     store_uri = s3_env.uri("bundles")
-    first = gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=store_uri)
+    first = _gate(tmp_path, _metrics(), store_uri)
     assert first["passed"] and first["first_deploy"]  # no pointer yet: a first deploy, and it says so
     assert first["reasons"] == [f"first deploy: nothing promoted yet at {store_uri}/current.json"]
 
     pointer = _promote(tmp_path, store_uri, OLD)
-    worse = gate.run(_gate_config(tmp_path, _metrics(0.30, 0.50)), deployed_bundle=store_uri)
+    worse = _gate(tmp_path, _metrics(0.30, 0.50), store_uri)
     assert worse["passed"] is False and worse["first_deploy"] is False
     assert worse["deployed_version"] == pointer["version"] and worse["deployed_bundle"] == pointer["uri"]
     assert worse["metrics"]["retrieval.recall@50"]["old"] == 0.40
-    better = gate.run(_gate_config(tmp_path, _metrics(0.45, 0.45)), deployed_bundle=store_uri)
+    better = _gate(tmp_path, _metrics(0.45, 0.45), store_uri)
     assert better["passed"] is True and better["first_deploy"] is False
 
 
 def test_an_unreachable_store_is_an_error_not_a_first_deploy(tmp_path, s3_env):
     with pytest.raises(gate.GateError, match="cannot read the promoted bundle"):
-        gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=f"{s3_env.uri()}-missing/bundles")
+        _gate(tmp_path, _metrics(), f"{s3_env.uri()}-missing/bundles")
     assert not (tmp_path / "gate.json").exists()
 
 
 def test_gate_reads_a_local_promote_store_too(tmp_path):
     store_uri = (tmp_path / "store").as_uri()
     _promote(tmp_path, store_uri, OLD)
-    assert (
-        gate.run(_gate_config(tmp_path, _metrics(0.30, 0.50)), deployed_bundle=store_uri)["passed"] is False
-    )
+    assert _gate(tmp_path, _metrics(0.30, 0.50), store_uri)["passed"] is False
 
 
 def test_a_pointer_to_a_changed_version_is_an_error(tmp_path, s3_env):
@@ -211,4 +207,4 @@ def test_a_pointer_to_a_changed_version_is_an_error(tmp_path, s3_env):
     key = f"bundles/{pointer['version']}/manifest.json"
     s3_env.client().put_object(Bucket=s3_env.name, Key=key, Body=b'{"content_sha256": "edited"}')
     with pytest.raises(gate.GateError, match="content digest differs"):
-        gate.run(_gate_config(tmp_path, _metrics()), deployed_bundle=store_uri)
+        _gate(tmp_path, _metrics(), store_uri)

@@ -106,7 +106,7 @@ def test_reading_a_truncated_raw_file_names_it(tiny_raw_dir, tmp_path):
 
 
 def _movielens_params(tmp_path, **movielens):
-    changes = {"data.source": "movielens", "data.raw_dir": str(tmp_path / "raw")}
+    changes = {"data.source": "movielens"}
     changes |= {f"data.movielens.{key}": value for key, value in movielens.items()}
     return write_params(tmp_path / "params.yaml", changes)
 
@@ -133,7 +133,7 @@ def test_cli_prints_one_line_for_expected_errors_and_keeps_stored_tables(tmp_pat
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "events.parquet").write_bytes(b"previous tables")
-    assert ingest.main(["--params", str(params(tmp_path))]) == 1
+    assert ingest.main(["--params", str(params(tmp_path)), "--raw-dir", str(raw)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ingest: ") and message in err and "Traceback" not in err
     assert [p.name for p in raw.iterdir()] == ["events.parquet"]

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from components import launch_training
+from recsys import artifact_layout as layout
 from recsys import manifest_schemas
 from recsys.config import load_params
 from tests.conftest import (
@@ -136,7 +137,7 @@ def tiny_training_sets(tmp_path_factory):
     with pipeline_workdir(root):
         params = load_params(REPO_ROOT / "params.yaml", overrides={"data.synthetic.preset": "tiny"})
         build_training_sets(params)
-        return root / params.training_set.output_dir
+        return root / layout.TRAINING_DIR
 
 
 @pytest.mark.slow

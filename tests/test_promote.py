@@ -226,7 +226,7 @@ def test_the_clis_promote_and_deploy_the_current_version(tmp_path, s3_env, capsy
 
     params = write_params(tmp_path / "params.yaml", {"promote.uri": s3_env.uri("bundles")})
     bundle = make_bundle(tmp_path, "a", 0.30)
-    assert promote.main(["--params", str(params), "--bundle", str(bundle), "--version", "bootstrap"]) == 0
+    assert promote.main(["--params", str(params), "--bundle-dir", str(bundle), "--version", "bootstrap"]) == 0
     uri = f"{s3_env.uri('bundles')}/bootstrap/"
     assert capsys.readouterr().out.strip() == uri
     out = tmp_path / "isvc.yaml"

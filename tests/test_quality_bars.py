@@ -11,12 +11,10 @@ through the real steps: ingest, features, Feast training sets, training, evaluat
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from models.registry import RANKERS
-from tests.conftest import MODEL_KINDS, REPO_ROOT, build_training_sets, pipeline_workdir
+from tests.conftest import REPO_ROOT, build_training_sets, pipeline_workdir, train_and_evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -27,30 +25,38 @@ AUC_MARGIN = 0.01  # "clearly above": at least this much AUC over the item-CTR b
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
     from components import evaluate, train
+    from recsys import artifact_layout as layout
     from recsys import catalogue, training_data
     from recsys.config import load_params
+    from recsys.step_contract import STEPS
     from recsys.training_data import read_split
 
     with pipeline_workdir(tmp_path_factory.mktemp("small")):
         params = load_params(REPO_ROOT / "params.yaml", overrides={"data.synthetic.preset": "small"})
         build_training_sets(params)
-        for kind in MODEL_KINDS:
-            train.run(kind, params)
-        report = evaluate.run(params)
+        report = train_and_evaluate(params)
         # the same two-tower without log-Q correction, evaluated on the same split and catalogue
         plain = load_params(
             REPO_ROOT / "params.yaml",
             overrides={"data.synthetic.preset": "small", "models.two_tower.logq_correction": False},
         )
-        train.run("two_tower", plain, model_dir="artifacts/models/plain", metrics_file="metrics/plain.json")
-        training_dir = Path(params.training_set.output_dir)
+        plain_dir = layout.model_dir("plain")
+        train.run(
+            "two_tower",
+            STEPS["train"].scope(plain),
+            layout.TRAINING_DIR,
+            plain_dir,
+            layout.model_metrics("plain"),
+            layout.model_plot("plain"),
+        )
+        training_dir = layout.TRAINING_DIR
         catalogue = catalogue.item_catalogue(
-            Path(params.features.features_dir),
+            layout.FEATURES_DIR,
             training_data.test_start_of(training_dir),
             params.feast.ttl_days.item_stats,
         )
         report["plain_in_batch"] = evaluate.evaluate_retrieval(
-            Path("artifacts/models/plain"),
+            plain_dir,
             training_dir,
             read_split(training_dir, "ranking", "test"),
             catalogue,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recsys import artifact_layout as layout
 from tests.conftest import MODEL_KINDS
 
 pytestmark = pytest.mark.slow
@@ -16,19 +17,19 @@ pytestmark = pytest.mark.slow
 
 def test_every_model_is_trained_and_saved_with_history_metrics_and_plot(tiny_pipeline):
     for kind in MODEL_KINDS:
-        model_dir = tiny_pipeline / "artifacts" / "models" / kind
+        model_dir = tiny_pipeline / layout.model_dir(kind)
         assert (model_dir / "model.safetensors").stat().st_size > 0
         config = json.loads((model_dir / "config.json").read_text())
         assert config["kind"] == kind and config["features"]  # encoders travel with the weights
         history = pd.read_csv(model_dir / "history.csv")
         assert len(history) >= 1 and "train_loss" in history
-        metrics = json.loads((tiny_pipeline / "metrics" / f"{kind}.json").read_text())
+        metrics = json.loads((tiny_pipeline / layout.model_metrics(kind)).read_text())
         assert metrics["model"] == kind and metrics["train_rows"] > 0
-        assert (tiny_pipeline / "plots" / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tiny_pipeline / layout.model_plot(kind)).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
-    report = json.loads((tiny_pipeline / "metrics" / "evaluation.json").read_text())
+    report = json.loads((tiny_pipeline / layout.EVALUATION).read_text())
     retrieval = report["retrieval"]
     for k in (10, 50, 100):
         assert 0 <= retrieval["two_tower"][f"recall@{k}"] <= 1
@@ -49,15 +50,15 @@ def test_exported_embeddings_equal_the_item_tower_and_are_unit_norm(tiny_pipelin
     from recsys.catalogue import item_catalogue
     from recsys.config import load_params
 
-    tensors = load_file(str(tiny_pipeline / "artifacts" / "embeddings" / "item_embeddings.safetensors"))
+    tensors = load_file(str(tiny_pipeline / layout.EMBEDDINGS_DIR / layout.ITEM_EMBEDDINGS))
     ids, emb = tensors["item_ids"], tensors["embeddings"]
     assert emb.dtype == torch.float32 and len(ids) == len(emb)
     assert torch.allclose(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-4)
     params = load_params(tiny_pipeline / "params.yaml")
-    model, encoder = load_model(tiny_pipeline / "artifacts" / "models" / "two_tower")
-    items = pd.read_parquet(tiny_pipeline / "data" / "features" / "item_stats.parquet")
+    model, encoder = load_model(tiny_pipeline / layout.model_dir("two_tower"))
+    items = pd.read_parquet(tiny_pipeline / layout.FEATURES_DIR / "item_stats.parquet")
     catalogue = item_catalogue(
-        tiny_pipeline / "data" / "features", items["event_timestamp"].max(), params.feast.ttl_days.item_stats
+        tiny_pipeline / layout.FEATURES_DIR, items["event_timestamp"].max(), params.feast.ttl_days.item_stats
     )
     assert catalogue["item_id"].tolist() == ids.tolist()
     again = model.item_embeddings(encoder.encode(catalogue, features=model.item_feature_names()))
@@ -68,7 +69,7 @@ def test_index_search_returns_item_ids_and_bundle_verifies(tiny_pipeline):
     from recsys.ann_index import load_index, search
     from recsys.bundle_manifest import load_manifest
 
-    bundle = tiny_pipeline / "artifacts" / "bundle"
+    bundle = tiny_pipeline / layout.BUNDLE_DIR
     manifest = load_manifest(bundle)
     assert "models/multi_tower_din/model.safetensors" in manifest["files"]
     index, _ = load_index(bundle / "items.faiss")
@@ -78,7 +79,7 @@ def test_index_search_returns_item_ids_and_bundle_verifies(tiny_pipeline):
 
 
 def test_gate_first_deploy_passes_with_the_evaluated_metrics(tiny_pipeline):
-    decision = json.loads((tiny_pipeline / "metrics" / "gate.json").read_text())
+    decision = json.loads((tiny_pipeline / layout.GATE_DECISION).read_text())
     assert decision["passed"] is True and decision["first_deploy"] is True
 
 
@@ -97,7 +98,7 @@ def test_training_is_deterministic_for_a_seed(tiny_pipeline, tmp_path):
     for run in ("a", "b"):
         torch.rand(7)  # moves the global RNG between the runs, as any earlier work in a process would
         out = tmp_path / run
-        train.run("dlrm", params, tiny_pipeline / "data/training", out, out / "m.json", out / "p.png")
+        train.run("dlrm", params, tiny_pipeline / layout.TRAINING_DIR, out, out / "m.json", out / "p.png")
         weights.append(load_file(str(out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -107,8 +108,8 @@ def _train_cli_workdir(tiny_pipeline, tmp_path, changes):
     """A working directory with the tiny training sets and a params file, as the DVC stage sees them."""
     from tests.conftest import write_params
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "training").symlink_to(tiny_pipeline / "data" / "training")
+    (tmp_path / layout.TRAINING_DIR).parent.mkdir(parents=True)
+    (tmp_path / layout.TRAINING_DIR).symlink_to(tiny_pipeline / layout.TRAINING_DIR)
     write_params(tmp_path / "params.yaml", {"training.epochs": 1, **changes})
     return tmp_path
 
@@ -125,12 +126,12 @@ def test_models_trained_side_by_side_equal_lone_runs(tiny_pipeline, tmp_path, mo
     params = load_params("params.yaml")
     for kind in ("dlrm", "two_tower"):
         alone = tmp_path / "alone" / kind
-        train.run(kind, params, "data/training", alone, alone / "m.json", alone / "p.png")
-        parallel = load_file(str(work / "artifacts" / "models" / kind / "model.safetensors"))
+        train.run(kind, params, layout.TRAINING_DIR, alone, alone / "m.json", alone / "p.png")
+        parallel = load_file(str(work / layout.model_dir(kind) / layout.MODEL_WEIGHTS))
         reference = load_file(str(alone / "model.safetensors"))
         assert parallel.keys() == reference.keys()
         assert all(torch.equal(parallel[k], reference[k]) for k in parallel), kind
-        assert json.loads((work / "metrics" / f"{kind}.json").read_text())["model"] == kind
+        assert json.loads((work / layout.model_metrics(kind)).read_text())["model"] == kind
 
 
 def test_a_failed_model_is_named_and_later_ones_do_not_start(tiny_pipeline, tmp_path, monkeypatch):
@@ -143,7 +144,7 @@ def test_a_failed_model_is_named_and_later_ones_do_not_start(tiny_pipeline, tmp_
         RuntimeError, match=r"dlrm: ValueError: early_stopping_metric .*not started: multi_tower"
     ):
         train.main(["--model", "dlrm", "multi_tower", "--jobs", "1"])
-    assert not (tmp_path / "artifacts" / "models" / "multi_tower").exists()
+    assert not (tmp_path / layout.model_dir("multi_tower")).exists()
 
 
 def test_per_model_paths_need_a_single_model(capsys):

@@ -24,6 +24,7 @@ from tests.feast_fixtures import (
     day,
     handmade_dataset,
     handmade_training_config,
+    training_set_outputs,
 )
 
 SHIPPED = shipped_params()
@@ -40,14 +41,16 @@ def handmade_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("handmade")
     feast_config = _feast(copy_feature_repo(tmp_path))
     raw_dir, features_dir = handmade_dataset(tmp_path / "data")
-    config = handmade_training_config(tmp_path)
-    report = training_set.run(config, features_dir, raw_dir, feast=feast_config, features=FEATURES)
+    out = training_set_outputs(tmp_path)
+    report = training_set.run(
+        handmade_training_config(), features_dir, raw_dir, **out, feast=feast_config, features=FEATURES
+    )
     frames = {
-        f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
+        f"{name}_{split}": pq.read_table(out["output_dir"] / f"{name}_{split}.parquet").to_pandas()
         for name in training_data.TRAINING_SETS
         for split in training_data.SPLITS
     }
-    return report, frames, config, feast_config, features_dir
+    return report, frames, out, feast_config, features_dir
 
 
 def _by_event(frames: dict[str, pd.DataFrame], name: str = "ranking") -> pd.DataFrame:
@@ -88,10 +91,10 @@ def test_rows_beyond_ttl_or_before_any_feature_row_are_kept_with_defaults(handma
 
 def test_feast_returns_nulls_where_the_step_writes_defaults(handmade_run):
     """The premise of the defaults: the DuckDB store keeps every row and leaves a stale view null."""
-    _, _, config, feast_cfg, _ = handmade_run
+    _, _, out, feast_cfg, _ = handmade_run
     store = feature_store.open_feature_store(feast_cfg)
     assert store.config.offline_store.type == "duckdb"
-    entity = training_set.entity_frames(pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet"))
+    entity = training_set.entity_frames(pd.read_parquet(out["output_dir"].parent / "data/raw/events.parquet"))
     ranking = entity["ranking"]
     returned = store.get_historical_features(
         entity_df=ranking, features=store.get_feature_service("ranking")
@@ -104,7 +107,7 @@ def test_feast_returns_nulls_where_the_step_writes_defaults(handmade_run):
 def test_rows_a_store_drops_come_back_with_that_views_defaults_only(handmade_run, tmp_path):
     """The dask file store drops an entity row when one view has no row within its TTL; joined view by
     view and left-joined by row_id, the step's rows are the same as with the DuckDB store."""
-    _, frames, config, feast_cfg, features_dir = handmade_run
+    _, frames, out, feast_cfg, features_dir = handmade_run
     repo = copy_feature_repo(tmp_path)
     local = (repo / "feature_store.yaml").read_text()
     assert "type: duckdb" in local
@@ -114,7 +117,7 @@ def test_rows_a_store_drops_come_back_with_that_views_defaults_only(handmade_run
     build = functools.partial(feature_store.feature_repo, file_cfg, FEATURES)
     store.apply(build(features_dir).objects())
     ranking = training_set.entity_frames(
-        pd.read_parquet(config.output_dir.parent / "data/raw/events.parquet")
+        pd.read_parquet(out["output_dir"].parent / "data/raw/events.parquet")
     )["ranking"]
     whole = store.get_historical_features(entity_df=ranking, features=store.get_feature_service("ranking"))
     assert len(whole.to_df()) < len(ranking)  # the file store drops rows ...
@@ -131,13 +134,13 @@ def test_rows_a_store_drops_come_back_with_that_views_defaults_only(handmade_run
 
 
 def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
-    _, frames, config, *_ = handmade_run
+    _, frames, out, *_ = handmade_run
     ranking = pd.concat([frames[f"ranking_{s}"] for s in training_data.SPLITS])
     retrieval = pd.concat([frames[f"retrieval_{s}"] for s in training_data.SPLITS])
     assert sorted(ranking["row_id"]) == list(range(len(HANDMADE_EVENTS)))
     assert len(retrieval) == sum(e[3] for e in HANDMADE_EVENTS) and set(retrieval["label"]) == {1}
     assert set(retrieval["row_id"]) <= set(ranking["row_id"])
-    schema = pq.read_schema(config.output_dir / "ranking_train.parquet")
+    schema = pq.read_schema(out["output_dir"] / "ranking_train.parquet")
     expected = ["row_id", "user_id", "item_id", "event_timestamp", "label"]
     expected += ["gender", "age_bucket", "occupation", "zip_prefix", "hist_item_ids", "hist_categories"]
     expected += ["hist_length", *stats_features("user", [7, 30]), "category", "brand", "price"]
@@ -148,11 +151,11 @@ def test_every_entity_row_once_with_contract_columns_and_no_nulls(handmade_run):
     assert schema.field("event_timestamp").type == pa.timestamp("ns", tz="UTC")
     for frame in frames.values():
         assert not frame.isna().any().any()
-    manifest = json.loads((config.output_dir / "manifest.json").read_text())
+    manifest = json.loads((out["output_dir"] / "manifest.json").read_text())
     assert manifest["entity_rows"] == {name: len(frame) for name, frame in frames.items()}
     assert manifest["feature_columns"] == expected[5:]
-    assert json.loads(config.metrics_file.read_text())["sets"]["ranking_test"]["rows"] == 2
-    assert "ranking_valid" in config.report_file.read_text()
+    assert json.loads(out["metrics_file"].read_text())["sets"]["ranking_test"]["rows"] == 2
+    assert "ranking_valid" in out["report_file"].read_text()
 
 
 def test_splits_follow_the_cut_points_and_do_not_overlap(handmade_run):
@@ -308,18 +311,17 @@ def _values(table: pa.Table) -> list[int]:
 def tiny_training(tiny_params, tiny_raw_dir, tiny_features_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_training")
     feast = _feast(copy_feature_repo(root))
-    config = tiny_params.training_set.model_copy(
-        update={
-            "output_dir": root / "training",
-            "metrics_file": root / "training_set.json",
-            "report_file": root / "training_set.md",
-        }
-    )
+    out = training_set_outputs(root)
     report = training_set.run(
-        config, tiny_features_dir, tiny_raw_dir, feast=feast, features=tiny_params.features
+        tiny_params.training_set,
+        tiny_features_dir,
+        tiny_raw_dir,
+        **out,
+        feast=feast,
+        features=tiny_params.features,
     )
     frames = {
-        f"{name}_{split}": pq.read_table(config.output_dir / f"{name}_{split}.parquet").to_pandas()
+        f"{name}_{split}": pq.read_table(out["output_dir"] / f"{name}_{split}.parquet").to_pandas()
         for name in training_data.TRAINING_SETS
         for split in training_data.SPLITS
     }

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import validate
+from recsys.artifact_layout import validation_summary
 from recsys.config import ValidationConfig
 from recsys.contracts import stats_features
 from tests.conftest import revalidated, shipped_params, write_params
@@ -21,11 +22,21 @@ from tests.conftest import revalidated, shipped_params, write_params
 T0 = pd.Timestamp("2026-06-01", tz="UTC")
 
 
+def _run(tmp_path: Path, target: str, data_dir: Path) -> dict:
+    """The step on ``target`` with its Data Docs and summary under ``tmp_path/reports``."""
+    return validate.run(
+        _config(tmp_path),
+        target,
+        data_dir,
+        report_dir=tmp_path / "reports" / target,
+        summary_file=tmp_path / "reports" / f"{target}_summary.json",
+    )
+
+
 def _config(tmp_path: Path) -> ValidationConfig:
     shipped = shipped_params().validation
     return revalidated(
         shipped,
-        reports_dir=tmp_path / "reports",
         row_counts=revalidated(shipped.row_counts, users_min=5, items_min=5, events_min=50),
         positive_rate_min=0.05,
         positive_rate_max=0.6,
@@ -145,7 +156,7 @@ def _strict_json(path: Path) -> dict:
 
 def test_clean_raw_tables_pass_and_write_docs_and_summary(tmp_path):
     raw = _write(_raw_tables(), tmp_path / "raw")
-    summary = validate.run(_config(tmp_path), "raw", raw)
+    summary = _run(tmp_path, "raw", raw)
     assert summary["success"] and summary["failed"] == 0 and summary["evaluated"] > 20
     assert (tmp_path / "reports" / "raw" / "index.html").exists()
     written = json.loads((tmp_path / "reports" / "raw_summary.json").read_text())
@@ -159,7 +170,7 @@ def test_each_raw_corruption_fails_naming_expectation_and_column(tmp_path, corru
     corrupt(tables)
     raw = _write(tables, tmp_path / "raw")
     with pytest.raises(validate.DataValidationError) as failure:
-        validate.run(_config(tmp_path), "raw", raw)
+        _run(tmp_path, "raw", raw)
     message = str(failure.value)
     summary = _strict_json(tmp_path / "reports" / "raw_summary.json")
     assert summary["success"] is False
@@ -177,7 +188,7 @@ def test_null_category_fails_with_the_null_as_example(tmp_path):
     tables = _raw_tables()
     _null_category(tables)
     with pytest.raises(validate.DataValidationError) as failure:
-        validate.run(_config(tmp_path), "raw", _write(tables, tmp_path / "raw"))
+        _run(tmp_path, "raw", _write(tables, tmp_path / "raw"))
     assert (
         "items: expect_column_values_to_not_be_null failed on column 'category' "
         "(1 unexpected value(s), e.g. [None])" in str(failure.value)
@@ -189,7 +200,7 @@ def test_raw_table_without_a_contract_column_names_file_and_column(tmp_path):
     tables["events"] = tables["events"].drop(columns=["label"])
     raw = _write(tables, tmp_path / "raw")
     with pytest.raises(validate.DataContractError) as failure:
-        validate.run(_config(tmp_path), "raw", raw)
+        _run(tmp_path, "raw", raw)
     assert f"{raw / 'events.parquet'}: table 'events' is missing column(s) ['label']" in str(failure.value)
     assert not (tmp_path / "reports").exists()  # nothing half-written
 
@@ -204,29 +215,33 @@ def test_truncated_raw_parquet_is_named(tmp_path, table):
     raw = _write(_raw_tables(), tmp_path / "raw")
     _truncate(raw / f"{table}.parquet")
     with pytest.raises(validate.DataContractError) as failure:
-        validate.run(_config(tmp_path), "raw", raw)
+        _run(tmp_path, "raw", raw)
     assert f"{raw / table}.parquet: not a readable parquet file" in str(failure.value)
 
 
-def test_cli_prints_one_line_for_a_truncated_file(tmp_path, capsys):
+def test_cli_prints_one_line_for_a_truncated_file(tmp_path, capsys, monkeypatch):
     raw = _write(_raw_tables(), tmp_path / "raw")
     _truncate(raw / "users.parquet")
     config = _config(tmp_path).model_dump(mode="json")
-    params = write_params(tmp_path / "params.yaml", {"data.raw_dir": str(raw), "validation": config})
-    assert validate.main(["--params", str(params), "--target", "raw"]) == 1
+    params = write_params(tmp_path / "params.yaml", {"validation": config})
+    monkeypatch.chdir(tmp_path)
+    assert validate.main(["--params", str(params), "--target", "raw", "--data-dir", str(raw)]) == 1
     err = capsys.readouterr().err
     assert f"{raw / 'users.parquet'}: not a readable parquet file" in err and "Traceback" not in err
 
 
-def test_cli_exits_nonzero_on_failure_and_zero_when_clean(tmp_path, capsys):
+def test_cli_exits_nonzero_on_failure_and_zero_when_clean(tmp_path, capsys, monkeypatch):
     tables = _raw_tables()
     raw = _write(tables, tmp_path / "raw")
     config = _config(tmp_path).model_dump(mode="json")
-    params = write_params(tmp_path / "params.yaml", {"data.raw_dir": str(raw), "validation": config})
-    assert validate.main(["--params", str(params), "--target", "raw"]) == 0
+    params = write_params(tmp_path / "params.yaml", {"validation": config})
+    monkeypatch.chdir(tmp_path)  # the summary and Data Docs go to the layout's folders, under the cwd
+    cli = ["--params", str(params), "--target", "raw", "--data-dir", str(raw)]
+    assert validate.main(cli) == 0
+    assert json.loads(validation_summary("raw").read_text())["success"] is True
     _label_two(tables)
     _write(tables, raw)
-    assert validate.main(["--params", str(params), "--target", "raw"]) == 1
+    assert validate.main(cli) == 1
     assert "expect_column_values_to_be_in_set failed on column 'label'" in capsys.readouterr().err
 
 
@@ -356,7 +371,7 @@ TRAINING_CORRUPTIONS = {
 
 def test_clean_training_sets_pass(tmp_path):
     training = _training_sets(tmp_path / "training")
-    summary = validate.run(_config(tmp_path), "training", training)
+    summary = _run(tmp_path, "training", training)
     assert summary["success"] and summary["evaluated"] > 150
     assert (tmp_path / "reports" / "training" / "index.html").exists()
 
@@ -368,7 +383,7 @@ def test_each_training_corruption_fails_naming_expectation_and_column(tmp_path):
 
     training = _training_sets(tmp_path / "training", corrupt)
     with pytest.raises(validate.DataValidationError) as failure:
-        validate.run(_config(tmp_path), "training", training)
+        _run(tmp_path, "training", training)
     summary = json.loads((tmp_path / "reports" / "training_summary.json").read_text())
     for name, (_, table, expectation, column, bad_value) in TRAINING_CORRUPTIONS.items():
         matching = [f for f in summary["failures"] if f["table"] == table and f["expectation"] == expectation]
@@ -383,7 +398,7 @@ def test_truncated_training_set_is_named(tmp_path):
     training = _training_sets(tmp_path / "training")
     _truncate(training / "ranking_valid.parquet")
     with pytest.raises(validate.DataContractError, match=r"ranking_valid\.parquet: not a readable parquet"):
-        validate.run(_config(tmp_path), "training", training)
+        _run(tmp_path, "training", training)
 
 
 def test_training_set_without_a_column_reports_the_missing_column(tmp_path):
@@ -392,7 +407,7 @@ def test_training_set_without_a_column_reports_the_missing_column(tmp_path):
 
     training = _training_sets(tmp_path / "training", drop)
     with pytest.raises(validate.DataValidationError) as failure:
-        validate.run(_config(tmp_path), "training", training)
+        _run(tmp_path, "training", training)
     message = str(failure.value)
     assert "ranking_valid: expect_table_columns_to_match_set failed on the table" in message
     # expectations on the absent column carry GX's own error, not a bare "failed"
@@ -404,7 +419,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     training = _training_sets(tmp_path / "training")
     (training / "manifest.json").unlink()
     with pytest.raises(validate.DataContractError, match="manifest"):
-        validate.run(_config(tmp_path), "training", training)
+        _run(tmp_path, "training", training)
 
 
 def test_the_step_imports_in_a_fresh_process():

@@ -91,7 +91,6 @@ class MovieTweetingsSource(Section):
 
 class DataConfig(Section):
     source: Literal["synthetic", "movielens", "movietweetings"]
-    raw_dir: Path
     # the data as known before this instant (exclusive): events, users and items created before it;
     # null = everything. A scheduled Kubeflow run sets it to the start of its scheduled day
     until: datetime | None
@@ -113,7 +112,6 @@ class DataConfig(Section):
 class FeaturesConfig(Section):
     """Feature tables computed from the raw tables for Feast file sources."""
 
-    features_dir: Path
     history_length: int = Field(gt=0, le=512)
     stats_windows_days: list[int] = Field(min_length=1)
 
@@ -155,9 +153,6 @@ class FeastConfig(Section):
 class TrainingSetConfig(Section):
     """Point-in-time training sets from Feast, split by event time into train < valid < test."""
 
-    output_dir: Path
-    metrics_file: Path
-    report_file: Path
     # the last test_fraction of the days is test, the valid_fraction before it valid (whole UTC days)
     valid_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
@@ -200,7 +195,6 @@ class RowCountBounds(Section):
 class ValidationConfig(Section):
     """great-expectations gates on the raw tables and the training sets (components/validate.py)."""
 
-    reports_dir: Path  # <target>_summary.json and Data Docs in <target>/
     # event times must lie in [earliest_timestamp, now]
     earliest_timestamp: datetime
     row_counts: RowCountBounds
@@ -278,7 +272,6 @@ class SearchConfig(Section):
 
     enabled: bool
     trials: int = Field(ge=1)  # per model
-    output: Path
     # model kind -> dotted params key (models.<kind>.* or training.*) -> distribution
     space: dict[str, dict[str, SearchParameter]]
     katib: KatibSearchConfig
@@ -304,7 +297,6 @@ class SearchConfig(Section):
 class IndexConfig(Section):
     """The FAISS index over the item embeddings (components/build_index.py); always inner product."""
 
-    metrics_file: Path
     type: Literal["auto", "flat", "hnsw", "ivf_pq"]
     # auto: exact IndexFlatIP below flat_max_items, IVF-PQ from ivf_pq_min_items, HNSW in between
     flat_max_items: int = Field(gt=0)
@@ -336,18 +328,9 @@ class ExportConfig(Section):
     popular_items: int = Field(gt=0)  # the cold-start list serving falls back to
 
 
-class BundleConfig(Section):
-    """The versioned bundle serving loads as a unit (components/bundle.py); its members and folder are
-    recsys/artifact_layout.py's."""
-
-    metrics_file: Path
-
-
 class GateConfig(Section):
     """Deploy gate (components/gate.py): new metrics vs the deployed bundle's, per metric direction."""
 
-    metrics_file: Path
-    output: Path
     deployed_bundle: str | None
     tolerance: float = Field(ge=0, lt=1)
     metrics: dict[str, Literal["higher", "lower"]] = Field(min_length=1)
@@ -559,7 +542,6 @@ class Params(Section):
     validation: ValidationConfig
     export: ExportConfig
     index: IndexConfig
-    bundle: BundleConfig
     gate: GateConfig
     promote: PromoteConfig
     pipeline: PipelineConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from kfp.dsl.types.type_annotations import InputAnnotation, OutputAnnotation
 
 from models.registry import MODEL_KINDS
 from pipelines import steps as wrappers
+from recsys import artifact_layout as layout
 from recsys.config import ConfigError
 from recsys.step_contract import ALL_SECTIONS, STEPS, StepContract, step_params_from_json
 from tests.conftest import REPO_ROOT, shipped_params
@@ -30,6 +32,31 @@ def test_dvc_params_are_the_steps_sections(stage):
     declared = DVC_STAGES[stage].get("params", [])
     expected = sorted(contract.sections) if contract.sections != ALL_SECTIONS else sorted(ALL_SECTIONS)
     assert sorted(declared) == expected, f"dvc.yaml stage {stage}: params {declared} != contract {expected}"
+
+
+def _declared(stage: dict, keys: tuple[str, ...]) -> list[Path]:
+    return [Path(next(iter(e)) if isinstance(e, dict) else e) for key in keys for e in stage.get(key, [])]
+
+
+def _covered(path: Path, declared: list[Path]) -> bool:
+    """DVC tracks ``path`` when it, a folder holding it, or a file inside it is declared."""
+    return any(path == d or d in path.parents or path in d.parents for d in declared)
+
+
+@pytest.mark.parametrize("stage", sorted(DVC_STAGES))
+def test_dvc_deps_and_outs_hold_the_steps_files(stage):
+    spec = DVC_STAGES[stage]
+    contract = STEPS[_step_of(spec)]
+    reads, writes = dict(contract.reads), dict(contract.writes)
+    if contract.name == "validate":  # one step, a stage per target: the layout's files of that target
+        target = re.search(r"--target (\w+)", spec["cmd"]).group(1)
+        reads = {"data_dir": layout.RAW_DIR if target == "raw" else layout.TRAINING_DIR}
+        writes = {"docs": layout.validation_docs(target), "summary": layout.validation_summary(target)}
+    deps, outs = _declared(spec, ("deps",)), _declared(spec, ("outs", "metrics", "plots"))
+    for name, path in reads.items():
+        assert _covered(path, deps), f"dvc.yaml stage {stage}: {name} ({path}) is not among its deps"
+    for name, path in writes.items():
+        assert _covered(path, outs), f"dvc.yaml stage {stage}: {name} ({path}) is not among its outs"
 
 
 def test_every_step_is_a_dvc_stage_or_a_cluster_task():
