@@ -1,13 +1,22 @@
-"""Evaluate step: every model on the test window, each next to a baseline computed on the same split.
+"""Evaluate step: every model on the test window, next to the strongest simple baselines fitted on the
+same rows and split.
 
 - **Retrieval** (two-tower): full-catalogue Recall@K, NDCG@K and HitRate@K over every item, not a sampled
   candidate set. Each test user is embedded with the features as of their first test event (point in
   time); the relevant items are the ones they click in the test window; items they clicked before it
-  are excluded (``evaluation.exclude_seen``). The baseline ranks the catalogue by training clicks.
-- **Ranking**: AUC, GAUC (per-user AUC weighted by impressions) and logloss on every test impression,
-  next to two baselines fitted on the training split: an item-CTR baseline (smoothed training CTR of the
-  item) and a logistic regression on user + item one-hot (models/baselines.py); the same on the test
-  rows of users with a click history (``with_history``).
+  are excluded (``evaluation.exclude_seen``). Baselines: all-time popularity, recent popularity (window
+  chosen on the validation split), item-kNN and EASE^R over the user's past clicks (their settings
+  chosen on the validation split; EASE^R skipped, saying so, above ``evaluation.ease_max_items``).
+- **Ranking**: AUC, GAUC (per-user AUC weighted by impressions) and logloss on every test impression.
+  Baselines: the item's smoothed CTR, a logistic regression on user + item one-hot (L2 chosen on
+  validation) and LightGBM on the rankers' own features (tree size and rounds chosen on validation);
+  the same on the rows of users with a click history (``with_history``).
+
+Settings are chosen by fitting on the train split and scoring the validation split; with
+``training.refit`` the baselines are then refitted on train + validation, the rows the models were
+refitted on, so neither side sees more data than the other. Headline numbers come with percentile
+bootstrap intervals over users (``evaluation.bootstrap_samples``, ``evaluation.confidence``), paired
+with the best baseline of their kind.
 
 The item catalogue is taken as of the test start: profiles plus the latest statistics snapshot before
 it (within the stats TTL), so no test-window click leaks into the item features.
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +35,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.metrics import ItemSets
 from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
-from recsys.artifact_io import write_json
+from recsys.artifact_io import read_json, write_json
 from recsys.catalogue import item_catalogue
+from recsys.config import EvaluationConfig
 from recsys.contracts import TIMESTAMP
 from recsys.step_contract import STEPS, StepParams
-from recsys.training_data import read_split, test_start_of
+from recsys.training_data import MANIFEST, read_split, test_start_of
 
 CONTRACT = STEPS["evaluate"]
+
+RETRIEVAL_BASELINES = ("popularity", "recent_popularity", "item_knn", "ease")
+RANKING_BASELINES = ("item_ctr_baseline", "logistic_regression_baseline", "gbdt_baseline")
 
 log = logging.getLogger(__name__)
 
@@ -48,107 +63,257 @@ def run(
     """Write ``output`` (metrics/evaluation.json) with retrieval and ranking metrics next to their
     baselines."""
     training_dir, models_dir, features_dir = Path(training_dir), Path(models_dir), Path(features_dir)
-    cfg = params.evaluation
+    cfg, refit, seed = params.evaluation, params.training.refit, params.training.seed
     ranking_test = read_split(training_dir, "ranking", "test")
     test_start = test_start_of(training_dir)
     catalogue = item_catalogue(features_dir, test_start, params.feast.ttl_days.item_stats)
 
-    report: dict[str, Any] = {"test_start": test_start.isoformat(), "catalogue_items": len(catalogue)}
+    report: dict[str, Any] = {
+        "test_start": test_start.isoformat(),
+        "catalogue_items": len(catalogue),
+        "fitted_on": "train+valid" if refit else "train",
+    }
+    task = retrieval_task(training_dir, ranking_test, catalogue, cfg.ks, cfg.exclude_seen)
     report["retrieval"] = evaluate_retrieval(
-        layout.model_dir(RETRIEVAL_MODEL, models_dir),
-        training_dir,
-        ranking_test,
-        catalogue,
-        cfg.ks,
-        cfg.exclude_seen,
+        layout.model_dir(RETRIEVAL_MODEL, models_dir), training_dir, task, cfg, refit=refit, seed=seed
     )
     report["ranking"] = evaluate_rankers(
-        models_dir, training_dir, ranking_test, params.training.eval_batch_size
+        models_dir, training_dir, ranking_test, params.training.eval_batch_size, cfg, refit=refit, seed=seed
     )
     write_json(report, output)
     log.info("evaluate: %s", json.dumps(report, indent=1))
     return report
 
 
-def evaluate_retrieval(
-    model_dir: Path,
-    training_dir: Path,
-    ranking_test: pd.DataFrame,
-    catalogue: pd.DataFrame,
-    ks: list[int],
-    exclude_seen: bool,
-) -> dict[str, Any]:
-    from models import ItemSets, full_catalogue_topk, load_model, retrieval_metrics
+# ---- retrieval -------------------------------------------------------------------------------------
 
-    model, encoder = load_model(model_dir)
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """The test-window retrieval problem every retriever is scored on: the test users (features as of
+    their first test event), the catalogue, their test clicks (``relevant``), their clicks before the
+    test window (``history``, what item-kNN and EASE^R score from) and the items not to rank for them."""
+
+    users: pd.DataFrame
+    catalogue: pd.DataFrame
+    relevant: ItemSets
+    history: ItemSets
+    exclude: ItemSets | None
+    ks: list[int]
+
+
+def retrieval_task(
+    training_dir: Path, ranking_test: pd.DataFrame, catalogue: pd.DataFrame, ks: list[int], exclude_seen: bool
+) -> RetrievalTask:
+    from models.retrieval_baselines import history_sets
+
     positives = read_split(training_dir, "retrieval", "test")
     past = pd.concat(
         [read_split(training_dir, "retrieval", s)[["user_id", "item_id"]] for s in ("train", "valid")]
     )
-
     first_rows = ranking_test.sort_values([TIMESTAMP, "row_id"]).drop_duplicates("user_id")
     users = first_rows[first_rows["user_id"].isin(positives["user_id"])].reset_index(drop=True)
-    user_row = pd.Series(np.arange(len(users)), index=users["user_id"].to_numpy())
-    item_index = pd.Series(np.arange(len(catalogue)), index=catalogue["item_id"].to_numpy())
-    positives = positives[positives["item_id"].isin(item_index.index)]
-    relevant = ItemSets.from_pairs(
-        user_row[positives["user_id"]].to_numpy(), item_index[positives["item_id"]].to_numpy(), len(users)
-    )
-    seen = past[past["user_id"].isin(user_row.index) & past["item_id"].isin(item_index.index)]
-    exclude = (
-        ItemSets.from_pairs(
-            user_row[seen["user_id"]].to_numpy(), item_index[seen["item_id"]].to_numpy(), len(users)
-        )
-        if exclude_seen
-        else None
-    )
+    items = catalogue["item_id"].to_numpy()
+    user_ids = users["user_id"].to_numpy()
+    relevant = history_sets(positives, user_ids, items)
+    history = history_sets(past, user_ids, items)
+    return RetrievalTask(users, catalogue, relevant, history, history if exclude_seen else None, list(ks))
 
-    user_emb = model.user_embeddings(encoder.encode(users, features=model.user_feature_names()))
-    item_emb = model.item_embeddings(encoder.encode(catalogue, features=model.item_feature_names()))
-    k = max(ks)
-    two_tower = retrieval_metrics(full_catalogue_topk(user_emb, item_emb, k, exclude), relevant, ks)
 
-    # popularity baseline: the same top-k machinery with a constant user vector and click counts as items
-    clicks = read_split(training_dir, "retrieval", "train")["item_id"].value_counts()
-    popularity = torch.tensor(
-        clicks.reindex(catalogue["item_id"], fill_value=0).to_numpy(), dtype=torch.float32
-    )
-    ones = torch.ones(len(users), 1)
-    baseline = retrieval_metrics(full_catalogue_topk(ones, popularity[:, None], k, exclude), relevant, ks)
-    lift = {f"recall@{kk}": _ratio(two_tower[f"recall@{kk}"], baseline[f"recall@{kk}"]) for kk in ks}
-    return {
-        RETRIEVAL_MODEL: two_tower,
-        "popularity": baseline,
-        "lift_over_popularity": lift,
-        "users": len(users),
-        "exclude_seen": exclude_seen,
+def two_tower_topk(model_dir: Path, task: RetrievalTask) -> np.ndarray:
+    """The two-tower's full-catalogue top max(ks) for every test user."""
+    from models import full_catalogue_topk, load_model
+
+    model, encoder = load_model(model_dir)
+    user_emb = model.user_embeddings(encoder.encode(task.users, features=model.user_feature_names()))
+    item_emb = model.item_embeddings(encoder.encode(task.catalogue, features=model.item_feature_names()))
+    return full_catalogue_topk(user_emb, item_emb, max(task.ks), task.exclude)
+
+
+def model_retrieval_metrics(model_dir: Path, task: RetrievalTask) -> dict[str, float]:
+    """One two-tower's full-catalogue metrics on ``task`` (e.g. an ablation's variant)."""
+    from models import retrieval_metrics
+
+    return retrieval_metrics(two_tower_topk(model_dir, task), task.relevant, task.ks)
+
+
+def evaluate_retrieval(
+    model_dir: Path,
+    training_dir: Path,
+    task: RetrievalTask,
+    cfg: EvaluationConfig,
+    *,
+    refit: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """The two-tower and every retrieval baseline on ``task``, the best baseline at ``headline_k``, the
+    two-tower's lift over it and over popularity, bootstrap intervals, and the users with and without
+    clicks before the test window separately."""
+    from models import retrieval_metrics
+    from models.bootstrap import user_mean_intervals
+    from models.metrics import per_user_retrieval_metrics
+
+    topk = {RETRIEVAL_MODEL: two_tower_topk(model_dir, task)}
+    baselines, settings = retrieval_baselines(training_dir, task, cfg, refit=refit)
+    topk.update(baselines)
+    out: dict[str, Any] = {
+        name: retrieval_metrics(ranked, task.relevant, task.ks) for name, ranked in topk.items()
     }
+    for name, chosen in settings.items():
+        out[name] = out.get(name, {}) | chosen
+    metric = f"recall@{cfg.headline_k}"
+    best = max(baselines, key=lambda name: out[name][metric])
+    out["best_baseline"] = best
+    out["lift_over_best_baseline"] = {
+        f"recall@{k}": _ratio(out[RETRIEVAL_MODEL][f"recall@{k}"], out[best][f"recall@{k}"]) for k in task.ks
+    }
+    out["lift_over_popularity"] = {
+        f"recall@{k}": _ratio(out[RETRIEVAL_MODEL][f"recall@{k}"], out["popularity"][f"recall@{k}"])
+        for k in task.ks
+    }
+    per_user = {
+        name: per_user_retrieval_metrics(topk[name], task.relevant, [cfg.headline_k])[metric]
+        for name in (RETRIEVAL_MODEL, best)
+    }
+    out["intervals"] = {
+        "metric": metric,
+        **user_mean_intervals(
+            per_user, best, samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=seed
+        ),
+    }
+    has_history = task.history.sizes() > 0
+    out["segments"] = {
+        segment: {
+            "users": int(mask.sum()),
+            **{name: float(np.nanmean(per_user[name][mask])) if mask.any() else None for name in per_user},
+        }
+        for segment, mask in (("with_history", has_history), ("without_history", ~has_history))
+    }
+    out["users"] = len(task.users)
+    out["exclude_seen"] = task.exclude is not None
+    return out
+
+
+def retrieval_baselines(
+    training_dir: Path, task: RetrievalTask, cfg: EvaluationConfig, *, refit: bool
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Each retrieval baseline's top max(ks) for the test users, and the settings each one chose on the
+    validation split (fitted on train, scored on the validation clicks), then refitted on train + valid
+    when ``refit``."""
+    from models import full_catalogue_topk
+    from models.retrieval_baselines import (
+        EASE,
+        CatalogueTooLarge,
+        ItemKNN,
+        ValidationSplit,
+        choose_recent_window,
+        history_sets,
+        popularity_scores,
+    )
+
+    train, valid = (read_split(training_dir, "retrieval", s) for s in ("train", "valid"))
+    items = task.catalogue["item_id"].to_numpy()
+    valid_start = pd.Timestamp(read_json(training_dir / MANIFEST)["valid_start"])
+    test_start = test_start_of(training_dir)
+    fit_clicks = pd.concat([train, valid], ignore_index=True) if refit else train
+    k, hk = max(task.ks), cfg.headline_k
+    ones = torch.ones(len(task.users), 1)
+
+    def by_score(scores: np.ndarray) -> np.ndarray:
+        return full_catalogue_topk(ones, torch.from_numpy(scores)[:, None], k, task.exclude)
+
+    popularity = popularity_scores(fit_clicks, items, test_start, None)
+    topk = {"popularity": by_score(popularity)}
+    window = choose_recent_window(
+        train, valid, items, valid_start, cfg.recent_windows_days, hk, cfg.exclude_seen
+    )
+    topk["recent_popularity"] = by_score(popularity_scores(fit_clicks, items, test_start, window.window))
+    settings: dict[str, dict[str, Any]] = {
+        "recent_popularity": {"window_days": window.days, f"valid_recall@{hk}": window.valid_recall}
+    }
+
+    valid_users = np.unique(valid.loc[valid["item_id"].isin(items), "user_id"].to_numpy())
+    valid_history = history_sets(train, valid_users, items)
+    validation = ValidationSplit(
+        valid_history,
+        history_sets(valid, valid_users, items),
+        valid_history if cfg.exclude_seen else None,
+        hk,
+    )
+    valid_popularity = popularity_scores(train, items, valid_start, None)
+
+    knn = ItemKNN.fit_tuned(train, validation=validation, catalogue_items=items, popularity=valid_popularity)
+    if refit:
+        knn_recall = knn.valid_recall
+        knn = ItemKNN.fit(fit_clicks, items, knn.neighbours, knn.shrink, popularity=popularity)
+        knn.valid_recall = knn_recall
+    topk["item_knn"] = knn.topk(task.history, k, task.exclude)
+    settings["item_knn"] = {
+        "neighbours": knn.neighbours,
+        "shrink": knn.shrink,
+        f"valid_recall@{hk}": knn.valid_recall,
+    }
+    try:
+        ease = EASE.fit_tuned(
+            train, validation, items, max_items=cfg.ease_max_items, popularity=valid_popularity
+        )
+        if refit:
+            ease_recall = ease.valid_recall
+            ease = EASE.fit(fit_clicks, items, ease.l2, cfg.ease_max_items, popularity=popularity)
+            ease.valid_recall = ease_recall
+    except CatalogueTooLarge as exc:
+        log.warning("evaluate: %s", exc)
+        settings["ease"] = {"skipped": str(exc)}
+    else:
+        topk["ease"] = ease.topk(task.history, k, task.exclude)
+        settings["ease"] = {"l2": ease.l2, f"valid_recall@{hk}": ease.valid_recall}
+    return topk, settings
+
+
+# ---- ranking ---------------------------------------------------------------------------------------
 
 
 def evaluate_rankers(
-    models_dir: Path, training_dir: Path, ranking_test: pd.DataFrame, batch_size: int
+    models_dir: Path,
+    training_dir: Path,
+    ranking_test: pd.DataFrame,
+    batch_size: int,
+    cfg: EvaluationConfig,
+    *,
+    refit: bool,
+    seed: int,
 ) -> dict[str, Any]:
-    """Each ranker next to two baselines fitted on the training split: the item's smoothed CTR and a
-    logistic regression on user + item one-hot (L2 chosen on validation). ``with_history`` repeats the
-    AUCs on the test rows whose user has a click history (what DIN attends over)."""
+    """Each ranker next to the ranking baselines, the best baseline by AUC, each ranker's AUC margin over
+    it with a paired bootstrap interval over users; ``with_history`` repeats the AUCs on the test rows
+    whose user has a click history (what DIN attends over)."""
     from models import load_model, ranking_metrics
-    from models.baselines import OneHotLogisticRegression, item_ctr_logits
+    from models.bootstrap import user_auc_intervals
 
     labels = ranking_test["label"].to_numpy()
     groups = ranking_test["user_id"].to_numpy()
     out: dict[str, Any] = {"test_rows": len(ranking_test), "test_positive_rate": float(labels.mean())}
     logits: dict[str, np.ndarray] = {}
+    spec = None
     for kind in RANKERS:
         model, encoder = load_model(models_dir / kind)
         logits[kind] = model.predict_split(encoder.encode(ranking_test), batch_size)
-
-    train = read_split(training_dir, "ranking", "train")
-    logits["item_ctr_baseline"] = item_ctr_logits(train, ranking_test)
-    regression = OneHotLogisticRegression.fit_tuned(train, read_split(training_dir, "ranking", "valid"))
-    logits["logistic_regression_baseline"] = regression.logits(ranking_test)
+        spec = encoder.spec
+    baseline_logits, settings = ranking_baselines(training_dir, ranking_test, spec, refit=refit, seed=seed)
+    logits.update(baseline_logits)
     for name, values in logits.items():
-        out[name] = ranking_metrics(labels, values, groups)
-    out["logistic_regression_baseline"]["l2"] = regression.l2
+        out[name] = ranking_metrics(labels, values, groups) | settings.get(name, {})
+    best = max(baseline_logits, key=lambda name: out[name]["auc"])
+    out["best_baseline"] = best
+    out["auc_over_best_baseline"] = {kind: out[kind]["auc"] - out[best]["auc"] for kind in RANKERS}
+    out["intervals"] = user_auc_intervals(
+        labels,
+        {name: logits[name] for name in (*RANKERS, best)},
+        groups,
+        best,
+        samples=cfg.bootstrap_samples,
+        confidence=cfg.confidence,
+        seed=seed,
+    )
 
     has_history = ranking_test["hist_length"].to_numpy() > 0
     out["with_history"] = {"test_rows": int(has_history.sum())}
@@ -158,6 +323,42 @@ def evaluate_rankers(
                 labels[has_history], values[has_history], groups[has_history]
             )
     return out
+
+
+def ranking_baselines(
+    training_dir: Path, rows: pd.DataFrame, spec: Any, *, refit: bool, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Each ranking baseline's logits on ``rows`` and the settings it chose on the validation split;
+    refitted on train + valid with those settings when ``refit``. ``spec`` is the rankers' feature
+    declaration (the trees get the same features)."""
+    from models.baselines import OneHotLogisticRegression, item_ctr_logits
+    from models.gbdt_baseline import GBDTBaseline, feature_columns
+
+    train, valid = (read_split(training_dir, "ranking", s) for s in ("train", "valid"))
+    fit_rows = pd.concat([train, valid], ignore_index=True) if refit else train
+    regression = OneHotLogisticRegression.fit_tuned(train, valid)
+    if refit:
+        regression = OneHotLogisticRegression.fit(fit_rows, regression.l2)
+    sparse, dense = feature_columns(spec)
+    trees = GBDTBaseline.fit_tuned(train, valid, sparse, dense, seed=seed)
+    tuning = trees.tuning
+    if refit:
+        trees = trees.refit(fit_rows)
+    logits = {
+        "item_ctr_baseline": item_ctr_logits(fit_rows, rows),
+        "logistic_regression_baseline": regression.logits(rows),
+        "gbdt_baseline": trees.logits(rows),
+    }
+    settings = {
+        "logistic_regression_baseline": {"l2": regression.l2},
+        "gbdt_baseline": {
+            "rounds": trees.best_iteration,
+            "num_leaves": trees.params["num_leaves"],
+            "min_data_in_leaf": trees.params["min_data_in_leaf"],
+            "valid_logloss": min(point["valid_logloss"] for point in tuning),
+        },
+    }
+    return logits, settings
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -1,9 +1,13 @@
 """Train step: one registered model (models/registry.py) on the point-in-time sets.
 
 A model learns from its task's training set: the two-tower from positive events (``retrieval_*``), the
-rankers from every impression (``ranking_*``). The feature encoder is fitted on the train split only and
-saved with the weights, so validation, test and serving see exactly the vocabularies and normalisation
-the model was trained with.
+rankers from every impression (``ranking_*``). The feature encoder is fitted on the rows the model
+learns from and saved with the weights, so validation, test and serving see exactly the vocabularies and
+normalisation the model was trained with.
+
+With ``training.refit`` (the default) the epochs are chosen by early stopping on the validation split,
+then the model is trained afresh on train + validation for that many epochs, and that model is saved:
+the deployed model knows the most recent window, and the test window stays unseen.
 
 Several ``--model`` values train side by side, ``--jobs`` at a time, each in its own process (the local
 DAG's one ``train`` stage; Kubeflow runs one task per model instead).
@@ -60,6 +64,11 @@ def run(
     result = fit(model, train, valid, training, checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - started
     epochs = len(result.history)
+    refit = None
+    if training.refit:
+        encoder, model, refit = _refit(
+            kind, params, train_df, valid_df, result.best_epoch or epochs, checkpoint_dir
+        )
     metrics = {
         "model": kind,
         "train_rows": len(train_df),
@@ -74,6 +83,7 @@ def run(
         "train_samples_per_s": round(len(train_df) * epochs / seconds, 1) if seconds > 0 else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "world_size": result.world_size,  # processes that trained (torchrun: components/launch_training.py)
+        "refit": refit,  # the saved model: trained afresh on train + valid (None: the early-stopped one)
     }
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return metrics  # under torchrun every rank holds the same weights; rank 0 writes them
@@ -83,6 +93,34 @@ def run(
     plot_history(result.history, plot_file, title=kind)
     log.info("train %s: %s", kind, metrics)
     return metrics
+
+
+def _refit(
+    kind: str,
+    params: StepParams,
+    train_df: pd.DataFrame,
+    valid_df: pd.DataFrame,
+    epochs: int,
+    checkpoint_dir: str | Path | None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Model ``kind`` trained from scratch on train + valid for ``epochs`` (the early-stopped run's best
+    epoch count), with the same seed and settings: what a scheduled run deploys learns from the most recent
+    window too. The encoder is refitted, so ids first seen in the validation window get embeddings."""
+    from models import fit, initial_model
+
+    rows = pd.concat([train_df, valid_df], ignore_index=True)
+    encoder, model, training = initial_model(kind, params.models, params.training, rows)
+    started = time.perf_counter()
+    fit(
+        model,
+        encoder.encode(rows),
+        None,
+        training.model_copy(update={"epochs": epochs}),
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "refit",
+    )
+    seconds = time.perf_counter() - started
+    log.info("train %s: refit on %d rows for %d epoch(s) in %.1f s", kind, len(rows), epochs, seconds)
+    return encoder, model, {"rows": len(rows), "epochs": epochs, "seconds": round(seconds, 2)}
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:

@@ -391,6 +391,9 @@ class TrainingConfig(ModelSection):
     early_stopping_metric: str
     patience: int = Field(ge=0)  # epochs without improvement before stopping; 0 disables
     restore_best: bool  # end with the weights of the best validation epoch
+    # after early stopping on the validation split, train afresh on train + validation for the best epoch
+    # count: the deployed model learns from the most recent data, as a scheduled run would
+    refit: bool
     eval_k: int = Field(gt=0)  # K of the two-tower validation recall
     seed: int = Field(ge=0)
     device: Literal["auto", "cpu", "cuda"]

@@ -143,6 +143,18 @@ def full_catalogue_topk(
 def retrieval_metrics(topk: np.ndarray, relevant: ItemSets, ks: Sequence[int]) -> dict[str, float]:
     """Recall@K (hits / |relevant|), NDCG@K (binary gains) and HitRate@K, averaged over users with at
     least one relevant item. ``topk`` [U, >= max(ks)] holds catalogue indices, best first."""
+    per_user = per_user_retrieval_metrics(topk, relevant, ks)
+    has_relevant = relevant.sizes() > 0
+    if not has_relevant.any():
+        return {name: float("nan") for name in per_user}
+    return {name: float(values[has_relevant].mean()) for name, values in per_user.items()}
+
+
+def per_user_retrieval_metrics(
+    topk: np.ndarray, relevant: ItemSets, ks: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Each user's Recall@K, NDCG@K and HitRate@K (NaN for users without a relevant item): what
+    :func:`retrieval_metrics` averages, and what a bootstrap over users resamples."""
     if relevant.num_users != topk.shape[0]:
         raise ValueError(f"retrieval_metrics: {topk.shape[0]} ranked lists for {relevant.num_users} users")
     max_k = max(ks)
@@ -158,16 +170,16 @@ def retrieval_metrics(topk: np.ndarray, relevant: ItemSets, ks: Sequence[int]) -
     hits = np.isin(ranked_keys, relevant_keys)
     has_relevant = sizes > 0
     discounts = 1.0 / np.log2(np.arange(2, max_k + 2))
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         hit_k = hits[:, :k]
         n_hits = hit_k.sum(axis=1)
         dcg = (hit_k * discounts[:k]).sum(axis=1)
-        ideal = np.cumsum(discounts[:k])[np.minimum(sizes, k) - 1]
-        sel = has_relevant
-        out[f"recall@{k}"] = float((n_hits[sel] / sizes[sel]).mean()) if sel.any() else float("nan")
-        out[f"ndcg@{k}"] = float((dcg[sel] / ideal[sel]).mean()) if sel.any() else float("nan")
-        out[f"hitrate@{k}"] = float((n_hits[sel] > 0).mean()) if sel.any() else float("nan")
+        ideal = np.cumsum(discounts[:k])[np.maximum(np.minimum(sizes, k) - 1, 0)]
+        safe = np.maximum(sizes, 1)
+        out[f"recall@{k}"] = np.where(has_relevant, n_hits / safe, np.nan)
+        out[f"ndcg@{k}"] = np.where(has_relevant, dcg / ideal, np.nan)
+        out[f"hitrate@{k}"] = np.where(has_relevant, (n_hits > 0).astype(np.float64), np.nan)
     return out
 
 

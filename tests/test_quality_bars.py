@@ -55,14 +55,14 @@ def small_run(tmp_path_factory) -> dict:
             training_data.test_start_of(training_dir),
             params.feast.ttl_days.item_stats,
         )
-        report["plain_in_batch"] = evaluate.evaluate_retrieval(
-            plain_dir,
+        task = evaluate.retrieval_task(
             training_dir,
             read_split(training_dir, "ranking", "test"),
             catalogue,
             params.evaluation.ks,
             params.evaluation.exclude_seen,
-        )["two_tower"]
+        )
+        report["plain_in_batch"] = evaluate.model_retrieval_metrics(plain_dir, task)
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,6 +29,29 @@ def test_every_model_is_trained_and_saved_with_history_metrics_and_plot(tiny_pip
         assert (tiny_pipeline / layout.model_plot(kind)).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_saved_models_are_refit_on_train_and_valid_for_the_best_epoch_count(tiny_pipeline):
+    """The deployed model learns from the validation window too: its encoder knows the items first seen
+    there, and it trained for the early-stopped run's best epoch count on train + valid rows."""
+    from models import load_model
+    from models.batch import OOV_ID
+    from models.registry import TASK_OF
+    from recsys.training_data import read_split
+
+    training_dir = tiny_pipeline / layout.TRAINING_DIR
+    for kind in MODEL_KINDS:
+        train, valid = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
+        metrics = json.loads((tiny_pipeline / layout.model_metrics(kind)).read_text())
+        assert metrics["refit"] == {
+            "rows": len(train) + len(valid),
+            "epochs": metrics["best_epoch"],
+            "seconds": metrics["refit"]["seconds"],
+        }
+        _, encoder = load_model(tiny_pipeline / layout.model_dir(kind))
+        only_in_valid = np.setdiff1d(valid["item_id"].unique(), train["item_id"].unique())
+        assert len(only_in_valid), kind  # the tiny data has new items in its validation window
+        assert (encoder.encode_ids("item_id", only_in_valid) != OOV_ID).all(), kind
+
+
 def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
     report = json.loads((tiny_pipeline / layout.EVALUATION).read_text())
     retrieval = report["retrieval"]
@@ -37,6 +61,22 @@ def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
     # recall grows with K: a full-catalogue ranking, not a fixed candidate list
     assert retrieval["two_tower"]["recall@100"] >= retrieval["two_tower"]["recall@10"]
     assert retrieval["users"] > 0
+    assert report["fitted_on"] == "train+valid"
+    # every retrieval baseline on the same users, the best of them named, the lift and its interval
+    from components.evaluate import RETRIEVAL_BASELINES
+
+    for name in RETRIEVAL_BASELINES:
+        assert 0 <= retrieval[name]["recall@50"] <= 1, name
+    assert retrieval["recent_popularity"]["window_days"] in (None, 1, 3, 7, 14, 30)
+    assert set(retrieval["recent_popularity"]["valid_recall@50"]) == {"all", "1d", "3d", "7d", "14d", "30d"}
+    best = retrieval["best_baseline"]
+    assert best == max(RETRIEVAL_BASELINES, key=lambda name: retrieval[name]["recall@50"])
+    lift = retrieval["two_tower"]["recall@50"] / retrieval[best]["recall@50"]
+    assert retrieval["lift_over_best_baseline"]["recall@50"] == pytest.approx(lift, abs=1e-3)
+    interval = retrieval["intervals"]["mean"]["two_tower"]
+    assert interval["low"] <= retrieval["two_tower"]["recall@50"] <= interval["high"]
+    segments = retrieval["segments"]
+    assert segments["with_history"]["users"] + segments["without_history"]["users"] == retrieval["users"]
     ranking = report["ranking"]
     for kind in ("multi_tower", "multi_tower_din", "dlrm", "item_ctr_baseline"):
         assert {"auc", "gauc", "logloss"} <= set(ranking[kind])

@@ -222,11 +222,22 @@ class EvaluationConfig(Section):
 
     ks: list[int] = Field(min_length=1)
     exclude_seen: bool  # drop items the user clicked before the test window from their ranking
+    headline_k: int  # the K of the best retrieval baseline, the lifts and the intervals; one of ks
+    # recent-popularity baseline: its window is chosen on the validation split among these (and all time)
+    recent_windows_days: list[int] = Field(min_length=1)
+    # EASE^R inverts an items x items matrix: above this many trained items it is skipped, saying so
+    ease_max_items: int = Field(gt=0)
+    bootstrap_samples: int = Field(ge=10)  # user resamples behind each confidence interval
+    confidence: float = Field(gt=0, lt=1)  # of the intervals (percentile bootstrap)
 
     @model_validator(mode="after")
     def _positive_ks(self) -> EvaluationConfig:
         if any(k <= 0 for k in self.ks):
             raise ValueError("ks: every K must be positive")
+        if self.headline_k not in self.ks:
+            raise ValueError(f"headline_k: {self.headline_k} is not one of ks {self.ks}")
+        if any(d <= 0 for d in self.recent_windows_days):
+            raise ValueError("recent_windows_days: every window must be positive")
         return self
 
 
