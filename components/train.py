@@ -119,7 +119,7 @@ def _refit(
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "refit",
     )
     seconds = time.perf_counter() - started
-    log.info("train %s: refit on %d rows for %d epoch(s) in %.1f s", kind, len(rows), epochs, seconds)
+    log.info("refit %s on %d rows for %d epoch(s) in %.1f s", kind, len(rows), epochs, seconds)
     return encoder, model, {"rows": len(rows), "epochs": epochs, "seconds": round(seconds, 2)}
 
 

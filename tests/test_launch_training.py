@@ -159,7 +159,9 @@ def test_launcher_trains_with_two_gloo_processes_on_cpu(tiny_training_sets, tmp_
     # both ranks joined the gloo group and trained (DDP all-reduces every step); rank 0 wrote the outputs
     assert metrics["world_size"] == 2
     logs = capfd.readouterr().err
-    assert logs.count("epoch 1:") == 2, logs
+    # each rank logs epoch 1 twice: the early-stopped run and the refit on train + valid
+    assert logs.count("epoch 1:") == 4, logs
+    assert metrics["refit"]["epochs"] == 1 and metrics["refit"]["rows"] > metrics["train_rows"]
     assert logs.count("train dlrm:") == 1, logs
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert (out / "model" / "model.safetensors").stat().st_size > 0
