@@ -80,9 +80,20 @@ def run(
     report["ranking"] = evaluate_rankers(
         models_dir, training_dir, ranking_test, params.training.eval_batch_size, cfg, refit=refit, seed=seed
     )
+    report["intervals_by_metric"] = intervals_by_metric(report)
     write_json(report, output)
     log.info("evaluate: %s", json.dumps(report, indent=1))
     return report
+
+
+def intervals_by_metric(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The bootstrap intervals keyed by the dotted metric path the gate reads (``gate.metrics``):
+    ``retrieval.<model>.recall@<headline_k>`` and ``ranking.<model>.auc``."""
+    retrieval, ranking = report["retrieval"]["intervals"], report["ranking"]["intervals"]
+    return {
+        **{f"retrieval.{name}.{retrieval['metric']}": value for name, value in retrieval["mean"].items()},
+        **{f"ranking.{name}.auc": value for name, value in ranking["auc"].items()},
+    }
 
 
 # ---- retrieval -------------------------------------------------------------------------------------
@@ -181,17 +192,48 @@ def evaluate_retrieval(
             per_user, best, samples=cfg.bootstrap_samples, confidence=cfg.confidence, seed=seed
         ),
     }
-    has_history = task.history.sizes() > 0
-    out["segments"] = {
-        segment: {
-            "users": int(mask.sum()),
-            **{name: float(np.nanmean(per_user[name][mask])) if mask.any() else None for name in per_user},
+    out["segments"] = user_segments(per_user, task.history)
+    head = head_items(training_dir, task.catalogue["item_id"].to_numpy(), cfg.head_item_share)
+    for segment, keep in (("head_items", head), ("tail_items", ~head)):
+        relevant = task.relevant.restricted_to(keep)
+        scores = {
+            name: per_user_retrieval_metrics(topk[name], relevant, [cfg.headline_k])[metric]
+            for name in per_user
         }
-        for segment, mask in (("with_history", has_history), ("without_history", ~has_history))
-    }
+        out["segments"][segment] = {"items": int(keep.sum()), **_segment_means(scores)}
     out["users"] = len(task.users)
     out["exclude_seen"] = task.exclude is not None
     return out
+
+
+def user_segments(per_user: dict[str, np.ndarray], history: ItemSets) -> dict[str, dict[str, Any]]:
+    """Each entry's mean per-user value over the users with and without clicks before the test window."""
+    has_history = history.sizes() > 0
+    return {
+        segment: _segment_means({name: values[mask] for name, values in per_user.items()})
+        for segment, mask in (("with_history", has_history), ("without_history", ~has_history))
+    }
+
+
+def head_items(training_dir: Path, items: np.ndarray, share: float) -> np.ndarray:
+    """bool [n_items]: the catalogue's most-clicked ``share`` of items before the test window (the head);
+    the rest, items never clicked included, is the tail. Ties at the cut are broken by catalogue order."""
+    from models.retrieval_baselines import popularity_scores
+
+    past = pd.concat([read_split(training_dir, "retrieval", s) for s in ("train", "valid")])
+    clicks = popularity_scores(past, items, test_start_of(training_dir), None)
+    head = np.zeros(len(items), dtype=bool)
+    head[np.argsort(-clicks, kind="stable")[: round(share * len(items))]] = True
+    return head
+
+
+def _segment_means(per_user: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``users`` with a value (NaN = no relevant item in the segment) and each entry's mean over them."""
+    counted = np.isfinite(next(iter(per_user.values())))
+    return {
+        "users": int(counted.sum()),
+        **{name: float(v[counted].mean()) if counted.any() else None for name, v in per_user.items()},
+    }
 
 
 def retrieval_baselines(

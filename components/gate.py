@@ -1,5 +1,14 @@
 """Gate step: deploy a new bundle only if none of the chosen metrics got worse than the deployed bundle's.
 
+Worse means, with ``gate.compare: interval`` (the default), worse beyond the noise of the two
+evaluations: the evaluate step writes a bootstrap interval over users for each headline metric
+(``intervals_by_metric``); the difference new - deployed gets the interval whose half-width combines both
+half-widths (independent test windows: sqrt(h_new^2 + h_old^2)), and the gate rejects only when all of it
+lies beyond the tolerance on the wrong side. A retrain that moves Recall@50 by less than its own sampling
+noise is not a regression, and a point comparison would reject every other such run. A metric without an
+interval on either side (an older bundle) is compared by its point value, and the decision says so.
+``gate.compare: point`` compares point values only.
+
 The decision is data, not an exception: ``metrics/gate.json`` says ``passed`` and why, and the pipeline
 branches on it (KFP ``dsl.If``), so the step exits 0 either way unless ``--fail-on-reject``. A metric
 that cannot be compared (absent on either side, not a finite number) fails the gate: a deploy must never
@@ -32,6 +41,8 @@ CONTRACT = STEPS["gate"]
 
 log = logging.getLogger(__name__)
 
+# where the evaluate step writes each headline metric's bootstrap interval, keyed by its dotted path
+INTERVALS = "intervals_by_metric"
 # absolute slack on top of the relative tolerance so "exactly at the tolerance" is not lost to float error
 _FLOAT_SLACK = 1e-12
 
@@ -53,7 +64,7 @@ def run(
     reference = deployed_bundle if deployed_bundle is not None else config.deployed_bundle
     new = _read_metrics(metrics_path)
     deployed, old, version = _deployed_metrics(reference)
-    decision = decide(new, old, config.metrics, config.tolerance)
+    decision = decide(new, old, config.metrics, config.tolerance, compare=config.compare)
     if old is None and deployed is not None:  # a promote store with nothing promoted yet
         decision["reasons"] = [f"first deploy: nothing promoted yet at {deployed}"]
     decision |= {
@@ -71,8 +82,11 @@ def decide(
     old: Mapping[str, Any] | None,
     rules: Mapping[str, str],
     tolerance: float,
+    *,
+    compare: str = "point",
 ) -> dict[str, Any]:
-    """Per-metric comparison: ``old is None`` is a first deploy (only the new metrics must be present)."""
+    """Per-metric comparison: ``old is None`` is a first deploy (only the new metrics must be present);
+    ``compare="interval"`` judges the difference's interval where both sides have one."""
     results: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     for path, direction in rules.items():
@@ -88,7 +102,10 @@ def decide(
         elif old_problem:
             row["ok"], row["reason"] = False, f"{path}: {old_problem} in the deployed bundle's metrics"
         else:
-            row |= _compare(path, new_value, old_value, direction, tolerance)
+            spread = _spread(new, old, path) if compare == "interval" else None
+            row |= _compare(path, new_value, old_value, direction, tolerance, spread)
+            if compare == "interval" and spread is None:
+                row["reason"] += " (no interval on both sides: point values compared)"
         results[path] = row
         if not row["ok"]:
             reasons.append(row["reason"])
@@ -102,6 +119,7 @@ def decide(
     return {
         "passed": passed,
         "first_deploy": old is None,
+        "compare": compare,
         "tolerance": tolerance,
         "metrics": results,
         "reasons": reasons,
@@ -124,20 +142,47 @@ def metric_at(metrics: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _compare(path: str, new: float, old: float, direction: str, tolerance: float) -> dict[str, Any]:
+def _compare(
+    path: str, new: float, old: float, direction: str, tolerance: float, spread: float | None = None
+) -> dict[str, Any]:
+    """``spread``: the half-width of the difference's interval; None compares the point values."""
     delta = new - old
     allowed = tolerance * abs(old) + _FLOAT_SLACK
     worse_by = -delta if direction == "higher" else delta
-    ok = worse_by <= allowed
+    # the least the new model can be worse by, given the noise: the near end of the difference's interval
+    ok = worse_by - (spread or 0.0) <= allowed
     relative = None if old == 0 else delta / abs(old)
     shown = "" if relative is None else f" ({relative:+.2%})"
-    verdict = "ok" if ok else f"worse than the tolerance {tolerance:g} allows"
-    return {
-        "delta": delta,
-        "relative_delta": relative,
-        "ok": ok,
-        "reason": f"{path}: {new:.6g} vs deployed {old:.6g}{shown}, {direction} is better: {verdict}",
-    }
+    row: dict[str, Any] = {"delta": delta, "relative_delta": relative, "ok": ok}
+    if spread is None:
+        verdict = "ok" if ok else f"worse than the tolerance {tolerance:g} allows"
+    else:
+        row["delta_interval"] = [delta - spread, delta + spread]
+        verdict = f"difference interval [{delta - spread:+.4g}, {delta + spread:+.4g}]: " + (
+            "ok" if ok else f"worse beyond the noise and the tolerance {tolerance:g}"
+        )
+    row["reason"] = f"{path}: {new:.6g} vs deployed {old:.6g}{shown}, {direction} is better: {verdict}"
+    return row
+
+
+def _spread(new: Mapping[str, Any], old: Mapping[str, Any], path: str) -> float | None:
+    """Half-width of the interval of new - old: both sides' interval half-widths combined as independent
+    errors; None when either side has no usable interval for ``path``."""
+    halves = []
+    for metrics in (new, old):
+        interval = (metrics.get(INTERVALS) or {}).get(path)
+        if not isinstance(interval, Mapping):
+            return None
+        low, high = (_finite(interval.get(end)) for end in ("low", "high"))
+        if low is None or high is None or high < low:
+            return None
+        halves.append((high - low) / 2)
+    return math.hypot(*halves)
+
+
+def _finite(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def _number_at(metrics: Mapping[str, Any], path: str) -> tuple[float | None, str | None]:

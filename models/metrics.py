@@ -109,6 +109,14 @@ class ItemSets:
     def sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def restricted_to(self, keep: np.ndarray) -> ItemSets:
+        """The same users' sets with only the items where ``keep`` (bool, indexed by item) is true: e.g.
+        the relevant items among the head or the tail of the catalogue."""
+        kept = np.asarray(keep, dtype=bool)[self.items]
+        users = np.repeat(np.arange(self.num_users, dtype=np.int64), self.sizes())
+        counts = np.bincount(users[kept], minlength=self.num_users)
+        return ItemSets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), self.items[kept])
+
 
 def full_catalogue_topk(
     user_emb: torch.Tensor,

@@ -85,6 +85,51 @@ def test_metric_path_keys_may_contain_dots():
         gate.metric_at(metrics, "retrieval.recall@0.5.x")
 
 
+def _with_interval(metrics: dict, half_width: float) -> dict:
+    """``metrics`` plus an interval of +-``half_width`` around Recall@50, as evaluate writes it."""
+    recall = metrics["retrieval"]["recall@50"]
+    interval = {"value": recall, "low": recall - half_width, "high": recall + half_width}
+    return metrics | {gate.INTERVALS: {"retrieval.recall@50": interval}}
+
+
+@pytest.mark.parametrize(
+    ("new_recall", "half_width", "passed"),
+    [
+        (0.39, 0.02, True),  # 2.5% worse: within the noise of two +-0.02 intervals (a point gate rejects)
+        (0.30, 0.02, False),  # 25% worse: the whole difference interval lies past the tolerance
+        (0.36, 0.02, False),  # -0.04 +- 0.028: still worse beyond noise and the 1% tolerance
+        (0.36, 0.03, True),  # -0.04 +- 0.042: the interval reaches the tolerance
+    ],
+)
+def test_interval_gate_rejects_only_regressions_beyond_the_noise(new_recall, half_width, passed):
+    new = _with_interval(_metrics(new_recall, 0.50), half_width)
+    old = _with_interval(OLD, half_width)
+    decision = gate.decide(new, old, RULES, tolerance=0.01, compare="interval")
+    row = decision["metrics"]["retrieval.recall@50"]
+    assert decision["passed"] is passed and row["ok"] is passed
+    spread = (2 * half_width**2) ** 0.5
+    assert row["delta_interval"] == pytest.approx([new_recall - 0.40 - spread, new_recall - 0.40 + spread])
+    assert "difference interval" in row["reason"]
+    assert gate.decide(new, old, RULES, tolerance=0.01, compare="point")["passed"] is (new_recall >= 0.396)
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        OLD,  # a bundle evaluated before intervals existed
+        _with_interval(OLD, 0.02) | {gate.INTERVALS: {"retrieval.recall@50": {"low": float("nan")}}},
+    ],
+)
+def test_interval_gate_without_intervals_on_both_sides_compares_points_and_says_so(old):
+    new = _with_interval(_metrics(0.39, 0.50), 0.02)
+    decision = gate.decide(new, old, RULES, tolerance=0.01, compare="interval")
+    row = decision["metrics"]["retrieval.recall@50"]
+    assert decision["passed"] is False and "delta_interval" not in row
+    assert row["reason"].endswith("(no interval on both sides: point values compared)")
+    # logloss has no interval either: compared by its point value, and passes at equal values
+    assert decision["metrics"]["ranking.logloss"]["ok"] is True
+
+
 @pytest.fixture()
 def deployed(tmp_path):
     """A real deployed bundle whose manifest carries OLD as its evaluation metrics."""
@@ -98,7 +143,12 @@ def deployed(tmp_path):
 def _cli(tmp_path, metrics: dict, deployed_bundle: str | None) -> list[str]:
     """The gate's command line: a params file with ``deployed_bundle``, the new metrics, the decision."""
     (tmp_path / "evaluation.json").write_text(json.dumps(metrics))
-    gate_section = {"deployed_bundle": deployed_bundle, "tolerance": 0.01, "metrics": RULES}
+    gate_section = {
+        "deployed_bundle": deployed_bundle,
+        "tolerance": 0.01,
+        "compare": "point",
+        "metrics": RULES,
+    }
     params = write_params(tmp_path / "params.yaml", {"gate": gate_section})
     return [
         *("--params", str(params)),

@@ -77,6 +77,15 @@ def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
     assert interval["low"] <= retrieval["two_tower"]["recall@50"] <= interval["high"]
     segments = retrieval["segments"]
     assert segments["with_history"]["users"] + segments["without_history"]["users"] == retrieval["users"]
+    # head and tail items split the catalogue; a user counts in each segment they have test clicks in
+    head, tail = segments["head_items"], segments["tail_items"]
+    assert head["items"] + tail["items"] == report["catalogue_items"]
+    assert head["items"] == round(0.2 * report["catalogue_items"])
+    assert max(head["users"], tail["users"]) <= retrieval["users"] <= head["users"] + tail["users"]
+    for segment in (head, tail):
+        assert 0 <= segment["two_tower"] <= 1 and 0 <= segment[best] <= 1
+    # popularity-like baselines live in the head: the best baseline scores higher there than in the tail
+    assert head[best] > tail[best]
     ranking = report["ranking"]
     for kind in ("multi_tower", "multi_tower_din", "dlrm", "item_ctr_baseline"):
         assert {"auc", "gauc", "logloss"} <= set(ranking[kind])
@@ -121,6 +130,18 @@ def test_index_search_returns_item_ids_and_bundle_verifies(tiny_pipeline):
 def test_gate_first_deploy_passes_with_the_evaluated_metrics(tiny_pipeline):
     decision = json.loads((tiny_pipeline / layout.GATE_DECISION).read_text())
     assert decision["passed"] is True and decision["first_deploy"] is True
+
+
+def test_every_shipped_gate_metric_has_an_interval_for_the_gate(tiny_pipeline):
+    """The gate compares intervals only where evaluate writes one under the gate's own metric path."""
+    from components.gate import INTERVALS, metric_at
+    from recsys.config import load_params
+
+    report = json.loads((tiny_pipeline / layout.EVALUATION).read_text())
+    for path in load_params(tiny_pipeline / "params.yaml").gate.metrics:
+        interval = report[INTERVALS][path]
+        assert interval["low"] <= metric_at(report, path) <= interval["high"], path
+        assert interval["value"] == pytest.approx(metric_at(report, path)), path
 
 
 def test_training_is_deterministic_for_a_seed(tiny_pipeline, tmp_path):

@@ -227,6 +227,8 @@ class EvaluationConfig(Section):
     recent_windows_days: list[int] = Field(min_length=1)
     # EASE^R inverts an items x items matrix: above this many trained items it is skipped, saying so
     ease_max_items: int = Field(gt=0)
+    # the most-clicked share of catalogue items before the test window: the "head" segment (the rest: tail)
+    head_item_share: float = Field(gt=0, lt=1)
     bootstrap_samples: int = Field(ge=10)  # user resamples behind each confidence interval
     confidence: float = Field(gt=0, lt=1)  # of the intervals (percentile bootstrap)
 
@@ -344,6 +346,8 @@ class GateConfig(Section):
 
     deployed_bundle: str | None
     tolerance: float = Field(ge=0, lt=1)
+    # interval: reject only when the difference's bootstrap interval lies beyond the tolerance; point: values
+    compare: Literal["interval", "point"]
     metrics: dict[str, Literal["higher", "lower"]] = Field(min_length=1)
 
 

@@ -65,3 +65,13 @@ def test_full_catalogue_topk_scores_everything_and_excludes_seen_items():
     assert full_catalogue_topk(users, items, 2).tolist() == [[0, 1], [2, 3]]
     seen = ItemSets.from_pairs(np.array([0, 1]), np.array([0, 2]), num_users=2)
     assert full_catalogue_topk(users, items, 2, exclude=seen, chunk_size=1).tolist() == [[1, 3], [3, 1]]
+
+
+def test_item_sets_restricted_to_keep_each_users_items_in_the_segment():
+    sets = ItemSets.from_pairs(np.array([0, 0, 0, 2, 2]), np.array([1, 3, 4, 0, 3]), num_users=3)
+    head = np.array([True, False, False, True, False])  # items 0 and 3
+    restricted = sets.restricted_to(head)
+    assert restricted.sizes().tolist() == [1, 0, 2]
+    assert restricted.items.tolist() == [3, 0, 3]
+    tail = sets.restricted_to(~head)
+    assert tail.sizes().tolist() == [2, 0, 0] and tail.items.tolist() == [1, 4]
