@@ -4,7 +4,8 @@ MovieLens and MovieTweetings ship the same shape of files (a ratings file ``user
 seconds`` beside a users and an items file, in a directory or zip, at the top or in one sub-folder), so
 reading, checking, de-duplicating and tie-breaking the ratings and mapping them to the contract live here
 once; a source module only declares its :class:`Layout` (file names, separator, rating scale and its own
-users/items parsers). See sources/movielens.py for the mapping to the contract.
+users/items parsers). A source whose ratings are not such a text file (Ciao's MATLAB matrix) also declares
+its ratings parser. See sources/movielens.py for the mapping to the contract.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class Layout:
     parse_users: Callable[[bytes, str], pd.DataFrame]
     parse_items: Callable[[bytes, str], pd.DataFrame]
     scale: tuple[int, int] = (1, 5)  # inclusive rating range; a rating outside it names its line
+    # ratings that are not ``user<sep>item<sep>rating<sep>seconds`` text: bytes -> user_id, item_id, rating,
+    # unix_seconds (int64), checked by the parser itself (None: the text format above)
+    parse_ratings: Callable[[bytes, str], pd.DataFrame] | None = None
+    dataset: str = "MovieLens"  # the name errors give the source and its files
 
 
 def read_ratings(source: Path, layout: Layout, positive_rating: int) -> dict[str, pd.DataFrame]:
@@ -45,11 +50,14 @@ def read_ratings(source: Path, layout: Layout, positive_rating: int) -> dict[str
     ``label`` = rating >= ``positive_rating``. Nothing is written here: the ingest step writes the tables
     atomically.
     """
-    with _open_source(source, layout.ratings) as files:
+    with _open_source(source, layout.ratings, layout.dataset) as files:
         ratings_at, users_at, items_at = (
             files.describe(n) for n in (layout.ratings, layout.users, layout.items)
         )
-        ratings = _parse_ratings(files.read(layout.ratings), layout.sep, ratings_at, layout.scale)
+        if layout.parse_ratings is None:
+            ratings = _parse_ratings(files.read(layout.ratings), layout.sep, ratings_at, layout.scale)
+        else:
+            ratings = layout.parse_ratings(files.read(layout.ratings), ratings_at)
         users = layout.parse_users(files.read(layout.users), users_at)
         items = layout.parse_items(files.read(layout.items), items_at)
     tables = _to_raw_tables(ratings, users, items, positive_rating, ratings_at, users_at, items_at)
@@ -65,8 +73,8 @@ def read_ratings(source: Path, layout: Layout, positive_rating: int) -> dict[str
 class _SourceFiles:
     """Reads the member files of one source, naming each as ``<source>:<member>`` in errors."""
 
-    def __init__(self, source: Path, prefix: str, archive: zipfile.ZipFile | None) -> None:
-        self.source, self.prefix, self.archive = source, prefix, archive
+    def __init__(self, source: Path, prefix: str, archive: zipfile.ZipFile | None, dataset: str) -> None:
+        self.source, self.prefix, self.archive, self.dataset = source, prefix, archive, dataset
 
     def describe(self, name: str) -> str:
         if self.archive is None:
@@ -78,33 +86,35 @@ class _SourceFiles:
         if self.archive is None:
             path = self.source / member
             if not path.is_file():
-                raise DataContractError(f"{path}: MovieLens file not found")
+                raise DataContractError(f"{path}: {self.dataset} file not found")
             return path.read_bytes()
         try:
             return self.archive.read(member)
         except KeyError:
-            raise DataContractError(f"{self.source}: MovieLens file '{member}' is not in the zip") from None
+            raise DataContractError(
+                f"{self.source}: {self.dataset} file '{member}' is not in the zip"
+            ) from None
         # a damaged member fails its CRC (BadZipFile) or its deflate stream (zlib.error, EOFError);
         # an encrypted one or an unknown compression method raises RuntimeError / NotImplementedError
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
             raise DataContractError(
-                f"{self.source}: MovieLens file '{member}' in the zip is damaged or unreadable ({exc}); "
+                f"{self.source}: {self.dataset} file '{member}' in the zip is damaged or unreadable ({exc}); "
                 "copy or download the archive again"
             ) from exc
 
 
 @contextmanager
-def _open_source(source: Path, ratings_name: str) -> Iterator[_SourceFiles]:
+def _open_source(source: Path, ratings_name: str, dataset: str) -> Iterator[_SourceFiles]:
     if source.is_dir():
         prefixes = sorted(
             f"{d.name}/" for d in source.iterdir() if d.is_dir() and (d / ratings_name).is_file()
         )
         if (source / ratings_name).is_file():
             prefixes.insert(0, "")
-        yield _SourceFiles(source, _single_prefix(prefixes, source, ratings_name), None)
+        yield _SourceFiles(source, _single_prefix(prefixes, source, ratings_name, dataset), None, dataset)
         return
     if not source.exists():
-        raise DataContractError(f"{source}: MovieLens source not found (expected a directory or a .zip)")
+        raise DataContractError(f"{source}: {dataset} source not found (expected a directory or a .zip)")
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -116,18 +126,17 @@ def _open_source(source: Path, ratings_name: str) -> Iterator[_SourceFiles]:
             for n in names
             if n == ratings_name or (n.endswith(f"/{ratings_name}") and n.count("/") == 1)
         )
-        yield _SourceFiles(source, _single_prefix(prefixes, source, ratings_name), archive)
+        yield _SourceFiles(source, _single_prefix(prefixes, source, ratings_name, dataset), archive, dataset)
 
 
-def _single_prefix(prefixes: list[str], source: Path, ratings_name: str) -> str:
+def _single_prefix(prefixes: list[str], source: Path, ratings_name: str, dataset: str) -> str:
     if "" in prefixes:
         return ""
     if len(prefixes) == 1:
         return prefixes[0]
     if not prefixes:
-        raise DataContractError(
-            f"{source}: no '{ratings_name}' at the top or in a sub-folder; is data.movielens.variant right?"
-        )
+        hint = "; is data.movielens.variant right?" if dataset == "MovieLens" else ""
+        raise DataContractError(f"{source}: no '{ratings_name}' at the top or in a sub-folder{hint}")
     raise DataContractError(f"{source}: '{ratings_name}' found in several sub-folders {prefixes}; keep one")
 
 

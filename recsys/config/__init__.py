@@ -4,6 +4,7 @@ from recsys.config.cron import kfp_cron
 from recsys.config.loading import ConfigError, load_params, params_from_yaml_text, parse_params
 from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
 from recsys.config.schema import (
+    CiaoSource,
     DataConfig,
     DeployConfig,
     EvaluationConfig,
@@ -31,6 +32,7 @@ from recsys.config.section import Section
 
 __all__ = [
     "SYNTHETIC_PRESETS",
+    "CiaoSource",
     "ConfigError",
     "DataConfig",
     "DeployConfig",

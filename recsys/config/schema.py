@@ -89,14 +89,22 @@ class MovieTweetingsSource(Section):
     positive_rating: int = Field(ge=1, le=10)  # label 1 when rating >= this (8: the median, ~50% positive)
 
 
+class CiaoSource(Section):
+    """Ciao product reviews (ratings 0-5 with dates, Tang et al.; sources/ciao.py): a local snapshot."""
+
+    path: Path  # a directory or zip holding rating_with_timestamp.mat (never downloaded)
+    positive_rating: int = Field(ge=1, le=5)  # label 1 when rating >= this (5: the median, ~49% positive)
+
+
 class DataConfig(Section):
-    source: Literal["synthetic", "movielens", "movietweetings"]
+    source: Literal["synthetic", "movielens", "movietweetings", "ciao"]
     # the data as known before this instant (exclusive): events, users and items created before it;
     # null = everything. A scheduled Kubeflow run sets it to the start of its scheduled day
     until: datetime | None
     synthetic: SyntheticSource
     movielens: MovieLensSource
     movietweetings: MovieTweetingsSource
+    ciao: CiaoSource
 
     @model_validator(mode="after")
     def _until_is_aware(self) -> DataConfig:
