@@ -201,7 +201,7 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
 
     index, meta = ann_index.load_index(tmp_path / "index" / "items.faiss", expected_dim=DIM)
     assert meta["metric"] == "inner_product" and meta["dim"] == DIM and meta["count"] == 3000
-    assert meta["k"] == 10 and meta["type"] == "hnsw" and meta["faiss_class"] == "IndexHNSWFlat"
+    assert meta["k"] == config.k and meta["type"] == "hnsw" and meta["faiss_class"] == "IndexHNSWFlat"
     assert faiss.downcast_index(index.index).hnsw.efSearch == meta["search_param"]["value"]
     ids, scores = ann_index.search(index, _read(query_file)["embeddings"][:5], k=10)
     assert ids.shape == (5, 10) and scores.shape == (5, 10)
