@@ -43,7 +43,7 @@ from scipy.io.matlab import MatReadError
 
 from recsys.config import CiaoSource, DataConfig
 from recsys.contracts import DataContractError
-from sources.ratings_files import UNKNOWN, Layout, read_ratings
+from sources.ratings_files import UNKNOWN, Layout, anonymous_users, check_range, read_ratings
 
 NAME = "ciao"
 RATINGS = "rating_with_timestamp.mat"
@@ -90,18 +90,9 @@ def read_matrix(data: bytes, where: str) -> pd.DataFrame:
                 f"found {matrix[row, col].item()!r}"
             )
     df = pd.DataFrame(matrix.astype(np.int64), columns=COLUMNS)
-    _check_range(df, "rating", *RATING_SCALE, where)
-    _check_range(df, "unix_seconds", 0, MAX_SECONDS, where)
+    check_range(df, "rating", *RATING_SCALE, where, unit="row")
+    check_range(df, "unix_seconds", 0, MAX_SECONDS, where, unit="row")
     return df
-
-
-def _check_range(df: pd.DataFrame, column: str, low: int, high: int, where: str) -> None:
-    bad = (df[column] < low) | (df[column] > high)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataContractError(
-            f"{where}: row {row + 1}, column '{column}': {df[column].iloc[row]} is outside [{low}, {high}]"
-        )
 
 
 def _parse_ratings(data: bytes, where: str) -> pd.DataFrame:
@@ -109,15 +100,7 @@ def _parse_ratings(data: bytes, where: str) -> pd.DataFrame:
 
 
 def _parse_users(data: bytes, where: str) -> pd.DataFrame:
-    user_ids = np.unique(read_matrix(data, where)["user_id"].to_numpy())
-    # no demographics: one constant profile (the models' profile features carry no signal here)
-    return pd.DataFrame({
-        "user_id": user_ids,
-        "gender": UNKNOWN,
-        "age_bucket": np.zeros(len(user_ids), dtype=np.int64),
-        "occupation": UNKNOWN,
-        "zip": UNKNOWN,
-    })  # fmt: skip
+    return anonymous_users(np.unique(read_matrix(data, where)["user_id"].to_numpy()))
 
 
 def _parse_items(data: bytes, where: str) -> pd.DataFrame:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from recsys.config import DataConfig, MovieTweetingsSource
-from sources.ratings_files import UNKNOWN, Layout, read_ratings, read_table
+from sources.ratings_files import UNKNOWN, Layout, anonymous_users, read_ratings, read_table
 
 NAME = "movietweetings"
 RATINGS, USERS, MOVIES = "ratings.dat", "users.dat", "movies.dat"
@@ -47,14 +46,7 @@ def read_movietweetings(cfg: MovieTweetingsSource) -> dict[str, pd.DataFrame]:
 
 def _parse_users(data: bytes, where: str) -> pd.DataFrame:
     df = read_table(data, "::", ["user_id", "twitter_id"], where, int_columns=["user_id"])
-    # no demographics: one constant profile (the models' profile features carry no signal here)
-    return pd.DataFrame({
-        "user_id": df["user_id"],
-        "gender": UNKNOWN,
-        "age_bucket": np.zeros(len(df), dtype=np.int64),
-        "occupation": UNKNOWN,
-        "zip": UNKNOWN,
-    })  # fmt: skip
+    return anonymous_users(df["user_id"].to_numpy())
 
 
 def _parse_movies(data: bytes, where: str) -> pd.DataFrame:

@@ -201,13 +201,25 @@ def _parse_ratings(data: bytes, sep: str, where: str, scale: tuple[int, int] = (
     return df
 
 
-def check_range(df: pd.DataFrame, column: str, low: int, high: int, where: str) -> None:
+def check_range(df: pd.DataFrame, column: str, low: int, high: int, where: str, unit: str = "line") -> None:
+    """Fail naming the first ``unit`` (a text file's line, a matrix's row) whose ``column`` is outside."""
     bad = (df[column] < low) | (df[column] > high)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataContractError(
-            f"{where}: line {row + 1}, column '{column}': {df[column].iloc[row]} is outside [{low}, {high}]"
+            f"{where}: {unit} {row + 1}, column '{column}': {df[column].iloc[row]} is outside [{low}, {high}]"
         )
+
+
+def anonymous_users(user_ids: np.ndarray) -> pd.DataFrame:
+    """Users without demographics: one constant profile (the models' profile features carry no signal)."""
+    return pd.DataFrame({
+        "user_id": user_ids,
+        "gender": UNKNOWN,
+        "age_bucket": np.zeros(len(user_ids), dtype=np.int64),
+        "occupation": UNKNOWN,
+        "zip": UNKNOWN,
+    })  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
