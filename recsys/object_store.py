@@ -159,7 +159,11 @@ class ObjectStore:
     def put_file(self, key: str, path: Path) -> None:
         raise NotImplementedError
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+        raise NotImplementedError
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (relative to the root), sorted; temp files of unfinished writes left out."""
         raise NotImplementedError
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -206,13 +210,26 @@ class S3Store(ObjectStore):
         except (*self._errors, OSError) as exc:
             raise ObjectStoreError(_explain(exc, self.uri(key))) from exc
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> None:
         try:
             self._client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
             )
         except self._errors as exc:
             raise ObjectStoreError(_explain(exc, self.uri(key))) from exc
+
+    def keys(self, prefix: str = "") -> list[str]:
+        root = self._key("")
+        found = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix)
+            )
+            for page in pages:
+                found.extend(item["Key"][len(root) :] for item in page.get("Contents", []))
+        except self._errors as exc:
+            raise ObjectStoreError(_explain(exc, self.uri(prefix))) from exc
+        return sorted(found)
 
     def get_bytes(self, key: str) -> bytes | None:
         chunks = self.stream(key)
@@ -257,8 +274,14 @@ class LocalStore(ObjectStore):
         with open(path, "rb") as source:
             self._write(key, iter(lambda: source.read(_CHUNK), b""))
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> None:
         self._write(key, iter([data]))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(k for k in found if k.startswith(prefix) and not Path(k).name.startswith("."))
 
     def get_bytes(self, key: str) -> bytes | None:
         path = self.root / key

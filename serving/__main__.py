@@ -5,7 +5,8 @@ with exit code 1 and a message naming the file, before any port is opened. So do
 registry file when the online store is on (serving/online_features.py checks it before Feast would
 create an empty one). With ``serving.workers`` (or ``--workers``) above 1, the bundle is loaded and
 checked here once and the server processes are forked from this one (serving/workers.py); a worker that
-cannot start (the online store, say) ends the server with exit code 1 too.
+cannot start (the online store, say) ends the server with exit code 1 too. Every answer goes to the
+request log (``serving.request_log``; ``--request_log URI|off``), one set of files per process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serve without Feast (features from requests / defaults)",
     )
+    parser.add_argument(
+        "--request_log",
+        "--request-log",
+        default=None,
+        help="answers logged to a folder or s3://bucket/prefix, or 'off' (default: serving.request_log)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -40,13 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, overrides)
         if args.no_online_store:
             params.serving.online_store = False
+        if args.request_log is not None:
+            params.serving.request_log.enabled = args.request_log != "off"
+            if args.request_log != "off":
+                params.serving.request_log.uri = args.request_log
+        from serving.request_log import open_request_log
         from serving.server import load_serving_bundle, models_from_bundle, serve, serve_forked
 
         bundle = load_serving_bundle(args.model_dir, params.serving)
         host = args.host or params.serving.host
         if params.serving.workers > 1:
             return serve_forked(bundle, params.serving, params.feast, host, args.http_port)
-        models = models_from_bundle(bundle, params.serving, params.feast)
+        models = models_from_bundle(
+            bundle, params.serving, params.feast, open_request_log(params.serving.request_log)
+        )
     except (BundleIntegrityError, IndexContractError, ConfigError, FileNotFoundError) as exc:
         print(f"serving: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -20,14 +21,24 @@ from typing import Any, ClassVar
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InferenceError, InvalidInput
+from prometheus_client import Counter
 
 from serving.recommender import Recommender, Result
+from serving.request_log import RequestLog
 from serving.schemas import RequestError, RequestSchemas
 
 V2_PARAMETERS = ("k", "n", "ranker")
 V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 V2_DATATYPES = V2_INTEGER_TYPES | {"BOOL", "FP16", "FP32", "FP64", "BYTES"}  # the protocol's tensor types
 ID_INPUTS = ("user_id", "item_ids")
+REQUEST_ID_HEADER = "x-request-id"  # set by Istio / Knative's activator, or by the client
+
+_BY_VERSION = ["endpoint", "bundle_version"]
+ANSWERS = Counter("recsys_answers", "Users answered, by endpoint and bundle version.", _BY_VERSION)
+EMPTY_ANSWERS = Counter("recsys_empty_answers", "Users answered with no items.", _BY_VERSION)
+DEGRADED_ANSWERS = Counter(
+    "recsys_degraded_answers", "Users answered on default features: the online store was down.", _BY_VERSION
+)
 
 
 class RecsysModel(Model):
@@ -36,10 +47,13 @@ class RecsysModel(Model):
     endpoint: ClassVar[str]
     v2_outputs: ClassVar[tuple[str, ...]] = ("item_ids", "scores", "counts", "cold_start")
 
-    def __init__(self, recommender: Recommender, schemas: RequestSchemas) -> None:
+    def __init__(
+        self, recommender: Recommender, schemas: RequestSchemas, request_log: RequestLog | None = None
+    ) -> None:
         super().__init__(self.endpoint)
         self.recommender = recommender
         self.schemas = schemas
+        self.request_log = request_log
         self.version = recommender.bundle.version
         self.ready = True
 
@@ -47,20 +61,34 @@ class RecsysModel(Model):
         self.ready = True
         return self.ready
 
+    def stop(self) -> None:
+        """KServe's stop handler (SIGTERM, after uvicorn drained): the request log writes what it holds."""
+        super().stop()
+        if self.request_log is not None:
+            self.request_log.close()
+
     async def predict(
         self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
     ) -> dict[str, Any] | InferResponse:
         """Answer off the event loop (the default executor's threads; torch and FAISS release the GIL), so
         health probes and light requests keep being answered while a heavy one runs."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.answer, payload)
+        request_id = (headers or {}).get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            request_id = request_id[: self.schemas.request_id_max_length]
+        return await asyncio.get_running_loop().run_in_executor(None, self.answer, payload, request_id)
 
-    def answer(self, payload: dict[str, Any] | InferRequest) -> dict[str, Any] | InferResponse:
-        """The V1 or V2 response to ``payload``; a bad request raises ``InvalidInput`` naming the field."""
+    def answer(
+        self, payload: dict[str, Any] | InferRequest, request_id: str | None = None
+    ) -> dict[str, Any] | InferResponse:
+        """The V1 or V2 response to ``payload``; a bad request raises ``InvalidInput`` naming the field.
+        ``request_id`` (the V2 request's id before it, else a new one) names the answer in the request log."""
         try:
             if isinstance(payload, InferRequest):
                 instances, locate = self._v2_instances(payload)
                 parsed = self.schemas.parse(self.endpoint, instances, locate=locate)
-                return self._v2_response(payload, self._checked(self.run(parsed)))
+                request_id = str(payload.id) if payload.id is not None else request_id or _new_id()
+                results = self._served(request_id, self._checked(self.run(parsed)))
+                return self._v2_response(request_id, results)
             if not isinstance(payload, dict):
                 raise RequestError('request body: expected a JSON object {"instances": [...]}')
             unknown = sorted(set(payload) - {"instances"})
@@ -71,7 +99,8 @@ class RecsysModel(Model):
             parsed = self.schemas.parse(self.endpoint, payload["instances"])
         except RequestError as exc:
             raise InvalidInput(str(exc)) from None
-        return {"predictions": [self._v1_prediction(r) for r in self._checked(self.run(parsed))]}
+        results = self._served(request_id or _new_id(), self._checked(self.run(parsed)))
+        return {"predictions": [self._v1_prediction(r) for r in results]}
 
     def run(self, instances: list[Any]) -> list[Result]:
         raise NotImplementedError
@@ -85,6 +114,43 @@ class RecsysModel(Model):
                     "no answer is given rather than a wrong one"
                 )
         return results
+
+    def _served(self, request_id: str, results: list[Result]) -> list[Result]:
+        """Count the answers and hand them to the request log (a buffer append: no I/O here)."""
+        labels = {"endpoint": self.endpoint, "bundle_version": self.version}
+        ANSWERS.labels(**labels).inc(len(results))
+        if empty := sum(not r.item_ids for r in results):
+            EMPTY_ANSWERS.labels(**labels).inc(empty)
+        if degraded := sum(r.degraded for r in results):
+            DEGRADED_ANSWERS.labels(**labels).inc(degraded)
+        if self.request_log is not None:
+            now = time.time()
+            self.request_log.record(
+                [
+                    {
+                        "request_id": request_id,
+                        "time": now,
+                        "endpoint": self.endpoint,
+                        "user_id": r.user_id,
+                        "model": self._served_model(r),
+                        "bundle_version": self.version,
+                        "item_ids": r.item_ids,
+                        "scores": r.scores,
+                        "candidates": r.candidates,
+                        "source": r.source,
+                        "cold_start": r.cold_start,
+                        "degraded": r.degraded,
+                        "features": r.features,
+                    }
+                    for r in results
+                ]
+            )
+        return results
+
+    def _served_model(self, result: Result) -> str:
+        if result.source != "model":
+            return result.source
+        return str(result.extra.get("ranker", "two_tower"))
 
     # ---- V1 -------------------------------------------------------------------------------------
 
@@ -148,7 +214,7 @@ class RecsysModel(Model):
             raise RequestError(f"inputs: unknown input(s) {extra}; this model takes 'user_id'")
         return [{"user_id": u, **parameters} for u in inputs["user_id"]]
 
-    def _v2_response(self, request: InferRequest, results: list[Result]) -> InferResponse:
+    def _v2_response(self, request_id: str, results: list[Result]) -> InferResponse:
         width = max((len(r.item_ids) for r in results), default=0)
         ids = np.full((len(results), width), -1, dtype=np.int64)
         scores = np.zeros((len(results), width), dtype=np.float32)
@@ -172,7 +238,7 @@ class RecsysModel(Model):
         if ranker is not None:
             parameters["ranker"] = ranker
         return InferResponse(
-            response_id=request.id or str(uuid.uuid4()),
+            response_id=request_id,
             model_name=self.name,
             infer_outputs=outputs,
             parameters=parameters,
@@ -203,6 +269,8 @@ class RetrievalModel(RecsysModel):
                     source="model",
                     degraded=users.degraded,
                     cold_start=cold,
+                    candidates=len(ids),
+                    features=users.row(i),
                 )
             )
         return results
@@ -261,6 +329,8 @@ class RankingModel(RecsysModel):
                     source="model",
                     degraded=users.degraded,
                     cold_start=not bool(users.found[j]) and x.user_features is None,
+                    candidates=len(x.item_ids),
+                    features=users.row(j),
                     extra={
                         "ranker": ranker,
                         "default_item_ids": [
@@ -285,8 +355,8 @@ class RankingModel(RecsysModel):
             )
         return [{"user_id": inputs["user_id"][0], "item_ids": inputs["item_ids"], **parameters}]
 
-    def _v2_response(self, request: InferRequest, results: list[Result]) -> InferResponse:
-        response = super()._v2_response(request, results)
+    def _v2_response(self, request_id: str, results: list[Result]) -> InferResponse:
+        response = super()._v2_response(request_id, results)
         scores = np.asarray(results[0].scores, dtype=np.float32)
         response.outputs = [InferOutput("scores", [len(scores)], "FP32", data=scores)]
         return response
@@ -310,6 +380,10 @@ class RecommendModel(RecsysModel):
         return self.recommender.recommend(
             [x.user_id for x in instances], [x.n for x in instances], [x.ranker for x in instances], contexts
         )
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _check_datatype(tensor: Any) -> None:

@@ -45,6 +45,10 @@ class UserFeatures:
     def __len__(self) -> int:
         return len(self.found)
 
+    def row(self, i: int) -> dict[str, Any]:
+        """User ``i``'s feature values, as the answer used them (for the request log)."""
+        return {name: column[i] for name, column in self.columns.items()}
+
 
 @dataclass
 class Result:
@@ -57,6 +61,8 @@ class Result:
     degraded: bool = False
     cold_start: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    candidates: int = 0  # items the answer was chosen from (retrieved and ranked, or given)
+    features: dict[str, Any] | None = None  # the user feature values used
 
 
 class Recommender:
@@ -205,6 +211,7 @@ class Recommender:
         results: list[Result | None] = [None] * len(user_ids)
         for i in np.flatnonzero(cold):
             results[i] = self._popular(user_ids[i], n[i], exclude[i], users.degraded)
+            results[i].features = users.row(i)
         warm = [i for i in range(len(user_ids)) if not cold[i]]
         if warm:
             subset = UserFeatures(
@@ -234,6 +241,8 @@ class Recommender:
                         degraded=users.degraded,
                         cold_start=not bool(users.found[i]),
                         extra={"ranker": name},
+                        candidates=len(row_scores),
+                        features=users.row(i),
                     )
         for r in results:
             if r is not None and r.cold_start:
@@ -252,6 +261,7 @@ class Recommender:
             source="popular",
             degraded=degraded,
             cold_start=True,
+            candidates=len(ids),
         )
 
     def _table(self, columns: dict[str, list[Any]]) -> pa.Table:

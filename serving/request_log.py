@@ -1,46 +1,283 @@
-"""One log line per bad request.
+"""Every answer the server gives, kept as Parquet rows: what the monitor (components/monitor.py) reads.
 
-KServe answers an ``InvalidInput`` (HTTP 400) with a handler that logs it at ERROR with the whole
-traceback: ~25 lines per malformed request, with the client's text (which can hold newlines and terminal
-escapes, forging log lines) written raw. A bad request is the client's fault, not the server's, so the
-project's handler answers exactly as KServe's does (400, ``{"error": message}``) and logs one INFO line:
-the method and path, the status and the message, escaped and cut to ``LOGGED_CHARS`` characters.
+One row per answered user: request id, time, endpoint, user, model (the ranker, ``two_tower`` for
+retrieval, ``popular`` for a cold start), bundle version, the served item ids in position order with
+their scores, how many candidates there were, source, cold-start and degraded flags, and the user
+feature values the answer was computed from (JSON; a configured share of rows).
+
+The request path only appends a row to a bounded in-memory buffer (a dict and a deque append; no
+encoding, no I/O). A writer thread per process turns the buffer into a Parquet file when it holds
+``flush_rows`` rows, every ``flush_interval_s`` and on close (KServe's stop handler unloads the models on
+SIGTERM after uvicorn drained the requests in flight; ``serve_models`` closes again when the server
+returns). Each process writes its own files, named by host, pid and sequence, so several workers and
+several pods share one folder or prefix without coordination:
+
+```
+<uri>/date=2026-12-06/T101500Z-<host>-<pid>-000001.parquet
+```
+
+A file appears whole or not at all (temp file + rename locally; one PUT on S3). When the buffer is full
+the newest rows are dropped; when a write fails (a full disk, an unreachable bucket) its rows go back to
+the buffer while there is room. Both are counted (``recsys_request_log_dropped_rows{reason}``,
+``recsys_request_log_write_errors``) and logged at most once a minute: the log degrades, a request never
+fails because of it.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
-from http import HTTPStatus
+import os
+import random
+import socket
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from kserve.errors import InvalidInput
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prometheus_client import Counter
+
+from recsys.config import RequestLogConfig
+from recsys.object_store import LocalStore, ObjectStore, ObjectStoreError, open_store
 
 log = logging.getLogger(__name__)
 
-LOGGED_CHARS = 300  # of the escaped message; a client can send megabytes of it
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("endpoint", pa.string(), nullable=False),  # retrieval | ranking | recommend
+        pa.field("user_id", pa.int64()),  # null: a retrieval request with features only
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("bundle_version", pa.string(), nullable=False),
+        pa.field("item_ids", pa.list_(pa.int64()), nullable=False),  # in served order: position = index
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("candidates", pa.int32(), nullable=False),  # ranked (recommend) or given (ranking)
+        pa.field("source", pa.string(), nullable=False),  # model | popular
+        pa.field("cold_start", pa.bool_(), nullable=False),
+        pa.field("degraded", pa.bool_(), nullable=False),  # the online store was down: defaults used
+        pa.field("features", pa.string()),  # the user features used, JSON; null when not sampled
+    ]
+)
+PARTITION = "date="
+SUFFIX = ".parquet"
+_WARN_EVERY_S = 60.0
+
+LOGGED_ROWS = Counter("recsys_request_log_rows", "Answered users written to the request log.")
+DROPPED_ROWS = Counter(
+    "recsys_request_log_dropped_rows",
+    "Answered users not written to the request log: buffer_full (the writer fell behind or the sink is "
+    "down), closed (the server stopped before they could be written).",
+    ["reason"],
+)
+WRITE_ERRORS = Counter(
+    "recsys_request_log_write_errors", "Request-log files that could not be written (disk full, sink down)."
+)
 
 
-def install_bad_request_log(app: FastAPI) -> None:
-    """Replace KServe's ``InvalidInput`` handler on ``app`` (call after KServe added its handlers)."""
-    app.add_exception_handler(InvalidInput, _invalid_input)  # type: ignore[arg-type]
+def open_request_log(config: RequestLogConfig) -> RequestLog | None:
+    """The process's request log as ``serving.request_log`` configures it (None when disabled); its
+    writer thread started. Call in the process that serves (threads do not survive a fork)."""
+    if not config.enabled:
+        return None
+    request_log = RequestLog(config)
+    request_log.start()
+    return request_log
 
 
-def loggable(text: str, limit: int = LOGGED_CHARS) -> str:
-    """``text`` with control and non-ASCII characters escaped (``\\n``, ``\\x1b``, ``\\u2028``) and cut to
-    about ``limit`` characters (its head and its last fifth, where a message says what is wrong), so one
-    client value stays on one log line and cannot pass for another."""
-    escaped = text.encode("unicode_escape").decode("ascii")
-    if len(escaped) <= limit:
-        return escaped
-    tail = limit // 5
-    cut = len(escaped) - limit
-    return f"{escaped[: limit - tail]}...[{cut} chars]...{escaped[-tail:]}"
+def store_for(uri: str) -> ObjectStore:
+    """``s3://bucket/prefix``, ``file:///folder`` or a plain folder path."""
+    if "://" in uri:
+        return open_store(uri)
+    return LocalStore(Path(uri))
 
 
-async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
-    status = HTTPStatus.BAD_REQUEST
-    log.info(
-        "%s %s -> %d: %s", request.method, loggable(request.url.path, 120), status.value, loggable(str(exc))
-    )
-    return JSONResponse(status_code=status, content={"error": str(exc)})
+class RequestLog:
+    """A bounded buffer of answered rows and the thread that writes it to Parquet files."""
+
+    def __init__(self, config: RequestLogConfig, store: ObjectStore | None = None) -> None:
+        self.config = config
+        self._store = store
+        self._rows: deque[dict[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._sequence = 0
+        self._tag = f"{_safe(socket.gethostname())}-{os.getpid()}"
+        self._last_warning = -_WARN_EVERY_S
+        self._last_retention = -1.0
+
+    # ---- the request path -----------------------------------------------------------------------
+
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        """Buffer ``rows`` (RECORD_SCHEMA's fields; ``features`` a dict, kept for a sampled share).
+        Never blocks on I/O; rows that do not fit are dropped and counted."""
+        sample = self.config.feature_sample
+        with self._lock:
+            if self._closed:
+                DROPPED_ROWS.labels(reason="closed").inc(len(rows))
+                return
+            room = self.config.max_buffer_rows - len(self._rows)
+            for row in rows[: max(room, 0)]:
+                if sample < 1.0 and (sample == 0.0 or random.random() >= sample):
+                    row["features"] = None
+                self._rows.append(row)
+            if len(rows) > room:
+                DROPPED_ROWS.labels(reason="buffer_full").inc(len(rows) - max(room, 0))
+            if len(self._rows) >= self.config.flush_rows:
+                self._wake.notify()
+
+    # ---- the writer -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is buffered and stop the writer (idempotent). Rows still unwritten after
+        ``timeout_s`` (the sink is down) are counted as dropped."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self.flush()
+        with self._lock:
+            if self._rows:
+                DROPPED_ROWS.labels(reason="closed").inc(len(self._rows))
+                self._warn(f"{len(self._rows)} rows could not be written before the server stopped")
+                self._rows.clear()
+
+    def flush(self) -> int:
+        """Write the buffered rows as one file; the number written (0 when the write failed)."""
+        with self._lock:
+            rows = list(self._rows)
+            self._rows.clear()
+        if not rows:
+            return 0
+        try:
+            self._write(rows)
+        except (OSError, ObjectStoreError) as exc:
+            WRITE_ERRORS.inc()
+            with self._lock:  # back to the front of the buffer while there is room; the rest is counted
+                room = max(self.config.max_buffer_rows - len(self._rows), 0)
+                kept = rows[:room]
+                self._rows.extendleft(reversed(kept))
+                if len(rows) > room:
+                    DROPPED_ROWS.labels(reason="buffer_full").inc(len(rows) - room)
+                self._warn(f"cannot write {len(rows)} rows to {self.config.uri}: {exc}")
+            return 0
+        LOGGED_ROWS.inc(len(rows))
+        self._apply_retention()
+        return len(rows)
+
+    def _run(self) -> None:
+        interval = self.config.flush_interval_s
+        while True:
+            with self._lock:
+                if not self._closed and len(self._rows) < self.config.flush_rows:
+                    self._wake.wait(interval)
+                closing = self._closed
+            written = self.flush()
+            if closing:
+                while self._rows and written:  # the rest of a backlog larger than one file
+                    written = self.flush()
+                return
+            if not written and self._rows:
+                time.sleep(min(interval, 1.0))  # the sink is failing: do not spin
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        store = self._store_now()
+        table = records_table(rows)
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        now = datetime.now(UTC)
+        self._sequence += 1
+        key = f"{PARTITION}{now:%Y-%m-%d}/{now:T%H%M%S}Z-{self._tag}-{self._sequence:06d}{SUFFIX}"
+        store.put_bytes(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
+
+    def _store_now(self) -> ObjectStore:
+        if self._store is None:  # opened by the writer: an unreachable bucket never stops start-up
+            self._store = store_for(self.config.uri)
+        return self._store
+
+    def _apply_retention(self) -> None:
+        """Local folders only (a bucket's lifecycle rules do this for S3): drop day partitions older than
+        ``retention_days``, checked at most hourly."""
+        days = self.config.retention_days
+        store = self._store
+        if not days or not isinstance(store, LocalStore):
+            return
+        now = time.monotonic()
+        if self._last_retention >= 0 and now - self._last_retention < 3600:
+            return
+        self._last_retention = now
+        oldest = f"{PARTITION}{(datetime.now(UTC) - timedelta(days=days)):%Y-%m-%d}"
+        for folder in store.root.glob(f"{PARTITION}*"):
+            if folder.is_dir() and folder.name < oldest:
+                for path in folder.iterdir():
+                    path.unlink(missing_ok=True)
+                folder.rmdir()
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            log.warning("request log: %s (counted in recsys_request_log_*)", message)
+
+
+def records_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as RECORD_SCHEMA's table; ``features`` dicts become JSON (numpy values as lists/numbers)."""
+    columns: dict[str, list[Any]] = {field.name: [] for field in RECORD_SCHEMA}
+    for row in rows:
+        for name, column in columns.items():
+            value = row.get(name)
+            if name == "features" and value is not None:
+                value = json.dumps(value, default=_plain, separators=(",", ":"))
+            column.append(value)
+    columns["time"] = [datetime.fromtimestamp(t, UTC) for t in columns["time"]]
+    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+
+
+def read_request_log(uri: str, since: datetime | None = None) -> pa.Table:
+    """Every row under ``uri`` (from ``since`` on, when given) as RECORD_SCHEMA's table; empty when
+    nothing was logged. Day partitions before ``since`` are not read."""
+    store = store_for(uri)
+    first = f"{PARTITION}{since:%Y-%m-%d}" if since is not None else ""
+    tables = [RECORD_SCHEMA.empty_table()]
+    for key in store.keys(PARTITION):
+        if key.endswith(SUFFIX) and key.split("/", 1)[0] >= first:
+            data = store.get_bytes(key)
+            if data is not None:
+                tables.append(pq.read_table(io.BytesIO(data), schema=RECORD_SCHEMA))
+    table = pa.concat_tables(tables)
+    if since is not None:
+        table = table.filter(
+            pc.greater_equal(table["time"], pa.scalar(since, RECORD_SCHEMA.field("time").type))
+        )
+    return table
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in name)[:63] or "host"

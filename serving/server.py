@@ -33,12 +33,13 @@ from kserve.protocol.rest.server import RESTServer
 from uvicorn.importer import import_from_string
 
 from recsys.config import ConfigError, FeastConfig, ServingConfig
+from serving.bad_requests import install_bad_request_log
 from serving.bundle import ServingBundle, load_bundle
 from serving.endpoints import RankingModel, RecommendModel, RecsysModel, RetrievalModel
 from serving.online_features import OnlineFeatures, feature_defaults
 from serving.recommender import Recommender
 from serving.request_limits import RequestLimits
-from serving.request_log import install_bad_request_log
+from serving.request_log import RequestLog, open_request_log
 from serving.routes import ServingSurface, hide_repository_routes
 from serving.schemas import build_schemas
 from serving.workers import METRICS_DIR_ENV, WorkerSlots, serve_workers, use_multiprocess_metrics
@@ -70,10 +71,10 @@ def load_serving_bundle(bundle_dir: str | Path, serving: ServingConfig) -> Servi
 
 
 def models_from_bundle(
-    bundle: ServingBundle, serving: ServingConfig, feast: FeastConfig
+    bundle: ServingBundle, serving: ServingConfig, feast: FeastConfig, request_log: RequestLog | None = None
 ) -> list[RecsysModel]:
     """Connect the online store, warm the item cache; the three models over ``bundle`` (per process:
-    store connections and thread pools do not survive a fork)."""
+    store connections and thread pools do not survive a fork), writing their answers to ``request_log``."""
     torch.set_num_threads(serving.torch_threads)
     store = _feature_store(feast) if serving.online_store else None
     encoder = bundle.two_tower_encoder
@@ -97,9 +98,9 @@ def models_from_bundle(
         "on" if store is not None else "off",
     )
     return [
-        RetrievalModel(recommender, schemas),
-        RankingModel(recommender, schemas),
-        RecommendModel(recommender, schemas),
+        RetrievalModel(recommender, schemas, request_log),
+        RankingModel(recommender, schemas, request_log),
+        RecommendModel(recommender, schemas, request_log),
     ]
 
 
@@ -170,7 +171,12 @@ def serve_models(
     if slots is not None:
         slots.set_ready(slots.slot, True)
     server.register_signal_handler()
-    rest.run(sockets=sockets)
+    try:
+        rest.run(sockets=sockets)
+    finally:  # KServe's stop handler closed them already on SIGTERM; any other way out, here
+        for model in models:
+            if model.request_log is not None:
+                model.request_log.close()
 
 
 def serve(models: list[RecsysModel], host: str, http_port: int, max_request_bytes: int) -> None:
@@ -187,7 +193,7 @@ def serve_forked(
 
     def run_worker(sockets: list[socket.socket], slots: WorkerSlots) -> None:
         try:
-            models = models_from_bundle(bundle, serving, feast)
+            models = models_from_bundle(bundle, serving, feast, open_request_log(serving.request_log))
         except (ConfigError, FileNotFoundError) as exc:  # the online store: said as one process says it
             print(f"serving: cannot start: {exc}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import httpx
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
@@ -47,13 +48,20 @@ def metrics_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir, metrics_dir, monkeypatch_module):
+def server(bundle_dir, metrics_dir, monkeypatch_module, tmp_path_factory):
     monkeypatch_module.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     port = free_port()
-    process = start_server(
-        bundle_dir, ROOT / "params.yaml", port, ["--no_online_store", "--workers", str(WORKERS)]
+    from tests.conftest import write_params
+
+    request_log = tmp_path_factory.mktemp("request_log")
+    # files only at shutdown: what the workers answered is all in their buffers when SIGTERM comes
+    params_file = write_params(
+        tmp_path_factory.mktemp("params") / "params.yaml",
+        {"serving.request_log.flush_interval_s": 3600, "serving.request_log.flush_rows": 50_000},
     )
-    yield SimpleNamespace(base=f"http://127.0.0.1:{port}", process=process)
+    extra = ["--no_online_store", "--workers", str(WORKERS), "--request_log", str(request_log)]
+    process = start_server(bundle_dir, params_file, port, extra)
+    yield SimpleNamespace(base=f"http://127.0.0.1:{port}", process=process, request_log=request_log)
     if process.poll() is None:
         stop_server(process)
 
@@ -120,12 +128,32 @@ def test_a_worker_that_dies_is_replaced(server):
     assert _concurrent_recommends(server.base, clients=4, each=3) == 12
 
 
-def test_sigterm_stops_every_worker_with_exit_code_0(server):
+def test_sigterm_stops_every_worker_with_exit_code_0_and_no_logged_answer_is_lost(server):
+    """Every answer is still in the workers' request-log buffers (a file every 2,000 rows or 10 s): SIGTERM
+    must write them all, each worker its own files."""
+    from serving.request_log import read_request_log
+
     workers = psutil.Process(server.process.pid).children()
+    sent = [f"sigterm-{i}" for i in range(40)]
+    with httpx.Client(timeout=30) as http:
+        for request_id in sent:
+            body = {"instances": [{"user_id": 7, "n": 3}]}
+            headers = {"x-request-id": request_id, "connection": "close"}  # a new connection each
+            answer = http.post(f"{server.base}/v1/models/recommend:predict", json=body, headers=headers)
+            assert answer.status_code == 200
     server.process.terminate()
     assert server.process.wait(timeout=60) == 0
     for worker in workers:
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    rows = read_request_log(str(server.request_log)).to_pylist()
+    logged = [r["request_id"] for r in rows if r["request_id"].startswith("sigterm-")]
+    assert sorted(logged) == sorted(sent)
+    writers = {  # each worker writes files named by its pid
+        int(path.name.split("-")[-2])
+        for path in server.request_log.rglob("*.parquet")
+        if any(r.startswith("sigterm-") for r in pq.read_table(path).column("request_id").to_pylist())
+    }
+    assert writers and writers <= {w.pid for w in workers}
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_exit_code_1(bundle_dir, tmp_path):

@@ -476,6 +476,27 @@ class PipelineConfig(Section):
         return f"{self.training_image_repo}:{self.image_tag}"
 
 
+class RequestLogConfig(Section):
+    """Every answer the server gives, as Parquet rows (serving/request_log.py); read by the monitor."""
+
+    enabled: bool
+    uri: str = Field(min_length=1)  # a folder, file:///folder or s3://bucket/prefix
+    flush_rows: int = Field(gt=0)  # a file is written when this many rows are buffered ...
+    flush_interval_s: float = Field(gt=0)  # ... or this often
+    max_buffer_rows: int = Field(gt=0)  # rows beyond this are dropped and counted (a slow or dead sink)
+    feature_sample: float = Field(ge=0, le=1)  # share of rows that carry the user features used
+    retention_days: int = Field(ge=0)  # local folders: day partitions older than this go (0: keep all)
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_file(self) -> RequestLogConfig:
+        if self.flush_rows > self.max_buffer_rows:
+            raise ValueError(
+                f"flush_rows {self.flush_rows} exceeds max_buffer_rows {self.max_buffer_rows}: "
+                "the buffer must hold a whole file"
+            )
+        return self
+
+
 class ServingConfig(Section):
     """The model server (``python -m serving``): request limits, defaults and online-feature behaviour."""
 
@@ -498,6 +519,7 @@ class ServingConfig(Section):
     # a request body larger than this is refused with 413 before it is read (serving/request_limits.py)
     max_request_bytes: int = Field(ge=1_024)
     request_id_max_length: int = Field(ge=1)  # a V2 request's id is echoed back: bounded
+    request_log: RequestLogConfig
 
     @model_validator(mode="after")
     def _ranges_consistent(self) -> ServingConfig:
