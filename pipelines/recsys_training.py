@@ -65,6 +65,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
     validate_op = component(steps.validate)
     training_set_op = component(steps.training_set)
     online_store_op = component(steps.online_store)
+    monitor_op = component(steps.monitor)
     train_op = component(steps.train, image=cfg.training_image)
     search_op = component(steps.search, image=cfg.training_image)
     evaluate_op = component(steps.evaluate)
@@ -126,10 +127,15 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             cache=False,
         ).after(training)
         with_feast_config(online, params, in_cluster=scheduled)
+        # the served traffic, checked before anything trains on the new data (reads the world: never cached)
+        monitoring = step(
+            monitor_op(config=config["monitor"], raw=raw, training_sets=training_sets), "monitor", cache=False
+        )
+        with_object_store(monitoring, params)
         validate_training = step(
             validate_op(config=config["validate"], target="training", data=training_sets),
             "validate-training-set",
-        )
+        ).after(monitoring)
 
         models = {}
         multi_node = cfg.training_nodes > 1

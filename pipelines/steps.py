@@ -32,6 +32,7 @@ def configure(
         ("features", str),
         ("validate", str),
         ("training_set", str),
+        ("monitor", str),
         ("online_store", str),
         ("search", str),
         ("train", str),
@@ -144,6 +145,45 @@ def training_set(
         report_file=report.path,
     )
     publish_metrics(stats.path, stats)
+
+
+def monitor(
+    config: str,
+    raw: Input[Dataset],
+    training_sets: Input[Dataset],
+    report: Output[HTML],
+    checks: Output[Metrics],
+) -> str:
+    """Check the served traffic before training (components/monitor.py): the request log
+    (``serving.request_log.uri``, an ``s3://`` prefix in the cluster) against the run's training set, and
+    the bundle current in the promote store (nothing promoted yet: its checks are skipped). A failed check
+    with ``monitor.stop_on_fail`` fails the task, so the run stops before training. Returns the status."""
+    import tempfile
+    from pathlib import Path
+
+    from components import monitor as step
+    from pipelines.metrics_artifact import publish_metrics
+    from recsys.object_store import fetch_promoted, open_store
+    from recsys.step_contract import STEPS, step_params_from_json
+
+    params = step_params_from_json(config, STEPS["monitor"])
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle_dir = fetch_promoted(open_store(params.promote.uri), Path(scratch) / "bundle")
+        result = step.run(
+            params.monitor,
+            params.serving,
+            Path(raw.path),
+            Path(training_sets.path),
+            bundle_dir,
+            output=Path(checks.path),
+            textfile=Path(scratch) / "monitor.prom",
+            report_file=Path(report.path),
+        )
+    publish_metrics(checks.path, checks)
+    failed = [name for name, check in result["checks"].items() if check["status"] == "fail"]
+    if failed and params.monitor.stop_on_fail:
+        raise RuntimeError(f"monitor: failed checks {failed} (monitor.stop_on_fail); see the report artifact")
+    return str(result["status"])
 
 
 def online_store(config: str, features: Input[Dataset]) -> str:

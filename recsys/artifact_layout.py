@@ -30,6 +30,9 @@ SEARCH_REPORT = METRICS_DIR / "search.json"
 EVALUATION = METRICS_DIR / "evaluation.json"
 INDEX_METRICS = METRICS_DIR / "index.json"
 GATE_DECISION = METRICS_DIR / "gate.json"
+MONITOR_REPORT = METRICS_DIR / "monitor.json"  # monitor: checks of the served traffic
+MONITOR_GAUGES = METRICS_DIR / "monitor.prom"  # ... as Prometheus gauges (textfile collector format)
+MONITOR_PAGE = REPORTS_DIR / "monitor.html"
 
 ARTIFACTS = Path("artifacts")
 MODELS_DIR = ARTIFACTS / "models"  # <kind>/{model.safetensors,config.json,history.csv}

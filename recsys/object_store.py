@@ -130,6 +130,24 @@ def promoted_manifest(store: ObjectStore) -> tuple[dict[str, Any], dict[str, Any
     return pointer, manifest
 
 
+def fetch_promoted(store: ObjectStore, dest: Path) -> Path | None:
+    """Download the current version's bundle into ``dest`` (each member as the manifest lists it); None
+    when nothing was promoted yet. The caller verifies it (serving.bundle.load_bundle checks every digest)."""
+    promoted = promoted_manifest(store)
+    if promoted is None:
+        return None
+    pointer, manifest = promoted
+    version = check_version(pointer["version"])
+    for member in [*manifest["files"], MANIFEST]:
+        data = store.get_bytes(f"{version}/{member}")
+        if data is None:
+            raise ObjectStoreError(f"{store.uri(f'{version}/{member}')}: missing from the promoted bundle")
+        target = dest / member
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return dest
+
+
 def restore_previous(store: ObjectStore, version: str) -> dict[str, Any] | None:
     """Undo the promotion of ``version`` (a rollout that failed): the pointer goes back to the version it
     replaced, or is removed when ``version`` was the first. Only if ``version`` is still current (a newer

@@ -213,6 +213,23 @@ STEPS: dict[str, StepContract] = _steps(
             "report_file": layout.TRAINING_SET_REPORT,
         },
     ),
+    # before training: the served traffic against the training set the next model learns from
+    StepContract(
+        "monitor",
+        ("monitor", "serving", "promote"),
+        inputs=("raw", "training_sets"),
+        outputs=("report", "checks"),
+        reads={
+            "raw_dir": layout.RAW_DIR,
+            "training_dir": layout.TRAINING_DIR,
+            "bundle_dir": layout.BUNDLE_DIR,
+        },
+        writes={
+            "output": layout.MONITOR_REPORT,
+            "textfile": layout.MONITOR_GAUGES,
+            "report_file": layout.MONITOR_PAGE,
+        },
+    ),
     StepContract(
         "online_store",
         ("features", "feast"),

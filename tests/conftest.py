@@ -40,6 +40,29 @@ def shipped_params():
     return _shipped().model_copy(deep=True)
 
 
+def offline_serving_params():
+    """The shipped params with the online store off: the serving tests answer from the bundle alone."""
+    params = shipped_params()
+    params.serving.online_store = False
+    return params
+
+
+def request_log_config(uri: Path | str, **changes: Any):
+    """A request log into ``uri`` that writes only when told (flush) unless ``changes`` say otherwise."""
+    from recsys.config import RequestLogConfig
+
+    values = {
+        "enabled": True,
+        "uri": str(uri),
+        "flush_rows": 1000,
+        "flush_interval_s": 60.0,
+        "max_buffer_rows": 10_000,
+        "feature_sample": 1.0,
+        "retention_days": 0,
+    }
+    return RequestLogConfig(**(values | changes))
+
+
 def write_params(path: Path, changes: dict[str, Any]) -> Path:
     """The shipped params.yaml with ``changes`` (dotted key -> value; a section's key replaces the whole
     section) written to ``path``, for the CLIs that read a params file."""

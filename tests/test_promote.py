@@ -237,3 +237,20 @@ def test_the_clis_promote_and_deploy_the_current_version(tmp_path, s3_env, capsy
     empty = write_params(tmp_path / "empty.yaml", {"promote.uri": s3_env.uri("nothing-here")})
     assert deploy.main(["--params", str(empty), "--promoted", "--dry-run", "--output", str(out)]) == 1
     assert "nothing promoted yet" in capsys.readouterr().err
+
+
+def test_the_current_bundle_is_fetched_whole_and_verifies(tmp_path, s3_env):
+    """What the monitor task reads of the deployed model: the current version, every member, as promoted."""
+    from recsys.object_store import fetch_promoted
+
+    store = open_store(s3_env.uri("bundles"))
+    assert fetch_promoted(store, tmp_path / "none") is None  # nothing promoted yet
+    promote.run(config(s3_env.uri("bundles")), make_bundle(tmp_path, "first", 0.30))
+    second = make_bundle(tmp_path, "second", 0.35, payload=b"better")
+    promote.run(config(s3_env.uri("bundles")), second)
+    fetched = fetch_promoted(store, tmp_path / "fetched")
+    assert load_manifest(fetched, verify=True)["version"] == load_manifest(second)["version"]
+    local = {p.relative_to(second).as_posix(): p.read_bytes() for p in second.rglob("*") if p.is_file()}
+    assert {
+        p.relative_to(fetched).as_posix(): p.read_bytes() for p in fetched.rglob("*") if p.is_file()
+    } == local

@@ -12,31 +12,11 @@ import numpy as np
 import pytest
 
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
-from recsys.config import RequestLogConfig, load_params
-from serving.request_log import (
-    DROPPED_ROWS,
-    LOGGED_ROWS,
-    RECORD_SCHEMA,
-    WRITE_ERRORS,
-    RequestLog,
-    read_request_log,
-)
-from tests.conftest import small_serving_bundle
+from recsys.request_records import RECORD_SCHEMA, read_request_log
+from serving.request_log import DROPPED_ROWS, LOGGED_ROWS, WRITE_ERRORS, RequestLog
+from tests.conftest import offline_serving_params, request_log_config, small_serving_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def config(uri: Path | str, **changes) -> RequestLogConfig:
-    values = {
-        "enabled": True,
-        "uri": str(uri),
-        "flush_rows": 1000,
-        "flush_interval_s": 60.0,
-        "max_buffer_rows": 5000,
-        "feature_sample": 1.0,
-        "retention_days": 0,
-    }
-    return RequestLogConfig(**(values | changes))
 
 
 def row(user_id: int, **changes) -> dict:
@@ -75,7 +55,7 @@ def counter(metric, **labels) -> float:
 
 
 def test_rows_round_trip_in_day_partitions_with_features_as_json(tmp_path):
-    log = RequestLog(config(tmp_path))
+    log = RequestLog(request_log_config(tmp_path))
     log.record([row(1), row(2) | {"user_id": None, "endpoint": "retrieval", "model": "two_tower"}])
     assert log.flush() == 2
     (written,) = files(tmp_path)
@@ -90,14 +70,14 @@ def test_rows_round_trip_in_day_partitions_with_features_as_json(tmp_path):
 
 
 def test_a_file_is_written_when_flush_rows_are_buffered_and_on_the_interval(tmp_path):
-    by_size = RequestLog(config(tmp_path / "size", flush_rows=5, flush_interval_s=60))
+    by_size = RequestLog(request_log_config(tmp_path / "size", flush_rows=5, flush_interval_s=60))
     by_size.start()
     by_size.record([row(i) for i in range(4)])
     time.sleep(0.3)
     assert files(tmp_path / "size") == []  # 4 < flush_rows, and the interval is a minute
     by_size.record([row(4)])
     wait_for(lambda: len(files(tmp_path / "size")) == 1)
-    by_time = RequestLog(config(tmp_path / "time", flush_interval_s=0.2))
+    by_time = RequestLog(request_log_config(tmp_path / "time", flush_interval_s=0.2))
     by_time.start()
     by_time.record([row(1)])
     wait_for(lambda: len(files(tmp_path / "time")) == 1)
@@ -107,7 +87,7 @@ def test_a_file_is_written_when_flush_rows_are_buffered_and_on_the_interval(tmp_
 
 
 def test_close_writes_what_is_buffered_and_later_rows_are_counted_not_kept(tmp_path):
-    log = RequestLog(config(tmp_path))
+    log = RequestLog(request_log_config(tmp_path))
     log.start()
     log.record([row(i) for i in range(7)])
     before = counter(DROPPED_ROWS, reason="closed")
@@ -120,7 +100,9 @@ def test_close_writes_what_is_buffered_and_later_rows_are_counted_not_kept(tmp_p
 
 
 def test_a_full_buffer_drops_the_newest_rows_and_counts_them(tmp_path):
-    log = RequestLog(config(tmp_path, flush_rows=3, max_buffer_rows=3))  # no writer thread: nothing drains
+    log = RequestLog(
+        request_log_config(tmp_path, flush_rows=3, max_buffer_rows=3)
+    )  # no writer thread: nothing drains
     before = counter(DROPPED_ROWS, reason="buffer_full")
     log.record([row(i) for i in range(5)])
     assert counter(DROPPED_ROWS, reason="buffer_full") == before + 2
@@ -131,7 +113,7 @@ def test_a_full_buffer_drops_the_newest_rows_and_counts_them(tmp_path):
 def test_a_sink_that_cannot_be_written_degrades_and_the_rows_follow_once_it_is_back(tmp_path, caplog):
     blocked = tmp_path / "log"
     blocked.write_text("a file where the folder should be")  # every write fails with a real OSError
-    log = RequestLog(config(blocked))
+    log = RequestLog(request_log_config(blocked))
     errors, written = counter(WRITE_ERRORS), counter(LOGGED_ROWS)
     log.record([row(1), row(2)])  # the request path never raises
     assert log.flush() == 0
@@ -144,11 +126,11 @@ def test_a_sink_that_cannot_be_written_degrades_and_the_rows_follow_once_it_is_b
 
 
 def test_only_the_sampled_share_of_rows_carries_features(tmp_path):
-    log = RequestLog(config(tmp_path, feature_sample=0.0))
+    log = RequestLog(request_log_config(tmp_path, feature_sample=0.0))
     log.record([row(i) for i in range(20)])
     log.flush()
     assert read_request_log(str(tmp_path)).column("features").null_count == 20
-    sampled = RequestLog(config(tmp_path / "half", feature_sample=0.5))
+    sampled = RequestLog(request_log_config(tmp_path / "half", feature_sample=0.5))
     sampled.record([row(i) for i in range(400)])
     sampled.flush()
     kept = 400 - read_request_log(str(tmp_path / "half")).column("features").null_count
@@ -159,7 +141,7 @@ def test_day_partitions_older_than_the_retention_are_removed(tmp_path):
     old = tmp_path / "date=2020-01-01"
     old.mkdir()
     (old / "T000000Z-host-1-000001.parquet").write_bytes(b"old")
-    log = RequestLog(config(tmp_path, retention_days=14))
+    log = RequestLog(request_log_config(tmp_path, retention_days=14))
     log.record([row(1)])
     log.flush()
     assert not old.exists() and len(files(tmp_path)) == 1
@@ -168,7 +150,7 @@ def test_day_partitions_older_than_the_retention_are_removed(tmp_path):
 def test_reading_from_a_time_leaves_out_earlier_rows(tmp_path):
     from datetime import UTC, datetime
 
-    log = RequestLog(config(tmp_path))
+    log = RequestLog(request_log_config(tmp_path))
     log.record([row(1, time=1_700_000_000.0), row(2)])
     log.flush()
     since = datetime.fromtimestamp(1_750_000_000, UTC)
@@ -178,7 +160,7 @@ def test_reading_from_a_time_leaves_out_earlier_rows(tmp_path):
 
 def test_s3_prefix_on_a_real_server(s3_env):
     uri = s3_env.uri("request-log")
-    log = RequestLog(config(uri))
+    log = RequestLog(request_log_config(uri))
     log.record([row(1), row(2)])
     assert log.flush() == 2
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.name)["Contents"]]
@@ -194,7 +176,7 @@ def test_an_s3_endpoint_nobody_answers_is_counted_not_raised(s3_env, monkeypatch
         dead = probe.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    log = RequestLog(config(s3_env.uri("request-log")))
+    log = RequestLog(request_log_config(s3_env.uri("request-log")))
     errors = counter(WRITE_ERRORS)
     log.record([row(1)])
     assert log.flush() == 0
@@ -206,9 +188,7 @@ def test_an_s3_endpoint_nobody_answers_is_counted_not_raised(s3_env, monkeypatch
 
 @pytest.fixture(scope="module")
 def params():
-    params = load_params(ROOT / "params.yaml")
-    params.serving.online_store = False
-    return params
+    return offline_serving_params()
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +197,7 @@ def logged_models(params, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("request_log")
     bundle = small_serving_bundle(params, tmp_path_factory.mktemp("bundle"))
-    log = RequestLog(config(folder))
+    log = RequestLog(request_log_config(folder))
     models = build_models(bundle, params.serving, params.feast)
     for model in models:
         model.request_log = log

@@ -131,7 +131,7 @@ def test_a_worker_that_dies_is_replaced(server):
 def test_sigterm_stops_every_worker_with_exit_code_0_and_no_logged_answer_is_lost(server):
     """Every answer is still in the workers' request-log buffers (a file every 2,000 rows or 10 s): SIGTERM
     must write them all, each worker its own files."""
-    from serving.request_log import read_request_log
+    from recsys.request_records import read_request_log
 
     workers = psutil.Process(server.process.pid).children()
     sent = [f"sigterm-{i}" for i in range(40)]

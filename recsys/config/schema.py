@@ -541,6 +541,34 @@ class ServingConfig(Section):
         return kind
 
 
+class Limits(Section):
+    """A monitored value's warn and fail thresholds (which side is bad is the check's: see monitor)."""
+
+    warn: float
+    fail: float
+
+
+class MonitorConfig(Section):
+    """The monitor step (components/monitor.py): what the served traffic is checked against, and when a
+    check warns or fails."""
+
+    window_hours: float = Field(gt=0)  # the request log's last hours are checked
+    min_answers: int = Field(ge=1)  # fewer logged answers: the traffic checks are skipped
+    psi: Limits  # population stability index per user feature, served vs the training set (higher: worse)
+    psi_bins: int = Field(ge=2, le=100)  # quantile bins of a numeric feature; top categories + "other"
+    empty_rate: Limits  # answers with no items (higher: worse)
+    degraded_rate: Limits  # answers on default features, online store down (higher: worse)
+    online_recall: Limits  # the served ANN index's recall@recall_k vs exact search (lower: worse)
+    recall_k: int = Field(ge=1)
+    recall_sample: int = Field(ge=1)  # logged queries re-run exactly
+    index_missing_share: Limits  # catalogue items with recent events missing from the index (higher: worse)
+    recent_item_days: int = Field(ge=1)  # an item is available when it had an event in this many days
+    embedding_age_hours: Limits  # age of the served item embeddings (higher: worse)
+    attribution_hours: float = Field(gt=0)  # a click this soon after an answer counts for the served item
+    stop_on_fail: bool  # a failed check exits 1: the scheduled run stops before training
+    pushgateway: str  # host:port of a Prometheus Pushgateway ("" = only the text file)
+
+
 class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
@@ -592,6 +620,7 @@ class Params(Section):
     pipeline: PipelineConfig
     deploy: DeployConfig
     serving: ServingConfig
+    monitor: MonitorConfig
     # the models package's own sections (models/config.py): features, feature groups, the four models
     models: ModelsConfig
     training: TrainingConfig

@@ -9,7 +9,7 @@ import yaml
 from pipelines.recsys_training import compile_pipeline
 from tests.conftest import REPO_ROOT
 
-STORE_TASKS = {"gate", "promote", "deploy"}
+STORE_TASKS = {"monitor", "gate", "promote", "deploy"}
 KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
 

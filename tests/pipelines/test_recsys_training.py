@@ -26,6 +26,8 @@ ORDER = [  # (task, a task it must run after): the DAG's edges, by display name
     ("training-set", "features"),
     ("training-set", "validate-raw"),
     ("validate-training-set", "training-set"),
+    ("monitor", "training-set"),
+    *[(train, "monitor") for train in TRAIN_TASKS],  # a failed monitor check stops the run before training
     ("online-store", "training-set"),
     *[(train, "validate-training-set") for train in TRAIN_TASKS],
     *[("evaluate", train) for train in TRAIN_TASKS],
@@ -75,7 +77,7 @@ def test_compiled_pipeline_has_every_task(compiled, tasks, params):
     assert compiled["spec"]["pipelineInfo"]["name"] == params.pipeline.name == "recsys-training"
     steps = {name for name, task in tasks.items() if not task["key"].startswith("condition")}
     assert steps == {
-        "configure", "ingest", "features", "validate-raw", "training-set", "validate-training-set",
+        "configure", "ingest", "features", "validate-raw", "training-set", "monitor", "validate-training-set",
         "online-store", *TRAIN_TASKS, "search", "evaluate", "export", "build-index", "bundle", "gate",
         "promote", "deploy",
     }  # fmt: skip
@@ -309,7 +311,8 @@ def test_each_task_gets_only_its_steps_sections(tasks):
 
 def test_a_serving_change_leaves_the_trainings_inputs_and_cache_keys_as_they_were(params):
     """Compiling with a changed ``serving.*`` value changes the bundle's config (it records the whole
-    configuration) and no config of a step before it: the training tasks' inputs, KFP's cache key, stay."""
+    configuration) and the monitor's (it reads where the server logs; never cached), and no training
+    step's: the training tasks' inputs, KFP's cache key, stay."""
     from pipelines import steps
     from pipelines.recsys_training import params_as_text
     from recsys.step_contract import STEPS
@@ -319,7 +322,7 @@ def test_a_serving_change_leaves_the_trainings_inputs_and_cache_keys_as_they_wer
     before = steps.configure(params_as_text(params), "synthetic", "nvidia.com/gpu", "recsys")
     after = steps.configure(params_as_text(changed), "synthetic", "nvidia.com/gpu", "recsys")
     differ = {step for step in STEPS if getattr(before, step) != getattr(after, step)}
-    assert differ == {"bundle"}, differ
+    assert differ == {"bundle", "monitor"}, differ
 
     first, second = _compiled_spec(params), _compiled_spec(changed)
     for name in TRAIN_TASKS:

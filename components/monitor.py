@@ -1,0 +1,458 @@
+"""Monitor step: what the deployed model did, from the request log, checked before the next training.
+
+Reads the request log's last ``monitor.window_hours`` (serving/request_log.py), the raw events and items,
+the training set the next model will learn from (the reference distribution) and the served bundle, and
+checks:
+
+- ``traffic``: enough logged answers to judge (else the traffic checks are skipped, and say so);
+- ``drift``: per user feature, the population stability index (PSI) of the values the server used
+  against the training set's (numeric features and list lengths in the training set's quantile bins,
+  categories as the most frequent ones + "other"), and the Kolmogorov-Smirnov statistic of dense ones.
+  Rows answered on defaults (degraded, or users the store does not know) are left out: they are counted
+  by their own checks. A shifted feature or a stale online store shows here, named;
+- ``empty_answers`` and ``degraded_answers``: their rates by bundle version;
+- ``online_recall``: logged queries (the user features of the answers) re-run through the bundle's user
+  tower, the served ANN index against exact search over the same item embeddings: recall@``recall_k``;
+- ``index_coverage``: the share of items with events in the last ``recent_item_days`` days that the served
+  index lacks (new items that wait for the next index);
+- ``embedding_age``: hours since the bundle's item embeddings were made (its manifest's ``created_at``);
+- ``outcomes``: per bundle version, served CTR (a click on a served item within ``attribution_hours`` of
+  the answer, from the raw events) and catalogue coverage; skipped while the events end before the
+  answers (a local run serves today on data from the past).
+
+Each check is ok, warn or fail by the thresholds in params.yaml (``monitor``), or skipped with the reason.
+Writes ``metrics/monitor.json`` (checks and values), ``metrics/monitor.prom`` (the same as Prometheus
+gauges, recsys/monitor_metrics.py; pushed to ``monitor.pushgateway`` when set) and an HTML report.
+With ``monitor.stop_on_fail`` a failed check exits 1, so a scheduled run stops before training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy.stats import ks_2samp
+
+from recsys.artifact_io import write_json
+from recsys.config import Limits, MonitorConfig, ServingConfig
+from recsys.monitor_metrics import export
+from recsys.step_contract import STEPS
+
+CONTRACT = STEPS["monitor"]
+log = logging.getLogger(__name__)
+
+OTHER = "\x00other"  # the bucket of categories outside the reference's most frequent
+_EPS = 1e-4  # a bin's share floor in the PSI: an empty bin on one side is large, not infinite
+Gauges = dict[str, list[tuple[dict[str, str], float]]]  # name -> [(labels, value)]
+_RANK = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
+
+
+def run(
+    monitor: MonitorConfig,
+    serving: ServingConfig,
+    raw_dir: Path,
+    training_dir: Path,
+    bundle_dir: Path | None,
+    output: Path,
+    textfile: Path,
+    report_file: Path,
+    now: datetime | None = None,
+    request_log_uri: str | None = None,
+) -> dict[str, Any]:
+    """Check the logged traffic; write the report files; the report."""
+    from recsys.request_records import read_request_log
+
+    now = now or datetime.now(UTC)
+    uri = request_log_uri or serving.request_log.uri
+    answers = read_request_log(uri, since=now - timedelta(hours=monitor.window_hours)).to_pandas()
+    checks: dict[str, dict[str, Any]] = {}
+    gauges: Gauges = {}
+    checks["traffic"] = _check_traffic(answers, monitor, uri)
+    enough = checks["traffic"]["status"] == "ok"
+    gauges["recsys_monitor_logged_answers"] = [({}, float(len(answers)))]
+    reference = pd.read_parquet(training_dir / "ranking_train.parquet")
+    bundle = _load_bundle(bundle_dir) if bundle_dir is not None else None
+    served_features = _served_features(answers) if enough else pd.DataFrame()
+    if enough:
+        checks["drift"] = _check_drift(served_features, reference, monitor, gauges)
+        for name, column in (("empty_answers", "empty"), ("degraded_answers", "degraded")):
+            checks[name] = _check_rate(answers, column, monitor, gauges)
+    else:
+        checks |= {
+            name: _skipped("too few answers") for name in ("drift", "empty_answers", "degraded_answers")
+        }
+    types = pq.read_schema(training_dir / "ranking_train.parquet")
+    checks["online_recall"] = _check_online_recall(served_features, types, bundle, monitor, gauges)
+    checks["index_coverage"] = _check_index_coverage(raw_dir, bundle, monitor, gauges, now)
+    checks["embedding_age"] = _check_embedding_age(bundle, monitor, gauges, now)
+    checks["outcomes"] = (
+        _check_outcomes(answers, raw_dir, bundle, monitor, gauges) if enough else _skipped("too few answers")
+    )
+    worst = max(checks.values(), key=lambda c: _RANK[c["status"]])["status"]
+    report = {
+        "status": "ok" if worst == "skipped" else worst,
+        "window": {"from": (now - timedelta(hours=monitor.window_hours)).isoformat(), "to": now.isoformat()},
+        "request_log": uri,
+        "answers": len(answers),
+        "bundle_version": None if bundle is None else bundle.version,
+        "checks": checks,
+        "gauges": gauges,
+        "finished_at": datetime.now(UTC).timestamp(),
+    }
+    write_json(report, output)
+    export(report, textfile, monitor.pushgateway or None)
+    _write_html(report, report_file)
+    for name, check in checks.items():
+        log.info("monitor %-16s %-7s %s", name, check["status"], check["message"])
+    return report
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+
+def _check_traffic(answers: pd.DataFrame, monitor: MonitorConfig, uri: str) -> dict[str, Any]:
+    if len(answers) < monitor.min_answers:
+        return _skipped(
+            f"{len(answers)} answers logged in the last {monitor.window_hours:g} h under {uri}, "
+            f"fewer than monitor.min_answers {monitor.min_answers}: traffic checks skipped"
+        )
+    return {"status": "ok", "value": len(answers), "message": f"{len(answers)} answers logged"}
+
+
+def _check_drift(
+    served: pd.DataFrame,
+    reference: pd.DataFrame,
+    monitor: MonitorConfig,
+    gauges: Gauges,
+) -> dict[str, Any]:
+    if served.empty:
+        return _skipped("no logged answer carries its features (serving.request_log.feature_sample)")
+    names = [n for n in served.columns if n in reference.columns and n != "user_id"]
+    psi: dict[str, float] = {}
+    for name in names:
+        ref, cur = reference[name], served[name]
+        psi[name] = population_stability(ref, cur, monitor.psi_bins)
+        if _kind(ref) == "dense":  # KS on the values themselves
+            stat = ks_2samp(ref.to_numpy(float), cur.to_numpy(float)).statistic
+            gauges.setdefault("recsys_monitor_feature_ks", []).append(({"feature": name}, float(stat)))
+    gauges["recsys_monitor_feature_psi"] = [({"feature": n}, v) for n, v in psi.items()]
+    if not psi:
+        return _skipped("no user feature is both logged and in the training set")
+    worst = max(psi, key=lambda n: psi[n])
+    status = _higher_is_worse(psi[worst], monitor.psi)
+    shifted = sorted((n for n, v in psi.items() if v >= monitor.psi.warn), key=lambda n: -psi[n])
+    message = (
+        f"features past PSI {monitor.psi.warn:g}: "
+        + ", ".join(f"{n} {psi[n]:.3f}" for n in shifted)
+        + f" (of {len(psi)}, {len(served)} answers)"
+        if shifted
+        else f"largest PSI {psi[worst]:.3f} ({worst}) over {len(psi)} features, {len(served)} answers"
+    )
+    return {"status": status, "value": psi[worst], "feature": worst, "psi": psi, "message": message}
+
+
+def _check_rate(
+    answers: pd.DataFrame,
+    kind: str,
+    monitor: MonitorConfig,
+    gauges: Gauges,
+) -> dict[str, Any]:
+    flags = answers["item_ids"].map(len) == 0 if kind == "empty" else answers["degraded"]
+    by_version = flags.groupby(answers["bundle_version"]).mean()
+    gauges[f"recsys_monitor_{kind}_rate"] = [({"bundle_version": v}, float(r)) for v, r in by_version.items()]
+    limits: Limits = getattr(monitor, f"{kind}_rate")
+    rate = float(flags.mean())
+    return {
+        "status": _higher_is_worse(rate, limits),
+        "value": rate,
+        "by_version": {str(v): float(r) for v, r in by_version.items()},
+        "message": f"{rate:.2%} of {len(answers)} answers {kind}",
+    }
+
+
+def _check_online_recall(
+    served: pd.DataFrame, types: pa.Schema, bundle: _Bundle | None, monitor: MonitorConfig, gauges: Gauges
+) -> dict[str, Any]:
+    if bundle is None:
+        return _skipped("no served bundle given")
+    if served.empty:
+        return _skipped("no logged query with its features")
+    missing = [n for n in bundle.user_features if n not in served.columns or n not in types.names]
+    if missing:
+        return _skipped(f"the user tower reads {missing}, which the logged features or training set lack")
+    from recsys.ann_index import search
+
+    sample = served.sample(n=min(len(served), monitor.recall_sample), random_state=0)
+    vectors = bundle.user_vectors(sample, types)
+    k = min(monitor.recall_k, len(bundle.item_ids))
+    ann, _ = search(bundle.index, vectors, k)
+    exact_ids = bundle.item_ids[np.argsort(-(vectors @ bundle.item_vectors.T), axis=1, kind="stable")[:, :k]]
+    recall = float(np.mean([len(set(a[a >= 0]) & set(e)) / k for a, e in zip(ann, exact_ids, strict=True)]))
+    gauges["recsys_monitor_online_recall"] = [({"k": str(k)}, recall)]
+    return {
+        "status": _lower_is_worse(recall, monitor.online_recall),
+        "value": recall,
+        "message": f"ANN recall@{k} {recall:.3f} against exact search on {len(sample)} logged queries",
+    }
+
+
+def _check_index_coverage(
+    raw_dir: Path,
+    bundle: Any,
+    monitor: MonitorConfig,
+    gauges: Gauges,
+    now: datetime,
+) -> dict[str, Any]:
+    if bundle is None:
+        return _skipped("no served bundle given")
+    events = pd.read_parquet(raw_dir / "events.parquet", columns=["item_id", "event_timestamp"])
+    end = min(pd.Timestamp(now), events["event_timestamp"].max())
+    recent = events.loc[events["event_timestamp"] >= end - pd.Timedelta(days=monitor.recent_item_days)]
+    available = np.unique(recent["item_id"].to_numpy(np.int64))
+    missing = np.setdiff1d(available, bundle.item_ids)
+    share = float(len(missing) / len(available)) if len(available) else 0.0
+    gauges["recsys_monitor_index_missing_share"] = [({}, share)]
+    return {
+        "status": _higher_is_worse(share, monitor.index_missing_share),
+        "value": share,
+        "missing_items": len(missing),
+        "message": f"{len(missing)} of {len(available)} items with events in the last "
+        f"{monitor.recent_item_days} days (to {end:%Y-%m-%d}) are not in the served index",
+    }
+
+
+def _check_embedding_age(
+    bundle: Any, monitor: MonitorConfig, gauges: Gauges, now: datetime
+) -> dict[str, Any]:
+    if bundle is None:
+        return _skipped("no served bundle given")
+    made = datetime.fromisoformat(bundle.manifest["created_at"])
+    hours = max((now - made).total_seconds() / 3600, 0.0)
+    gauges["recsys_monitor_embedding_age_seconds"] = [({}, hours * 3600)]
+    return {
+        "status": _higher_is_worse(hours, monitor.embedding_age_hours),
+        "value": hours,
+        "message": f"item embeddings of bundle {bundle.version} made {hours:.1f} h ago",
+    }
+
+
+def _check_outcomes(
+    answers: pd.DataFrame,
+    raw_dir: Path,
+    bundle: Any,
+    monitor: MonitorConfig,
+    gauges: Gauges,
+) -> dict[str, Any]:
+    catalogue = len(bundle.item_ids) if bundle is not None else None
+    coverage = (
+        {
+            str(v): len({i for items in group for i in items}) / catalogue
+            for v, group in answers.groupby("bundle_version")["item_ids"]
+        }
+        if catalogue
+        else {}
+    )
+    gauges["recsys_monitor_catalogue_coverage"] = [({"bundle_version": v}, c) for v, c in coverage.items()]
+    served = answers.loc[
+        answers["endpoint"] == "recommend", ["user_id", "time", "bundle_version", "item_ids"]
+    ]
+    served = served.explode("item_ids").dropna(subset=["item_ids", "user_id"])
+    events = pd.read_parquet(
+        raw_dir / "events.parquet", columns=["user_id", "item_id", "event_timestamp", "label"]
+    )
+    if served.empty or events["event_timestamp"].max() < served["time"].min():
+        return _skipped(
+            "the events end before the first served answer: no outcome to attribute yet"
+            + (f" (coverage {coverage})" if coverage else ""),
+            coverage=coverage,
+        )
+    served = served.rename(columns={"item_ids": "item_id"}).astype({"item_id": "int64", "user_id": "int64"})
+    clicks = events.loc[events["label"] == 1, ["user_id", "item_id", "event_timestamp"]]
+    joined = served.reset_index(drop=True).reset_index().merge(clicks, on=["user_id", "item_id"], how="left")
+    window = pd.Timedelta(hours=monitor.attribution_hours)
+    joined["clicked"] = (joined["event_timestamp"] >= joined["time"]) & (
+        joined["event_timestamp"] <= joined["time"] + window
+    )
+    per_item = joined.groupby("index").agg(clicked=("clicked", "any"), version=("bundle_version", "first"))
+    ctr = per_item.groupby("version")["clicked"].mean()
+    gauges["recsys_monitor_served_ctr"] = [({"bundle_version": str(v)}, float(c)) for v, c in ctr.items()]
+    return {
+        "status": "ok",
+        "value": float(per_item["clicked"].mean()),
+        "ctr_by_version": {str(v): float(c) for v, c in ctr.items()},
+        "coverage": coverage,
+        "message": "served CTR " + ", ".join(f"{v}: {c:.4f}" for v, c in ctr.items()),
+    }
+
+
+# ---- drift --------------------------------------------------------------------------------------
+
+
+def population_stability(reference: pd.Series, current: pd.Series, bins: int) -> float:
+    """PSI = sum over bins of (cur - ref) * ln(cur / ref), shares floored at 1e-4. Numeric values and list
+    lengths in the reference's quantile bins; categories as the reference's ``bins`` most frequent + other."""
+    kind = _kind(reference)
+    if kind == "sequence":
+        reference, current = reference.map(len), current.map(_length)
+        kind = "dense"
+    if kind == "dense":
+        ref = reference.to_numpy(float)
+        edges = np.unique(np.quantile(ref[np.isfinite(ref)], np.linspace(0, 1, bins + 1)[1:-1]))
+        ref_bins = np.searchsorted(edges, ref, side="right")
+        cur_bins = np.searchsorted(edges, current.to_numpy(float), side="right")
+        labels = np.arange(len(edges) + 1)
+        ref_share = np.bincount(ref_bins, minlength=len(labels)) / len(ref_bins)
+        cur_share = np.bincount(cur_bins, minlength=len(labels)) / max(len(cur_bins), 1)
+    else:
+        top = reference.astype(str).value_counts().index[:bins]
+        ref_share = _shares(reference.astype(str), top)
+        cur_share = _shares(current.astype(str), top)
+    ref_share, cur_share = np.maximum(ref_share, _EPS), np.maximum(cur_share, _EPS)
+    return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+
+
+def _shares(values: pd.Series, top: pd.Index) -> np.ndarray:
+    bucketed = values.where(values.isin(top), OTHER)
+    counts = bucketed.value_counts()
+    return np.asarray([counts.get(v, 0) for v in [*top, OTHER]], dtype=float) / max(len(values), 1)
+
+
+def _kind(column: pd.Series) -> str:
+    sample = column.dropna()
+    if len(sample) and isinstance(sample.iloc[0], list | np.ndarray | tuple):
+        return "sequence"
+    numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+    return "dense" if numeric else "categorical"  # counts and buckets too: served JSON may make 3 into 3.0
+
+
+def _length(value: Any) -> int:
+    return len(value) if isinstance(value, list | np.ndarray | tuple) else 0
+
+
+def _served_features(answers: pd.DataFrame) -> pd.DataFrame:
+    """The user features of answers made on the user's own stored (or given) features."""
+    usable = answers.loc[answers["features"].notna() & ~answers["degraded"] & ~answers["cold_start"]]
+    if usable.empty:
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(text) for text in usable["features"]])
+
+
+# ---- the served bundle --------------------------------------------------------------------------
+
+
+class _Bundle:
+    """What the checks need of the served bundle, verified: its two-tower (user tower and encoder), the
+    ANN index and the item embeddings the index was built from."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        from safetensors.numpy import load_file
+
+        from models import load_model
+        from models.registry import RETRIEVAL_MODEL
+        from recsys import artifact_layout as layout
+        from recsys.ann_index import load_index
+        from recsys.bundle_manifest import load_manifest
+
+        self.manifest: dict[str, Any] = load_manifest(bundle_dir, verify=True)
+        self.version = str(self.manifest["version"])
+        self.model, self.encoder = load_model(bundle_dir / layout.BUNDLE_MODELS / RETRIEVAL_MODEL)
+        self.user_features: list[str] = list(self.model.user_feature_names())  # type: ignore[attr-defined]
+        self.index, _ = load_index(bundle_dir / layout.INDEX, expected_dim=int(self.model.output_dim))  # type: ignore[arg-type]
+        embeddings = load_file(str(bundle_dir / layout.ITEM_EMBEDDINGS))
+        self.item_ids = embeddings["item_ids"].astype(np.int64)
+        self.item_vectors = embeddings["embeddings"].astype(np.float32)
+
+    def user_vectors(self, frame: pd.DataFrame, types: pa.Schema) -> np.ndarray:
+        """The user tower's vectors for ``frame``'s rows, each feature typed as the training set has it."""
+        import torch
+
+        names = self.user_features
+        table = pa.table({n: pa.array(frame[n].tolist(), type=types.field(n).type) for n in names})
+        with torch.inference_mode():
+            batch = self.encoder.encode(table, features=names)
+            return self.model.user_embeddings(batch).float().numpy()  # type: ignore[attr-defined]
+
+
+def _load_bundle(bundle_dir: Path) -> _Bundle | None:
+    if not (bundle_dir / "manifest.json").is_file():
+        log.warning("monitor: no bundle at %s: retrieval checks skipped", bundle_dir)
+        return None
+    return _Bundle(bundle_dir)
+
+
+# ---- status and report --------------------------------------------------------------------------
+
+
+def _higher_is_worse(value: float, limits: Limits) -> str:
+    return "fail" if value >= limits.fail else "warn" if value >= limits.warn else "ok"
+
+
+def _lower_is_worse(value: float, limits: Limits) -> str:
+    return "fail" if value <= limits.fail else "warn" if value <= limits.warn else "ok"
+
+
+def _skipped(reason: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "skipped", "value": None, "message": reason, **extra}
+
+
+def _write_html(report: Mapping[str, Any], path: Path) -> None:
+    """One page: each check's status and message, and the PSI of every feature."""
+    colour = {"ok": "#2e7d32", "skipped": "#757575", "warn": "#ef6c00", "fail": "#c62828"}
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td style='color:{colour[c['status']]}'><b>{c['status']}</b></td>"
+        f"<td>{_shown(c['value'])}</td><td>{html.escape(c['message'])}</td></tr>"
+        for name, c in report["checks"].items()
+    )
+    psi = report["checks"]["drift"].get("psi", {})
+    bars = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{v:.4f}</td><td><div style='background:#1565c0;height:10px;"
+        f"width:{min(v, 1.0) * 400:.0f}px'></div></td></tr>"
+        for n, v in sorted(psi.items(), key=lambda kv: -kv[1])
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "<!doctype html><meta charset='utf-8'><title>recsys monitor</title>"
+        f"<h1>Monitor: {report['status']}</h1><p>{report['answers']} answers, "
+        f"{html.escape(report['window']['from'])} to {html.escape(report['window']['to'])}, "
+        f"bundle {html.escape(str(report['bundle_version']))}</p>"
+        f"<table border=1 cellpadding=4><tr><th>check</th><th>status</th><th>value</th><th>detail</th></tr>"
+        f"{rows}</table><h2>Feature drift (PSI, served vs training set)</h2>"
+        f"<table cellpadding=2>{bars}</table>\n"
+    )
+
+
+def _shown(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.monitor", description=__doc__)
+    CONTRACT.add_path_options(parser)
+    parser.add_argument("--request-log", default=None, help="default: serving.request_log.uri")
+    parser.add_argument("--no-bundle", action="store_true", help="skip the checks that need the bundle")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = CONTRACT.load(args.params)
+    paths = CONTRACT.paths(args)
+    if args.no_bundle:
+        paths["bundle_dir"] = None
+    report = run(params.monitor, params.serving, request_log_uri=args.request_log, **paths)
+    failed = [name for name, check in report["checks"].items() if check["status"] == "fail"]
+    if failed and params.monitor.stop_on_fail:
+        print(f"monitor: failed checks {failed} (monitor.stop_on_fail): see {args.output}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The request log's rows and files (written by serving/request_log.py, read by the monitor step): one
+schema, one file layout, one reader, so the server and the monitor cannot disagree about either.
+
+```
+<uri>/date=2026-12-06/T101500Z-<host>-<pid>-000001.parquet
+```
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys.object_store import LocalStore, ObjectStore, open_store
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("endpoint", pa.string(), nullable=False),  # retrieval | ranking | recommend
+        pa.field("user_id", pa.int64()),  # null: a retrieval request with features only
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("bundle_version", pa.string(), nullable=False),
+        pa.field("item_ids", pa.list_(pa.int64()), nullable=False),  # in served order: position = index
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("candidates", pa.int32(), nullable=False),  # ranked (recommend) or given (ranking)
+        pa.field("source", pa.string(), nullable=False),  # model | popular
+        pa.field("cold_start", pa.bool_(), nullable=False),
+        pa.field("degraded", pa.bool_(), nullable=False),  # the online store was down: defaults used
+        pa.field("features", pa.string()),  # the user features used, JSON; null when not sampled
+    ]
+)
+PARTITION = "date="
+SUFFIX = ".parquet"
+
+
+def store_for(uri: str) -> ObjectStore:
+    """``s3://bucket/prefix``, ``file:///folder`` or a plain folder path."""
+    if "://" in uri:
+        return open_store(uri)
+    return LocalStore(Path(uri))
+
+
+def records_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as RECORD_SCHEMA's table; ``features`` dicts become JSON (numpy values as lists/numbers)."""
+    columns: dict[str, list[Any]] = {field.name: [] for field in RECORD_SCHEMA}
+    for row in rows:
+        for name, column in columns.items():
+            value = row.get(name)
+            if name == "features" and value is not None:
+                value = json.dumps(value, default=_plain, separators=(",", ":"))
+            column.append(value)
+    columns["time"] = [datetime.fromtimestamp(t, UTC) for t in columns["time"]]
+    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+
+
+def read_request_log(uri: str, since: datetime | None = None) -> pa.Table:
+    """Every row under ``uri`` (from ``since`` on, when given) as RECORD_SCHEMA's table; empty when
+    nothing was logged. Day partitions before ``since`` are not read."""
+    store = store_for(uri)
+    first = f"{PARTITION}{since:%Y-%m-%d}" if since is not None else ""
+    tables = [RECORD_SCHEMA.empty_table()]
+    for key in store.keys(PARTITION):
+        if key.endswith(SUFFIX) and key.split("/", 1)[0] >= first:
+            data = store.get_bytes(key)
+            if data is not None:
+                tables.append(pq.read_table(io.BytesIO(data), schema=RECORD_SCHEMA))
+    table = pa.concat_tables(tables)
+    if since is not None:
+        table = table.filter(
+            pc.greater_equal(table["time"], pa.scalar(since, RECORD_SCHEMA.field("time").type))
+        )
+    return table
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

@@ -1,0 +1,252 @@
+"""The monitor step (components/monitor.py) on traffic answered by the real models: clean traffic raises
+no alarm; a shifted feature is found and named; degraded answers, a stale index and old embeddings are
+caught; served CTR is attributed from later clicks; too little traffic is a skip, said so; the results
+reach Prometheus' text format and the step's exit code."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
+from components import monitor as step
+from serving.request_log import RequestLog
+from tests.conftest import offline_serving_params, request_log_config, small_serving_bundle
+from tests.synthetic_bundle import synthetic_training_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = 240  # answered users per scenario
+
+
+@pytest.fixture(scope="module")
+def params():
+    return offline_serving_params()
+
+
+@pytest.fixture(scope="module")
+def world(params, tmp_path_factory):
+    """A trained bundle, the training set it was trained on (the reference), raw events and the models."""
+    from serving.server import build_models
+
+    root = tmp_path_factory.mktemp("monitor")
+    bundle = small_serving_bundle(params, root)
+    train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
+    training_dir = root / "training"
+    training_dir.mkdir()
+    train.to_parquet(training_dir / "ranking_train.parquet")
+    models = {m.name: m for m in build_models(bundle, params.serving, params.feast)}
+    return {"root": root, "bundle": bundle, "train": train, "training_dir": training_dir, "models": models}
+
+
+def serve(world, log_dir: Path, change=None, degraded_share: float = 0.0) -> None:
+    """``SERVED`` retrieval answers for training rows' users, their features given in the request (as an
+    online store would have served them), optionally changed; logged to ``log_dir``."""
+    models = world["models"]
+    rows = world["train"].sample(n=SERVED, random_state=3)
+    names = [n for n in models["retrieval"].recommender.user_feature_names if n in rows and n != "user_id"]
+    log = RequestLog(request_log_config(log_dir))
+    for model in models.values():
+        model.request_log = log
+    instances = []
+    for _, row in rows.iterrows():
+        features = {n: (row[n].tolist() if isinstance(row[n], np.ndarray) else row[n]) for n in names}
+        features = {n: (v.item() if isinstance(v, np.generic) else v) for n, v in features.items()}
+        instances.append(
+            {"user_id": int(row["user_id"]), "features": change(features) if change else features}
+        )
+    for start in range(0, len(instances), 8):
+        models["retrieval"].answer({"instances": instances[start : start + 8]})
+    log.flush()
+    if degraded_share:
+        _mark_degraded(log_dir, degraded_share)
+
+
+def _mark_degraded(log_dir: Path, share: float) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in log_dir.rglob("*.parquet"):
+        table = pq.read_table(path)
+        flags = np.arange(len(table)) < int(share * len(table))
+        table = table.set_column(table.schema.get_field_index("degraded"), "degraded", pa.array(flags))
+        pq.write_table(table, path)
+
+
+def write_events(world, raw_dir: Path, extra: pd.DataFrame | None = None) -> Path:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    events = world["train"][["user_id", "item_id", "event_timestamp", "label"]]
+    if extra is not None:
+        events = pd.concat([events, extra], ignore_index=True)
+    events.to_parquet(raw_dir / "events.parquet")
+    return raw_dir
+
+
+def check(params, world, log_dir: Path, raw_dir: Path, name: str, bundle: Path | None = None, **changes):
+    monitor = params.monitor.model_copy(update=changes)
+    out = world["root"] / name
+    return step.run(
+        monitor,
+        params.serving,
+        raw_dir=raw_dir,
+        training_dir=world["training_dir"],
+        bundle_dir=world["bundle"] if bundle is None else bundle,
+        output=out / "monitor.json",
+        textfile=out / "monitor.prom",
+        report_file=out / "monitor.html",
+        request_log_uri=str(log_dir),
+    )
+
+
+def test_clean_traffic_raises_no_alarm_and_reaches_prometheus_text(params, world, tmp_path):
+    serve(world, tmp_path / "log")
+    report = check(params, world, tmp_path / "log", write_events(world, tmp_path / "raw"), "clean")
+    statuses = {name: c["status"] for name, c in report["checks"].items()}
+    assert report["status"] == "ok", {n: c["message"] for n, c in report["checks"].items()}
+    assert statuses["traffic"] == statuses["drift"] == statuses["online_recall"] == "ok"
+    assert report["answers"] == SERVED and report["checks"]["drift"]["value"] < params.monitor.psi.warn
+    assert set(report["checks"]["drift"]["psi"]) >= {"age_bucket", "gender", "hist_item_ids"}
+    assert report["checks"]["online_recall"]["value"] >= params.monitor.online_recall.warn
+    assert statuses["outcomes"] == "skipped"  # the events end in 2026-06, the answers are now
+    text = (world["root"] / "clean" / "monitor.prom").read_text()
+    assert 'recsys_monitor_check_status{check="drift"} 0.0' in text
+    assert 'recsys_monitor_feature_psi{feature="age_bucket"}' in text
+    assert json.loads((world["root"] / "clean" / "monitor.json").read_text())["status"] == "ok"
+    assert "<h1>Monitor: ok</h1>" in (world["root"] / "clean" / "monitor.html").read_text()
+
+
+def test_a_shifted_feature_is_found_and_named(params, world, tmp_path):
+    def older(features: dict) -> dict:
+        return features | {"age_bucket": features["age_bucket"] + 20}
+
+    serve(world, tmp_path / "log", change=older)
+    report = check(params, world, tmp_path / "log", write_events(world, tmp_path / "raw"), "drift")
+    drift = report["checks"]["drift"]
+    assert drift["status"] == "fail" and drift["feature"] == "age_bucket"
+    assert "age_bucket" in drift["message"] and report["status"] == "fail"
+    assert all(v < params.monitor.psi.warn for n, v in drift["psi"].items() if n != "age_bucket")
+
+
+def test_a_stale_online_store_shows_as_drift_in_the_sequences(params, world, tmp_path):
+    """A store that stopped updating serves each user's history as it was long ago: short lists."""
+
+    def stale(features: dict) -> dict:
+        return features | {"hist_item_ids": features["hist_item_ids"][:2], "hist_length": 2}
+
+    serve(world, tmp_path / "log", change=stale)
+    report = check(params, world, tmp_path / "log", write_events(world, tmp_path / "raw"), "stale")
+    psi = report["checks"]["drift"]["psi"]
+    assert report["checks"]["drift"]["status"] == "fail"
+    assert psi["hist_item_ids"] >= params.monitor.psi.fail and psi["hist_length"] >= params.monitor.psi.fail
+
+
+def test_degraded_answers_fail_and_are_left_out_of_the_drift(params, world, tmp_path):
+    serve(world, tmp_path / "log", degraded_share=0.5)
+    report = check(params, world, tmp_path / "log", write_events(world, tmp_path / "raw"), "degraded")
+    degraded = report["checks"]["degraded_answers"]
+    assert degraded["status"] == "fail" and degraded["value"] == pytest.approx(0.5)
+    assert report["checks"]["drift"]["status"] == "ok"
+
+
+def test_items_the_index_lacks_and_old_embeddings_are_caught(params, world, tmp_path):
+    serve(world, tmp_path / "log")
+    start = world["train"]["event_timestamp"].max()
+    new_items = pd.DataFrame(
+        {
+            "user_id": np.int64(1),
+            "item_id": np.arange(10_001, 10_011, dtype=np.int64),
+            "event_timestamp": start + pd.to_timedelta(np.arange(10), unit="h"),
+            "label": np.int64(0),
+        }
+    )
+    raw = write_events(world, tmp_path / "raw", new_items)
+    now = datetime.now(UTC) + timedelta(hours=100)
+    monitor = params.monitor.model_copy(update={"window_hours": 200})
+    out = tmp_path / "out"
+    report = step.run(
+        monitor,
+        params.serving,
+        raw,
+        world["training_dir"],
+        world["bundle"],
+        out / "m.json",
+        out / "m.prom",
+        out / "m.html",
+        now=now,
+        request_log_uri=str(tmp_path / "log"),
+    )
+    coverage, age = report["checks"]["index_coverage"], report["checks"]["embedding_age"]
+    assert coverage["missing_items"] == 10 and coverage["status"] == "fail"
+    assert age["status"] == "fail" and age["value"] > 100
+
+
+def test_served_ctr_counts_clicks_on_served_items_within_the_window(params, world, tmp_path):
+    log_dir = tmp_path / "log"
+    log = RequestLog(request_log_config(log_dir))
+    world["models"]["recommend"].request_log = log
+    users = world["train"]["user_id"].drop_duplicates().head(60).tolist()
+    answers = world["models"]["recommend"].answer(
+        {"instances": [{"user_id": int(u), "n": 5} for u in users[:8]]}
+    )
+    for start in range(8, len(users), 8):
+        world["models"]["recommend"].answer(
+            {"instances": [{"user_id": int(u), "n": 5} for u in users[start : start + 8]]}
+        )
+    log.flush()
+    first = answers["predictions"][0]
+    soon = pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1)
+    late = pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=30)
+    clicks = pd.DataFrame(
+        {
+            "user_id": np.int64(first["user_id"]),
+            "item_id": np.asarray(first["item_ids"][:3], dtype=np.int64),
+            "event_timestamp": [soon, soon, late],  # the third is past the 24 h attribution window
+            "label": np.int64(1),
+        }
+    )
+    raw = write_events(world, tmp_path / "raw", clicks)
+    report = check(params, world, log_dir, raw, "ctr", min_answers=10)
+    outcomes = report["checks"]["outcomes"]
+    served = 5 * len(users)
+    assert outcomes["status"] == "ok" and outcomes["value"] == pytest.approx(2 / served)
+    version = first["bundle_version"]
+    assert outcomes["ctr_by_version"] == {version: pytest.approx(2 / served)}
+    assert 0 < outcomes["coverage"][version] <= 1
+
+
+def test_too_little_traffic_is_skipped_and_says_so(params, world, tmp_path):
+    report = check(params, world, tmp_path / "nothing", write_events(world, tmp_path / "raw"), "quiet")
+    traffic = report["checks"]["traffic"]
+    assert traffic["status"] == "skipped" and "fewer than monitor.min_answers" in traffic["message"]
+    assert report["checks"]["drift"]["status"] == "skipped" and report["status"] == "ok"
+
+
+def test_population_stability_is_zero_for_the_same_sample_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    reference = pd.Series(rng.normal(size=5_000))
+    assert step.population_stability(reference, reference, 10) == pytest.approx(0.0, abs=1e-9)
+    assert step.population_stability(reference, reference + 0.1, 10) < 0.05
+    assert step.population_stability(reference, reference + 1.0, 10) > 0.5
+    colours = pd.Series(["red"] * 50 + ["blue"] * 50)
+    assert step.population_stability(colours, pd.Series(["green"] * 100), 10) > 1.0
+
+
+def test_a_failed_check_exits_1_with_stop_on_fail(params, world, tmp_path, monkeypatch):
+    from tests.conftest import write_params
+
+    serve(world, tmp_path / "log", degraded_share=1.0)
+    raw = write_events(world, tmp_path / "raw")
+    common = [
+        "--raw-dir", str(raw), "--training-dir", str(world["training_dir"]),
+        "--bundle-dir", str(world["bundle"]),
+        "--output", str(tmp_path / "m.json"), "--textfile", str(tmp_path / "m.prom"),
+        "--report-file", str(tmp_path / "m.html"), "--request-log", str(tmp_path / "log"),
+    ]  # fmt: skip
+    stop = write_params(tmp_path / "stop.yaml", {"serving.online_store": False})
+    go_on = write_params(tmp_path / "go.yaml", {"serving.online_store": False, "monitor.stop_on_fail": False})
+    assert step.main(["--params", str(stop), *common]) == 1
+    assert step.main(["--params", str(go_on), *common]) == 0
