@@ -5,7 +5,10 @@ Two runners, the same compiled DAG:
 - ``subprocess`` (default): ``kfp.local.SubprocessRunner`` runs each lightweight component as a subprocess
   of this Python (no containers, no per-task venv: the project and kfp are already installed here, which
   is what ``install_kfp_package=False`` expects). The subprocesses inherit the working directory and
-  environment, so the run happens from the repository root with it on ``PYTHONPATH``, like ``dvc repro``.
+  environment, so the run happens from the repository root with it on ``PYTHONPATH``, like ``dvc repro``,
+  but with its own Feast registry and online store in ``<pipeline_root>/feast``
+  (``$FEAST_FS_YAML_FILE_PATH``): a run on another preset must not overwrite the store that
+  ``dvc repro`` filled and ``python -m serving`` reads (a tiny run used to replace users 1-400 there).
 - ``docker``: ``kfp.local.DockerRunner`` runs every task in the project's built image, as the cluster
   does (``make images`` first): non-root, the code and Feast repo from the image, artifacts passed by KFP
   through the pipeline root mounted into each container. The GPU training image is not needed: there is
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from feast.constants import FEAST_FS_YAML_FILE_PATH_ENV_NAME as FEAST_YAML_ENV
 
 from recsys import artifact_layout as layout
 from recsys.config import Params, load_params
@@ -72,7 +76,11 @@ def run_local(
     else:
         raise LocalRunError(f"run-local: unknown runner {runner!r} (subprocess or docker)")
     local.init(runner=local_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
-    where = _from_repository_root() if runner == "subprocess" else contextlib.nullcontext()
+    where = (
+        _from_repository_root(shared_feast_store(pipeline_root / "feast"))
+        if runner == "subprocess"
+        else contextlib.nullcontext()
+    )
     with where, warnings.catch_warnings():
         # the tasks name the pipeline image; here this venv *is* that image's environment, on purpose
         warnings.filterwarnings(
@@ -110,7 +118,7 @@ def docker_runner(params: Params, pipeline_root: Path) -> Any:
     pipeline_root.mkdir(parents=True, exist_ok=True)
     feast_yaml = shared_feast_store(pipeline_root / "feast")
     user = _container_user(pipeline_root)
-    environment = {"FEAST_FS_YAML_FILE_PATH": str(feast_yaml), "HOME": "/tmp"}
+    environment = {FEAST_YAML_ENV: str(feast_yaml), "HOME": "/tmp"}
     return local.DockerRunner(user=user, environment=environment)
 
 
@@ -138,16 +146,20 @@ def _container_user(pipeline_root: Path) -> str:
 
 
 @contextlib.contextmanager
-def _from_repository_root() -> Iterator[None]:
-    """cwd = repository root and it on PYTHONPATH for the task subprocesses; restored afterwards."""
-    previous_cwd, previous_path = Path.cwd(), os.environ.get("PYTHONPATH")
+def _from_repository_root(feast_yaml: Path) -> Iterator[None]:
+    """cwd = repository root and it on PYTHONPATH for the task subprocesses, with the run's own Feast store
+    (``feast_yaml``); all restored afterwards."""
+    previous_cwd = Path.cwd()
+    previous = {name: os.environ.get(name) for name in ("PYTHONPATH", FEAST_YAML_ENV)}
     os.chdir(REPO_ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), previous_path]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), previous["PYTHONPATH"]]))
+    os.environ[FEAST_YAML_ENV] = str(feast_yaml)
     try:
         yield
     finally:
         os.chdir(previous_cwd)
-        if previous_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous_path
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
