@@ -1,8 +1,11 @@
 """Monitor step: what the deployed model did, from the request log, checked before the next training.
 
-Reads the request log's last ``monitor.window_hours`` (serving/request_log.py), the raw events and items,
-the training set the next model will learn from (the reference distribution) and the served bundle, and
-checks:
+Reads the request log's last ``monitor.window_hours`` (serving/request_log.py), the raw events, the
+training set the next model will learn from and the served bundle. The reference distribution is the
+training set's most recent split (``monitor.reference_split``: ``test`` by default, the latest period the
+offline pipeline saw; the deployed model was refit on the splits before it): users' histories and
+activity move with time, so the first months of the training data would show drift in clean traffic.
+It checks:
 
 - ``traffic``: enough logged answers to judge (else the traffic checks are skipped, and say so);
 - ``drift``: per user feature, the population stability index (PSI) of the values the server used
@@ -10,6 +13,13 @@ checks:
   categories as the most frequent ones + "other"), and the Kolmogorov-Smirnov statistic of dense ones.
   Rows answered on defaults (degraded, or users the store does not know) are left out: they are counted
   by their own checks. A shifted feature or a stale online store shows here, named;
+- ``skew``: for a sample of answers, the user features recomputed offline by Feast's point-in-time join
+  (``get_historical_features``, as the training set is built) against the values the server used:
+  the match rate per feature and its largest error. The join is asked as of the request time, or as of
+  the end of the offline data when the request came later (a replayed dataset, a late pipeline): what is
+  compared is the online store against the offline store on the same data; how old that data is shows
+  separately (``data_lag_hours``). A stale online store (not materialized after new rows arrived) shows
+  here, named;
 - ``empty_answers`` and ``degraded_answers``: their rates by bundle version;
 - ``online_recall``: logged queries (the user features of the answers) re-run through the bundle's user
   tower, the served ANN index against exact search over the same item embeddings: recall@``recall_k``;
@@ -33,6 +43,7 @@ import html
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,11 +51,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.stats import ks_2samp
 
 from recsys.artifact_io import write_json
-from recsys.config import Limits, MonitorConfig, ServingConfig
+from recsys.config import FeastConfig, FeaturesConfig, Limits, MonitorConfig, ServingConfig, TrainingSetConfig
 from recsys.monitor_metrics import export
 from recsys.step_contract import STEPS
 
@@ -68,8 +80,10 @@ def run(
     report_file: Path,
     now: datetime | None = None,
     request_log_uri: str | None = None,
+    offline: OfflineFeatures | None = None,
 ) -> dict[str, Any]:
-    """Check the logged traffic; write the report files; the report."""
+    """Check the logged traffic; write the report files; the report. ``offline`` (the Feast store and
+    feature tables) enables the skew check."""
     from recsys.request_records import read_request_log
 
     now = now or datetime.now(UTC)
@@ -80,18 +94,19 @@ def run(
     checks["traffic"] = _check_traffic(answers, monitor, uri)
     enough = checks["traffic"]["status"] == "ok"
     gauges["recsys_monitor_logged_answers"] = [({}, float(len(answers)))]
-    reference = pd.read_parquet(training_dir / "ranking_train.parquet")
+    reference = pd.read_parquet(training_dir / f"ranking_{monitor.reference_split}.parquet")
     bundle = _load_bundle(bundle_dir) if bundle_dir is not None else None
     served_features = _served_features(answers) if enough else pd.DataFrame()
     if enough:
         checks["drift"] = _check_drift(served_features, reference, monitor, gauges)
+        checks["skew"] = _check_skew(answers, offline, monitor, gauges)
         for name, column in (("empty_answers", "empty"), ("degraded_answers", "degraded")):
             checks[name] = _check_rate(answers, column, monitor, gauges)
     else:
         checks |= {
             name: _skipped("too few answers") for name in ("drift", "empty_answers", "degraded_answers")
         }
-    types = pq.read_schema(training_dir / "ranking_train.parquet")
+    types = pq.read_schema(training_dir / f"ranking_{monitor.reference_split}.parquet")
     checks["online_recall"] = _check_online_recall(served_features, types, bundle, monitor, gauges)
     checks["index_coverage"] = _check_index_coverage(raw_dir, bundle, monitor, gauges, now)
     checks["embedding_age"] = _check_embedding_age(bundle, monitor, gauges, now)
@@ -159,6 +174,121 @@ def _check_drift(
         else f"largest PSI {psi[worst]:.3f} ({worst}) over {len(psi)} features, {len(served)} answers"
     )
     return {"status": status, "value": psi[worst], "feature": worst, "psi": psi, "message": message}
+
+
+@dataclass(frozen=True)
+class OfflineFeatures:
+    """What the skew check recomputes features with: the Feast store and repo, and the feature tables."""
+
+    feast: FeastConfig
+    features: FeaturesConfig
+    training_set: TrainingSetConfig
+    features_dir: Path
+
+
+def _check_skew(
+    answers: pd.DataFrame, offline: OfflineFeatures | None, monitor: MonitorConfig, gauges: Gauges
+) -> dict[str, Any]:
+    if offline is None:
+        return _skipped("no Feast store and feature tables given")
+    usable = answers.loc[
+        answers["features"].notna()
+        & ~answers["degraded"]
+        & answers["user_id"].notna()
+        & ~answers["cold_start"]
+    ]
+    if usable.empty:
+        return _skipped("no logged answer with its features and a known user")
+    sample = usable.sample(n=min(len(usable), monitor.skew_sample), random_state=0).reset_index(drop=True)
+    recomputed, data_end = _point_in_time(sample, offline)
+    served = pd.DataFrame([json.loads(text) for text in sample["features"]])
+    names = [n for n in served.columns if n in recomputed.columns and n != "user_id"]
+    rates: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    for name in names:
+        same, error = _agreement(served[name], recomputed[name])
+        rates[name], errors[name] = float(same.mean()), error
+    gauges["recsys_monitor_skew_match_rate"] = [({"feature": n}, r) for n, r in rates.items()]
+    if not rates:
+        return _skipped("no logged user feature is a Feast feature")
+    worst = min(rates, key=lambda n: rates[n])
+    lag_h = max((sample["time"].max() - data_end).total_seconds() / 3600, 0.0)
+    below = sorted((n for n, r in rates.items() if r <= monitor.skew_match_rate.warn), key=lambda n: rates[n])
+    detail = ", ".join(f"{n} {rates[n]:.1%} (largest error {errors[n]:.4g})" for n in below)
+    return {
+        "status": _lower_is_worse(rates[worst], monitor.skew_match_rate),
+        "value": rates[worst],
+        "feature": worst,
+        "match_rate": rates,
+        "largest_error": errors,
+        "data_lag_hours": round(lag_h, 1),
+        "message": (
+            f"features served unlike the offline store: {detail}"
+            if below
+            else f"every feature matches the offline store in at least {rates[worst]:.1%}"
+        )
+        + f" of {len(sample)} answers; the offline data ends {lag_h:.0f} h before the last answer",
+    }
+
+
+def _point_in_time(sample: pd.DataFrame, offline: OfflineFeatures) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """The answers' user features as Feast's offline join gives them, as of each answer's time (or the
+    end of the offline data, when later), in ``sample``'s row order; and that end."""
+    import functools
+
+    from recsys.contracts import FEATURE_TABLE_KEYS
+    from recsys.feature_store import feature_repo, open_feature_store, read_feature_table
+    from recsys.point_in_time import historical_features
+
+    sources = {name: read_feature_table(offline.features_dir, name) for name in FEATURE_TABLE_KEYS}
+    data_end = max(pd.Timestamp(pc.max(table["event_timestamp"]).as_py()) for table in sources.values())
+    entity_df = pd.DataFrame(
+        {
+            "row_id": np.arange(len(sample), dtype=np.int64),
+            "user_id": sample["user_id"].astype(np.int64).to_numpy(),
+            "item_id": [int(items[0]) if len(items) else 0 for items in sample["item_ids"]],
+            "event_timestamp": sample["time"].clip(upper=data_end).to_numpy(),
+            "label": np.zeros(len(sample), dtype=np.int64),
+        }
+    )
+    build_repo = functools.partial(feature_repo, offline.feast, offline.features)
+    frame, _ = historical_features(
+        open_feature_store(offline.feast),
+        entity_df,
+        "retrieval",
+        sources,
+        build_repo,
+        offline.training_set.chunk_rows,
+        offline.training_set.call_rows,
+    )
+    return frame.sort_values("row_id", ignore_index=True), data_end
+
+
+def _agreement(served: pd.Series, offline: pd.Series) -> tuple[np.ndarray, float]:
+    """Whether each served value equals the offline one (numbers to 1e-6 relative, lists element-wise,
+    the rest as text), and the largest absolute difference of numbers (lists: of lengths)."""
+    pairs = list(zip(served.tolist(), offline.tolist(), strict=True))
+    same = np.fromiter((_equal(a, b) for a, b in pairs), dtype=bool, count=len(pairs))
+    differences = [_difference(a, b) for a, b in pairs]
+    return same, float(max(differences, default=0.0))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple | np.ndarray) or isinstance(b, list | tuple | np.ndarray):
+        return [str(x) for x in list(a if a is not None else [])] == [
+            str(x) for x in list(b if b is not None else [])
+        ]
+    if isinstance(a, int | float) and isinstance(b, int | float | np.number):
+        return bool(abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b))))
+    return str(a) == str(b)
+
+
+def _difference(a: Any, b: Any) -> float:
+    if isinstance(a, list | tuple | np.ndarray) or isinstance(b, list | tuple | np.ndarray):
+        return float(abs(len(a if a is not None else []) - len(b if b is not None else [])))
+    if isinstance(a, int | float) and isinstance(b, int | float | np.number):
+        return abs(float(a) - float(b))
+    return 0.0
 
 
 def _check_rate(
@@ -446,7 +576,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = CONTRACT.paths(args)
     if args.no_bundle:
         paths["bundle_dir"] = None
-    report = run(params.monitor, params.serving, request_log_uri=args.request_log, **paths)
+    features_dir = paths.pop("features_dir")
+    offline = (
+        OfflineFeatures(params.feast, params.features, params.training_set, features_dir)
+        if features_dir.is_dir()
+        else None
+    )
+    report = run(params.monitor, params.serving, request_log_uri=args.request_log, offline=offline, **paths)
     failed = [name for name, check in report["checks"].items() if check["status"] == "fail"]
     if failed and params.monitor.stop_on_fail:
         print(f"monitor: failed checks {failed} (monitor.stop_on_fail): see {args.output}")

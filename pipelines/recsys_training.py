@@ -129,9 +129,14 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         with_feast_config(online, params, in_cluster=scheduled)
         # the served traffic, checked before anything trains on the new data (reads the world: never cached)
         monitoring = step(
-            monitor_op(config=config["monitor"], raw=raw, training_sets=training_sets), "monitor", cache=False
+            monitor_op(
+                config=config["monitor"], raw=raw, features=feature_tables, training_sets=training_sets
+            ),
+            "monitor",
+            cache=False,
         )
         with_object_store(monitoring, params)
+        with_feast_config(monitoring, params, in_cluster=scheduled)
         validate_training = step(
             validate_op(config=config["validate"], target="training", data=training_sets),
             "validate-training-set",

@@ -150,13 +150,15 @@ def training_set(
 def monitor(
     config: str,
     raw: Input[Dataset],
+    features: Input[Dataset],
     training_sets: Input[Dataset],
     report: Output[HTML],
     checks: Output[Metrics],
 ) -> str:
     """Check the served traffic before training (components/monitor.py): the request log
     (``serving.request_log.uri``, an ``s3://`` prefix in the cluster) against the run's training set, and
-    the bundle current in the promote store (nothing promoted yet: its checks are skipped). A failed check
+    the bundle current in the promote store (nothing promoted yet: its checks are skipped); the skew
+    check recomputes served features with Feast's offline store over the run's feature tables. A failed check
     with ``monitor.stop_on_fail`` fails the task, so the run stops before training. Returns the status."""
     import tempfile
     from pathlib import Path
@@ -167,6 +169,7 @@ def monitor(
     from recsys.step_contract import STEPS, step_params_from_json
 
     params = step_params_from_json(config, STEPS["monitor"])
+    offline = step.OfflineFeatures(params.feast, params.features, params.training_set, Path(features.path))
     with tempfile.TemporaryDirectory() as scratch:
         bundle_dir = fetch_promoted(open_store(params.promote.uri), Path(scratch) / "bundle")
         result = step.run(
@@ -178,6 +181,7 @@ def monitor(
             output=Path(checks.path),
             textfile=Path(scratch) / "monitor.prom",
             report_file=Path(report.path),
+            offline=offline,
         )
     publish_metrics(checks.path, checks)
     failed = [name for name, check in result["checks"].items() if check["status"] == "fail"]

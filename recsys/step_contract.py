@@ -216,11 +216,12 @@ STEPS: dict[str, StepContract] = _steps(
     # before training: the served traffic against the training set the next model learns from
     StepContract(
         "monitor",
-        ("monitor", "serving", "promote"),
-        inputs=("raw", "training_sets"),
+        ("monitor", "serving", "promote", "feast", "features", "training_set"),
+        inputs=("raw", "features", "training_sets"),
         outputs=("report", "checks"),
         reads={
             "raw_dir": layout.RAW_DIR,
+            "features_dir": layout.FEATURES_DIR,
             "training_dir": layout.TRAINING_DIR,
             "bundle_dir": layout.BUNDLE_DIR,
         },

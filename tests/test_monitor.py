@@ -38,7 +38,7 @@ def world(params, tmp_path_factory):
     train = synthetic_training_frame(60, 80, 1_000, params.features.stats_windows_days, seed=1)
     training_dir = root / "training"
     training_dir.mkdir()
-    train.to_parquet(training_dir / "ranking_train.parquet")
+    train.to_parquet(training_dir / f"ranking_{params.monitor.reference_split}.parquet")
     models = {m.name: m for m in build_models(bundle, params.serving, params.feast)}
     return {"root": root, "bundle": bundle, "train": train, "training_dir": training_dir, "models": models}
 

@@ -256,3 +256,60 @@ def test_the_probe_table_against_the_live_server(server, pipeline):
     failed = [(o.case.name, o.status, o.text[:200]) for o in outcomes if not o.ok]
     assert not failed, failed
     assert len(outcomes) >= 25
+
+
+def test_the_monitor_on_the_live_server_finds_a_stale_online_store(pipeline, tiny_pipeline, tmp_path):
+    """Served traffic checked end to end: the server's request log, Feast's offline point-in-time join of
+    the same users, the real bundle. As served, the user profiles equal the offline ones; after newer
+    profile rows reach the offline tables but not the online store (a missed materialization), the skew
+    check fails on those features and names them."""
+    import shutil
+
+    from components import monitor
+    from recsys.config import load_params
+
+    params = load_params(pipeline["params_file"])
+    log_dir = tmp_path / "request_log"
+    users = pipeline["test"]["user_id"].sample(n=120, replace=True, random_state=0).astype(int).tolist()
+    port = free_port()
+    process = start_server(pipeline["bundle"], pipeline["params_file"], port, ["--request_log", str(log_dir)])
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for start in range(0, len(users), 8):
+                body = {"instances": [{"user_id": u} for u in users[start : start + 8]]}
+                assert http.post("/v1/models/recommend:predict", json=body).status_code == 200
+    finally:
+        stop_server(process)  # the request log is written on SIGTERM
+
+    def check(features_dir: Path, name: str) -> dict:
+        offline = monitor.OfflineFeatures(params.feast, params.features, params.training_set, features_dir)
+        return monitor.run(
+            params.monitor.model_copy(update={"min_answers": 50}),
+            params.serving,
+            tiny_pipeline / "data" / "raw",
+            tiny_pipeline / "data" / "training",
+            pipeline["bundle"],
+            tmp_path / name / "monitor.json",
+            tmp_path / name / "monitor.prom",
+            tmp_path / name / "monitor.html",
+            request_log_uri=str(log_dir),
+            offline=offline,
+        )
+
+    features = tiny_pipeline / "data" / "features"
+    served = check(features, "served")
+    skew = served["checks"]["skew"]
+    assert served["answers"] == len(users) and served["checks"]["online_recall"]["status"] == "ok"
+    profile = ("gender", "age_bucket", "occupation", "zip_prefix")
+    assert all(skew["match_rate"][name] == 1.0 for name in profile), skew["match_rate"]
+
+    stale = tmp_path / "features"
+    shutil.copytree(features, stale)
+    table = pd.read_parquet(stale / "user_profile.parquet")
+    end = max(pd.read_parquet(features / f"{n}.parquet")["event_timestamp"].max() for n in ("user_stats",))
+    moved = table.assign(zip_prefix="zzz", event_timestamp=end)  # every user moved, one row newer each
+    pd.concat([table, moved], ignore_index=True).to_parquet(stale / "user_profile.parquet")
+    found = check(stale, "stale")["checks"]["skew"]
+    assert found["status"] == "fail" and found["feature"] == "zip_prefix"
+    assert found["match_rate"]["zip_prefix"] == 0.0 and "zip_prefix" in found["message"]
+    assert found["match_rate"]["gender"] == 1.0

@@ -554,8 +554,13 @@ class MonitorConfig(Section):
 
     window_hours: float = Field(gt=0)  # the request log's last hours are checked
     min_answers: int = Field(ge=1)  # fewer logged answers: the traffic checks are skipped
+    reference_split: Literal["train", "valid", "test"]  # the training set's split served features face
     psi: Limits  # population stability index per user feature, served vs the training set (higher: worse)
     psi_bins: int = Field(ge=2, le=100)  # quantile bins of a numeric feature; top categories + "other"
+    skew_match_rate: (
+        Limits  # served feature values equal to Feast's offline point-in-time ones (lower: worse)
+    )
+    skew_sample: int = Field(ge=1)  # logged answers whose features are recomputed offline
     empty_rate: Limits  # answers with no items (higher: worse)
     degraded_rate: Limits  # answers on default features, online store down (higher: worse)
     online_recall: Limits  # the served ANN index's recall@recall_k vs exact search (lower: worse)

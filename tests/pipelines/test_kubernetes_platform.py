@@ -17,7 +17,7 @@ from components.launch_training import TRAINING_VOLUME_PATH
 from pipelines.recsys_training import compile_pipeline
 from tests.conftest import REPO_ROOT, write_params
 
-FEAST_TASKS = {"training-set", "online-store"}
+FEAST_TASKS = {"training-set", "online-store", "monitor"}  # monitor: the skew check reads the offline store
 TRAIN_TASKS = {"train-two-tower", "train-multi-tower", "train-multi-tower-din", "train-dlrm"}
 GPU_TASKS = TRAIN_TASKS | {"search"}  # the optional search trains models too
 
