@@ -33,7 +33,7 @@ PIPELINE_IMAGE = PARAMS.pipeline.image
 SERVING_IMAGE = f"{PARAMS.deploy.image_repo}:{PARAMS.pipeline.image_tag}"
 IMAGE_UID = PARAMS.deploy.run_as_user
 TASKS = {
-    "configure", "ingest", "features", "validate", "validate-2", "training-set", "online-store",
+    "configure", "ingest", "features", "validate", "validate-2", "training-set", "monitor", "online-store",
     "train", "train-2", "train-3", "train-4", "evaluate", "export", "build-index", "bundle", "gate",
     "promote", "deploy",
 }  # fmt: skip
