@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 OTHER = "\x00other"  # the bucket of categories outside the reference's most frequent
 _EPS = 1e-4  # a bin's share floor in the PSI: an empty bin on one side is large, not infinite
+TRAFFIC_CHECKS = ("drift", "skew", "empty_answers", "degraded_answers")  # skipped without enough answers
 Gauges = dict[str, list[tuple[dict[str, str], float]]]  # name -> [(labels, value)]
 _RANK = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 
@@ -103,9 +104,7 @@ def run(
         for name, column in (("empty_answers", "empty"), ("degraded_answers", "degraded")):
             checks[name] = _check_rate(answers, column, monitor, gauges)
     else:
-        checks |= {
-            name: _skipped("too few answers") for name in ("drift", "empty_answers", "degraded_answers")
-        }
+        checks |= {name: _skipped("too few answers") for name in TRAFFIC_CHECKS}
     types = pq.read_schema(training_dir / f"ranking_{monitor.reference_split}.parquet")
     checks["online_recall"] = _check_online_recall(served_features, types, bundle, monitor, gauges)
     checks["index_coverage"] = _check_index_coverage(raw_dir, bundle, monitor, gauges, now)

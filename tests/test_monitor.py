@@ -222,7 +222,16 @@ def test_too_little_traffic_is_skipped_and_says_so(params, world, tmp_path):
     report = check(params, world, tmp_path / "nothing", write_events(world, tmp_path / "raw"), "quiet")
     traffic = report["checks"]["traffic"]
     assert traffic["status"] == "skipped" and "fewer than monitor.min_answers" in traffic["message"]
-    assert report["checks"]["drift"]["status"] == "skipped" and report["status"] == "ok"
+    assert all(report["checks"][name]["status"] == "skipped" for name in step.TRAFFIC_CHECKS)
+    assert list(report["checks"]) == [
+        "traffic",
+        *step.TRAFFIC_CHECKS,
+        "online_recall",
+        "index_coverage",
+        "embedding_age",
+        "outcomes",
+    ]
+    assert report["status"] == "ok"
 
 
 def test_population_stability_is_zero_for_the_same_sample_and_grows_with_a_shift():
