@@ -187,7 +187,9 @@ def test_failed_assemble_keeps_the_previous_bundle(tmp_path, bundle_dir):
 
 def test_failure_while_copying_leaves_no_bundle(tmp_path, monkeypatch):
     files = _sources(tmp_path / "src")
-    real_copy = bd._copy_and_hash
+    from recsys import bundle_assembly
+
+    real_copy = bundle_assembly._copy_and_hash
     copied = []
 
     def copy_then_fail(source, target):
@@ -196,7 +198,7 @@ def test_failure_while_copying_leaves_no_bundle(tmp_path, monkeypatch):
         copied.append(source)
         return real_copy(source, target)
 
-    monkeypatch.setattr(bd, "_copy_and_hash", copy_then_fail)
+    monkeypatch.setattr(bundle_assembly, "_copy_and_hash", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
         bd.assemble_bundle(files, tmp_path / "bundle", params_text=PARAMS_TEXT, metrics=METRICS)
     assert copied and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
