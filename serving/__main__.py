@@ -6,7 +6,9 @@ registry file when the online store is on (serving/online_features.py checks it 
 create an empty one). With ``serving.workers`` (or ``--workers``) above 1, the bundle is loaded and
 checked here once and the server processes are forked from this one (serving/workers.py); a worker that
 cannot start (the online store, say) ends the server with exit code 1 too. Every answer goes to the
-request log (``serving.request_log``; ``--request_log URI|off``), one set of files per process.
+request log (``serving.request_log``; ``--request_log URI|off``), one set of files per process. With
+``serving.index_swap.store_uri`` (or ``--index_swap_from URI``), each process polls that promote store
+and takes up a refreshed index (same models, more items) without a restart (serving/index_swap.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="answers logged to a folder or s3://bucket/prefix, or 'off' (default: serving.request_log)",
     )
+    parser.add_argument(
+        "--index_swap_from",
+        "--index-swap-from",
+        default=None,
+        help="promote store (s3://... or file:///...) polled for refreshed indexes, '' for off "
+        "(default: serving.index_swap.store_uri)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             params.serving.request_log.enabled = args.request_log != "off"
             if args.request_log != "off":
                 params.serving.request_log.uri = args.request_log
+        if args.index_swap_from is not None:
+            params.serving.index_swap.store_uri = args.index_swap_from
         from serving.request_log import open_request_log
         from serving.server import load_serving_bundle, models_from_bundle, serve, serve_forked
 

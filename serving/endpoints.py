@@ -7,6 +7,10 @@ by feature name ([B] each), and ``k`` / ``n`` / ``ranker`` as request parameters
 ``item_ids`` INT64 [B, W] and ``scores`` FP32 [B, W] (rows shorter than W padded with -1 / 0, the true
 length in ``counts`` INT64 [B]) with ``bundle_version`` in the response parameters. Both protocols are
 turned into the same validated instances (serving/schemas.py): a bad field is an HTTP 400 naming it.
+
+The bundle can be swapped while the server runs (serving/index_swap.py): each request takes one
+snapshot of it (``Recommender.snapshot``) and computes its answers from that snapshot only; each answer
+carries the snapshot's version, which is what the counters, the request log and the response report.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
@@ -26,6 +30,9 @@ from prometheus_client import Counter
 from serving.recommender import Recommender, Result
 from serving.request_log import RequestLog
 from serving.schemas import RequestError, RequestSchemas
+
+if TYPE_CHECKING:
+    from serving.index_swap import IndexSwap
 
 V2_PARAMETERS = ("k", "n", "ranker")
 V2_INTEGER_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
@@ -48,22 +55,38 @@ class RecsysModel(Model):
     v2_outputs: ClassVar[tuple[str, ...]] = ("item_ids", "scores", "counts", "cold_start")
 
     def __init__(
-        self, recommender: Recommender, schemas: RequestSchemas, request_log: RequestLog | None = None
+        self,
+        recommender: Recommender,
+        schemas: RequestSchemas,
+        request_log: RequestLog | None = None,
+        index_swap: IndexSwap | None = None,
     ) -> None:
         super().__init__(self.endpoint)
         self.recommender = recommender
         self.schemas = schemas
         self.request_log = request_log
-        self.version = recommender.bundle.version
+        self.index_swap = index_swap  # the poller swapping the recommender's bundle, shared by the models
         self.ready = True
+
+    @property
+    def version(self) -> str:
+        """The version of the bundle answering new requests (it changes when an index is swapped in)."""
+        return self.recommender.bundle.version
 
     def load(self) -> bool:
         self.ready = True
         return self.ready
 
     def stop(self) -> None:
-        """KServe's stop handler (SIGTERM, after uvicorn drained): the request log writes what it holds."""
+        """KServe's stop handler (SIGTERM, after uvicorn drained): no more swaps, and the request log
+        writes what it holds."""
         super().stop()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the index poller and close the request log (both idempotent, shared by the models)."""
+        if self.index_swap is not None:
+            self.index_swap.stop()
         if self.request_log is not None:
             self.request_log.close()
 
@@ -103,7 +126,13 @@ class RecsysModel(Model):
         return {"predictions": [self._v1_prediction(r) for r in results]}
 
     def run(self, instances: list[Any]) -> list[Result]:
+        """The answers to validated ``instances``, all computed from one snapshot of the bundle (each
+        ``Result.bundle_version`` is its version)."""
         raise NotImplementedError
+
+    def _version_of(self, results: list[Result]) -> str:
+        """The version the answers were computed from (one snapshot per request: one version)."""
+        return results[0].bundle_version if results else self.version
 
     def _checked(self, results: list[Result]) -> list[Result]:
         """Never a success with a NaN or infinite score: that is the model failing, not an answer."""
@@ -116,8 +145,9 @@ class RecsysModel(Model):
         return results
 
     def _served(self, request_id: str, results: list[Result]) -> list[Result]:
-        """Count the answers and hand them to the request log (a buffer append: no I/O here)."""
-        labels = {"endpoint": self.endpoint, "bundle_version": self.version}
+        """Count the answers and hand them to the request log (a buffer append: no I/O here), under the
+        version of the bundle they were computed from."""
+        labels = {"endpoint": self.endpoint, "bundle_version": self._version_of(results)}
         ANSWERS.labels(**labels).inc(len(results))
         if empty := sum(not r.item_ids for r in results):
             EMPTY_ANSWERS.labels(**labels).inc(empty)
@@ -133,7 +163,7 @@ class RecsysModel(Model):
                         "endpoint": self.endpoint,
                         "user_id": r.user_id,
                         "model": self._served_model(r),
-                        "bundle_version": self.version,
+                        "bundle_version": r.bundle_version,
                         "item_ids": r.item_ids,
                         "scores": r.scores,
                         "candidates": r.candidates,
@@ -162,7 +192,7 @@ class RecsysModel(Model):
             "source": result.source,
             "cold_start": result.cold_start,
             "degraded": result.degraded,
-            "bundle_version": self.version,
+            "bundle_version": result.bundle_version,
             **result.extra,
         }
 
@@ -231,7 +261,7 @@ class RecsysModel(Model):
             ),
         ]
         parameters: dict[str, Any] = {
-            "bundle_version": self.version,
+            "bundle_version": self._version_of(results),
             "degraded": any(r.degraded for r in results),
         }
         ranker = next((r.extra["ranker"] for r in results if "ranker" in r.extra), None)
@@ -252,11 +282,12 @@ class RetrievalModel(RecsysModel):
 
     def run(self, instances: list[Any]) -> list[Result]:
         rec = self.recommender
+        served = rec.snapshot()
         users = rec.user_features(
             [x.user_id for x in instances],
             [x.features.model_dump(exclude_none=True) if x.features is not None else None for x in instances],
         )
-        retrieved = rec.retrieve(users, [x.k for x in instances])
+        retrieved = rec.retrieve(users, [x.k for x in instances], served=served)
         results = []
         for i, x in enumerate(instances):
             ids, scores = retrieved[i]
@@ -271,6 +302,7 @@ class RetrievalModel(RecsysModel):
                     cold_start=cold,
                     candidates=len(ids),
                     features=users.row(i),
+                    bundle_version=served.version,
                 )
             )
         return results
@@ -305,6 +337,7 @@ class RankingModel(RecsysModel):
 
     def run(self, instances: list[Any]) -> list[Result]:
         rec = self.recommender
+        served = rec.snapshot()
         results: list[Result | None] = [None] * len(instances)
         for ranker in sorted({x.ranker for x in instances}):
             rows = [i for i, x in enumerate(instances) if x.ranker == ranker]
@@ -318,7 +351,7 @@ class RankingModel(RecsysModel):
                 for x in chosen
             ]
             candidates = [np.asarray(x.item_ids, dtype=np.int64) for x in chosen]
-            scores, found = rec.rank(users, candidates, ranker, overrides)
+            scores, found = rec.rank(users, candidates, ranker, overrides, served)
             for j, i in enumerate(rows):
                 x = chosen[j]
                 given = np.asarray([bool(f) for f in (overrides[j] or [])] or [False] * len(x.item_ids))
@@ -331,6 +364,7 @@ class RankingModel(RecsysModel):
                     cold_start=not bool(users.found[j]) and x.user_features is None,
                     candidates=len(x.item_ids),
                     features=users.row(j),
+                    bundle_version=served.version,
                     extra={
                         "ranker": ranker,
                         "default_item_ids": [
@@ -378,7 +412,10 @@ class RecommendModel(RecsysModel):
             for x in instances
         ]
         return self.recommender.recommend(
-            [x.user_id for x in instances], [x.n for x in instances], [x.ranker for x in instances], contexts
+            [x.user_id for x in instances],
+            [x.n for x in instances],
+            [x.ranker for x in instances],
+            contexts,
         )
 
 

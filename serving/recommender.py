@@ -6,6 +6,11 @@ and evaluated on (tests/test_serving_e2e.py checks it to 1e-5). Encoding is colu
 what keeps ranking cheap: each ranker's item columns are encoded once for the whole catalogue and
 gathered by row, and only the request's users are encoded per request, then repeated over their
 candidates. Users are batched: one user-tower call, one FAISS search and one ranker call per request.
+
+The bundle can change while the server runs (serving/index_swap.py takes up a refreshed index: same
+models, more items): the recommender holds it, with what it derives from it, in one :class:`Served`
+that is replaced by one assignment. Each request takes one snapshot (:meth:`Recommender.snapshot`) and
+passes it to every step, so an answer is computed from, and reports, exactly one bundle.
 """
 
 from __future__ import annotations
@@ -63,24 +68,74 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
     candidates: int = 0  # items the answer was chosen from (retrieved and ranked, or given)
     features: dict[str, Any] | None = None  # the user feature values used
+    bundle_version: str = ""  # the bundle the answer was computed from (``Served.version``)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A bundle and each ranker's encoded catalogue of it: what one request uses from start to end.
+
+    Replaced whole (never mutated into another bundle's), so a request holding one keeps a consistent
+    set of index, catalogue and encoded items while the recommender moves on to the next.
+    """
+
+    bundle: ServingBundle
+    items: dict[str, _EncodedItems]
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
 
 
 class Recommender:
     """The bundle's models behind three operations: ``retrieve``, ``rank`` and ``recommend``."""
 
     def __init__(self, bundle: ServingBundle, features: OnlineFeatures, config: ServingConfig) -> None:
-        self.bundle = bundle
         self.features = features
         self.config = config
         self.user_feature_names = list(features.user_defaults)
         self.item_feature_names = list(features.item_defaults)
+        # derived from the models, which a swap keeps (the same objects: see ``swap``)
         encoder = bundle.two_tower_encoder
         self._types = {name: _arrow_type(encoder, name) for name in bundle.feature_names}
         self._user_tower_features = bundle.two_tower.user_feature_names()  # type: ignore[attr-defined]
         self._item_feature_set = set(self.item_feature_names)
-        self._item_batches: dict[str, _EncodedItems] = {}
-        for ranker in bundle.rankers:  # encode the catalogue now, not in the first request
-            self._encoded_items(ranker)
+        self._served = self.prepare(bundle)  # encode the catalogue now, not in the first request
+
+    # ---- the bundle served ----------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> ServingBundle:
+        """The bundle answering new requests (a request in flight may still use the one before)."""
+        return self._served.bundle
+
+    def snapshot(self) -> Served:
+        """The bundle a request uses for all its steps: take it once per request."""
+        return self._served
+
+    def prepare(self, bundle: ServingBundle) -> Served:
+        """``bundle`` with each ranker's catalogue encoded (seconds for a large one: done before a swap,
+        in the swapping thread, so no request pays for it)."""
+        _pin_threads(self.config.torch_threads)
+        items = {}
+        for ranker, (model, encoder) in bundle.rankers.items():
+            names = [n for n in model.feature_names() if n in self._item_feature_set]
+            items[ranker] = _EncodedItems.build(self, encoder, names, bundle.catalogue)
+        return Served(bundle, items)
+
+    def swap(self, served: Served) -> ServingBundle:
+        """Serve ``served`` from the next request on (one assignment); returns the bundle it replaces.
+
+        Only the index side may change: the models must be the very objects served now, since what is
+        derived from them here (column types, tower inputs) is kept.
+        """
+        current = self._served.bundle
+        new = served.bundle
+        same_models = new.two_tower is current.two_tower and new.rankers.keys() == current.rankers.keys()
+        if not same_models or any(new.rankers[r][0] is not m for r, (m, _) in current.rankers.items()):
+            raise ValueError(f"bundle {new.version}: not the served models; a new model needs a rollout")
+        self._served = served
+        return current
 
     # ---- users ----------------------------------------------------------------------------------
 
@@ -112,21 +167,27 @@ class Recommender:
     # ---- retrieval ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def user_vectors(self, users: UserFeatures) -> np.ndarray:
+    def user_vectors(self, users: UserFeatures, served: Served | None = None) -> np.ndarray:
         """The user tower's L2-normalised vectors [B, d]."""
         _pin_threads(self.config.torch_threads)
+        bundle = (served or self._served).bundle
         table = self._table({n: users.columns[n] for n in self._user_tower_features})
-        batch = self.bundle.two_tower_encoder.encode(table, features=self._user_tower_features)
-        return self.bundle.two_tower.user_embedding(batch).numpy()  # type: ignore[attr-defined]
+        batch = bundle.two_tower_encoder.encode(table, features=self._user_tower_features)
+        return bundle.two_tower.user_embedding(batch).numpy()  # type: ignore[attr-defined]
 
     def retrieve(
-        self, users: UserFeatures, k: Sequence[int], exclude: Sequence[set[int]] | None = None
+        self,
+        users: UserFeatures,
+        k: Sequence[int],
+        exclude: Sequence[set[int]] | None = None,
+        served: Served | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-``k[i]`` catalogue items of each user by inner product, leaving out ``exclude[i]``."""
-        vectors = self.user_vectors(users)
+        served = served or self._served
+        vectors = self.user_vectors(users, served)
         exclude = exclude or [set() for _ in range(len(users))]
         width = max(k) + max(len(e) for e in exclude)
-        ids, scores = search(self.bundle.index, vectors, width)
+        ids, scores = search(served.bundle.index, vectors, width)
         out = []
         for row in range(len(users)):
             keep = ids[row] >= 0
@@ -145,6 +206,7 @@ class Recommender:
         candidates: Sequence[np.ndarray],
         ranker: str,
         item_overrides: Sequence[Sequence[dict[str, Any] | None] | None] | None = None,
+        served: Served | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Logits of ``ranker`` for every (user, candidate) pair, one ranker call for the whole batch.
 
@@ -157,11 +219,12 @@ class Recommender:
         (False: content unknown, defaults used).
         """
         _pin_threads(self.config.torch_threads)
-        model, encoder = self.bundle.rankers[ranker]
+        served = served or self._served
+        model, encoder = served.bundle.rankers[ranker]
         counts = [len(c) for c in candidates]
         all_items = np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates])
         flat_overrides = _flat_overrides(item_overrides, counts)
-        item_batch, found = self._encoded_items(ranker).gather(self, all_items, flat_overrides)
+        item_batch, found = served.items[ranker].gather(self, all_items, flat_overrides)
         user_names = [n for n in model.feature_names() if n not in self._item_feature_set]
         user_batch = encoder.encode(
             self._table({n: users.columns[n] for n in user_names}), features=user_names
@@ -180,13 +243,6 @@ class Recommender:
         found_per_user = [found[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
         return scores, found_per_user
 
-    def _encoded_items(self, ranker: str) -> _EncodedItems:
-        if ranker not in self._item_batches:
-            model, _ = self.bundle.rankers[ranker]
-            names = [n for n in model.feature_names() if n in self._item_feature_set]
-            self._item_batches[ranker] = _EncodedItems.build(self, ranker, names, self.bundle.catalogue)
-        return self._item_batches[ranker]
-
     # ---- two stages -----------------------------------------------------------------------------
 
     def recommend(
@@ -195,8 +251,11 @@ class Recommender:
         n: Sequence[int],
         ranker: Sequence[str],
         contexts: Sequence[dict[str, Any] | None],
+        served: Served | None = None,
     ) -> list[Result]:
         """Online features -> retrieval (``retrieve_k``) -> candidate features -> ranking -> top-n."""
+        served = served or self._served
+        bundle = served.bundle
         users = self.user_features(user_ids, [(c or {}).get("features") for c in contexts])
         exclude = []
         for i, context in enumerate(contexts):
@@ -205,12 +264,12 @@ class Recommender:
                 excluded.update(int(x) for x in users.columns["hist_item_ids"][i])
             exclude.append(excluded)
         cold = [
-            not users.found[i] and not self.bundle.knows_user(u) and not (contexts[i] or {}).get("features")
+            not users.found[i] and not bundle.knows_user(u) and not (contexts[i] or {}).get("features")
             for i, u in enumerate(user_ids)
         ]
         results: list[Result | None] = [None] * len(user_ids)
         for i in np.flatnonzero(cold):
-            results[i] = self._popular(user_ids[i], n[i], exclude[i], users.degraded)
+            results[i] = _popular(bundle, user_ids[i], n[i], exclude[i], users.degraded)
             results[i].features = users.row(i)
         warm = [i for i in range(len(user_ids)) if not cold[i]]
         if warm:
@@ -220,7 +279,7 @@ class Recommender:
                 users.degraded,
             )
             retrieved = self.retrieve(
-                subset, [self.config.retrieve_k] * len(warm), [exclude[i] for i in warm]
+                subset, [self.config.retrieve_k] * len(warm), [exclude[i] for i in warm], served
             )
             for name in sorted({ranker[i] for i in warm}):
                 rows = [j for j, i in enumerate(warm) if ranker[i] == name]
@@ -229,7 +288,7 @@ class Recommender:
                     subset.found[rows],
                     users.degraded,
                 )
-                scores, _ = self.rank(part, [retrieved[j][0] for j in rows], name)
+                scores, _ = self.rank(part, [retrieved[j][0] for j in rows], name, served=served)
                 for j, row_scores in zip(rows, scores, strict=True):
                     i = warm[j]
                     top = np.argsort(-row_scores, kind="stable")[: n[i]]
@@ -243,29 +302,32 @@ class Recommender:
                         extra={"ranker": name},
                         candidates=len(row_scores),
                         features=users.row(i),
+                        bundle_version=served.version,
                     )
         for r in results:
             if r is not None and r.cold_start:
                 COLD_STARTS.labels(model="recommend").inc()
         return [r for r in results if r is not None]
 
-    def _popular(self, user_id: int, n: int, exclude: set[int], degraded: bool) -> Result:
-        ids, scores = self.bundle.popular_ids, self.bundle.popular_scores
-        if exclude:
-            keep = ~np.isin(ids, np.fromiter(exclude, dtype=np.int64))
-            ids, scores = ids[keep], scores[keep]
-        return Result(
-            user_id=int(user_id),
-            item_ids=ids[:n].tolist(),
-            scores=scores[:n].astype(float).tolist(),
-            source="popular",
-            degraded=degraded,
-            cold_start=True,
-            candidates=len(ids),
-        )
-
     def _table(self, columns: dict[str, list[Any]]) -> pa.Table:
         return pa.table({name: pa.array(values, type=self._types[name]) for name, values in columns.items()})
+
+
+def _popular(bundle: ServingBundle, user_id: int, n: int, exclude: set[int], degraded: bool) -> Result:
+    ids, scores = bundle.popular_ids, bundle.popular_scores
+    if exclude:
+        keep = ~np.isin(ids, np.fromiter(exclude, dtype=np.int64))
+        ids, scores = ids[keep], scores[keep]
+    return Result(
+        user_id=int(user_id),
+        item_ids=ids[:n].tolist(),
+        scores=scores[:n].astype(float).tolist(),
+        source="popular",
+        degraded=degraded,
+        cold_start=True,
+        candidates=len(ids),
+        bundle_version=bundle.version,
+    )
 
 
 def _arrow_type(encoder: FeatureEncoder, name: str) -> pa.DataType:
@@ -331,23 +393,25 @@ class _EncodedItems:
 
     def __init__(
         self,
-        ranker: str,
+        encoder: FeatureEncoder,
         names: list[str],
         ids: np.ndarray,
         batch: dict[str, torch.Tensor],
         entries: list[tuple[Any, ...] | None],
     ) -> None:
-        self.ranker = ranker
+        self.encoder = encoder  # the ranker's
         self.names = names
         self.index = _IdPositions(ids)
         self.batch = batch
         self.entries: list[tuple[Any, ...] | None] = entries
 
     @classmethod
-    def build(cls, rec: Recommender, ranker: str, names: list[str], ids: np.ndarray) -> _EncodedItems:
+    def build(
+        cls, rec: Recommender, encoder: FeatureEncoder, names: list[str], ids: np.ndarray
+    ) -> _EncodedItems:
         entries, degraded = rec.features.item_entries([int(i) for i in ids])
-        batch = _encode_items(rec, ranker, names, entries, None)
-        return cls(ranker, names, ids, batch, [None] * len(ids) if degraded else list(entries))
+        batch = _encode_items(rec, encoder, names, entries, None)
+        return cls(encoder, names, ids, batch, [None] * len(ids) if degraded else list(entries))
 
     def gather(
         self,
@@ -363,7 +427,7 @@ class _EncodedItems:
         entries, degraded = rec.features.item_entries(item_ids.tolist())
         found = np.fromiter((e[-1] for e in entries), dtype=bool, count=n)
         if not len(self.index):  # an empty catalogue: nothing to gather from
-            return _encode_items(rec, self.ranker, self.names, entries, overrides), found
+            return _encode_items(rec, self.encoder, self.names, entries, overrides), found
         positions = self.index.positions(item_ids)
         known = self.entries
         changed = np.fromiter(
@@ -374,7 +438,7 @@ class _EncodedItems:
         batch = {key: tensor.index_select(0, rows) for key, tensor in self.batch.items()}
         if fresh:
             encoded = _encode_items(
-                rec, self.ranker, self.names, [entries[j] for j in fresh], [overrides[j] for j in fresh]
+                rec, self.encoder, self.names, [entries[j] for j in fresh], [overrides[j] for j in fresh]
             )
             at = torch.as_tensor(fresh, dtype=torch.int64)
             for key, tensor in encoded.items():
@@ -393,13 +457,12 @@ class _EncodedItems:
 
 def _encode_items(
     rec: Recommender,
-    ranker: str,
+    encoder: FeatureEncoder,
     names: list[str],
     entries: Sequence[tuple[Any, ...]],
     overrides: Sequence[dict[str, Any] | None] | None,
 ) -> dict[str, torch.Tensor]:
-    """The ranker's encoding of item features ``names`` from cache entries, request overrides applied."""
-    _, encoder = rec.bundle.rankers[ranker]
+    """A ranker's encoding of item features ``names`` from cache entries, request overrides applied."""
     order = list(rec.features.item_defaults)
     columns = {name: [e[order.index(name)] for e in entries] for name in names}
     for j, override in enumerate(overrides or []):

@@ -10,7 +10,7 @@ its uvicorn ``config``, the surface added in ``create_application``, sockets thr
 422 for a V2 body that is not an inference request (malformed JSON, a missing ``inputs``) becomes a 400
 naming the field, like every other bad request. With ``serving.workers`` > 1 the same server runs in each
 of several forked processes on one port (serving/workers.py): the bundle is loaded once, before the fork;
-the rest of the models per worker.
+the rest of the models per worker, the index-swap poller (serving/index_swap.py) included.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from recsys.config import ConfigError, FeastConfig, ServingConfig
 from serving.bad_requests import install_bad_request_log
 from serving.bundle import ServingBundle, load_bundle
 from serving.endpoints import RankingModel, RecommendModel, RecsysModel, RetrievalModel
+from serving.index_swap import start_index_swap
 from serving.online_features import OnlineFeatures, feature_defaults
 from serving.recommender import Recommender
 from serving.request_limits import RequestLimits
@@ -74,7 +75,9 @@ def models_from_bundle(
     bundle: ServingBundle, serving: ServingConfig, feast: FeastConfig, request_log: RequestLog | None = None
 ) -> list[RecsysModel]:
     """Connect the online store, warm the item cache; the three models over ``bundle`` (per process:
-    store connections and thread pools do not survive a fork), writing their answers to ``request_log``."""
+    store connections and threads do not survive a fork), writing their answers to ``request_log``;
+    with ``serving.index_swap.store_uri``, the poller that swaps a refreshed index in (models' ``close``
+    stops it)."""
     torch.set_num_threads(serving.torch_threads)
     store = _feature_store(feast) if serving.online_store else None
     encoder = bundle.two_tower_encoder
@@ -97,10 +100,11 @@ def models_from_bundle(
         sorted(bundle.rankers),
         "on" if store is not None else "off",
     )
+    index_swap = start_index_swap(recommender, serving.index_swap, serving.default_ranker)
     return [
-        RetrievalModel(recommender, schemas, request_log),
-        RankingModel(recommender, schemas, request_log),
-        RecommendModel(recommender, schemas, request_log),
+        RetrievalModel(recommender, schemas, request_log, index_swap),
+        RankingModel(recommender, schemas, request_log, index_swap),
+        RecommendModel(recommender, schemas, request_log, index_swap),
     ]
 
 
@@ -175,8 +179,7 @@ def serve_models(
         rest.run(sockets=sockets)
     finally:  # KServe's stop handler closed them already on SIGTERM; any other way out, here
         for model in models:
-            if model.request_log is not None:
-                model.request_log.close()
+            model.close()
 
 
 def serve(models: list[RecsysModel], host: str, http_port: int, max_request_bytes: int) -> None:

@@ -497,6 +497,13 @@ class RequestLogConfig(Section):
         return self
 
 
+class IndexSwapConfig(Section):
+    """A running server takes up a refreshed index (same models, more items) without a restart."""
+
+    store_uri: str  # the promote store whose current.json is polled (s3://... or file:///...); "" = off
+    interval_s: float = Field(gt=0)  # how often current.json is read
+
+
 class ServingConfig(Section):
     """The model server (``python -m serving``): request limits, defaults and online-feature behaviour."""
 
@@ -520,6 +527,7 @@ class ServingConfig(Section):
     max_request_bytes: int = Field(ge=1_024)
     request_id_max_length: int = Field(ge=1)  # a V2 request's id is echoed back: bounded
     request_log: RequestLogConfig
+    index_swap: IndexSwapConfig
 
     @model_validator(mode="after")
     def _ranges_consistent(self) -> ServingConfig:
