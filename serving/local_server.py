@@ -26,8 +26,15 @@ def start_server(
     timeout_s: float = 180,
     module: str = "serving",
 ) -> subprocess.Popen:
-    """``python -m <module>`` on 127.0.0.1:``port``, returned once ``/v2/health/ready`` answers 200."""
+    """``python -m <module>`` on 127.0.0.1:``port``, returned once ``/v2/health/ready`` answers 200.
+
+    Its request log goes to a temporary folder unless ``extra`` names one: a server started for a test or
+    a benchmark must not add its traffic to the log the monitor reads (``serving.request_log.uri``)."""
     import httpx
+
+    extra = list(extra or [])
+    if module == "serving" and not {"--request_log", "--request-log"} & set(extra):
+        extra += ["--request_log", str(Path(tempfile.gettempdir()) / f"serving-{port}-requests")]
 
     log = open(Path(tempfile.gettempdir()) / f"serving-{port}.log", "w")  # noqa: SIM115 (lives with the process)
     process = subprocess.Popen(
@@ -43,7 +50,7 @@ def start_server(
             str(port),
             "--host",
             "127.0.0.1",
-            *(extra or []),
+            *extra,
         ],
         cwd=ROOT,
         stdout=log,

@@ -259,3 +259,5 @@ def test_a_failed_check_exits_1_with_stop_on_fail(params, world, tmp_path, monke
     go_on = write_params(tmp_path / "go.yaml", {"serving.online_store": False, "monitor.stop_on_fail": False})
     assert step.main(["--params", str(stop), *common]) == 1
     assert step.main(["--params", str(go_on), *common]) == 0
+    assert step.main(["--params", str(stop), "--exit-zero", *common]) == 0  # dvc repro: reported, not stopped
+    assert json.loads((tmp_path / "m.json").read_text())["checks"]["degraded_answers"]["status"] == "fail"
