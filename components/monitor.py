@@ -20,6 +20,9 @@ It checks:
   compared is the online store against the offline store on the same data; how old that data is shows
   separately (``data_lag_hours``). A stale online store (not materialized after new rows arrived) shows
   here, named;
+- ``expectations``: a great-expectations suite on the served features (recsys/expectations.py, the
+  validate step's machinery, with Data Docs): no nulls, numbers inside the reference's range, categories
+  among the reference's, sequences no longer than its longest;
 - ``empty_answers`` and ``degraded_answers``: their rates by bundle version;
 - ``online_recall``: logged queries (the user features of the answers) re-run through the bundle's user
   tower, the served ANN index against exact search over the same item embeddings: recall@``recall_k``;
@@ -65,8 +68,16 @@ log = logging.getLogger(__name__)
 
 OTHER = "\x00other"  # the bucket of categories outside the reference's most frequent
 _EPS = 1e-4  # a bin's share floor in the PSI: an empty bin on one side is large, not infinite
-TRAFFIC_CHECKS = ("drift", "skew", "empty_answers", "degraded_answers")  # skipped without enough answers
+TRAFFIC_CHECKS = (
+    "drift",
+    "skew",
+    "expectations",
+    "empty_answers",
+    "degraded_answers",
+)  # skipped without enough answers
 Gauges = dict[str, list[tuple[dict[str, str], float]]]  # name -> [(labels, value)]
+_GX_EXAMPLES = 5  # unexpected values shown per failed expectation
+_GX_MAX_CATEGORIES = 2_000  # larger vocabularies (ids, zip codes at scale) are left to the PSI
 _RANK = {"ok": 0, "skipped": 0, "warn": 1, "fail": 2}
 
 
@@ -82,6 +93,7 @@ def run(
     now: datetime | None = None,
     request_log_uri: str | None = None,
     offline: OfflineFeatures | None = None,
+    docs_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Check the logged traffic; write the report files; the report. ``offline`` (the Feast store and
     feature tables) enables the skew check."""
@@ -98,9 +110,11 @@ def run(
     reference = pd.read_parquet(training_dir / f"ranking_{monitor.reference_split}.parquet")
     bundle = _load_bundle(bundle_dir) if bundle_dir is not None else None
     served_features = _served_features(answers) if enough else pd.DataFrame()
+    docs = docs_dir if docs_dir is not None else report_file.parent / "monitor_expectations"
     if enough:
         checks["drift"] = _check_drift(served_features, reference, monitor, gauges)
         checks["skew"] = _check_skew(answers, offline, monitor, gauges)
+        checks["expectations"] = _check_expectations(served_features, reference, docs)
         for name, column in (("empty_answers", "empty"), ("degraded_answers", "degraded")):
             checks[name] = _check_rate(answers, column, monitor, gauges)
     else:
@@ -124,6 +138,10 @@ def run(
         "finished_at": datetime.now(UTC).timestamp(),
     }
     write_json(report, output)
+    if not (docs / "index.html").is_file():  # the Data Docs' place says why there are none this time
+        docs.mkdir(parents=True, exist_ok=True)
+        reason = html.escape(checks["expectations"]["message"])
+        (docs / "index.html").write_text(f"<!doctype html><p>No expectations ran: {reason}</p>\n")
     export(report, textfile, monitor.pushgateway or None)
     _write_html(report, report_file)
     for name, check in checks.items():
@@ -288,6 +306,60 @@ def _difference(a: Any, b: Any) -> float:
     if isinstance(a, int | float) and isinstance(b, int | float | np.number):
         return abs(float(a) - float(b))
     return 0.0
+
+
+def _check_expectations(served: pd.DataFrame, reference: pd.DataFrame, docs_dir: Path) -> dict[str, Any]:
+    """The served features through a great-expectations suite built from the reference split."""
+    import tempfile
+
+    from recsys.expectations import TableChecks, run_suites, summarise
+
+    if served.empty:
+        return _skipped("no logged answer carries its features")
+    names = [n for n in served.columns if n in reference.columns and n != "user_id"]
+    expectations = [e for name in names for e in _feature_expectations(name, reference[name])]
+    with tempfile.TemporaryDirectory(prefix="monitor-gx-") as scratch:
+        data_dir = Path(scratch)
+        served[names].to_parquet(data_dir / "served_features.parquet")
+        table = TableChecks("served_features", "served_features.parquet", expectations)
+        results = run_suites("monitor", data_dir, [table], docs_dir, _GX_EXAMPLES)
+        summary = summarise("monitor", data_dir, results, _GX_EXAMPLES, docs_dir)
+    failed = [f"{f['column']}: {f['expectation']} (e.g. {f['examples'][:3]})" for f in summary["failures"]]
+    return {
+        "status": "ok" if summary["success"] else "fail",
+        "value": summary["failed"],
+        "evaluated": summary["evaluated"],
+        "failures": summary["failures"],
+        "data_docs": summary["data_docs"],
+        "message": (
+            f"{summary['failed']} of {summary['evaluated']} expectations failed: " + "; ".join(failed)
+            if failed
+            else f"{summary['evaluated']} expectations met on {len(served)} served rows"
+        ),
+    }
+
+
+def _feature_expectations(name: str, reference: pd.Series) -> list[Any]:
+    """No nulls; numbers inside the reference's range, categories among its values (up to
+    ``_GX_MAX_CATEGORIES`` of them), sequences no longer than its longest; 1% of rows may stray."""
+    import great_expectations.expectations as gxe
+
+    from recsys.expectations import ExpectColumnValueListLengthsToBeBetween
+
+    checks: list[Any] = [gxe.ExpectColumnValuesToNotBeNull(column=name)]
+    kind = _kind(reference)
+    if kind == "sequence":
+        longest = int(reference.map(_length).max())
+        checks.append(ExpectColumnValueListLengthsToBeBetween(column=name, min_value=0, max_value=longest))
+    elif kind == "dense":
+        low, high = float(reference.min()), float(reference.max())
+        checks.append(
+            gxe.ExpectColumnValuesToBeBetween(column=name, min_value=low, max_value=high, mostly=0.99)
+        )
+    elif reference.nunique() <= _GX_MAX_CATEGORIES:
+        values = sorted(reference.dropna().astype(str).unique().tolist())
+        checks.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=values, mostly=0.99))
+    return checks
 
 
 def _check_rate(

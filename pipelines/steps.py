@@ -182,6 +182,7 @@ def monitor(
             textfile=Path(scratch) / "monitor.prom",
             report_file=Path(report.path),
             offline=offline,
+            docs_dir=Path(scratch) / "data_docs",
         )
     publish_metrics(checks.path, checks)
     failed = [name for name, check in result["checks"].items() if check["status"] == "fail"]

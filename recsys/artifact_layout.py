@@ -33,6 +33,7 @@ GATE_DECISION = METRICS_DIR / "gate.json"
 MONITOR_REPORT = METRICS_DIR / "monitor.json"  # monitor: checks of the served traffic
 MONITOR_GAUGES = METRICS_DIR / "monitor.prom"  # ... as Prometheus gauges (textfile collector format)
 MONITOR_PAGE = REPORTS_DIR / "monitor.html"
+MONITOR_DOCS = REPORTS_DIR / "monitor_expectations"  # the served-feature suite's Data Docs
 
 ARTIFACTS = Path("artifacts")
 MODELS_DIR = ARTIFACTS / "models"  # <kind>/{model.safetensors,config.json,history.csv}

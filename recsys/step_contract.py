@@ -229,6 +229,7 @@ STEPS: dict[str, StepContract] = _steps(
             "output": layout.MONITOR_REPORT,
             "textfile": layout.MONITOR_GAUGES,
             "report_file": layout.MONITOR_PAGE,
+            "docs_dir": layout.MONITOR_DOCS,
         },
     ),
     StepContract(

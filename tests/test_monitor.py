@@ -112,6 +112,11 @@ def test_clean_traffic_raises_no_alarm_and_reaches_prometheus_text(params, world
     assert set(report["checks"]["drift"]["psi"]) >= {"age_bucket", "gender", "hist_item_ids"}
     assert report["checks"]["online_recall"]["value"] >= params.monitor.online_recall.warn
     assert statuses["outcomes"] == "skipped"  # the events end in 2026-06, the answers are now
+    expectations = report["checks"]["expectations"]
+    assert expectations["status"] == "ok" and expectations["evaluated"] >= 2 * len(
+        report["checks"]["drift"]["psi"]
+    )
+    assert (world["root"] / "clean" / "monitor_expectations" / "index.html").is_file()  # GX Data Docs
     text = (world["root"] / "clean" / "monitor.prom").read_text()
     assert 'recsys_monitor_check_status{check="drift"} 0.0' in text
     assert 'recsys_monitor_feature_psi{feature="age_bucket"}' in text
@@ -129,6 +134,11 @@ def test_a_shifted_feature_is_found_and_named(params, world, tmp_path):
     assert drift["status"] == "fail" and drift["feature"] == "age_bucket"
     assert "age_bucket" in drift["message"] and report["status"] == "fail"
     assert all(v < params.monitor.psi.warn for n, v in drift["psi"].items() if n != "age_bucket")
+    expectations = report["checks"]["expectations"]  # ages 20 above the oldest in training: out of range
+    assert expectations["status"] == "fail" and [f["column"] for f in expectations["failures"]] == [
+        "age_bucket"
+    ]
+    assert "age_bucket: expect_column_values_to_be_between" in expectations["message"]
 
 
 def test_a_stale_online_store_shows_as_drift_in_the_sequences(params, world, tmp_path):
@@ -223,6 +233,10 @@ def test_too_little_traffic_is_skipped_and_says_so(params, world, tmp_path):
     traffic = report["checks"]["traffic"]
     assert traffic["status"] == "skipped" and "fewer than monitor.min_answers" in traffic["message"]
     assert all(report["checks"][name]["status"] == "skipped" for name in step.TRAFFIC_CHECKS)
+    assert (
+        "No expectations ran: too few answers"
+        in (world["root"] / "quiet" / "monitor_expectations" / "index.html").read_text()
+    )
     assert list(report["checks"]) == [
         "traffic",
         *step.TRAFFIC_CHECKS,
