@@ -64,7 +64,7 @@ def run(
     manifest = load_manifest(bundle_dir, verify=True)
     end = pd.read_parquet(features_dir / "item_stats.parquet", columns=[TIMESTAMP])[TIMESTAMP].max()
     catalogue = item_catalogue(features_dir, end, feast.ttl_days.item_stats)
-    old_ids, old_vectors = _embeddings(bundle_dir)
+    old_ids = _indexed_ids(bundle_dir)
     new_items = catalogue.loc[~catalogue["item_id"].isin(old_ids)].reset_index(drop=True)
     report: dict[str, Any] = {
         "from": manifest["version"],
@@ -80,6 +80,32 @@ def run(
         return report
     new_vectors = _embed_items(bundle_dir, new_items)
     new_ids = new_items["item_id"].to_numpy(np.int64)
+    recall = grow_bundle(bundle_dir, new_ids, new_vectors, Path(out_dir), manifest)
+    version = load_manifest(out_dir, verify=True)["version"]
+    report |= {
+        "version": version,
+        "self_recall_at_10": recall,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(report, metrics_file)
+    log.info("index refresh: %s -> %s, %d items added", manifest["version"], version, len(new_ids))
+    return report
+
+
+def grow_bundle(
+    bundle_dir: Path,
+    new_ids: np.ndarray,
+    new_vectors: np.ndarray,
+    out_dir: Path,
+    manifest: dict[str, Any] | None = None,
+) -> float:
+    """``bundle_dir`` with ``new_vectors`` (under ``new_ids``) added to its item embeddings and index, as a
+    new bundle at ``out_dir``: every other member and the manifest's params, metrics and declared dims as
+    they are, ``lineage`` naming the origin. ``manifest``: the bundle's, already verified (else read and
+    verified here). Returns the added items' self-recall; raises :class:`RefreshError` (nothing written)
+    when it falls short."""
+    manifest = manifest if manifest is not None else load_manifest(bundle_dir, verify=True)
+    old_ids, old_vectors = _embeddings(bundle_dir)
     with tempfile.TemporaryDirectory(prefix="index-refresh-") as scratch:
         staged = Path(scratch)
         ids = np.concatenate([old_ids, new_ids])
@@ -95,12 +121,8 @@ def run(
                 f"added items find themselves in only {recall:.3f} of searches "
                 f"(self-recall@{SELF_RECALL_K}, below the index's recall target {meta['recall_target']})"
             )
-        tuned = TuningResult(
-            name=None if meta["search_param"] is None else meta["search_param"]["name"],
-            value=None if meta["search_param"] is None else int(meta["search_param"]["value"]),
-            recall=float(meta["recall_at_k"]),
-            curve={},
-        )
+        param = meta["search_param"] or {}
+        tuned = TuningResult(param.get("name"), param.get("value"), float(meta["recall_at_k"]), {})
         write_index(
             index,
             staged / layout.INDEX,
@@ -113,12 +135,18 @@ def run(
         members = {
             name: (staged / name if name in REPLACED else bundle_dir / name) for name in manifest["files"]
         }
+        declared = {
+            name.split(":", 1)[1]: dim
+            for name, dim in manifest["dims"].items()
+            if name.startswith("declared:")
+        }
         assemble_bundle(
             members,
             out_dir,
             params_text=yaml.safe_dump(manifest["params"], sort_keys=False),
             metrics=manifest["metrics"],
             git_revision=manifest.get("git_revision"),
+            embedding_dims=declared,
             lineage={
                 "refreshed_from": manifest["version"],
                 "added_items": len(new_ids),
@@ -126,15 +154,15 @@ def run(
                 "self_recall_at_10": recall,
             },
         )
-    version = load_manifest(out_dir, verify=True)["version"]
-    report |= {
-        "version": version,
-        "self_recall_at_10": recall,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    write_json(report, metrics_file)
-    log.info("index refresh: %s -> %s, %d items added", manifest["version"], version, len(new_ids))
-    return report
+    return recall
+
+
+def _indexed_ids(bundle_dir: Path) -> np.ndarray:
+    """The item ids the bundle's embeddings (and so its index) hold, without reading the vectors."""
+    from safetensors import safe_open
+
+    with safe_open(str(bundle_dir / layout.ITEM_EMBEDDINGS), framework="numpy") as tensors:
+        return tensors.get_tensor("item_ids").astype(np.int64)
 
 
 def _embeddings(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray]:

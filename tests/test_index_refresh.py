@@ -69,6 +69,7 @@ def test_new_items_join_the_index_as_a_new_version_with_the_same_models(world):
     assert new["files"]["items.faiss"] != old["files"]["items.faiss"]
     assert new["lineage"]["refreshed_from"] == old["version"] and new["lineage"]["added_items"] == NEW
     assert new["params"] == old["params"] and new["metrics"] == old["metrics"]
+    assert new["dims"] == old["dims"]  # the declared user-tower dim included
     served = load_bundle(world["root"] / "grown", world["params"].serving.default_ranker)
     added = sorted(
         set(world["catalogue"]["item_id"])

@@ -18,8 +18,8 @@ import yaml
 import serving  # noqa: F401  (imports kserve with a clean argv before anything else does)
 from components import promote
 from components.bundle import assemble_bundle
+from components.index_refresh import grow_bundle
 from recsys import artifact_layout as layout
-from recsys.ann_index import TuningResult, load_index, write_index
 from recsys.bundle_manifest import load_manifest
 from recsys.config import ConfigError
 from recsys.request_records import read_request_log
@@ -40,39 +40,15 @@ NEW_ID_OFFSET = 100_000  # new items: every old item's vector again under id + o
 
 
 def refreshed_bundle(bundle_dir: Path, out_dir: Path, offset: int = NEW_ID_OFFSET) -> Path:
-    """What an index refresh promotes: ``bundle_dir``'s model files as they are, the index and item
-    embeddings grown by a copy of every item under ``id + offset`` (unit vectors, as exported)."""
-    from safetensors.numpy import load_file, save_file
+    """What an index refresh promotes (components.index_refresh.grow_bundle): ``bundle_dir``'s model files
+    as they are, the index and item embeddings grown by a copy of every item under ``id + offset``."""
+    from safetensors.numpy import load_file
 
-    manifest = load_manifest(bundle_dir)
-    work = out_dir.parent / f"{out_dir.name}-work"
-    work.mkdir(parents=True)
     tensors = load_file(str(bundle_dir / layout.ITEM_EMBEDDINGS))
     old_ids, vectors = tensors["item_ids"].astype(np.int64), tensors["embeddings"].astype(np.float32)
-    added = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    save_file(
-        {
-            "item_ids": np.concatenate([old_ids, old_ids + offset]),
-            "embeddings": np.concatenate([vectors, added]),
-        },
-        str(work / layout.ITEM_EMBEDDINGS),
-    )
-    index, meta = load_index(bundle_dir / layout.INDEX)  # an IndexIDMap2, inner product, as built
-    index.add_with_ids(np.ascontiguousarray(added), old_ids + offset)
-    param = meta["search_param"] or {}
-    tuned = TuningResult(param.get("name"), param.get("value"), float(meta["recall_at_k"]), {})
-    write_index(
-        index,
-        work / layout.INDEX,
-        index_type=meta["type"],
-        k=int(meta["k"]),
-        recall_target=float(meta["recall_target"]),
-        tuned=tuned,
-        item_embeddings=work / layout.ITEM_EMBEDDINGS,
-    )
-    replaced = (layout.ITEM_EMBEDDINGS, layout.INDEX, layout.INDEX_SIDECAR)
-    files = {name: (work / name if name in replaced else bundle_dir / name) for name in manifest["files"]}
-    return _assemble(manifest, files, out_dir)
+    added = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)  # unit vectors, as exported
+    grow_bundle(bundle_dir, old_ids + offset, added, out_dir)
+    return out_dir
 
 
 def new_model_bundle(bundle_dir: Path, out_dir: Path) -> Path:
