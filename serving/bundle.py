@@ -64,30 +64,35 @@ class ServingBundle:
         return bool(encoded[0] >= 2)
 
 
-def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
-    """Verify and load ``bundle_dir``; raises :class:`BundleIntegrityError` naming the file at fault."""
+def model_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every model file of a bundle manifest: equal digests, the same models."""
+    prefix = f"{layout.BUNDLE_MODELS}/"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleIntegrityError(f"bundle {manifest.get('version')}: manifest has no 'files'")
+    return {name: str(entry["sha256"]) for name, entry in files.items() if name.startswith(prefix)}
+
+
+def load_bundle(
+    bundle_dir: str | Path, default_ranker: str, models_of: ServingBundle | None = None
+) -> ServingBundle:
+    """Verify and load ``bundle_dir``; raises :class:`BundleIntegrityError` naming the file at fault.
+
+    ``models_of``: a loaded bundle whose model objects are taken instead of loading them again when the
+    model files' digests are equal (an index refresh: same models, grown index)."""
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir, verify=True)
     files = manifest["files"]
-    two_tower_dir = bundle_dir / layout.BUNDLE_MODELS / RETRIEVAL_MODEL
     for name in (layout.bundle_model_file(RETRIEVAL_MODEL, file) for file in layout.MODEL_FILES):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' (the two-tower) is not in the bundle")
     for name in (layout.INDEX, layout.INDEX_SIDECAR, layout.ITEM_EMBEDDINGS, layout.POPULAR_ITEMS):
         if name not in files:
             raise BundleIntegrityError(f"{bundle_dir}: file '{name}' is not in the bundle")
-    two_tower, tt_encoder = load_model(two_tower_dir)
-    if two_tower.kind != RETRIEVAL_MODEL:
-        raise BundleIntegrityError(f"{two_tower_dir}: holds a '{two_tower.kind}' model, not a two-tower")
-    rankers = {}
-    for kind in RANKERS:
-        if layout.bundle_model_file(kind, layout.MODEL_CONFIG) in files:
-            model, encoder = load_model(bundle_dir / layout.BUNDLE_MODELS / kind)
-            if model.kind != kind:
-                raise BundleIntegrityError(
-                    f"{bundle_dir / layout.BUNDLE_MODELS / kind}: holds a '{model.kind}' model"
-                )
-            rankers[kind] = (model, encoder)
+    if models_of is not None and model_digests(manifest) == model_digests(models_of.manifest):
+        two_tower, tt_encoder, rankers = models_of.two_tower, models_of.two_tower_encoder, models_of.rankers
+    else:
+        two_tower, tt_encoder, rankers = _load_models(bundle_dir, files)
     if default_ranker not in rankers:
         raise BundleIntegrityError(
             f"{bundle_dir}: serving.default_ranker '{default_ranker}' has no model in the bundle "
@@ -114,6 +119,26 @@ def load_bundle(bundle_dir: str | Path, default_ranker: str) -> ServingBundle:
         popular_ids=popular_ids,
         popular_scores=popular_scores,
     )
+
+
+def _load_models(
+    bundle_dir: Path, files: dict[str, Any]
+) -> tuple[RecModel, FeatureEncoder, dict[str, tuple[RecModel, FeatureEncoder]]]:
+    """The two-tower with its encoder and every ranker the bundle holds, each checked to be its kind."""
+    two_tower_dir = bundle_dir / layout.BUNDLE_MODELS / RETRIEVAL_MODEL
+    two_tower, tt_encoder = load_model(two_tower_dir)
+    if two_tower.kind != RETRIEVAL_MODEL:
+        raise BundleIntegrityError(f"{two_tower_dir}: holds a '{two_tower.kind}' model, not a two-tower")
+    rankers = {}
+    for kind in RANKERS:
+        if layout.bundle_model_file(kind, layout.MODEL_CONFIG) in files:
+            model, encoder = load_model(bundle_dir / layout.BUNDLE_MODELS / kind)
+            if model.kind != kind:
+                raise BundleIntegrityError(
+                    f"{bundle_dir / layout.BUNDLE_MODELS / kind}: holds a '{model.kind}' model"
+                )
+            rankers[kind] = (model, encoder)
+    return two_tower, tt_encoder, rankers
 
 
 def _popular_items(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ bundle other than the one served:
   counted ``skipped_new_model``, never swapped here;
 - else the version is downloaded into a fresh temp dir and verified by the loader serving starts with
   (``serving.bundle.load_bundle``: every checksum, the index against the tower and the item embeddings);
-  its models are replaced by the served model objects (byte-identical by digest; in forked workers they
-  stay pages shared with the parent), the rankers' catalogue is encoded and new items' features are read
+  its models are the served model objects, not loaded again (byte-identical by digest; in forked workers
+  they stay pages shared with the parent), the rankers' catalogue is encoded and new items' features are read
   into the cache, all in this thread, and then the recommender's bundle is replaced by one assignment
   (``Recommender.swap``): a request in flight finishes on the bundle it took, the next takes the new one;
 - a download or verification failure leaves the old bundle serving, is logged with its reason and
@@ -27,7 +27,6 @@ holds its own copy of the index: with N workers, N copies.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from urllib.parse import urlparse
 import numpy as np
 from prometheus_client import Counter
 
-from recsys import artifact_layout as layout
+from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 from recsys.config import ConfigError, IndexSwapConfig
 from recsys.object_store import (
     ObjectStore,
@@ -50,7 +49,7 @@ from recsys.object_store import (
     promoted_manifest,
     read_pointer,
 )
-from serving.bundle import ServingBundle, load_bundle
+from serving.bundle import ServingBundle, load_bundle, model_digests
 from serving.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -64,15 +63,6 @@ SWAPS = Counter(
 )
 BACKOFF_MAX_S = 600.0  # a failing version is tried again at most this far apart
 STOP_WAIT_S = 10.0  # how long stop() waits for a swap in progress
-
-
-def model_digests(manifest: dict[str, Any]) -> dict[str, str]:
-    """SHA-256 of every model file of a bundle manifest: equal digests, the same models."""
-    prefix = f"{layout.BUNDLE_MODELS}/"
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise ObjectStoreError(f"bundle {manifest.get('version')}: manifest has no 'files'")
-    return {name: str(entry["sha256"]) for name, entry in files.items() if name.startswith(prefix)}
 
 
 class IndexSwap:
@@ -134,7 +124,7 @@ class IndexSwap:
                     return None
                 if model_digests(manifest) != model_digests(served.manifest):
                     return self._skip(manifest)
-            except (ObjectStoreError, KeyError, TypeError) as exc:
+            except (ObjectStoreError, BundleIntegrityError, KeyError, TypeError) as exc:
                 return self._failed(pointer["content_sha256"], str(pointer["version"]), exc)
             return self._take_up(store, str(pointer["version"]), manifest["content_sha256"])
 
@@ -213,16 +203,10 @@ class IndexSwap:
         models are not the served ones (the pointer moved on between reads)."""
         if fetch_promoted(store, workdir) is None:
             raise ObjectStoreError(f"{self.store_uri}: nothing is promoted any more")
-        loaded = load_bundle(workdir, self.default_ranker)
         served = self.recommender.bundle
-        if model_digests(loaded.manifest) != model_digests(served.manifest):
+        if model_digests(load_manifest(workdir, verify=False)) != model_digests(served.manifest):
             return None
-        return dataclasses.replace(
-            loaded,
-            two_tower=served.two_tower,
-            two_tower_encoder=served.two_tower_encoder,
-            rankers=served.rankers,
-        )
+        return load_bundle(workdir, self.default_ranker, models_of=served)  # verified; no model reloaded
 
     def _warm_new_items(self, bundle: ServingBundle, old: ServingBundle) -> None:
         """Read the new items' features into the cache now, not in the requests that first rank them."""
