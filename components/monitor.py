@@ -75,6 +75,7 @@ TRAFFIC_CHECKS = (
     "empty_answers",
     "degraded_answers",
 )  # skipped without enough answers
+EVENT_COLUMNS = ["user_id", "item_id", "event_timestamp", "label"]  # what index coverage and outcomes read
 Gauges = dict[str, list[tuple[dict[str, str], float]]]  # name -> [(labels, value)]
 _GX_EXAMPLES = 5  # unexpected values shown per failed expectation
 _GX_MAX_CATEGORIES = 2_000  # larger vocabularies (ids, zip codes at scale) are left to the PSI
@@ -107,24 +108,27 @@ def run(
     checks["traffic"] = _check_traffic(answers, monitor, uri)
     enough = checks["traffic"]["status"] == "ok"
     gauges["recsys_monitor_logged_answers"] = [({}, float(len(answers)))]
-    reference = pd.read_parquet(training_dir / f"ranking_{monitor.reference_split}.parquet")
+    reference_table = pq.read_table(training_dir / f"ranking_{monitor.reference_split}.parquet")
+    reference = reference_table.to_pandas()
+    events = pd.read_parquet(raw_dir / "events.parquet", columns=EVENT_COLUMNS)
     bundle = _load_bundle(bundle_dir) if bundle_dir is not None else None
     served_features = _served_features(answers) if enough else pd.DataFrame()
     docs = docs_dir if docs_dir is not None else report_file.parent / "monitor_expectations"
     if enough:
         checks["drift"] = _check_drift(served_features, reference, monitor, gauges)
-        checks["skew"] = _check_skew(answers, offline, monitor, gauges)
+        checks["skew"] = _check_skew(answers, served_features, offline, monitor, gauges)
         checks["expectations"] = _check_expectations(served_features, reference, docs)
         for name, column in (("empty_answers", "empty"), ("degraded_answers", "degraded")):
             checks[name] = _check_rate(answers, column, monitor, gauges)
     else:
         checks |= {name: _skipped("too few answers") for name in TRAFFIC_CHECKS}
-    types = pq.read_schema(training_dir / f"ranking_{monitor.reference_split}.parquet")
-    checks["online_recall"] = _check_online_recall(served_features, types, bundle, monitor, gauges)
-    checks["index_coverage"] = _check_index_coverage(raw_dir, bundle, monitor, gauges, now)
+    checks["online_recall"] = _check_online_recall(
+        served_features, reference_table.schema, bundle, monitor, gauges
+    )
+    checks["index_coverage"] = _check_index_coverage(events, bundle, monitor, gauges, now)
     checks["embedding_age"] = _check_embedding_age(bundle, monitor, gauges, now)
     checks["outcomes"] = (
-        _check_outcomes(answers, raw_dir, bundle, monitor, gauges) if enough else _skipped("too few answers")
+        _check_outcomes(answers, events, bundle, monitor, gauges) if enough else _skipped("too few answers")
     )
     worst = max(checks.values(), key=lambda c: _RANK[c["status"]])["status"]
     report = {
@@ -204,21 +208,21 @@ class OfflineFeatures:
 
 
 def _check_skew(
-    answers: pd.DataFrame, offline: OfflineFeatures | None, monitor: MonitorConfig, gauges: Gauges
+    answers: pd.DataFrame,
+    served_features: pd.DataFrame,
+    offline: OfflineFeatures | None,
+    monitor: MonitorConfig,
+    gauges: Gauges,
 ) -> dict[str, Any]:
     if offline is None:
         return _skipped("no Feast store and feature tables given")
-    usable = answers.loc[
-        answers["features"].notna()
-        & ~answers["degraded"]
-        & answers["user_id"].notna()
-        & ~answers["cold_start"]
-    ]
+    usable = served_features.loc[answers.loc[served_features.index, "user_id"].notna()]
     if usable.empty:
         return _skipped("no logged answer with its features and a known user")
-    sample = usable.sample(n=min(len(usable), monitor.skew_sample), random_state=0).reset_index(drop=True)
+    served = usable.sample(n=min(len(usable), monitor.skew_sample), random_state=0)
+    sample = answers.loc[served.index].reset_index(drop=True)
+    served = served.reset_index(drop=True)
     recomputed, data_end = _point_in_time(sample, offline)
-    served = pd.DataFrame([json.loads(text) for text in sample["features"]])
     names = [n for n in served.columns if n in recomputed.columns and n != "user_id"]
     rates: dict[str, float] = {}
     errors: dict[str, float] = {}
@@ -320,7 +324,7 @@ def _check_expectations(served: pd.DataFrame, reference: pd.DataFrame, docs_dir:
     expectations = [e for name in names for e in _feature_expectations(name, reference[name])]
     with tempfile.TemporaryDirectory(prefix="monitor-gx-") as scratch:
         data_dir = Path(scratch)
-        served[names].to_parquet(data_dir / "served_features.parquet")
+        served[names].to_parquet(data_dir / "served_features.parquet", index=False)
         table = TableChecks("served_features", "served_features.parquet", expectations)
         results = run_suites("monitor", data_dir, [table], docs_dir, _GX_EXAMPLES)
         summary = summarise("monitor", data_dir, results, _GX_EXAMPLES, docs_dir)
@@ -408,7 +412,7 @@ def _check_online_recall(
 
 
 def _check_index_coverage(
-    raw_dir: Path,
+    events: pd.DataFrame,
     bundle: Any,
     monitor: MonitorConfig,
     gauges: Gauges,
@@ -416,7 +420,6 @@ def _check_index_coverage(
 ) -> dict[str, Any]:
     if bundle is None:
         return _skipped("no served bundle given")
-    events = pd.read_parquet(raw_dir / "events.parquet", columns=["item_id", "event_timestamp"])
     end = min(pd.Timestamp(now), events["event_timestamp"].max())
     recent = events.loc[events["event_timestamp"] >= end - pd.Timedelta(days=monitor.recent_item_days)]
     available = np.unique(recent["item_id"].to_numpy(np.int64))
@@ -449,7 +452,7 @@ def _check_embedding_age(
 
 def _check_outcomes(
     answers: pd.DataFrame,
-    raw_dir: Path,
+    events: pd.DataFrame,
     bundle: Any,
     monitor: MonitorConfig,
     gauges: Gauges,
@@ -468,9 +471,6 @@ def _check_outcomes(
         answers["endpoint"] == "recommend", ["user_id", "time", "bundle_version", "item_ids"]
     ]
     served = served.explode("item_ids").dropna(subset=["item_ids", "user_id"])
-    events = pd.read_parquet(
-        raw_dir / "events.parquet", columns=["user_id", "item_id", "event_timestamp", "label"]
-    )
     if served.empty or events["event_timestamp"].max() < served["time"].min():
         return _skipped(
             "the events end before the first served answer: no outcome to attribute yet"
@@ -541,11 +541,12 @@ def _length(value: Any) -> int:
 
 
 def _served_features(answers: pd.DataFrame) -> pd.DataFrame:
-    """The user features of answers made on the user's own stored (or given) features."""
+    """The user features of answers made on the user's own stored (or given) features, indexed as
+    ``answers`` (the skew check looks the answers' users and times up by it)."""
     usable = answers.loc[answers["features"].notna() & ~answers["degraded"] & ~answers["cold_start"]]
     if usable.empty:
         return pd.DataFrame()
-    return pd.DataFrame([json.loads(text) for text in usable["features"]])
+    return pd.DataFrame([json.loads(text) for text in usable["features"]], index=usable.index)
 
 
 # ---- the served bundle --------------------------------------------------------------------------
