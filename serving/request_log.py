@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import socket
 import threading
 import time
@@ -97,7 +98,7 @@ class RequestLog:
                 return
             room = self.config.max_buffer_rows - len(self._rows)
             for row in rows[: max(room, 0)]:
-                if sample < 1.0 and (sample == 0.0 or random.random() >= sample):
+                if sample < 1.0 and random.random() >= sample:
                     row["features"] = None
                 self._rows.append(row)
             if len(rows) > room:
@@ -196,9 +197,7 @@ class RequestLog:
         oldest = f"{PARTITION}{(datetime.now(UTC) - timedelta(days=days)):%Y-%m-%d}"
         for folder in store.root.glob(f"{PARTITION}*"):
             if folder.is_dir() and folder.name < oldest:
-                for path in folder.iterdir():
-                    path.unlink(missing_ok=True)
-                folder.rmdir()
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
