@@ -1,10 +1,12 @@
 """``python -m pipelines compile|upload|schedule|run-local``: the Kubeflow side of the project.
 
-- ``compile``: the KFP v2 pipeline YAML (committed as pipelines/recsys_training.yaml; a test fails when
-  it is stale).
-- ``upload --host URL [--version NAME]``: a new pipeline, or a new version of it.
-- ``schedule --host URL --cron "0 0 3 * * *" [--experiment NAME]``: a recurring run (KFP's cron has 6
-  fields, seconds first; it is validated before the server is called).
+- ``compile``: the KFP v2 pipelines' YAML (committed as pipelines/recsys_training.yaml and
+  pipelines/recsys_index_refresh.yaml; a test fails when either is stale).
+- ``upload --host URL [--pipeline training|index-refresh] [--version NAME]``: a new pipeline, or a new
+  version of it.
+- ``schedule --host URL [--pipeline ...] [--cron "0 0 3 * * *"] [--experiment NAME]``: the pipeline's
+  recurring run (KFP's cron has 6 fields, seconds first; it is validated before the server is called);
+  scheduling again replaces the pipeline's earlier recurring run instead of adding a second one.
 - ``run-local [--preset tiny] [--runner subprocess|docker]``: the whole DAG through KFP's local runner,
   no cluster; ``--runner docker`` runs every task in the built image.
 """
@@ -19,7 +21,10 @@ from pathlib import Path
 from recsys import artifact_layout as layout
 from recsys.config import ConfigError, load_params
 
-DEFAULT_PACKAGE = Path("pipelines/recsys_training.yaml")
+PACKAGES = {  # the compiled pipelines, committed
+    "training": Path("pipelines/recsys_training.yaml"),
+    "index-refresh": Path("pipelines/recsys_index_refresh.yaml"),
+}
 
 
 def main(argv: list[str] | None = None, kfp_client: object | None = None) -> int:
@@ -39,8 +44,10 @@ def main(argv: list[str] | None = None, kfp_client: object | None = None) -> int
 def _compile(args: argparse.Namespace, params, _client) -> int:
     from pipelines.recsys_training import compile_pipeline
 
-    path = compile_pipeline(Path(args.params), Path(args.output))
-    print(path)
+    # --output names one file: the training pipeline's unless --pipeline says which
+    which = [args.pipeline or "training"] if args.output or args.pipeline else list(PACKAGES)
+    for name in which:
+        print(compile_pipeline(Path(args.params), Path(args.output or PACKAGES[name]), name))
     return 0
 
 
@@ -49,7 +56,8 @@ def _upload(args: argparse.Namespace, params, client) -> int:
 
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
-    uploaded = kubeflow.upload(client, args.package, params.pipeline, args.version, namespace)
+    package = args.package or PACKAGES[args.pipeline]
+    uploaded = kubeflow.upload(client, package, _target(params, args), args.version, namespace)
     print(f"pipeline {uploaded.pipeline_id} version {uploaded.version_name} ({uploaded.version_id})")
     return 0
 
@@ -57,12 +65,19 @@ def _upload(args: argparse.Namespace, params, client) -> int:
 def _schedule(args: argparse.Namespace, params, client) -> int:
     from pipelines import kubeflow
 
-    cron = kubeflow.checked_cron(args.cron or params.pipeline.cron)  # before connecting to anything
+    target = _target(params, args)
+    cron = kubeflow.checked_cron(args.cron or target.cron)  # before connecting to anything
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
-    run = kubeflow.schedule(client, params.pipeline, cron, args.experiment, args.version, namespace)
+    run = kubeflow.schedule(client, target, cron, args.experiment, args.version, namespace)
     print(f"recurring run {getattr(run, 'recurring_run_id', run)} on '{cron}'")
     return 0
+
+
+def _target(params, args: argparse.Namespace):
+    from pipelines.recsys_training import pipeline_config
+
+    return pipeline_config(params.pipeline, args.pipeline)
 
 
 def _run_local(args: argparse.Namespace, params, _client) -> int:
@@ -88,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compile_cmd = commands.add_parser("compile", help="write the compiled pipeline YAML")
-    compile_cmd.add_argument("--output", default=str(DEFAULT_PACKAGE))
+    compile_cmd = commands.add_parser("compile", help="write the compiled pipelines' YAML")
+    compile_cmd.add_argument("--pipeline", default=None, choices=list(PACKAGES), help="default: both")
+    compile_cmd.add_argument("--output", default=None, help="one pipeline's file (default: each to its own)")
     compile_cmd.set_defaults(handler=_compile)
 
     def server(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -102,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--version", default=None, help="pipeline version name")
         cmd.add_argument(
+            "--pipeline",
+            default="training",
+            choices=list(PACKAGES),
+            help="the daily training DAG, or the hourly index refresh (pipeline.index_refresh)",
+        )
+        cmd.add_argument(
             "--token-file",
             default=None,
             help="a ServiceAccount token file to authenticate with (else $KFP_TOKEN or $KFP_COOKIE, or none)",
@@ -109,11 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         return cmd
 
     upload_cmd = server("upload", "upload the compiled pipeline (new pipeline or new version)")
-    upload_cmd.add_argument("--package", default=str(DEFAULT_PACKAGE), help="the compiled pipeline YAML")
+    upload_cmd.add_argument("--package", default=None, help="the compiled YAML (default: --pipeline's)")
     upload_cmd.set_defaults(handler=_upload)
 
     schedule_cmd = server("schedule", "create a recurring run of the uploaded pipeline")
-    schedule_cmd.add_argument("--cron", default=None, help="6 fields, seconds first (default: pipeline.cron)")
+    schedule_cmd.add_argument(
+        "--cron", default=None, help="6 fields, seconds first (default: pipeline.cron / index_refresh.cron)"
+    )
     schedule_cmd.add_argument("--experiment", default=None, help="default: pipeline.experiment")
     schedule_cmd.set_defaults(handler=_schedule)
 

@@ -94,7 +94,7 @@ def upload(
     if not package.is_file():
         raise KubeflowError(f"{package}: no compiled pipeline; run `python -m pipelines compile` first")
     version_name = version or f"{pipeline.image_tag}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
-    description = f"{pipeline.name}: two-stage recommender training, image tag {pipeline.image_tag}"
+    description = f"{pipeline.name} (recsys-kfp), image tag {pipeline.image_tag}"
     pipeline_id = pipeline_id_of(client, pipeline.name, namespace)
     if pipeline_id is None:  # a new pipeline: KFP names its first version after the pipeline
         created = client.upload_pipeline(
@@ -119,10 +119,14 @@ def schedule(
     namespace: str | None = None,
     arguments: dict[str, Any] | None = None,
 ) -> Any:
-    """A recurring run of the uploaded pipeline (its newest version, or ``version`` by name) on ``cron``.
+    """The pipeline's one recurring run: of its newest version (or ``version`` by name) on ``cron``.
 
     The cron is validated before any server call. Runs never overlap (``pipeline.max_concurrency``) and a
-    paused schedule does not replay the runs it missed (``no_catchup``).
+    paused schedule does not replay the runs it missed (``no_catchup``). Idempotent: KFP cannot change a
+    recurring run, and every ``create_recurring_run`` adds one that fires too, so the pipeline's earlier
+    recurring runs are disabled. An enabled one with the same version, cron and arguments is kept as it
+    is; otherwise the new one is created disabled, the others disabled, then it is enabled (never two
+    firing at once, and a failed create leaves the old schedule running).
     """
     cron = checked_cron(cron)
     pipeline_id = pipeline_id_of(client, pipeline.name, namespace)
@@ -132,22 +136,76 @@ def schedule(
         )
     version_id, version_name = _version(client, pipeline_id, version, pipeline.name)
     exp = client.create_experiment(name=experiment or pipeline.experiment, namespace=namespace or None)
-    job_name = f"{pipeline.name}-{version_name}"
-    run = client.create_recurring_run(
-        experiment_id=exp.experiment_id,
-        job_name=job_name,
-        description=f"{pipeline.name} on cron '{cron}'",
-        cron_expression=cron,
-        max_concurrency=pipeline.max_concurrency,
-        no_catchup=True,
-        pipeline_id=pipeline_id,
-        version_id=version_id,
-        params=arguments or None,
-        enabled=True,
-        service_account=pipeline.service_account,
-    )
-    log.info("scheduled %s (%s) on '%s' in experiment %s", job_name, version_id, cron, exp.display_name)
+    earlier = recurring_runs_of(client, pipeline_id, namespace)
+    wanted = {
+        "version": version_id,
+        "cron": cron,
+        "arguments": arguments or {},
+        "experiment": exp.experiment_id,
+    }
+    kept = [r for r in earlier if _enabled(r) and _schedule_of(r) == wanted]
+    if kept:
+        run = kept[0]
+        log.info("%s is already scheduled on '%s' (%s)", pipeline.name, cron, run.recurring_run_id)
+    else:
+        run = client.create_recurring_run(
+            experiment_id=exp.experiment_id,
+            job_name=f"{pipeline.name}-{version_name}",
+            description=f"{pipeline.name} on cron '{cron}'",
+            cron_expression=cron,
+            max_concurrency=pipeline.max_concurrency,
+            no_catchup=True,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+            params=arguments or None,
+            enabled=False,
+            service_account=pipeline.service_account,
+        )
+    for other in earlier:
+        if other.recurring_run_id != run.recurring_run_id and _enabled(other):
+            client.disable_recurring_run(other.recurring_run_id)
+            log.info("disabled the earlier recurring run %s (%s)", other.display_name, other.recurring_run_id)
+    if not kept:
+        client.enable_recurring_run(run.recurring_run_id)
+        log.info(
+            "scheduled %s (%s) on '%s' in experiment %s", pipeline.name, version_name, cron, exp.display_name
+        )
     return run
+
+
+def recurring_runs_of(client: Any, pipeline_id: str, namespace: str | None) -> list[Any]:
+    """Every recurring run (all pages) in ``namespace`` whose pipeline is ``pipeline_id``, any version.
+
+    The v2beta1 filter has no pipeline-id key for recurring runs, so they are matched here on
+    ``pipeline_version_reference.pipeline_id``.
+    """
+    found, token = [], ""
+    while True:
+        page = client.list_recurring_runs(page_token=token, page_size=100, namespace=namespace or None)
+        for run in page.recurring_runs or []:
+            reference = run.pipeline_version_reference
+            if reference is not None and reference.pipeline_id == pipeline_id:
+                found.append(run)
+        token = page.next_page_token or ""
+        if not token:
+            return found
+
+
+def _enabled(run: Any) -> bool:
+    """``status`` is V2beta1RecurringRunStatus: the plain string ENABLED, DISABLED or STATUS_UNSPECIFIED."""
+    return run.status == "ENABLED"
+
+
+def _schedule_of(run: Any) -> dict[str, Any]:
+    """What makes two recurring runs of a pipeline the same schedule."""
+    cron = run.trigger.cron_schedule.cron if run.trigger and run.trigger.cron_schedule else None
+    config = run.runtime_config
+    return {
+        "version": run.pipeline_version_reference.pipeline_version_id,
+        "cron": cron,
+        "arguments": dict((config.parameters if config else None) or {}),
+        "experiment": run.experiment_id,
+    }
 
 
 def pipeline_id_of(client: Any, name: str, namespace: str | None) -> str | None:

@@ -38,9 +38,18 @@ COMPILED_HEADER = (
 )
 
 
-def compile_pipeline(params_path: Path, output: Path) -> Path:
-    """Compile the pipeline for ``params_path`` to ``output`` (KFP IR YAML) and return the path."""
-    pipeline = build_pipeline(params_from_yaml_text(params_path.read_text(), source=str(params_path)))
+PIPELINES = ("training", "index-refresh")  # this daily DAG; the hourly one of pipelines/index_refresh.py
+
+
+def compile_pipeline(params_path: Path, output: Path, which: str = "training") -> Path:
+    """Compile pipeline ``which`` (:data:`PIPELINES`) for ``params_path`` to ``output`` (KFP IR YAML)."""
+    params = params_from_yaml_text(params_path.read_text(), source=str(params_path))
+    if which == "training":
+        pipeline = build_pipeline(params)
+    else:
+        from pipelines.index_refresh import build_refresh_pipeline
+
+        pipeline = build_refresh_pipeline(params)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(output))
     output.write_text(COMPILED_HEADER + output.read_text())
@@ -91,12 +100,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         run_search: bool = params.search.enabled,
     ) -> dsl.Model:
         def step(task: Any, name: str, resources: Resources = cfg.step_resources, cache: bool = True) -> Any:
-            task.set_display_name(name).set_caching_options(cache)
-            task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
-            task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
-            if cfg.retries:
-                task.set_retry(cfg.retries)
-            return task
+            return configured_task(task, cfg, name, resources, cache)
 
         configure = step(
             configure_op(
@@ -107,6 +111,8 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
                 data_until=data_until,
                 # a recurring run trains on the data up to its scheduled day (pipelines/run_window.py)
                 schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if scheduled else "",
+                # the monitor reads what the deployed pods logged (run-local: the local log)
+                served_log=params.deploy.request_log_uri if scheduled else "",
             ),
             "configure",
         )
@@ -215,6 +221,18 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
     return recsys_training
 
 
+def configured_task(
+    task: Any, cfg: PipelineConfig, name: str, resources: Resources, cache: bool = True
+) -> Any:
+    """A task's display name, caching, requests and limits, and ``pipeline.retries``."""
+    task.set_display_name(name).set_caching_options(cache)
+    task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
+    task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
+    if cfg.retries:
+        task.set_retry(cfg.retries)
+    return task
+
+
 def with_feast_config(task: Any, params: Params, in_cluster: bool = True) -> Any:
     """Give a Feast task the production feature_store.yaml and its credentials (kfp-kubernetes, per task).
 
@@ -248,6 +266,14 @@ def on_gpu_nodes(task: Any, cfg: PipelineConfig) -> Any:
     for label, value in cfg.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     return task
+
+
+def pipeline_config(cfg: PipelineConfig, which: str) -> PipelineConfig:
+    """The ``pipeline`` settings as pipeline ``which`` is uploaded and scheduled: the index refresh has its
+    own name and cron and shares everything else (images, namespace, experiment, service account)."""
+    if which == "training":
+        return cfg
+    return cfg.model_copy(update={"name": cfg.index_refresh.name, "cron": cfg.index_refresh.cron})
 
 
 def params_as_text(params: Params) -> str:

@@ -16,8 +16,14 @@ class RunWindowError(ValueError):
     """A run date that cannot be read; the message names the parameter."""
 
 
-def data_until(explicit: str, schedule_time: str) -> datetime | None:
-    """The start of the run's day (UTC): ``explicit`` if given, else the scheduled time, else None."""
+WINDOWS = ("day", "hour")  # the training pipeline runs daily, the index refresh hourly
+
+
+def data_until(explicit: str, schedule_time: str, window: str = "day") -> datetime | None:
+    """The start of the run's day, or hour (UTC): ``explicit`` if given, else the scheduled time, else
+    None. The hourly index refresh sees the items created up to its hour, not only up to midnight."""
+    if window not in WINDOWS:
+        raise RunWindowError(f"window: {window!r} is not one of {WINDOWS}")
     for name, value in (("data_until", explicit), ("schedule time", schedule_time)):
         text = (value or "").strip()
         if not text or text.startswith("{{"):  # not given, or a placeholder nothing resolved
@@ -27,5 +33,6 @@ def data_until(explicit: str, schedule_time: str) -> datetime | None:
         except ValueError:
             raise RunWindowError(f"{name}: {text!r} is not an ISO 8601 date or time") from None
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = moment.replace(minute=0, second=0, microsecond=0)
+        return start if window == "hour" else start.replace(hour=0)
     return None

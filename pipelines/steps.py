@@ -25,6 +25,8 @@ def configure(
     namespace: str,
     data_until: str = "",
     schedule_time: str = "",
+    window: str = "day",
+    served_log: str = "",
 ) -> NamedTuple(  # one scoped configuration per step of recsys.step_contract.STEPS (a test checks the names)
     "StepConfigs",
     [
@@ -43,26 +45,32 @@ def configure(
         ("gate", str),
         ("promote", str),
         ("deploy", str),
+        ("index_refresh", str),
     ],
 ):
     """Validate the run's configuration once, before any work: params.yaml text + the run's overrides.
 
-    ``data.until`` becomes the run's day (pipelines/run_window.py): ``data_until`` if given, else the
-    scheduled time of a recurring run. Returns, per step, the sections of the effective configuration
+    ``data.until`` becomes the start of the run's ``window`` (a day; the index refresh's hour;
+    pipelines/run_window.py): ``data_until`` if given, else the scheduled time of a recurring run.
+    Returns, per step, the sections of the effective configuration
     that step reads (recsys/step_contract.py): the whole run agrees, a new day is a new input for every
     task that reads ``data``, and a change to ``serving.*`` leaves the trainings' inputs as they were.
+    ``served_log``: where the deployed pods write the request log (``deploy.request_log_uri``), which a
+    cluster run's monitor reads instead of the local ``serving.request_log.uri``.
     """
     from pipelines.run_window import data_until as run_day
     from recsys.config import params_from_yaml_text, parse_params
     from recsys.step_contract import STEPS, scoped_configs
 
     effective = params_from_yaml_text(params_yaml, source="params_yaml").model_dump(mode="json")
-    day = run_day(data_until, schedule_time)
+    day = run_day(data_until, schedule_time, window)
     if day is not None:
         effective["data"]["until"] = day.isoformat()
     effective["data"]["source"] = data_source
     effective["pipeline"]["accelerator_type"] = gpu_type
     effective["deploy"]["namespace"] = namespace
+    if served_log:
+        effective["serving"]["request_log"]["uri"] = served_log
     params = parse_params(effective, source="params_yaml with the run's parameters")
     # KFP ships this function's source alone, so the outputs type is spelled in the signature (inline)
     outputs = configure.__annotations__["return"]
@@ -448,5 +456,43 @@ def deploy(config: str, promoted: Input[Artifact], dry_run: bool, manifest: Outp
         manifest.path,
         dry_run=dry_run,
         on_rollback=restore_pointer,
+        promote=params.promote,
     )
     return url or ""
+
+
+def index_refresh(config: str, features: Input[Dataset], report: Output[Metrics]) -> str:
+    """The hourly pipeline's step: the promoted bundle grown by the catalogue items it lacks
+    (components/index_refresh.py), promoted as a new version only while the version it grew from is
+    still current, so a training run promoting in between is never replaced by an older model; running
+    servers with ``serving.index_swap`` take it up. Returns the version current afterwards ("" when
+    nothing was ever promoted: there is no index to grow)."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    from components import index_refresh as step
+    from components import promote
+    from pipelines.metrics_artifact import publish_metrics
+    from recsys.artifact_io import write_json
+    from recsys.object_store import fetch_promoted, open_store
+    from recsys.step_contract import STEPS, step_params_from_json
+
+    params = step_params_from_json(config, STEPS["index_refresh"])
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle_dir = fetch_promoted(open_store(params.promote.uri), Path(scratch) / "bundle")
+        if bundle_dir is None:
+            write_json({"promoted": 0.0, "added_items": 0}, report.path)
+            publish_metrics(report.path, report)
+            logging.getLogger(__name__).warning(
+                "index refresh: nothing promoted yet in %s", params.promote.uri
+            )
+            return ""
+        out_dir = Path(scratch) / "refreshed"
+        result = step.run(params.feast, bundle_dir, Path(features.path), out_dir, report.path)
+        current = result["version"]
+        if current != result["from"]:
+            promote.run(params.promote, out_dir, require_current=result["from"])
+        write_json(result | {"promoted": float(current != result["from"])}, report.path)
+    publish_metrics(report.path, report)
+    return current

@@ -32,6 +32,7 @@ INDEX_METRICS = METRICS_DIR / "index.json"
 GATE_DECISION = METRICS_DIR / "gate.json"
 MONITOR_REPORT = METRICS_DIR / "monitor.json"  # monitor: checks of the served traffic
 MONITOR_GAUGES = METRICS_DIR / "monitor.prom"  # ... as Prometheus gauges (textfile collector format)
+INDEX_REFRESH_REPORT = METRICS_DIR / "index_refresh.json"  # index_refresh: what joined the index
 MONITOR_PAGE = REPORTS_DIR / "monitor.html"
 MONITOR_DOCS = REPORTS_DIR / "monitor_expectations"  # the served-feature suite's Data Docs
 
@@ -41,6 +42,7 @@ EMBEDDINGS_DIR = ARTIFACTS / "embeddings"  # export: item and validation-user em
 EXPORT_DIR = ARTIFACTS / "export"  # export: the cold-start popular items
 INDEX_DIR = ARTIFACTS / "index"  # build_index: the FAISS index and its sidecar
 BUNDLE_DIR = ARTIFACTS / "bundle"  # bundle: what serving loads, with its manifest
+REFRESHED_BUNDLE_DIR = ARTIFACTS / "bundle-refreshed"  # index_refresh: the bundle grown by new items
 KFP_LOCAL_DIR = ARTIFACTS / "kfp-local"  # run-local: the pipeline root of kfp.local runs
 INFERENCE_SERVICE = ARTIFACTS / "deploy" / "inferenceservice.yaml"  # deploy --dry-run: the rendered YAML
 

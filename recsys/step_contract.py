@@ -313,4 +313,13 @@ STEPS: dict[str, StepContract] = _steps(
         reads={"bundle_dir": layout.BUNDLE_DIR},
     ),
     StepContract("deploy", ("pipeline", "promote", "deploy"), inputs=("promoted",), outputs=("manifest",)),
+    # the short-cycle pipeline's step (pipelines/index_refresh.py): the promoted bundle grown by new items
+    StepContract(
+        "index_refresh",
+        ("feast", "promote"),
+        inputs=("features",),
+        outputs=("report",),
+        reads={"bundle_dir": layout.BUNDLE_DIR, "features_dir": layout.FEATURES_DIR},
+        writes={"out_dir": layout.REFRESHED_BUNDLE_DIR, "metrics_file": layout.INDEX_REFRESH_REPORT},
+    ),
 )

@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from models.config import TrainingConfig
 from models.registry import MODEL_KINDS, RANKERS, ModelsConfig
@@ -18,6 +18,8 @@ from recsys.config.cron import kfp_cron
 from recsys.config.kubernetes import DNS_LABEL, IMAGE_REPO, IMAGE_TAG, QUANTITY
 from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
 from recsys.config.section import Section
+
+KfpCron = Annotated[str, AfterValidator(kfp_cron)]  # KFP's 6-field cron, checked before a server sees it
 
 # --------------------------------------------------------------------------------------------------
 # data
@@ -414,6 +416,14 @@ class Toleration(Section):
         return self
 
 
+class RefreshPipelineConfig(Section):
+    """The second, short-cycle pipeline (pipelines/index_refresh.py): new catalogue items into the served
+    index between trainings. Same images, namespace, experiment and service account as the training one."""
+
+    name: str = Field(pattern=DNS_LABEL)
+    cron: KfpCron  # 6 fields: hourly by default, so a new item waits at most an hour (plus the poll)
+
+
 class PipelineConfig(Section):
     """The Kubeflow pipeline (pipelines/): its image, cluster settings, resources and schedule.
 
@@ -430,7 +440,7 @@ class PipelineConfig(Section):
     namespace: str = Field(pattern=DNS_LABEL)
     service_account: str = Field(pattern=DNS_LABEL)
     experiment: str = Field(min_length=1)
-    cron: str
+    cron: KfpCron
     max_concurrency: int = Field(ge=1)
     accelerator_type: str = Field(min_length=1)
     accelerator_limit: int = Field(ge=1)
@@ -444,6 +454,13 @@ class PipelineConfig(Section):
     training_nodes: int = Field(ge=1)  # >1: a PyTorchJob (Kubeflow Training Operator) per training task
     training_volume: str = Field(pattern=DNS_LABEL)  # RWX PVC shared with the PyTorchJob pods (multi-node)
     training_job_timeout_s: int = Field(gt=0)
+    index_refresh: RefreshPipelineConfig
+
+    @model_validator(mode="after")
+    def _two_pipelines(self) -> PipelineConfig:
+        if self.index_refresh.name == self.name:
+            raise ValueError(f"index_refresh.name must differ from the training pipeline's {self.name!r}")
+        return self
 
     @field_validator("feast_secret_keys")
     @classmethod
@@ -459,11 +476,6 @@ class PipelineConfig(Section):
         if tag == "latest":
             raise ValueError("pin a release tag; 'latest' makes runs unreproducible")
         return tag
-
-    @field_validator("cron")
-    @classmethod
-    def _cron_is_kfp(cls, cron: str) -> str:
-        return kfp_cron(cron)
 
     @property
     def image(self) -> str:
@@ -605,6 +617,13 @@ class DeployConfig(Section):
     # where the production Feast config lives in the cluster (names only: values are never committed)
     feast_config_map: str = Field(pattern=DNS_LABEL)
     feast_secret: str = Field(pattern=DNS_LABEL)
+    # the served pods' request log (their root filesystem is read-only): an s3:// prefix, "" = off; a
+    # Kubeflow run's monitor task reads it there
+    request_log_uri: str = Field(pattern=r"^(s3://[^/]+.*)?$")
+    index_swap: bool  # the pods poll promote.uri and take up the hourly index refresh without a restart
+    # the pods' own object-store credentials (AWS_* keys + KServe's s3 annotations): read promote.uri, write
+    # only under request_log_uri; never the pipeline's promote.secret, which can replace bundles
+    storage_secret: str = Field(pattern=DNS_LABEL)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> DeployConfig:

@@ -7,12 +7,22 @@ the calls they make, so what is tested is what they ask the server for.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import kfp
 import pytest
 import yaml
+from kfp_server_api import (
+    V2beta1CronSchedule,
+    V2beta1ListRecurringRunsResponse,
+    V2beta1PipelineVersionReference,
+    V2beta1RecurringRun,
+    V2beta1RuntimeConfig,
+    V2beta1Trigger,
+)
 
 from pipelines.__main__ import main
 from recsys.config import load_params
@@ -40,6 +50,7 @@ class RecordingKfpClient:
         }
         self.versions = {pid: list(names) for pid, names in (versions or {}).items()}
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.recurring: list[Any] = []
 
     def get_pipeline_id(self, name):
         self.calls.append(("get_pipeline_id", {"name": name}))
@@ -88,8 +99,49 @@ class RecordingKfpClient:
         return SimpleNamespace(experiment_id=f"eid-{name}", display_name=name)
 
     def create_recurring_run(self, **kwargs):
+        """Stores what KFP's API server returns, as kfp_server_api's own model (fields, status values)."""
+        inspect.signature(kfp.Client.create_recurring_run).bind(self, **kwargs)  # the SDK's real parameters
         self.calls.append(("create_recurring_run", kwargs))
-        return SimpleNamespace(recurring_run_id="rid-1")
+        params = kwargs.get("params")
+        run = V2beta1RecurringRun(
+            recurring_run_id=f"rid-{len(self.recurring) + 1}",
+            display_name=kwargs["job_name"],
+            pipeline_version_reference=V2beta1PipelineVersionReference(
+                pipeline_id=kwargs["pipeline_id"], pipeline_version_id=kwargs["version_id"]
+            ),
+            trigger=V2beta1Trigger(cron_schedule=V2beta1CronSchedule(cron=kwargs["cron_expression"])),
+            runtime_config=V2beta1RuntimeConfig(parameters=params) if params else None,
+            status="ENABLED" if kwargs["enabled"] else "DISABLED",
+            experiment_id=kwargs["experiment_id"],
+        )
+        self.recurring.append(run)
+        return run
+
+    def list_recurring_runs(
+        self, page_token="", page_size=10, sort_by="", experiment_id=None, namespace=None, filter=None
+    ):
+        self.calls.append(("list_recurring_runs", {"namespace": namespace, "page_token": page_token}))
+        start = int(page_token or 0)
+        page = self.recurring[start : start + page_size]
+        more = start + page_size < len(self.recurring)
+        return V2beta1ListRecurringRunsResponse(
+            recurring_runs=page or None, next_page_token=str(start + page_size) if more else None
+        )
+
+    def enable_recurring_run(self, recurring_run_id):
+        self.calls.append(("enable_recurring_run", {"id": recurring_run_id}))
+        self._run(recurring_run_id).status = "ENABLED"
+
+    def disable_recurring_run(self, recurring_run_id):
+        self.calls.append(("disable_recurring_run", {"id": recurring_run_id}))
+        self._run(recurring_run_id).status = "DISABLED"
+
+    def _run(self, recurring_run_id):
+        (run,) = [r for r in self.recurring if r.recurring_run_id == recurring_run_id]
+        return run
+
+    def enabled(self) -> list[Any]:
+        return [r for r in self.recurring if r.status == "ENABLED"]
 
     def called(self, name: str) -> list[dict[str, Any]]:
         return [args for call, args in self.calls if call == name]
@@ -150,7 +202,48 @@ def test_schedule_creates_a_recurring_run_of_the_newest_version():
     assert (run["experiment_id"], run["pipeline_id"], run["version_id"]) == ("eid-nightly", "pid-1", "vid-v2")
     assert run["max_concurrency"] == pipeline.max_concurrency
     assert run["service_account"] == pipeline.service_account
-    assert run["no_catchup"] is True and run["enabled"] is True
+    assert run["no_catchup"] is True
+    assert [r.recurring_run_id for r in client.enabled()] == ["rid-1"]  # created disabled, then enabled
+
+
+def test_scheduling_again_replaces_the_earlier_recurring_run_instead_of_adding_one():
+    client = RecordingKfpClient({"recsys-training": "pid-1"}, {"pid-1": ["v1"]})
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0  # the same: nothing changes
+    assert len(client.called("create_recurring_run")) == 1 and len(client.enabled()) == 1
+    client.versions["pid-1"].insert(0, "v2")  # a new version uploaded: the schedule moves to it
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0
+    assert _cli("schedule", "--host", "http://kfp", "--cron", "0 0 4 * * *", client=client) == 0
+    (firing,) = client.enabled()
+    assert firing.pipeline_version_reference.pipeline_version_id == "vid-v2"
+    assert firing.trigger.cron_schedule.cron == "0 0 4 * * *"
+    assert [r.status for r in client.recurring] == ["DISABLED", "DISABLED", "ENABLED"]
+    # never two firing at once: every earlier run was disabled before the new one was enabled
+    order = [call for call, _ in client.calls if call.endswith("able_recurring_run")]
+    assert order[-2:] == ["disable_recurring_run", "enable_recurring_run"]
+
+
+def test_schedule_pages_through_recurring_runs_and_leaves_other_pipelines_alone():
+    client = RecordingKfpClient(
+        {"recsys-training": "pid-1", "recsys-index-refresh": "pid-2"}, {"pid-1": ["v1"], "pid-2": ["r1"]}
+    )
+    assert _cli("schedule", "--host", "http://kfp", "--pipeline", "index-refresh", client=client) == 0
+    for minute in range(105):  # older schedules of the training pipeline, more than one page of 100
+        client.create_recurring_run(
+            experiment_id="eid-old",
+            job_name=f"old-{minute}",
+            cron_expression=f"0 {minute % 60} {minute // 60} * * *",
+            pipeline_id="pid-1",
+            version_id="vid-v1",
+            enabled=True,
+        )
+    assert _cli("schedule", "--host", "http://kfp", client=client) == 0
+    assert len(client.called("list_recurring_runs")) >= 3  # 107 runs: two pages for this schedule
+    firing = {r.pipeline_version_reference.pipeline_id: r for r in client.enabled()}
+    assert sorted(firing) == ["pid-1", "pid-2"] and len(client.enabled()) == 2
+    refresh = load_params(REPO_ROOT / "params.yaml").pipeline.index_refresh
+    assert firing["pid-2"].trigger.cron_schedule.cron == refresh.cron
+    assert firing["pid-2"].display_name.startswith(refresh.name)
 
 
 def test_schedule_a_named_version_and_default_cron_and_experiment():

@@ -284,6 +284,21 @@ def test_a_scheduled_run_trains_on_the_data_up_to_its_day(compiled, tasks, param
     assert _section(unresolved, "ingest").data.until == params.data.until
 
 
+def test_a_cluster_runs_monitor_reads_the_log_the_deployed_pods_write(compiled, tasks, params):
+    """The pods log to ``deploy.request_log_uri`` (their filesystem is read-only); the compiled pipeline hands
+    that to configure, which points the monitor's ``serving.request_log.uri`` at it."""
+    from pipelines import steps
+    from pipelines.recsys_training import params_as_text
+
+    argument = tasks["configure"]["spec"]["inputs"]["parameters"]["served_log"]
+    assert argument["runtimeValue"]["constant"] == params.deploy.request_log_uri != ""
+    text = params_as_text(params)
+    served = steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys", served_log="s3://logs/answers/")
+    assert _section(served, "monitor").serving.request_log.uri == "s3://logs/answers/"
+    local = steps.configure(text, "synthetic", "nvidia.com/gpu", "recsys")  # run-local: the local log
+    assert _section(local, "monitor").serving.request_log.uri == params.serving.request_log.uri
+
+
 def _section(configs: Any, step: str) -> Any:
     """One step's configuration out of configure's outputs."""
     from recsys.step_contract import STEPS, step_params_from_json
