@@ -32,7 +32,7 @@ from kubernetes import client as k8s
 from recsys import artifact_layout as layout
 from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
-from recsys.config import ConfigError, DeployConfig
+from recsys.config import ConfigError, DeployConfig, PromoteConfig
 from recsys.object_store import ObjectStoreError, open_store, read_pointer
 from recsys.step_contract import STEPS
 
@@ -64,15 +64,17 @@ def run(
     dry_run: bool = False,
     kserve_client: Any = None,
     on_rollback: Callable[[str], None] | None = None,
+    promote: PromoteConfig | None = None,
 ) -> str | None:
     """Render the InferenceService for ``storage_uri`` (default ``deploy.storage_uri``) and roll it out.
 
     The rendered YAML is written to ``manifest_path`` when given (in live mode too: a record of the desired
     model; on an existing service only its image and ``STORAGE_URI`` are applied). Returns the service URL,
     or None in dry-run mode, which never touches a cluster. ``on_rollback(reason)`` runs after a rollback.
+    ``promote``: the store the pods poll for index refreshes and whose Secret they write the log with.
     """
     uri = resolve_storage_uri(storage_uri or deploy.storage_uri, allow_local=dry_run)
-    isvc = build_inference_service(deploy, f"{deploy.image_repo}:{image_tag}", uri)
+    isvc = build_inference_service(deploy, f"{deploy.image_repo}:{image_tag}", uri, promote)
     if manifest_path is not None:
         write_text(RENDERED_HEADER + render_yaml(isvc), manifest_path)
         log.info("deploy: rendered %s/%s to %s", deploy.namespace, deploy.isvc_name, manifest_path)
@@ -86,15 +88,24 @@ def run(
     return roll_out(isvc, deploy, api, on_rollback=on_rollback)
 
 
-def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) -> Any:
-    """The ``V1beta1InferenceService`` serving ``storage_uri`` with ``image`` (KServe SDK model)."""
+def build_inference_service(
+    deploy: DeployConfig, image: str, storage_uri: str, promote: PromoteConfig | None = None
+) -> Any:
+    """The ``V1beta1InferenceService`` serving ``storage_uri`` with ``image`` (KServe SDK model).
+
+    ``promote`` (the store bundles are promoted to): with ``deploy.index_swap`` the pods poll it for index
+    refreshes, and its Secret's AWS_* keys (optional) let them read it and write the request log."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
 
     port = deploy.http_port
+    secrets = [
+        k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name, optional=optional))
+        for name, optional in ((deploy.feast_secret, None), (deploy.storage_secret, True))
+    ]
     container = k8s.V1Container(
         name=SERVING_CONTAINER,
         image=image,
-        args=["--model_dir", MODEL_DIR, "--http_port", str(port)],
+        args=["--model_dir", MODEL_DIR, "--http_port", str(port), *serving_args(deploy, promote)],
         ports=[k8s.V1ContainerPort(name="http1", container_port=port, protocol="TCP")],
         env=[
             k8s.V1EnvVar(name=rollout.STORAGE_URI_ENV, value=storage_uri),
@@ -103,7 +114,7 @@ def build_inference_service(deploy: DeployConfig, image: str, storage_uri: str) 
             # the root filesystem is read-only: libraries that write under $HOME get the tmp volume
             k8s.V1EnvVar(name="HOME", value="/tmp"),
         ],
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=deploy.feast_secret))],
+        env_from=secrets,
         resources=k8s.V1ResourceRequirements(
             requests=deploy.resources.requests(), limits=deploy.resources.limits()
         ),
@@ -426,6 +437,15 @@ def model_from_manifest(manifest: Mapping[str, Any], model: str) -> Any:
     return _to_model(manifest, model, str(manifest.get("kind", model)))
 
 
+def serving_args(deploy: DeployConfig, promote: PromoteConfig | None) -> list[str]:
+    """``python -m serving`` options for a pod: the request log on ``deploy.request_log_uri`` (a local
+    folder cannot be written there: the root filesystem is read-only), and the index-swap poll."""
+    args = ["--request_log", deploy.request_log_uri or "off"]
+    if deploy.index_swap and promote is not None:
+        args += ["--index_swap_from", promote.uri]
+    return args
+
+
 def _http_probe(path: str, port: int, period_s: int, initial_delay_s: int, failures: int = 3) -> Any:
     return k8s.V1Probe(
         http_get=k8s.V1HTTPGetAction(path=path, port=port),
@@ -512,7 +532,14 @@ def main(argv: list[str] | None = None) -> int:
             if pointer is None:
                 raise DeployError(f"nothing promoted yet at {params.promote.uri}")
             storage_uri = pointer["uri"]
-        url = run(params.deploy, params.pipeline.image_tag, storage_uri, output, dry_run=args.dry_run)
+        url = run(
+            params.deploy,
+            params.pipeline.image_tag,
+            storage_uri,
+            output,
+            dry_run=args.dry_run,
+            promote=params.promote,
+        )
     except (ConfigError, DeployError, ObjectStoreError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ from recsys.bundle_manifest import BundleIntegrityError
 from recsys.config import ConfigError, load_params
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The server's command line (components/deploy.py renders a pod's args for it)."""
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     parser.add_argument("--model_dir", "--model-dir", required=True, help="the bundle directory")
     parser.add_argument("--params", default="params.yaml", help="the project configuration file")
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         help="promote store (s3://... or file:///...) polled for refreshed indexes, '' for off "
         "(default: serving.index_swap.store_uri)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         overrides = {"serving.workers": args.workers} if args.workers is not None else None

@@ -73,7 +73,10 @@ def test_pod_security_settings(rendered, params):
     feast = mounts[deploy.FEAST_CONFIG_DIR]
     assert feast["readOnly"] is True
     assert volumes[feast["name"]]["configMap"]["name"] == params.deploy.feast_config_map
-    assert _container(rendered)["envFrom"] == [{"secretRef": {"name": params.deploy.feast_secret}}]
+    assert _container(rendered)["envFrom"] == [
+        {"secretRef": {"name": params.deploy.feast_secret}},
+        {"secretRef": {"name": params.deploy.storage_secret, "optional": True}},  # read bundles, write logs
+    ]
 
 
 def test_rendered_yaml_round_trips_through_the_sdk_model(rendered):

@@ -76,13 +76,42 @@ def test_no_secret_values_committed():
 def test_base_inference_service_is_the_deploy_builders_output():
     params = load_params(REPO_ROOT / "params.yaml")
     isvc = deploy.build_inference_service(
-        params.deploy, f"{params.deploy.image_repo}:{params.pipeline.image_tag}", params.deploy.storage_uri
+        params.deploy,
+        f"{params.deploy.image_repo}:{params.pipeline.image_tag}",
+        params.deploy.storage_uri,
+        params.promote,
     )
     committed = yaml.safe_load((MANIFESTS / "base" / "inferenceservice.yaml").read_text())
     assert committed == deploy.inference_service_to_dict(isvc), (
         "manifests/base/inferenceservice.yaml is stale: run "
         "`python -m components.deploy --dry-run --output manifests/base/inferenceservice.yaml`"
     )
+
+
+def test_the_pods_log_answers_to_the_object_store_and_poll_it_for_index_refreshes():
+    """A pod's root filesystem is read-only: the params.yaml in its image names a local log folder, so the
+    rendered args must point the log at ``deploy.request_log_uri``, and the index swap at ``promote.uri``
+    (where the hourly refresh promotes); the args are ones ``python -m serving`` accepts."""
+    from serving.__main__ import parser as serving_parser
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    image = f"{params.deploy.image_repo}:{params.pipeline.image_tag}"
+    (container,) = deploy.build_inference_service(
+        params.deploy, image, params.deploy.storage_uri, params.promote
+    ).spec.predictor.containers
+    parsed = serving_parser().parse_args(container.args)
+    assert parsed.request_log == params.deploy.request_log_uri
+    assert parsed.request_log.startswith("s3://") and parsed.index_swap_from == params.promote.uri
+    secrets = [source.secret_ref.name for source in container.env_from]
+    assert (
+        params.deploy.storage_secret in secrets and params.promote.secret not in secrets
+    )  # no bundle writes
+    off = params.deploy.model_copy(update={"request_log_uri": "", "index_swap": False})
+    (container,) = deploy.build_inference_service(
+        off, image, params.deploy.storage_uri, params.promote
+    ).spec.predictor.containers
+    parsed = serving_parser().parse_args(container.args)
+    assert parsed.request_log == "off" and parsed.index_swap_from is None
 
 
 def test_rbac_is_namespaced_and_grants_only_inferenceservice_verbs():
@@ -172,7 +201,10 @@ def test_overlays_keep_the_security_settings_and_set_their_own(rendered):
         assert isvc["metadata"]["namespace"] == "recsys"
         assert env["STORAGE_URI"].startswith("s3://")
         assert predictor["minReplicas"] >= 2
-        assert serving_sa["secrets"] == [{"name": "recsys-bundle-storage"}]
+        # the storage initializer reads with the serving pods' own read-only keys, not the pipeline's
+        params = load_params(REPO_ROOT / "params.yaml")
+        assert serving_sa["secrets"] == [{"name": params.deploy.storage_secret}]
+        assert params.deploy.storage_secret != params.promote.secret
 
 
 # --------------------------------------------------------------------------------------------------
