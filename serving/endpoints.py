@@ -84,7 +84,9 @@ class RecsysModel(Model):
         self.close()
 
     def close(self) -> None:
-        """Stop the index poller and close the request log (both idempotent, shared by the models)."""
+        """Stop the index poller and the registry retry, close the request log (idempotent, shared by the
+        models)."""
+        self.recommender.features.close()
         if self.index_swap is not None:
             self.index_swap.stop()
         if self.request_log is not None:

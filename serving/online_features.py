@@ -5,6 +5,10 @@ project's feature service, so this module never repeats the view layout. A value
 (unknown entity, or a view without a row for it) gets the data contract's default ("" / 0 / empty list),
 the same default the training sets use, so a cold entity is encoded at serving as it was in training.
 
+A registry without the project's feature service yet (a fresh cluster before the first run applied the
+views) does not stop the server: it starts, answers with defaults flagged degraded, says so
+(``recsys_online_store_ready`` 0) and looks again every ``REGISTRY_RETRY_S``.
+
 A read that fails or takes longer than ``serving.feast_timeout_s`` is treated as the store being down:
 the caller gets defaults and ``degraded=True``, a warning is logged and
 ``recsys_online_store_failures_total`` counts it. A local (SQLite) store's file is checked before each
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from models import FeatureEncoder
 from recsys.contracts import MISSING_CATEGORY, NUMBER_DEFAULT
@@ -42,6 +46,13 @@ ITEM_READ_CHUNK = 1_000  # entity rows per online read when warming the item cac
 WARM_UP_BASE_S = 60.0
 WARM_UP_PER_ITEM_S = 0.001
 
+REGISTRY_RETRY_S = 30.0  # a registry without the feature service yet (no views applied): look again
+
+ONLINE_STORE_READY = Gauge(
+    "recsys_online_store_ready",
+    "1 when the Feast registry holds the feature service and features are read from the online store; 0 "
+    "while the server answers with default features (marked degraded) and looks for it again.",
+)
 ONLINE_STORE_FAILURES = Counter(
     "recsys_online_store_failures",
     "Online feature reads that failed or timed out; the request was answered with default features.",
@@ -84,6 +95,7 @@ class OnlineFeatures:
         *,
         timeout_s: float,
         item_cache_ttl_s: float,
+        registry_retry_s: float = REGISTRY_RETRY_S,
     ) -> None:
         self.store = store
         self.user_defaults = user_defaults
@@ -95,10 +107,55 @@ class OnlineFeatures:
         self.user_refs: list[str] = []
         self.item_refs: list[str] = []
         self._local_file: _LocalStoreFile | None = None
+        self._ready = threading.Event()  # the feature references are resolved
+        self._closed = threading.Event()
+        self._pending_warm: list[int] = []  # the catalogue, warmed once the registry is ready
         if store is not None:
             _check_registry(store)
             self._local_file = _LocalStoreFile.of(store)
-            self.user_refs, self.item_refs = _feature_refs(store, list(user_defaults), list(item_defaults))
+            if not self._resolve():
+                threading.Thread(
+                    target=self._keep_resolving, args=(registry_retry_s,), name="feast-registry", daemon=True
+                ).start()
+
+    @property
+    def ready(self) -> bool:
+        """Features come from the online store (or there is none); False while the registry lacks them."""
+        return self.store is None or self._ready.is_set()
+
+    def close(self) -> None:
+        """Stop looking for the registry's feature service (a server shutting down)."""
+        self._closed.set()
+
+    def _resolve(self) -> bool:
+        """Find the feature references in the registry; False (said, and the gauge at 0) when it has no
+        feature service yet: a fresh cluster's registry before the first pipeline run applied the views.
+        The server then starts and answers with defaults, flagged degraded, instead of crash-looping."""
+        try:
+            refs = _feature_refs(self.store, list(self.user_defaults), list(self.item_defaults))
+        except Exception as exc:  # Feast's FeatureServiceNotFoundException, an unreachable SQL registry, ...
+            ONLINE_STORE_READY.set(0)
+            log.warning(
+                "online store not ready, answering with default features (degraded) until it is: %r", exc
+            )
+            return False
+        self.user_refs, self.item_refs = refs
+        self._ready.set()
+        ONLINE_STORE_READY.set(1)
+        return True
+
+    def _keep_resolving(self, retry_s: float) -> None:
+        """Look for the feature service every ``retry_s`` (Feast caches the registry: refreshed first);
+        once found, warm the item cache the start-up could not."""
+        while not self._closed.wait(retry_s):
+            try:
+                self.store.refresh_registry()
+            except Exception as exc:  # still not there: _resolve says so
+                log.debug("registry refresh failed: %r", exc)
+            if self._resolve():
+                log.info("online store ready: the registry holds feature service '%s'", FEATURE_SERVICE)
+                self.warm(self._pending_warm)
+                return
 
     def users(self, user_ids: Sequence[int]) -> FeatureRows:
         """Latest features of each user (defaults where the store has none, or is down)."""
@@ -143,6 +200,9 @@ class OnlineFeatures:
         if self.store is None:
             return 0
         ids = list(dict.fromkeys(int(i) for i in item_ids))
+        if not self._ready.is_set():  # warmed when the registry is ready (_keep_resolving)
+            self._pending_warm = ids
+            return len(ids)
         started = time.monotonic()
         bound_s = WARM_UP_BASE_S + WARM_UP_PER_ITEM_S * len(ids)
         deadline = started + bound_s
@@ -202,6 +262,8 @@ class OnlineFeatures:
         if key in columns:  # the entity's own id is a model feature (its embedding row)
             columns[key] = [int(i) for i in ids]
         found = np.zeros(n, dtype=bool)
+        if self.store is not None and not self._ready.is_set():
+            return FeatureRows(columns, found, degraded=True)  # no feature service yet: defaults, flagged
         if self.store is None or not refs or n == 0:
             return FeatureRows(columns, found, degraded=False)
         try:

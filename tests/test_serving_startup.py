@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,44 @@ def test_a_warm_up_that_cannot_read_says_how_many_items_are_cold(feast_config, t
     assert len(failed) == 2  # the read and its one retry
     rows = features.items(CATALOGUE)  # requests get defaults while the store fails, flagged
     assert rows.degraded and not rows.found.any()
+
+
+def test_a_registry_without_views_starts_degraded_and_serves_features_once_they_are_applied(tmp_path, caplog):
+    """Issue: a fresh cluster's registry has no feature views until the first run applies them; the server
+    crash-looped on Feast's FeatureServiceNotFoundException. It now starts, answers with defaults flagged
+    degraded, says so, and reads the store once another process has applied and materialised the views."""
+    from components import online_store
+    from serving.online_features import ONLINE_STORE_READY
+
+    params = shipped_params()
+    feast = revalidated(params.feast, repo_path=copy_feature_repo(tmp_path))
+    open_feature_store(feast).apply([])  # the registry exists, with the project and nothing in it
+    with caplog.at_level(logging.WARNING, logger="serving.online_features"):
+        features = OnlineFeatures(
+            open_feature_store(feast),
+            USER_DEFAULTS,
+            ITEM_DEFAULTS,
+            timeout_s=10,
+            item_cache_ttl_s=0,  # the views appear before materialisation ends: read what is there now
+            registry_retry_s=0.2,
+        )
+    try:
+        assert not features.ready and ONLINE_STORE_READY._value.get() == 0
+        assert "online store not ready" in caplog.text and "FeatureService" in caplog.text
+        assert features.warm(CATALOGUE) == len(CATALOGUE)  # left for when the registry is ready
+        rows = features.items(CATALOGUE)
+        assert rows.degraded and not rows.found.any() and rows.columns["category"] == ["", "", ""]
+        assert features.users([1]).degraded
+        _, features_dir = handmade_dataset(tmp_path / "data")
+        online_store.run(feast, params.features, features_dir)  # the first pipeline run, another process
+        deadline = time.monotonic() + 30
+        while not features.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert features.ready and ONLINE_STORE_READY._value.get() == 1
+        rows = features.items(CATALOGUE)
+        assert not rows.degraded and rows.found.tolist() == [True, True, False]
+        assert rows.columns["category"] == ["cat_a", "cat_b", ""]
+        users = features.users([1])
+        assert not users.degraded and users.found.tolist() == [True]
+    finally:
+        features.close()
