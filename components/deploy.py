@@ -162,7 +162,21 @@ def build_inference_service(
                 "app.kubernetes.io/component": "serving",
                 "app.kubernetes.io/part-of": "recsys-kfp",
             },
-            annotations={"serving.kserve.io/enable-prometheus-scraping": "true"},
+            # Prometheus scrapes the app's own /metrics (serving/routes.py) on its HTTP port, in both
+            # modes. KServe's "true" would point the pod's prometheus.io/port at queue-proxy (9091, or
+            # 9088 with metric aggregation), which has no app metrics and no listener in Standard mode
+            # (kserve pkg/webhook/admission/pod/metrics_aggregate_injector.go); "false" keeps ours. An
+            # Istio sidecar moves them to its merged 15020 endpoint. prometheus.kserve.io/*: the app's
+            # port/path for KServe's queue-proxy aggregation and OTel collector. Sources and ports:
+            # manifests/base/serving-networkpolicy.yaml.
+            annotations={
+                "serving.kserve.io/enable-prometheus-scraping": "false",
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(port),
+                "prometheus.io/path": "/metrics",
+                "prometheus.kserve.io/port": str(port),
+                "prometheus.kserve.io/path": "/metrics",
+            },
         ),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),
     )

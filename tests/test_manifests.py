@@ -312,25 +312,6 @@ def test_hadolint_clean(image):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_kubectl
-def test_only_the_ingress_path_reaches_the_predictor(rendered):
-    """KServe has no authentication: the NetworkPolicy admits the Knative/Istio data path, Prometheus and
-    the namespace's own pods, on the serving port only, to exactly the InferenceService's pods."""
-    name, objects = rendered
-    (policy,) = _by_kind(objects, "NetworkPolicy")
-    (isvc,) = _by_kind(objects, "InferenceService")
-    selector = policy["spec"]["podSelector"]["matchLabels"]
-    assert selector == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [
-        {"protocol": "TCP", "port": load_params(REPO_ROOT / "params.yaml").deploy.http_port}
-    ]
-    (namespaces,) = rule["from"][0]["namespaceSelector"]["matchExpressions"]
-    assert set(namespaces["values"]) == {"knative-serving", "istio-system", "monitoring"}
-    assert policy["metadata"]["namespace"] == isvc["metadata"]["namespace"], name
-
-
 def test_probes_let_a_slow_start_finish_before_liveness_counts():
     (isvc,) = _documents(MANIFESTS / "base" / "inferenceservice.yaml")
     (container,) = isvc["spec"]["predictor"]["containers"]
