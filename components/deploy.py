@@ -49,6 +49,9 @@ RENDERED_HEADER = (
     "# Rendered by components/deploy.py from params.yaml (deploy section); do not edit by hand.\n"
     "# Regenerate: python -m components.deploy --dry-run --output <this file>\n"
 )
+# fluxcd/kustomize-controller internal/controller/kustomization_controller.go: objects annotated so are
+# created when absent and otherwise left as they are (fluxcd/pkg ssa/manager_apply.go IfNotPresentSelector)
+FLUX_APPLY_POLICY = "kustomize.toolkit.fluxcd.io/ssa"
 _REMOTE_SCHEMES = ("s3", "gs", "pvc", "https", "http", "hf", "oci", "hdfs", "webhdfs")
 
 
@@ -176,6 +179,9 @@ def build_inference_service(
                 "prometheus.io/path": "/metrics",
                 "prometheus.kserve.io/port": str(port),
                 "prometheus.kserve.io/path": "/metrics",
+                # the pipeline patches this object's model on every promotion: a GitOps sync must create
+                # it, never revert it (Flux's apply policy; Argo CD: manifests/gitops/)
+                FLUX_APPLY_POLICY: "IfNotPresent",
             },
         ),
         spec=V1beta1InferenceServiceSpec(predictor=predictor),

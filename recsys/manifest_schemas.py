@@ -42,6 +42,7 @@ CUSTOM_RESOURCES = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.json",
     ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.json",
+    ("argoproj.io/v1alpha1", "Application"): "argoproj.io_applications.json",
 }
 _MIN_SHARED_BYTES = 200  # smaller repeated subtrees stay inline
 # keywords whose value maps names to schemas: the map itself is never shared, its schemas are
