@@ -464,9 +464,10 @@ def deploy(config: str, promoted: Input[Artifact], dry_run: bool, manifest: Outp
 def index_refresh(config: str, features: Input[Dataset], report: Output[Metrics]) -> str:
     """The hourly pipeline's step: the promoted bundle grown by the catalogue items it lacks
     (components/index_refresh.py), promoted as a new version only while the version it grew from is
-    still current, so a training run promoting in between is never replaced by an older model; running
-    servers with ``serving.index_swap`` take it up. Returns the version current afterwards ("" when
-    nothing was ever promoted: there is no index to grow)."""
+    still current (compare-and-swap on ``current.json``), so a training run promoting in between is never
+    replaced by an older model: the refresh then stands down (``superseded`` in the report; the next hour
+    grows the new version). Running servers with ``serving.index_swap`` take it up. Returns the version
+    current afterwards ("" when nothing was ever promoted: there is no index to grow)."""
     import logging
     import tempfile
     from pathlib import Path
@@ -475,24 +476,39 @@ def index_refresh(config: str, features: Input[Dataset], report: Output[Metrics]
     from components import promote
     from pipelines.metrics_artifact import publish_metrics
     from recsys.artifact_io import write_json
-    from recsys.object_store import fetch_promoted, open_store
+    from recsys.object_store import fetch_promoted, open_store, read_pointer
     from recsys.step_contract import STEPS, step_params_from_json
 
+    log = logging.getLogger(__name__)
     params = step_params_from_json(config, STEPS["index_refresh"])
+    store = open_store(params.promote.uri)
     with tempfile.TemporaryDirectory() as scratch:
-        bundle_dir = fetch_promoted(open_store(params.promote.uri), Path(scratch) / "bundle")
-        if bundle_dir is None:
+        grown_from = read_pointer(store)
+        bundle_dir = fetch_promoted(store, Path(scratch) / "bundle") if grown_from else None
+        if grown_from is None or bundle_dir is None:
             write_json({"promoted": 0.0, "added_items": 0}, report.path)
             publish_metrics(report.path, report)
-            logging.getLogger(__name__).warning(
-                "index refresh: nothing promoted yet in %s", params.promote.uri
-            )
+            log.warning("index refresh: nothing promoted yet in %s", params.promote.uri)
             return ""
         out_dir = Path(scratch) / "refreshed"
         result = step.run(params.feast, bundle_dir, Path(features.path), out_dir, report.path)
-        current = result["version"]
-        if current != result["from"]:
-            promote.run(params.promote, out_dir, require_current=result["from"])
-        write_json(result | {"promoted": float(current != result["from"])}, report.path)
+        current, superseded = grown_from["version"], False
+        if result["version"] != result["from"]:  # items were added: a new bundle version
+            try:
+                current = promote.run(
+                    params.promote, out_dir, version=result["version"], require_current=grown_from["version"]
+                )["version"]
+            except promote.PromoteError:
+                now = read_pointer(store)
+                if now is None or now["version"] == grown_from["version"]:
+                    raise  # not a newer promotion: the upload or the store failed
+                current, superseded = now["version"], True
+                log.warning(
+                    "index refresh: %s was promoted while %s grew; standing down",
+                    current,
+                    grown_from["version"],
+                )
+        promoted = float(current == result["version"] != result["from"])
+        write_json(result | {"promoted": promoted, "superseded": float(superseded)}, report.path)
     publish_metrics(report.path, report)
     return current

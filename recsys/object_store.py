@@ -12,6 +12,16 @@ member's SHA-256 was read back from the store); the pointer is flipped only afte
 write, which S3 makes visible atomically. So a reader of ``current.json`` always finds a whole, verified
 bundle, and a failed promote leaves the previous version current.
 
+Every pointer write is a compare-and-swap against the pointer its writer read (``read_pointer_state``):
+two promotions (a training run and the index refresh, two pipeline runs) or a promotion and a rollback
+that interleave cannot both win, so no promotion is lost and ``previous`` always names the version that
+was really replaced. The loser gets ``PointerConflict`` and nothing of it was written. S3: the read's ETag
+goes into ``If-Match`` (``If-None-Match: *`` when there was no pointer) of the PUT, and into ``If-Match``
+of the DELETE that undoes a first promotion (AWS S3 conditional writes and deletes; a store that ignores
+those headers gives no such protection, one that rejects them fails loudly). Local folders: a SHA-256 of
+the pointer's bytes, compared and replaced under an exclusive ``flock`` on ``.current.json.lock`` beside
+it (a local file system: ``flock`` over NFS is not to be trusted).
+
 Two backends behind one small interface: S3 (anything that speaks the S3 API: AWS, MinIO, Ceph, ...),
 configured the way KServe's storage initializer is, from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` or KServe's ``S3_ENDPOINT`` + ``S3_USE_HTTPS``,
@@ -21,12 +31,15 @@ runs (``kfp.local``), written with temp file + rename.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,10 +51,43 @@ POINTER = "current.json"
 POINTER_FORMAT = 1
 VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+RESTORE_ATTEMPTS = 3  # restore_previous re-reads after a conflict: the pointer moved on, or is still ours
 
 
 class ObjectStoreError(RuntimeError):
     """The store cannot be reached or read, or holds something that is not what promote writes."""
+
+
+class PreconditionFailed(ObjectStoreError):
+    """A conditional write or delete found the object changed since the token it was given was read."""
+
+
+class PointerConflict(ObjectStoreError):
+    """The pointer changed between reading it and the conditional write: another promotion or rollback
+    came in between, and nothing of this one was written. ``current`` is the pointer now (None: none)."""
+
+    def __init__(self, uri: str, current: dict[str, Any] | None, detail: str = "") -> None:
+        self.current = current
+        if detail:
+            now = detail
+        elif current is None:
+            now = "there is no pointer now"
+        else:
+            now = f"it now points to {current.get('version')!r}, promoted at {current.get('promoted_at')}"
+        super().__init__(
+            f"{uri} changed since it was read ({now}: another promotion or rollback wrote it in between); "
+            "nothing was changed"
+        )
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """The pointer as read and the store's version token of the object it came from (S3: its ETag; a
+    local folder: the SHA-256 of its bytes); both None when there was no pointer. A write passes it back,
+    so it only lands if the pointer is still the one read."""
+
+    pointer: dict[str, Any] | None
+    token: str | None
 
 
 def open_store(uri: str) -> ObjectStore:
@@ -65,10 +111,21 @@ def check_version(version: str) -> str:
 
 
 def read_pointer(store: ObjectStore) -> dict[str, Any] | None:
-    """The current pointer, or None when nothing was promoted yet."""
-    data = store.get_bytes(POINTER)
-    if data is None:
-        return None
+    """The current pointer, or None when nothing was promoted yet (for readers; writers use
+    ``read_pointer_state``, whose token the conditional write needs)."""
+    return read_pointer_state(store).pointer
+
+
+def read_pointer_state(store: ObjectStore) -> PointerState:
+    """The current pointer with its version token; ``PointerState(None, None)`` when nothing was promoted."""
+    found = store.get_with_token(POINTER)
+    if found is None:
+        return PointerState(None, None)
+    data, token = found
+    return PointerState(_parse_pointer(store, data), token)
+
+
+def _parse_pointer(store: ObjectStore, data: bytes) -> dict[str, Any]:
     try:
         pointer = json.loads(data)
     except ValueError as exc:
@@ -84,10 +141,15 @@ def read_pointer(store: ObjectStore) -> dict[str, Any] | None:
 
 
 def write_pointer(
-    store: ObjectStore, version: str, manifest: dict[str, Any], previous: dict[str, Any] | None
+    store: ObjectStore, version: str, manifest: dict[str, Any], expected: PointerState
 ) -> dict[str, Any]:
-    """Make ``version`` (holding ``manifest``) current, by one atomic object write; returns the pointer."""
+    """Make ``version`` (holding ``manifest``) current, by one atomic object write, only if the pointer is
+    still ``expected`` (what the caller read; it becomes ``previous``); returns the pointer written.
+
+    Raises PointerConflict, writing nothing, when another writer changed the pointer since.
+    """
     check_version(version)
+    previous = expected.pointer
     pointer = {
         "format": POINTER_FORMAT,
         "version": version,
@@ -100,7 +162,7 @@ def write_pointer(
         # one step of history: what a rollback restores (its own "previous" is dropped, not chained)
         "previous": None if previous is None else {k: v for k, v in previous.items() if k != "previous"},
     }
-    _put_pointer(store, pointer)
+    _put_pointer(store, pointer, expected)
     return pointer
 
 
@@ -150,22 +212,57 @@ def fetch_promoted(store: ObjectStore, dest: Path) -> Path | None:
 
 def restore_previous(store: ObjectStore, version: str) -> dict[str, Any] | None:
     """Undo the promotion of ``version`` (a rollout that failed): the pointer goes back to the version it
-    replaced, or is removed when ``version`` was the first. Only if ``version`` is still current (a newer
-    promotion is left alone). Returns the pointer now current."""
-    pointer = read_pointer(store)
-    if pointer is None or pointer["version"] != version:
-        return pointer
-    previous = pointer.get("previous")
+    replaced, or is removed when ``version`` was the first. Only if ``version`` is still current when the
+    conditional write (or delete) lands: a newer promotion, even one that comes in between the read and
+    the write, is left alone. Returns the pointer now current."""
+    for _ in range(RESTORE_ATTEMPTS - 1):
+        try:
+            return _restore_once(store, version)
+        except PointerConflict:
+            continue  # re-read: a newer promotion is then left alone
+    return _restore_once(store, version)  # the pointer kept changing and naming ``version``: raise
+
+
+def _restore_once(store: ObjectStore, version: str) -> dict[str, Any] | None:
+    state = read_pointer_state(store)
+    if state.pointer is None or state.pointer["version"] != version:
+        return state.pointer
+    assert state.token is not None
+    previous = state.pointer.get("previous")
     if previous is None:
-        store.delete(POINTER)
+        try:
+            store.delete_if(POINTER, state.token)
+        except PreconditionFailed as exc:
+            _raise_unless_landed(store, exc, None)
         return None
     restored = dict(previous) | {"previous": None, "restored_at": datetime.now(UTC).isoformat()}
-    _put_pointer(store, restored)
+    _put_pointer(store, restored, state)
     return restored
 
 
-def _put_pointer(store: ObjectStore, pointer: dict[str, Any]) -> None:
-    store.put_bytes(POINTER, json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n")
+def _put_pointer(store: ObjectStore, pointer: dict[str, Any], expected: PointerState) -> None:
+    data = json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n"
+    try:
+        store.put_if(POINTER, data, expected.token)
+    except PreconditionFailed as exc:
+        _raise_unless_landed(store, exc, data)
+
+
+def _raise_unless_landed(store: ObjectStore, exc: PreconditionFailed, intended: bytes | None) -> None:
+    """PointerConflict naming what the pointer is now, unless it is exactly what this write intended
+    (``None``: no pointer): a request retried after its response was lost fails its own precondition."""
+    try:
+        found = store.get_with_token(POINTER)
+    except ObjectStoreError as reread:
+        raise PointerConflict(store.uri(POINTER), None, f"re-reading it failed: {reread}") from exc
+    data = None if found is None else found[0]
+    if data == intended:
+        return
+    try:
+        current = None if data is None else _parse_pointer(store, data)
+    except ObjectStoreError as bad:
+        raise PointerConflict(store.uri(POINTER), None, str(bad)) from exc
+    raise PointerConflict(store.uri(POINTER), current) from exc
 
 
 class ObjectStore:
@@ -193,6 +290,19 @@ class ObjectStore:
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        """(content, version token) of a small object, or None when it does not exist."""
+        raise NotImplementedError
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Write ``data`` only if the object's token is still ``token`` (None: only if it does not exist);
+        else PreconditionFailed, the object untouched."""
+        raise NotImplementedError
+
+    def delete_if(self, key: str, token: str) -> None:
+        """Delete the object only if its token is still ``token``; else PreconditionFailed."""
         raise NotImplementedError
 
     def sha256(self, key: str) -> tuple[str, int] | None:
@@ -274,6 +384,30 @@ class S3Store(ObjectStore):
         except self._errors as exc:
             raise ObjectStoreError(_explain(exc, self.uri(key))) from exc
 
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except self._errors as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise ObjectStoreError(_explain(exc, self.uri(key))) from exc
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json", **condition
+            )
+        except self._errors as exc:
+            raise _conditional_error(exc, self.uri(key)) from exc
+
+    def delete_if(self, key: str, token: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=token)
+        except self._errors as exc:
+            raise _conditional_error(exc, self.uri(key)) from exc
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
@@ -319,6 +453,35 @@ class LocalStore(ObjectStore):
     def delete(self, key: str) -> None:
         (self.root / key).unlink(missing_ok=True)
 
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        data = self.get_bytes(key)  # replaced by rename only: whole, without taking the lock
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        with self._locked(key):
+            self._check_token(key, token)
+            self._write(key, iter([data]))
+
+    def delete_if(self, key: str, token: str) -> None:
+        with self._locked(key):
+            self._check_token(key, token)
+            (self.root / key).unlink()
+
+    def _check_token(self, key: str, token: str | None) -> None:
+        found = self.get_with_token(key)
+        if (None if found is None else found[1]) != token:
+            raise PreconditionFailed(f"{self.uri(key)}: changed since it was read (token {token})")
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """An exclusive lock on ``.<name>.lock`` beside ``key`` (never replaced or removed, so every
+        process locks the same inode): compare and replace are then one step for every writer."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{target.name}.lock", "ab") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            yield
+
     def _write(self, key: str, chunks: Iterator[bytes]) -> None:
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -360,7 +523,16 @@ def s3_client() -> Any:
         kwargs["verify"] = False
     elif os.environ.get("AWS_CA_BUNDLE"):
         kwargs["verify"] = os.environ["AWS_CA_BUNDLE"]
-    return boto3.client("s3", **kwargs)
+    # a session of its own: boto3's shared default session is not safe to make clients from in threads
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def _conditional_error(exc: Exception, where: str) -> ObjectStoreError:
+    """412: the ETag no longer matches; 404 on If-Match: the object is gone; 409: a concurrent
+    conditional write won (AWS asks to re-read and retry)."""
+    if _code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict", "409"):
+        return PreconditionFailed(_explain(exc, where))
+    return ObjectStoreError(_explain(exc, where))
 
 
 def _code(exc: Exception) -> str:

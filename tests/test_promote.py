@@ -190,7 +190,8 @@ def test_the_secret_example_serves_both_readers_and_production_serving_lists_it(
         for o in objects
         if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == params.deploy.service_account
     ]
-    assert {"name": params.promote.secret} in account["secrets"]  # KServe's storage initializer reads it
+    # KServe's storage initializer reads the serving pods' own Secret (same keys), not the pipeline's
+    assert {"name": params.deploy.storage_secret} in account["secrets"]
 
 
 def test_kserve_storage_initializer_downloads_the_promoted_bundle(tmp_path, s3_env):
