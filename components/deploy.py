@@ -243,8 +243,8 @@ def roll_out(
         raise DeployError(f"{where}: {exc}; not the serving container this project deploys") from exc
     if (previous.image, previous.storage_uri) == (desired.image, desired.storage_uri):
         return _already_set(api, live, previous, deploy, where, sleep, clock)
-    canary = deploy.canary_traffic_percent if rollout.is_serverless(live) else None
-    revision_before = _latest_created(live) if canary is not None else None
+    canary = rollout.canary_share(live, deploy.canary_traffic_percent)
+    revision_before = rollout.revision_before(live)
     patched = api.json_patch(
         name, namespace, rollout.model_patch(live, desired.image, desired.storage_uri, canary)
     )
@@ -267,8 +267,7 @@ def roll_out(
         log.info("deploy: %s is Ready with %s", where, desired.storage_uri)
         return _url(done, where)
     reason = decision.reason if decision.action == "rollback" else f"not healthy in time: {decision.reason}"
-    current = api.get(name, namespace) or patched
-    api.json_patch(name, namespace, rollout.rollback_patch(current, previous))
+    _roll_back(api, api.get(name, namespace) or patched, previous, deploy, sleep, clock)
     log.error("deploy: rolled %s back to %s: %s", where, previous.storage_uri, reason)
     if on_rollback is not None:
         on_rollback(reason)
@@ -290,7 +289,8 @@ def _already_set(
     interrupted run is promoted; anything else is for a person to look at (nothing here changed it)."""
     name, namespace = live["metadata"]["name"], live["metadata"]["namespace"]
     canary = fields.canary_traffic_percent
-    decision = rollout.canary_decision(live, live["metadata"].get("generation", 0), None, canary)
+    workload = rollout.find_workload(live, api.get_workload)
+    decision = rollout.canary_decision(live, live["metadata"].get("generation", 0), None, canary, workload)
     if decision.action == "promote" and canary is None:
         log.info("deploy: %s already serves %s", where, fields.storage_uri)
         return _url(live, where)
@@ -333,6 +333,19 @@ class InferenceServiceApi:
             raise DeployError(
                 f"{namespace}/{name}: InferenceService lookup failed: {exc.status} {exc.reason}"
             ) from exc
+
+    def get_workload(self, ref: rollout.WorkloadRef) -> dict[str, Any] | None:
+        """The Knative Service or Deployment KServe made for the predictor, or None when absent: readiness
+        is read there, KServe's InferenceService status does not record it (recsys/isvc_rollout.py)."""
+        try:
+            return self.client.api_instance.get_namespaced_custom_object(
+                ref.group, ref.version, ref.namespace, ref.plural, ref.name
+            )
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            where = f"{ref.namespace}/{ref.name} ({ref.plural}.{ref.group})"
+            raise DeployError(f"{where}: lookup failed: {exc.status} {exc.reason}") from exc
 
     def create(self, isvc: Any) -> dict[str, Any]:
         try:
@@ -386,7 +399,8 @@ def _await(
     healthy_since = None
     while True:
         live = api.get(name, namespace) or {}
-        decision = rollout.canary_decision(live, generation, revision_before, canary)
+        workload = rollout.find_workload(live, api.get_workload)
+        decision = rollout.canary_decision(live, generation, revision_before, canary, workload)
         log.info(
             "deploy: %s/%s generation %s: %s (%s)", namespace, name, generation, *vars(decision).values()
         )
@@ -418,10 +432,34 @@ def _promote(
     return _await(api, name, namespace, generation, None, None, deploy, 0.0, sleep, clock)
 
 
-def _latest_created(isvc: Mapping[str, Any]) -> str | None:
-    return (((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}).get(
-        "latestCreatedRevision"
-    )
+def _roll_back(
+    api: InferenceServiceApi,
+    current: dict[str, Any],
+    previous: rollout.ModelFields,
+    deploy: DeployConfig,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> None:
+    """KServe's documented rollback: ``canaryTrafficPercent: 0`` first (all traffic back on the last
+    rolled-out revision), then the previous model, still pinned; the previous canary setting comes back
+    once that model's revision is Ready. Without a rolled-out revision to pin to (Standard mode, or none
+    yet) the previous model goes back directly."""
+    name, namespace = current["metadata"]["name"], current["metadata"]["namespace"]
+    pinned = rollout.is_serverless(current) and rollout.rolled_out_revision(current) is not None
+    failed = rollout.revision_before(current)  # the restored model must come up in a newer revision
+    if pinned:
+        current = api.json_patch(name, namespace, rollout.pin_patch())
+    restored = api.json_patch(name, namespace, rollout.rollback_patch(current, previous, pinned=pinned))
+    if not pinned:
+        return
+    generation = restored["metadata"]["generation"]
+    done, decision = _await(api, name, namespace, generation, failed, 0, deploy, 0.0, sleep, clock)
+    if done:
+        api.json_patch(name, namespace, rollout.unpin_patch(done, previous))
+    else:
+        log.error(
+            "deploy: %s/%s stays pinned to its last rolled-out revision: %s", namespace, name, decision.reason
+        )
 
 
 def _url(isvc: Mapping[str, Any], where: str) -> str:

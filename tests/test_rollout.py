@@ -2,23 +2,28 @@
 
 No cluster here, so the cluster is simulated at the API boundary: the production overlay's InferenceService
 (``kubectl kustomize``) is stored, JSON Patches are applied to it by ``jsonpatch`` (RFC 6902, ``test`` ops
-included) exactly as the API server applies them, every object written or read is validated against
-KServe's InferenceService CRD schema (manifests/crds/), and the status each poll returns is one of the
-status objects below, shaped like KServe 0.21's Knative-mode canary rollout reports them (and valid under
-the CRD's status schema). The wire format of the patch request is checked against an HTTP server.
+included) exactly as the API server applies them, and every InferenceService written or read is validated
+against KServe's CRD schema (manifests/crds/). What each poll reads back is a frame from
+tests/fixtures/kserve_status/: the InferenceService status as KServe v0.14.1, v0.15.2 and v0.20.0 write it
+(one file each, citing the functions that write it), with the Knative Service or Deployment behind it
+(knative_service.yaml, deployment.yaml, citing Knative's and Kubernetes' types). Every test that reads a
+status runs once per version. The wire format of the requests is checked against an HTTP server.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import string
 import threading
+from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import jsonpatch
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from components import deploy
@@ -28,133 +33,19 @@ from recsys.manifest_schemas import custom_resource_errors, render_kustomization
 from tests.conftest import REPO_ROOT, revalidated
 
 PARAMS = load_params(REPO_ROOT / "params.yaml")
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "kserve_status"
+VERSIONS = ("v0.14.1", "v0.15.2", "v0.20.0")
 NEW_URI = "s3://recsys-models/bundles/20261203T101500Z-3f9a0c1b2d4e/"
 NEW_IMAGE = f"{PARAMS.deploy.image_repo}:0.2.0"
-OLD, NEW = "recsys-predictor-00001", "recsys-predictor-00002"
-T = "2026-12-03T10:15:00Z"
+OLD, NEW, RESTORED = "recsys-predictor-00001", "recsys-predictor-00002", "recsys-predictor-00003"
 URL = "http://recsys.recsys.example.com"
+CANARY = PARAMS.deploy.canary_traffic_percent
+
+Frame = tuple[dict[str, Any], dict[str, Any] | None]  # (InferenceService status, its ksvc / Deployment)
 
 
 # ------------------------------------------------------------------------------------------------
-# KServe InferenceService status objects (Knative mode, KServe 0.21's name for Serverless)
-
-
-def condition(kind: str, status: str = "True", reason: str | None = None, message: str | None = None):
-    out = {"type": kind, "status": status, "lastTransitionTime": T}
-    if reason:
-        out |= {"reason": reason, "severity": "Error" if status == "False" else "Info"}
-    if message:
-        out["message"] = message
-    return out
-
-
-def isvc_status(
-    observed: int,
-    created: str,
-    ready: str,
-    traffic: list[tuple[str, int, bool]],
-    *,
-    rolled_out: str = OLD,
-    previous: str | None = None,
-    conditions: dict[str, dict[str, Any]] | None = None,
-    model: dict[str, Any] | None = None,
-    mode: str = "Knative",
-) -> dict[str, Any]:
-    kinds = ["IngressReady", "LatestDeploymentReady", "PredictorConfigurationReady", "PredictorReady"]
-    kinds += ["PredictorRouteReady", "Ready"]
-    predictor = {
-        "latestCreatedRevision": created,
-        "latestReadyRevision": ready,
-        "latestRolledoutRevision": rolled_out,
-        "traffic": [
-            {"revisionName": name, "percent": percent, "latestRevision": latest}
-            for name, percent, latest in traffic
-        ],
-        "url": "http://recsys-predictor.recsys.example.com",
-        "address": {"url": "http://recsys-predictor.recsys.svc.cluster.local"},
-    }
-    if previous:
-        predictor["previousRolledoutRevision"] = previous
-    return {
-        "observedGeneration": observed,
-        "deploymentMode": mode,
-        "url": URL,
-        "address": {"url": "http://recsys.recsys.svc.cluster.local"},
-        "conditions": [(conditions or {}).get(kind) or condition(kind) for kind in kinds],
-        "components": {"predictor": predictor},
-        "modelStatus": model
-        or {
-            "copies": {"failedCopies": 0, "totalCopies": 1},
-            "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
-            "transitionStatus": "UpToDate",
-        },
-    }
-
-
-def rolled_out(observed: int, revision: str = OLD, previous: str | None = None) -> dict[str, Any]:
-    return isvc_status(
-        observed, revision, revision, [(revision, 100, True)], rolled_out=revision, previous=previous
-    )
-
-
-def canary_pending(observed: int) -> dict[str, Any]:
-    """The new revision exists but is not ready: Knative still resolves the latest route to the old one."""
-    return isvc_status(
-        observed,
-        NEW,
-        OLD,
-        [(OLD, 10, True), (OLD, 90, False)],
-        conditions={
-            "LatestDeploymentReady": condition("LatestDeploymentReady", "Unknown", "Deploying"),
-            "PredictorConfigurationReady": condition("PredictorConfigurationReady", "Unknown", "Deploying"),
-            "PredictorReady": condition("PredictorReady", "Unknown", "RevisionMissing"),
-            "Ready": condition("Ready", "Unknown", "RevisionMissing"),
-        },
-        model={
-            "copies": {"failedCopies": 0, "totalCopies": 1},
-            "states": {"activeModelState": "Loaded", "targetModelState": "Pending"},
-            "transitionStatus": "InProgress",
-        },
-    )
-
-
-def canary_ready(observed: int) -> dict[str, Any]:
-    return isvc_status(observed, NEW, NEW, [(NEW, 10, True), (OLD, 90, False)])
-
-
-def canary_failed(observed: int) -> dict[str, Any]:
-    message = f'Revision "{NEW}" failed with message: Container failed with: bundle verify FAILED.'
-    return isvc_status(
-        observed,
-        NEW,
-        OLD,
-        [(OLD, 10, True), (OLD, 90, False)],
-        conditions={
-            "LatestDeploymentReady": condition("LatestDeploymentReady", "False", "RevisionFailed", message),
-            "PredictorConfigurationReady": condition(
-                "PredictorConfigurationReady", "False", "RevisionFailed", message
-            ),
-            "PredictorReady": condition("PredictorReady", "False", "RevisionFailed", message),
-            "Ready": condition("Ready", "False", "RevisionFailed", message),
-        },
-        model={
-            "copies": {"failedCopies": 1, "totalCopies": 1},
-            "states": {"activeModelState": "Loaded", "targetModelState": "FailedToLoad"},
-            "transitionStatus": "BlockedByFailedLoad",
-            "lastFailureInfo": {
-                "reason": "ModelLoadFailed",
-                "message": "bundle verify FAILED: file 'items.faiss' SHA-256 differs from the manifest",
-                "exitCode": 1,
-                "location": f"{NEW}-deployment-5d8f7c9b6-x2x7k",
-                "modelRevisionName": NEW,
-                "time": T,
-            },
-        },
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# the cluster at its API boundary
+# the fixtures: KServe's status per version, Knative's and Kubernetes' objects
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +59,53 @@ def production_isvc() -> dict[str, Any]:
     return isvc | {"metadata": isvc["metadata"] | {"generation": 3}}
 
 
+@cache
+def _workloads(name: str, old_image: str, old_uri: str) -> dict[str, Any]:
+    text = (FIXTURES / name).read_text()
+    models = {"OLD_IMAGE": old_image, "OLD_URI": old_uri, "NEW_IMAGE": NEW_IMAGE, "NEW_URI": NEW_URI}
+    return yaml.safe_load(string.Template(text).substitute(models))
+
+
+class Frames:
+    """One KServe version's frames: ``kn(name)`` (Knative mode) and ``raw(name)`` (Standard mode)."""
+
+    def __init__(self, version: str, isvc: dict[str, Any]):
+        self.version = version
+        self.statuses = yaml.safe_load((FIXTURES / f"{version}.yaml").read_text())
+        assert self.statuses["version"] == version
+        old = rollout.model_fields(isvc)
+        self.ksvcs = _workloads("knative_service.yaml", old.image, old.storage_uri)
+        self.deployments = _workloads("deployment.yaml", old.image, old.storage_uri)
+
+    def kn(self, name: str, ksvc: str | None = None) -> Frame:
+        return copy.deepcopy(self.statuses["knative"][name]), copy.deepcopy(self.ksvcs[ksvc or name])
+
+    def raw(self, name: str, deployment: str | None = None) -> Frame:
+        return copy.deepcopy(self.statuses["raw"][name]), copy.deepcopy(self.deployments[deployment or name])
+
+
+@pytest.fixture(params=VERSIONS)
+def kserve(request, production_isvc) -> Frames:
+    return Frames(request.param, production_isvc)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cluster at its API boundary
+
+
 class SimulatedCluster(deploy.InferenceServiceApi):
     """One InferenceService: JSON Patches applied by RFC 6902 rules, a new generation per spec change, the
-    CRD schema enforced on every write and read, and ``statuses[generation][i]`` on the i-th read."""
+    CRD schema enforced on every write and read; ``frames[generation][i]`` is what the i-th read of that
+    generation returns (the last one repeats), and ``get_workload`` the object behind that frame."""
 
-    def __init__(self, isvc: dict[str, Any] | None, statuses: dict[int, list[dict[str, Any]]]):
+    def __init__(self, isvc: dict[str, Any] | None, frames: dict[int, list[Frame]]):
         self.stored = copy.deepcopy(isvc)
-        # the operator's service as found: generation 3, rolled out on revision 00001 (Knative mode)
-        self.statuses = ({3: [rolled_out(3)]} if isvc is not None else {}) | statuses
+        self.frames = frames
         self.reads: dict[int, int] = {}
         self.patches: list[list[dict[str, Any]]] = []
+        self.workload_refs: list[rollout.WorkloadRef] = []
         self.before_patch = None  # a concurrent edit, applied right before the next patch
+        self.workload: dict[str, Any] | None = None
 
     def get(self, name, namespace):
         if self.stored is None:
@@ -186,10 +113,19 @@ class SimulatedCluster(deploy.InferenceServiceApi):
         generation = self.stored["metadata"]["generation"]
         i = self.reads.get(generation, 0)
         self.reads[generation] = i + 1
-        frames = self.statuses.get(generation) or [{}]
-        live = copy.deepcopy(self.stored) | {"status": copy.deepcopy(frames[min(i, len(frames) - 1)])}
+        frames = self.frames.get(generation) or [({}, None)]
+        status, self.workload = copy.deepcopy(frames[min(i, len(frames) - 1)])
+        live = copy.deepcopy(self.stored) | {"status": status}
         assert custom_resource_errors(live) == []
         return live
+
+    def get_workload(self, ref):
+        self.workload_refs.append(ref)
+        found = self.workload or {}
+        kind = {"services": "Service", "deployments": "Deployment"}[ref.plural]
+        if (found.get("kind"), found.get("metadata", {}).get("name")) == (kind, ref.name):
+            return copy.deepcopy(found)
+        return None
 
     def create(self, isvc):
         self.stored = deploy.inference_service_to_dict(isvc)
@@ -253,21 +189,40 @@ def model_of(isvc: dict[str, Any]) -> tuple[str, str]:
     return fields.image, fields.storage_uri
 
 
+def with_model(isvc: dict[str, Any], canary: int | None = None) -> dict[str, Any]:
+    """``isvc`` already carrying the new model (and a canary share)."""
+    out = copy.deepcopy(isvc)
+    out["spec"]["predictor"]["containers"][0]["image"] = NEW_IMAGE
+    env = out["spec"]["predictor"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "STORAGE_URI")["value"] = NEW_URI
+    if canary is not None:
+        out["spec"]["predictor"]["canaryTrafficPercent"] = canary
+    return out
+
+
+def ops_kinds(ops: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(op["op"], op["path"].rsplit("/", 1)[-1]) for op in ops]
+
+
 # ------------------------------------------------------------------------------------------------
-# the rollout
+# Knative mode: canary, promotion, KServe's rollback
 
 
-def test_a_healthy_canary_is_promoted_and_the_operators_scaling_stays(production_isvc):
+def test_a_healthy_canary_is_promoted_and_the_operators_scaling_stays(production_isvc, kserve):
     cluster = SimulatedCluster(
         production_isvc,
-        {4: [canary_pending(4), canary_pending(4), *[canary_ready(4)] * 10], 5: [rolled_out(5, NEW, OLD)]},
+        {
+            3: [kserve.kn("rolled_out")],
+            4: [kserve.kn("canary_pending")] * 2 + [kserve.kn("canary_ready")] * 10,
+            5: [kserve.kn("canary_ready", "promoted"), kserve.kn("promoted")],
+        },
     )
     url, rollbacks = roll_out(cluster)
     assert url == URL and rollbacks == []
     model, promote = cluster.patches
-    assert {"op": "add", "path": rollout.CANARY_PATH, "value": PARAMS.deploy.canary_traffic_percent} in model
+    assert {"op": "add", "path": rollout.CANARY_PATH, "value": CANARY} in model
     assert [op["op"] for op in model] == ["test", "test", "replace", "replace", "add"]
-    assert promote == rollout.promote_patch(PARAMS.deploy.canary_traffic_percent)
+    assert promote == rollout.promote_patch(CANARY)
     final = cluster.stored
     assert model_of(final) == (NEW_IMAGE, NEW_URI)
     assert "canaryTrafficPercent" not in final["spec"]["predictor"]  # promoted: 100% to the new revision
@@ -276,27 +231,54 @@ def test_a_healthy_canary_is_promoted_and_the_operators_scaling_stays(production
     predictor = final["spec"]["predictor"]
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 10)
     assert predictor["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
-    # the patched object is a valid KServe SDK model too (strict: no unknown or mistyped field)
     deploy.inference_service_from_dict({k: v for k, v in final.items() if k != "status"})
     # promoted only after the canary stayed healthy for canary_soak_s
     assert cluster.reads[4] >= 2 + 1 + PARAMS.deploy.canary_soak_s / 10
+    # the promotion waited for the traffic to move (the first read still showed the 10% split)
+    assert cluster.reads[5] == 2
+    assert {(r.group, r.plural, r.name) for r in cluster.workload_refs} == {
+        ("serving.knative.dev", "services", "recsys-predictor")
+    }
 
 
-def test_a_failed_canary_is_rolled_back_to_exactly_the_previous_spec(production_isvc):
+def test_a_failed_canary_is_pinned_then_the_previous_model_restored(production_isvc, kserve):
+    """KServe's documented rollback: canaryTrafficPercent 0 first, then the previous model (pinned until
+    its revision is Ready), then the previous canary setting (none: 100% to it)."""
     cluster = SimulatedCluster(
-        production_isvc, {4: [canary_pending(4), canary_failed(4)], 5: [rolled_out(5)]}
+        production_isvc,
+        {
+            3: [kserve.kn("rolled_out")],
+            4: [kserve.kn("canary_pending"), kserve.kn("canary_failed")],
+            5: [kserve.kn("pinned")],
+            6: [kserve.kn("pinned", "restored_pinned"), kserve.kn("restored_pinned")],
+            7: [kserve.kn("unpinned")],
+        },
     )
     with pytest.raises(
         deploy.DeployError, match=r"rolled back to s3://.*BlockedByFailedLoad.*ModelLoadFailed"
     ):
         roll_out(cluster)
-    _, rollback = cluster.patches
-    assert {"op": "remove", "path": rollout.CANARY_PATH} in rollback
+    _, pin, restore, unpin = cluster.patches
+    assert pin == [{"op": "add", "path": rollout.CANARY_PATH, "value": 0}]
+    assert ops_kinds(restore) == [
+        ("test", "name"),
+        ("test", "name"),
+        ("replace", "image"),
+        ("replace", "value"),
+    ]
+    assert unpin == [
+        {"op": "test", "path": rollout.CANARY_PATH, "value": 0},
+        {"op": "remove", "path": rollout.CANARY_PATH},
+    ]
+    assert cluster.reads[6] == 2  # unpinned only once the restored revision was Ready
     assert cluster.stored["spec"] == production_isvc["spec"]  # image, STORAGE_URI, no canary: as before
 
 
-def test_the_rollback_hook_runs_with_the_reason(production_isvc):
-    cluster = SimulatedCluster(production_isvc, {4: [canary_failed(4)]})
+def test_the_rollback_hook_runs_with_the_reason(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        production_isvc,
+        {3: [kserve.kn("rolled_out")], 4: [kserve.kn("canary_failed")], 6: [kserve.kn("restored_pinned")]},
+    )
     config = revalidated(PARAMS.deploy)
     isvc = deploy.build_inference_service(config, NEW_IMAGE, NEW_URI)
     reasons: list[str] = []
@@ -305,24 +287,66 @@ def test_the_rollback_hook_runs_with_the_reason(production_isvc):
     assert len(reasons) == 1 and "BlockedByFailedLoad" in reasons[0]
 
 
-def test_a_canary_that_never_becomes_ready_is_rolled_back_at_the_timeout(production_isvc):
-    cluster = SimulatedCluster(production_isvc, {4: [canary_pending(4)]})
+def test_a_canary_that_never_becomes_ready_is_rolled_back_at_the_timeout(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        production_isvc,
+        {
+            3: [kserve.kn("rolled_out")],
+            4: [kserve.kn("canary_pending")],
+            6: [kserve.kn("restored_pinned")],
+            7: [kserve.kn("unpinned")],
+        },
+    )
     with pytest.raises(deploy.DeployError, match=r"not healthy in time.*is not ready yet"):
         roll_out(cluster, timeout_s=120)
     assert cluster.stored["spec"] == production_isvc["spec"]
     assert 120 <= cluster.elapsed < 140
 
 
-def test_a_canary_that_fails_during_the_soak_is_rolled_back(production_isvc):
-    cluster = SimulatedCluster(production_isvc, {4: [canary_ready(4)] * 3 + [canary_failed(4)]})
+def test_a_rollback_whose_restored_revision_never_comes_up_stays_pinned(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        production_isvc,
+        {3: [kserve.kn("rolled_out")], 4: [kserve.kn("canary_failed")], 6: [kserve.kn("pinned")]},
+    )
+    with pytest.raises(deploy.DeployError, match="rolled back"):
+        roll_out(cluster, timeout_s=60)
+    assert len(cluster.patches) == 3  # model, pin, restore: never unpinned onto a revision not Ready
+    assert cluster.stored["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert model_of(cluster.stored) == model_of(production_isvc)
+
+
+def test_a_canary_that_fails_during_the_soak_is_rolled_back(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        production_isvc,
+        {
+            3: [kserve.kn("rolled_out")],
+            4: [kserve.kn("canary_ready")] * 3 + [kserve.kn("canary_failed")],
+            6: [kserve.kn("restored_pinned")],
+            7: [kserve.kn("unpinned")],
+        },
+    )
     with pytest.raises(deploy.DeployError, match="rolled back"):
         roll_out(cluster, canary_soak_s=60)
-    assert len(cluster.patches) == 2  # the model, then the rollback: never promoted
+    assert rollout.promote_patch(CANARY) not in cluster.patches
     assert cluster.stored["spec"] == production_isvc["spec"]
 
 
-def test_the_first_deploy_creates_the_whole_service():
-    cluster = SimulatedCluster(None, {1: [rolled_out(1)]})
+def test_no_canary_while_kserve_has_no_rolled_out_revision(production_isvc, kserve):
+    """KServe splits traffic only when latestRolledoutRevision names a revision; else a canary setting
+    would be ignored (100% to the new revision) and the rollout would wait for a split that never comes."""
+    cluster = SimulatedCluster(
+        production_isvc,
+        {3: [kserve.kn("never_rolled_out", "canary_failed")], 4: [kserve.kn("first_rollout", "promoted")]},
+    )
+    url, _ = roll_out(cluster)
+    assert url == URL
+    (model,) = cluster.patches
+    assert not any(op["path"] == rollout.CANARY_PATH for op in model)
+    assert model_of(cluster.stored) == (NEW_IMAGE, NEW_URI)
+
+
+def test_the_first_deploy_creates_the_whole_service(kserve):
+    cluster = SimulatedCluster(None, {1: [({}, None), kserve.kn("promoted")]})
     url, _ = roll_out(cluster)
     assert url == URL and cluster.patches == []
     expected = deploy.inference_service_to_dict(
@@ -333,39 +357,36 @@ def test_the_first_deploy_creates_the_whole_service():
     }
 
 
-def test_raw_deployments_roll_out_without_a_canary(production_isvc):
-    raw = production_isvc | {
-        "metadata": production_isvc["metadata"]
-        | {"annotations": {"serving.kserve.io/deploymentMode": "Standard"}}
-    }
-    cluster = SimulatedCluster(raw, {3: [rolled_out(3) | {"deploymentMode": "Standard"}]})
-    cluster.statuses[4] = [
-        {
-            "observedGeneration": 4,
-            "deploymentMode": "Standard",
-            "url": URL,
-            "conditions": [condition("PredictorReady"), condition("Ready")],
-        }
-    ]
-    url, _ = roll_out(cluster)
-    assert url == URL
-    (model,) = cluster.patches
-    assert not any(op["path"] == rollout.CANARY_PATH for op in model)
-    assert model_of(cluster.stored) == (NEW_IMAGE, NEW_URI)
+def test_a_first_deploy_that_never_becomes_ready_fails_and_says_so(kserve):
+    cluster = SimulatedCluster(None, {1: [kserve.kn("canary_failed")]})
+    with pytest.raises(deploy.DeployError, match=r"created but is not Ready.*BlockedByFailedLoad"):
+        roll_out(cluster)
 
 
-def test_nothing_is_patched_when_the_model_is_already_serving(production_isvc):
-    serving = copy.deepcopy(production_isvc)
-    serving["spec"]["predictor"]["containers"][0]["image"] = NEW_IMAGE
-    env = serving["spec"]["predictor"]["containers"][0]["env"]
-    next(e for e in env if e["name"] == "STORAGE_URI")["value"] = NEW_URI
-    cluster = SimulatedCluster(serving, {3: [rolled_out(3)]})
+def test_a_healthy_canary_left_by_an_interrupted_run_is_promoted(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        with_model(production_isvc, canary=10),
+        {3: [kserve.kn("canary_ready")], 4: [kserve.kn("promoted")]},
+    )
+    assert roll_out(cluster)[0] == URL
+    assert cluster.patches == [rollout.promote_patch(10)]
+
+
+def test_an_unhealthy_service_that_already_has_the_model_is_left_alone(production_isvc, kserve):
+    cluster = SimulatedCluster(with_model(production_isvc), {3: [kserve.kn("canary_failed")]})
+    with pytest.raises(deploy.DeployError, match=r"not healthy.*nothing was changed"):
+        roll_out(cluster)
+    assert cluster.patches == []
+
+
+def test_nothing_is_patched_when_the_model_is_already_serving(production_isvc, kserve):
+    cluster = SimulatedCluster(with_model(production_isvc), {3: [kserve.kn("promoted")]})
     assert roll_out(cluster)[0] == URL
     assert cluster.patches == []
 
 
-def test_a_concurrent_edit_fails_the_patch_instead_of_writing_elsewhere(production_isvc):
-    cluster = SimulatedCluster(production_isvc, {})
+def test_a_concurrent_edit_fails_the_patch_instead_of_writing_elsewhere(production_isvc, kserve):
+    cluster = SimulatedCluster(production_isvc, {3: [kserve.kn("rolled_out")]})
 
     def operator_adds_an_env_var(stored):
         stored["spec"]["predictor"]["containers"][0]["env"].insert(0, {"name": "LOG_LEVEL", "value": "debug"})
@@ -377,46 +398,195 @@ def test_a_concurrent_edit_fails_the_patch_instead_of_writing_elsewhere(producti
 
 
 # ------------------------------------------------------------------------------------------------
-# the decision on status objects
+# Standard mode (RawDeployment): the Deployment decides
 
 
-@pytest.mark.parametrize(
-    ("status", "action", "reason"),
-    [
-        (rolled_out(3), "wait", "not reconciled generation 4"),
-        (canary_pending(4), "wait", "not ready yet"),
-        (isvc_status(4, NEW, NEW, [(NEW, 10, True), (OLD, 90, False)],
-                     conditions={"Ready": condition("Ready", "Unknown", "IngressNotConfigured")}),
-         "wait", "condition Ready is Unknown"),
-        (isvc_status(4, NEW, NEW, [(OLD, 10, True), (OLD, 90, False)]), "wait", "serves 0%"),
-        (canary_ready(4), "promote", "serving 10%"),
-        (canary_failed(4), "rollback", "BlockedByFailedLoad"),
-        (isvc_status(4, NEW, OLD, [(OLD, 100, True)], conditions={"PredictorConfigurationReady": condition(
-            "PredictorConfigurationReady", "False", "ProgressDeadlineExceeded", "Initial scale never achieved"
-        )}), "rollback", "ProgressDeadlineExceeded"),
-        (rolled_out(4), "wait", "no new predictor revision"),
-    ],
-)  # fmt: skip
-def test_canary_decision(production_isvc, status, action, reason):
-    live = production_isvc | {"status": status}
+def test_a_raw_deployment_is_done_only_when_its_deployment_rolled_out(production_isvc, kserve):
+    """The InferenceService's status passes too early: its observedGeneration is the Deployment's (7 after
+    the HPA's rescaling, already past the InferenceService's 4) and PredictorReady stays True while the
+    Deployment still runs the old model, then rolls."""
+    cluster = SimulatedCluster(
+        production_isvc,
+        {
+            3: [kserve.raw("rolled_out")],
+            4: [kserve.raw("rolled_out")] * 2 + [kserve.raw("rolling")] * 2 + [kserve.raw("rolled_out_new")],
+        },
+    )
+    url, _ = roll_out(cluster)
+    assert url == URL
+    (model,) = cluster.patches
+    assert not any(op["path"] == rollout.CANARY_PATH for op in model)
+    assert model_of(cluster.stored) == (NEW_IMAGE, NEW_URI)
+    assert cluster.reads[4] >= 5  # through the stale and the rolling frames
+    assert {(r.group, r.plural) for r in cluster.workload_refs} == {("apps", "deployments")}
+
+
+def test_a_raw_deployment_past_its_progress_deadline_is_rolled_back(production_isvc, kserve):
+    cluster = SimulatedCluster(
+        production_isvc,
+        {
+            3: [kserve.raw("rolled_out")],
+            4: [kserve.raw("rolling"), kserve.raw("deadline_exceeded")],
+            5: [kserve.raw("rolled_out")],
+        },
+    )
+    with pytest.raises(deploy.DeployError, match=r"rolled back.*ProgressDeadlineExceeded"):
+        roll_out(cluster)
+    _, rollback = cluster.patches  # no traffic to pin in Standard mode: the previous model straight back
+    assert ops_kinds(rollback) == [
+        ("test", "name"),
+        ("test", "name"),
+        ("replace", "image"),
+        ("replace", "value"),
+    ]
+    assert cluster.stored["spec"] == production_isvc["spec"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the decision on each version's status objects
+
+
+KNATIVE_CASES = [
+    # (InferenceService frame, workload frame, revision before, canary, action, reason)
+    ("rolled_out", "rolled_out", OLD, 10, "wait", "no new predictor revision"),
+    ("canary_pending", "canary_pending", OLD, 10, "wait", f"revision {NEW} is not ready yet"),
+    ("canary_ready", "canary_ready", OLD, 10, "promote", "serving 10%"),
+    ("canary_ready", "unobserved", OLD, 10, "wait", "has not observed generation 2"),
+    ("canary_ready", "canary_pending", OLD, 10, "wait", f"is at revision {OLD}, not {NEW}"),
+    ("canary_ready", None, OLD, 10, "promote", "serving 10%"),  # no ksvc readable: KServe's copy
+    ("canary_ready", "canary_ready", OLD, None, "wait", "serves 10% of the traffic, not 100%"),
+    ("canary_failed", "canary_failed", OLD, 10, "rollback", "BlockedByFailedLoad"),
+    ("promoted", "promoted", None, None, "promote", "serving all"),
+    ("promoted", "unobserved", None, None, "wait", "has not observed generation 2"),
+    # the rollback: the failed canary's model status is not the restored revision's
+    ("pinned", "pinned", NEW, 0, "wait", "no new predictor revision"),
+    ("restored_pinned", "restored_pinned", NEW, 0, "promote", "serving 0%"),
+    ("restored_pinned", "canary_ready", NEW, 0, "wait", f"is at revision {NEW}, not {RESTORED}"),
+]
+
+
+@pytest.mark.parametrize(("frame", "ksvc", "before", "canary", "action", "reason"), KNATIVE_CASES)
+def test_knative_decision(production_isvc, kserve, frame, ksvc, before, canary, action, reason):
+    spec_model = (
+        production_isvc if frame in ("restored_pinned", "rolled_out") else with_model(production_isvc)
+    )
+    status = kserve.statuses["knative"][frame]
+    workload = kserve.ksvcs[ksvc] if ksvc else None
+    live = spec_model | {"status": status}
     assert custom_resource_errors(live) == []  # shaped as KServe's CRD says a status is
-    decision = rollout.canary_decision(live, 4, OLD, 10)
+    decision = rollout.canary_decision(live, 3, before, canary, workload)
     assert (decision.action, reason in decision.reason) == (action, True), decision
 
 
-def test_an_old_failure_of_another_revision_does_not_roll_back(production_isvc):
-    status = canary_ready(4)
+RAW_CASES = [
+    # the patch is in, KServe has not written the Deployment yet: ISVC observedGeneration 7 >= 4, all Ready
+    ("rolled_out", "rolled_out", "wait", "does not run"),
+    ("rolling", "rolling", "wait", "1 of 2 replicas updated"),
+    ("rolled_out_new", "rolled_out_new", "promote", "its Deployment rolled out"),
+    ("rolled_out_new", None, "wait", "Deployment is not there"),
+    ("deadline_exceeded", "deadline_exceeded", "rollback", "ProgressDeadlineExceeded"),
+]
+
+
+@pytest.mark.parametrize(("frame", "deployment", "action", "reason"), RAW_CASES)
+def test_raw_decision(production_isvc, kserve, frame, deployment, action, reason):
+    live = with_model(production_isvc) | {"status": kserve.statuses["raw"][frame]}
+    live["metadata"] = live["metadata"] | {"generation": 4}
+    assert custom_resource_errors(live) == []
+    assert rollout.deployment_mode(live) == "Standard"
+    assert rollout.revision_before(live) is None  # 0.14.1's latestCreatedRevision is a Deployment revision
+    workload = kserve.deployments[deployment] if deployment else None
+    decision = rollout.canary_decision(live, 4, None, None, workload)
+    assert (decision.action, reason in decision.reason) == (action, True), decision
+
+
+def test_a_raw_deployment_after_an_hpa_rescale_is_not_mistaken_for_the_new_generation(
+    production_isvc, kserve
+):
+    """What the previous state machine trusted: observedGeneration >= generation and Ready."""
+    live = with_model(production_isvc) | {"status": kserve.statuses["raw"]["rolled_out"]}
+    live["metadata"] = live["metadata"] | {"generation": 4}
+    assert live["status"]["observedGeneration"] > 4
+    assert {c["type"]: c["status"] for c in live["status"]["conditions"]}["Ready"] == "True"
+    assert rollout.canary_decision(live, 4, None, None, kserve.deployments["rolled_out"]).action == "wait"
+
+
+def test_an_old_failure_of_another_revision_does_not_roll_back(production_isvc, kserve):
+    status = copy.deepcopy(kserve.statuses["knative"]["canary_ready"])
     status["modelStatus"]["lastFailureInfo"] = {"reason": "ModelLoadFailed", "modelRevisionName": OLD}
-    assert rollout.canary_decision(production_isvc | {"status": status}, 4, OLD, 10).action == "promote"
+    live = with_model(production_isvc) | {"status": status}
+    assert rollout.canary_decision(live, 3, OLD, 10, kserve.ksvcs["canary_ready"]).action == "promote"
 
 
-def test_promoted_means_all_traffic_on_the_latest_revision(production_isvc):
+# ------------------------------------------------------------------------------------------------
+# the deployment mode, per version
+
+
+def test_the_mode_is_read_from_each_versions_status(production_isvc, kserve):
+    """0.15.1+ record status.deploymentMode ("Serverless"/"RawDeployment" in 0.15, "Knative"/"Standard"
+    from 0.16); 0.14 records nothing, and the status's shape tells."""
+    recorded = {"v0.14.1": (None, None), "v0.15.2": ("Serverless", "RawDeployment")}
+    knative, raw = recorded.get(kserve.version, ("Knative", "Standard"))
+    for frame, status in kserve.statuses["knative"].items():
+        assert status.get("deploymentMode") == knative, frame
+        assert rollout.deployment_mode(production_isvc | {"status": status}) == "Knative", frame
+    for frame, status in kserve.statuses["raw"].items():
+        assert status.get("deploymentMode") == raw, frame
+        assert rollout.deployment_mode(production_isvc | {"status": status}) == "Standard", frame
+
+
+@pytest.mark.parametrize(
+    ("status", "annotations", "canary"),
+    [
+        ({"deploymentMode": "Knative"}, {}, True),
+        (
+            {"deploymentMode": "Serverless"},
+            {},
+            True,
+        ),  # 0.15's name, still recorded by 0.16.0 after an upgrade
+        # the mode the controller recorded wins over the annotation (GetDeploymentMode)
+        ({"deploymentMode": "Standard"}, {"serving.kserve.io/deploymentMode": "Knative"}, False),
+        ({"deploymentMode": "RawDeployment"}, {}, False),
+        ({}, {"serving.kserve.io/deploymentMode": "Knative"}, True),
+        ({}, {"serving.kserve.io/deploymentMode": "Serverless"}, True),
+        ({}, {"serving.kserve.io/deploymentMode": "RawDeployment"}, False),
+        ({}, {"serving.kserve.io/deploymentMode": "Standard"}, False),
+        # nothing recorded, nothing annotated, no status yet: the shipped default, Serverless (0.14.1-0.20.0)
+        ({}, {}, True),
+    ],
+)
+def test_the_canary_is_used_only_in_knative_mode(status, annotations, canary):
+    isvc = {"metadata": {"annotations": annotations}, "status": status}
+    assert rollout.is_serverless(isvc) is canary
+
+
+def test_the_canary_share_needs_a_rolled_out_revision(production_isvc, kserve):
+    def live(frame):
+        return production_isvc | {"status": kserve.statuses["knative"][frame]}
+
+    assert rollout.canary_share(live("rolled_out"), 10) == 10
+    assert rollout.canary_share(live("never_rolled_out"), 10) is None
     assert (
-        rollout.canary_decision(production_isvc | {"status": canary_ready(5)}, 5, None, None).action == "wait"
+        rollout.canary_share(production_isvc | {"status": kserve.statuses["raw"]["rolled_out"]}, 10) is None
     )
-    assert rollout.canary_decision(
-        production_isvc | {"status": rolled_out(5, NEW)}, 5, None, None
-    ).action == ("promote")
+    assert rollout.canary_share(live("rolled_out"), None) is None
+
+
+def test_the_workload_is_looked_up_where_kserve_names_it(production_isvc, kserve):
+    knative = rollout.workload_refs(production_isvc | {"status": kserve.statuses["knative"]["rolled_out"]})
+    raw = rollout.workload_refs(production_isvc | {"status": kserve.statuses["raw"]["rolled_out"]})
+    assert [(r.plural, r.name) for r in knative] == [
+        ("services", "recsys-predictor"),
+        ("services", "recsys-predictor-default"),
+    ]
+    assert (raw[0].group, raw[0].version, raw[0].plural, raw[0].namespace) == (
+        "apps",
+        "v1",
+        "deployments",
+        "recsys",
+    )
+    unknown = rollout.workload_refs(production_isvc | {"status": {}})
+    assert {r.plural for r in unknown} == {"services", "deployments"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,6 +603,7 @@ class _ApiServer(BaseHTTPRequestHandler):
         self._reply(status, {"metadata": {"generation": 4}} if status == 200 else {"reason": "Invalid"})
 
     def do_GET(self):
+        self.requests.append({"path": self.path, "method": "GET"})
         self._reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
 
     def _reply(self, status: int, payload: dict[str, Any]) -> None:
@@ -457,58 +628,19 @@ def test_patches_go_out_as_rfc6902_json_patch(production_isvc):
         ops = rollout.model_patch(production_isvc, NEW_IMAGE, NEW_URI, 10)
         assert api.json_patch("recsys", "recsys", ops) == {"metadata": {"generation": 4}}
         (request,) = _ApiServer.requests
+        _ApiServer.requests.clear()
         assert request == {
             "path": "/apis/serving.kserve.io/v1beta1/namespaces/recsys/inferenceservices/recsys",
             "type": "application/json-patch+json",
             "body": ops,
         }
         assert api.get("recsys", "recsys") is None  # 404: absent, a first deploy
+        ref = rollout.WorkloadRef("apps", "v1", "deployments", "recsys", "recsys-predictor")
+        assert api.get_workload(ref) is None  # 404: not there (yet)
+        assert (
+            _ApiServer.requests[-1]["path"] == "/apis/apps/v1/namespaces/recsys/deployments/recsys-predictor"
+        )
         with pytest.raises(deploy.DeployError, match="patch failed: 422"):
             api.json_patch("recsys", "recsys", [{"op": "test", "path": "/x", "value": "conflict"}])
     finally:
         server.shutdown()
-
-
-@pytest.mark.parametrize(
-    ("status", "annotations", "canary"),
-    [
-        ({"deploymentMode": "Knative"}, {}, True),
-        ({"deploymentMode": "Serverless"}, {}, True),  # the deprecated name
-        # the mode the controller recorded wins over the annotation
-        ({"deploymentMode": "Standard"}, {"serving.kserve.io/deploymentMode": "Knative"}, False),
-        ({}, {"serving.kserve.io/deploymentMode": "Knative"}, True),
-        ({}, {"serving.kserve.io/deploymentMode": "RawDeployment"}, False),
-        ({}, {}, False),  # KServe 0.21's default is Standard: no revisions to split traffic between
-    ],
-)
-def test_the_canary_is_used_only_in_knative_mode(status, annotations, canary):
-    isvc = {"metadata": {"annotations": annotations}, "status": status}
-    assert rollout.is_serverless(isvc) is canary
-
-
-def test_a_healthy_canary_left_by_an_interrupted_run_is_promoted(production_isvc):
-    half_done = copy.deepcopy(production_isvc)
-    half_done["spec"]["predictor"]["containers"][0]["image"] = NEW_IMAGE
-    env = half_done["spec"]["predictor"]["containers"][0]["env"]
-    next(e for e in env if e["name"] == "STORAGE_URI")["value"] = NEW_URI
-    half_done["spec"]["predictor"]["canaryTrafficPercent"] = 10
-    cluster = SimulatedCluster(half_done, {3: [canary_ready(3)], 4: [rolled_out(4, NEW, OLD)]})
-    assert roll_out(cluster)[0] == URL
-    assert cluster.patches == [rollout.promote_patch(10)]
-
-
-def test_an_unhealthy_service_that_already_has_the_model_is_left_alone(production_isvc):
-    stuck = copy.deepcopy(production_isvc)
-    stuck["spec"]["predictor"]["containers"][0]["image"] = NEW_IMAGE
-    env = stuck["spec"]["predictor"]["containers"][0]["env"]
-    next(e for e in env if e["name"] == "STORAGE_URI")["value"] = NEW_URI
-    cluster = SimulatedCluster(stuck, {3: [canary_failed(3)]})
-    with pytest.raises(deploy.DeployError, match=r"not healthy.*nothing was changed"):
-        roll_out(cluster)
-    assert cluster.patches == []
-
-
-def test_a_first_deploy_that_never_becomes_ready_fails_and_says_so():
-    cluster = SimulatedCluster(None, {1: [canary_failed(1)]})
-    with pytest.raises(deploy.DeployError, match=r"created but is not Ready.*BlockedByFailedLoad"):
-        roll_out(cluster)
