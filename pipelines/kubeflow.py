@@ -37,7 +37,45 @@ def connect(host: str, namespace: str | None, token_file: str | None = None) -> 
     authenticated as :func:`client_credentials` says."""
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace or "kubeflow", **client_credentials(token_file))
+    client = kfp.Client(host=host, namespace=namespace or "kubeflow", **client_credentials(token_file))
+    check_server_version(client)
+    return client
+
+
+MIN_KFP_BACKEND = (2, 4)
+
+
+def check_server_version(client: Any) -> str | None:
+    """The KFP backend's version, ``tag_name`` of ``/apis/v2beta1/healthz``; refuses one older than 2.4.
+
+    Every backend of the version matrix (2.2 to 2.17) writes ``tag_name`` there (the image's
+    ``TAG_NAME``; backend/src/apiserver/main.go), but the SDK's ``V2beta1GetHealthzResponse`` has no
+    such field, so the body is read as it comes. A version that cannot be read (no answer, ``unknown``
+    in a source build) is logged and not checked: the upload then fails or succeeds on its own.
+    Why 2.4: pipelines/README.md, "What runs where" (tests/pipelines/test_version_matrix.py).
+    """
+    import re
+
+    try:
+        response = client._healthz_api.healthz_service_get_healthz(
+            _preload_content=False, _request_timeout=30
+        )
+        tag = json.loads(response.data).get("tag_name")
+    except Exception as exc:  # any failure: the version is just not known
+        log.warning("could not read the KFP backend's version (%s); it is not checked", exc)
+        return None
+    version = re.match(r"v?(\d+)\.(\d+)", str(tag or ""))
+    if version is None:
+        log.warning("the KFP backend's version is %r; not checked (2.4 or later is needed)", tag)
+        return tag
+    if tuple(int(part) for part in version.groups()) < MIN_KFP_BACKEND:
+        raise KubeflowError(
+            f"KFP backend {tag} is older than 2.4 (Kubeflow 1.10): the GPU type is a run parameter, "
+            "which it ignores (no GPU limit: training gets no GPU), and its driver rejects the "
+            "kfp-kubernetes configs this SDK compiles (the Feast and object-store tasks fail); upgrade "
+            "Kubeflow Pipelines to 2.4 or later (see 'What runs where' in pipelines/README.md)"
+        )
+    return tag
 
 
 def client_credentials(
