@@ -11,7 +11,15 @@
   address (``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, which torchrun reads). The
   training sets and the outputs travel through the ReadWriteMany volume ``pipeline.training_volume``,
   mounted at :data:`TRAINING_VOLUME_PATH` in the task and in the job's pods. The step waits for the job
-  to succeed or fail and fails with the job's reason and how to read its logs.
+  to succeed or fail and fails with the job's reason and how to read its logs. The job is owned by the
+  task's own Pod (``metadata.ownerReferences``), so Kubernetes' garbage collector deletes it, and its
+  pods, when the run's pod goes (run deleted, pod evicted or retried).
+
+A task that holds GPUs (``require_gpu``; the compiled pipeline's, not run-local's) fails before training
+when CUDA shows fewer than ``pipeline.accelerator_limit`` devices, rather than silently training on CPU;
+the PyTorchJob's pods run the same check (``components.train --require-gpu N``). Every GPU pod gets a
+memory-backed /dev/shm (:data:`SHM_SIZE_LIMIT`): NCCL and DataLoader workers share tensors through it,
+and a container's default is 64 MiB.
 
 The manifest is built by :func:`pytorch_job_manifest` only (tests validate it against the PyTorchJob
 CRD's openAPI schema, manifests/crds/).
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +53,9 @@ PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", 
 PYTORCH_CONTAINER = "pytorch"  # the container name the Training Operator looks for in a PyTorchJob
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
+# tmpfs pages count against the pod's memory limit; this caps them well under pipeline.train_resources
+SHM_SIZE_LIMIT = "8Gi"
 
 
 class TrainingJobError(RuntimeError):
@@ -59,15 +71,23 @@ def run(
     plot_file: str | Path,
     *,
     nproc: int | None = None,
+    require_gpu: bool = False,
 ) -> dict[str, Any]:
     """Train ``kind`` on ``pipeline.accelerator_limit`` (or ``nproc``) processes per node over
-    ``pipeline.training_nodes`` nodes; returns the metrics rank 0 wrote."""
+    ``pipeline.training_nodes`` nodes; returns the metrics rank 0 wrote.
+
+    ``require_gpu``: this pod must show ``pipeline.accelerator_limit`` CUDA devices (one node; the
+    PyTorchJob's pods always check their own)."""
     params = CONTRACT.load(params_file)
     cfg = params.pipeline
     metrics_file = Path(metrics_file)
     if cfg.training_nodes > 1:
         run_pytorch_job(kind, Path(params_file), training_dir, model_dir, metrics_file, plot_file, cfg)
     else:
+        if require_gpu:
+            from components.train import require_gpus  # torch and pandas: not for the pipeline compiler
+
+            require_gpus(cfg.accelerator_limit, cfg.accelerator_type)
         command = train_command(
             kind,
             params_file,
@@ -95,17 +115,21 @@ def train_command(
     nproc: int,
     nodes: int = 1,
     python: str = sys.executable,
+    require_gpu: int = 0,
 ) -> list[str]:
     """The train CLI for one node: plain with one process, under torchrun with several.
 
     Several nodes: ``--nnodes`` is fixed here, the node rank and the rendezvous address come from the
-    ``PET_*`` environment the Training Operator sets in each pod.
+    ``PET_*`` environment the Training Operator sets in each pod. ``require_gpu``: every rank first
+    checks that CUDA shows that many devices (``components.train --require-gpu``).
     """
     train = [
         "-m", "components.train", "--model", kind, "--params", str(params_file),
         "--training-dir", str(training_dir), "--model-dir", str(model_dir),
         "--metrics", str(metrics_file), "--plot", str(plot_file),
     ]  # fmt: skip
+    if require_gpu:
+        train += ["--require-gpu", str(require_gpu)]
     if nproc == 1 and nodes == 1:
         return [python, *train]
     torchrun = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -113,9 +137,17 @@ def train_command(
     return [*torchrun, *train]
 
 
-def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConfig, workdir: str) -> dict:
+def pytorch_job_manifest(
+    name: str,
+    namespace: str,
+    kind: str,
+    cfg: PipelineConfig,
+    workdir: str,
+    owner: dict[str, Any] | None = None,
+) -> dict:
     """The ``PyTorchJob`` training ``kind`` over ``cfg.training_nodes`` pods of ``cfg.accelerator_limit``
-    GPUs each, in the training image, reading and writing under ``workdir`` on ``cfg.training_volume``."""
+    GPUs each, in the training image, reading and writing under ``workdir`` on ``cfg.training_volume``;
+    ``owner``: its ownerReference (:func:`task_pod_owner`), if any."""
     work = Path(workdir)
     command = train_command(
         kind,
@@ -127,6 +159,7 @@ def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConf
         nproc=cfg.accelerator_limit,
         nodes=cfg.training_nodes,
         python="python",
+        require_gpu=cfg.accelerator_limit,  # the pods ask for these GPUs: never train on CPU instead
     )
     resources = cfg.train_resources
     gpus = {cfg.accelerator_type: str(cfg.accelerator_limit)}
@@ -141,7 +174,7 @@ def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConf
         },
         "volumeMounts": [
             {"name": "training", "mountPath": TRAINING_VOLUME_PATH},
-            {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL and torch share tensors through /dev/shm
+            {"name": SHM_VOLUME, "mountPath": SHM_PATH},  # NCCL and torch share tensors through /dev/shm
         ],
     }
     pod = {
@@ -154,7 +187,7 @@ def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConf
             "containers": [container],
             "volumes": [
                 {"name": "training", "persistentVolumeClaim": {"claimName": cfg.training_volume}},
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}},
             ],
             "tolerations": [
                 {k: v for k, v in toleration.model_dump().items() if v is not None}
@@ -170,14 +203,17 @@ def pytorch_job_manifest(name: str, namespace: str, kind: str, cfg: PipelineConf
             "restartPolicy": "OnFailure",
             "template": pod,
         }
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/part-of": "recsys-kfp", "recsys-kfp/model": kind.replace("_", "-")},
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [owner]
     return {
         "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
         "kind": "PyTorchJob",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "recsys-kfp", "recsys-kfp/model": kind.replace("_", "-")},
-        },
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(cfg.accelerator_limit),
             "runPolicy": {
@@ -210,6 +246,7 @@ def run_pytorch_job(
     cfg: PipelineConfig,
     *,
     api: Any = None,
+    core_api: Any = None,
     poll_s: float = 15.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
@@ -220,7 +257,8 @@ def run_pytorch_job(
     workdir.mkdir(parents=True)
     shutil.copyfile(params_file, workdir / "params.yaml")
     shutil.copytree(training_dir, workdir / "training_sets")
-    manifest = pytorch_job_manifest(name, namespace, kind, cfg, str(workdir))
+    owner = task_pod_owner(namespace, core_api)
+    manifest = pytorch_job_manifest(name, namespace, kind, cfg, str(workdir), owner=owner)
     api = api or _custom_objects_api()
     api.create_namespaced_custom_object(
         PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, manifest
@@ -251,6 +289,41 @@ def run_pytorch_job(
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def task_pod_owner(namespace: str, core_api: Any = None) -> dict[str, Any] | None:
+    """An ownerReference to this task's own Pod, or None (logged) when it cannot be known.
+
+    Why: a PyTorchJob outlives the task that created it (a deleted run, an evicted or retried pod), and
+    an orphan keeps its GPUs; owned by the pod, the garbage collector deletes it, and its pods, with the
+    pod. The name and uid come from the KFP launcher's downward-API env (``KFP_POD_NAME``,
+    ``KFP_POD_UID``), else the pod is read by its ``HOSTNAME`` (RBAC: ``get`` on pods). Not a controller
+    reference, and ``blockOwnerDeletion`` false: setting it true needs ``update`` on pods/finalizers
+    (OwnerReferencesPermissionEnforcement), and nothing should hold back a pod's deletion.
+    """
+    name, uid = os.environ.get("KFP_POD_NAME") or os.environ.get("HOSTNAME"), os.environ.get("KFP_POD_UID")
+    if not name:
+        log.warning("PyTorchJob without an owner: no KFP_POD_NAME or HOSTNAME names this task's pod")
+        return None
+    if not uid:
+        try:
+            pod = (core_api or _core_v1_api()).read_namespaced_pod(name, namespace)
+        except Exception as error:  # RBAC (403), no such pod, no cluster: the owner is a convenience
+            log.warning(
+                "PyTorchJob without an owner: cannot read pod %s/%s (%s: %s); it will not be deleted "
+                "with the run's pod (ttlSecondsAfterFinished still removes it a week after it ends)",
+                namespace, name, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+            )  # fmt: skip
+            return None
+        name, uid = pod.metadata.name, pod.metadata.uid
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "name": name,
+        "uid": uid,
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
 def _own_namespace(fallback: str) -> str:
     """The namespace this pod runs in (its ServiceAccount's), else ``fallback`` (pipeline.namespace)."""
     if SERVICE_ACCOUNT_NAMESPACE.exists():
@@ -258,14 +331,27 @@ def _own_namespace(fallback: str) -> str:
     return fallback
 
 
-def _custom_objects_api() -> Any:
-    from kubernetes import client, config
+def _load_kube_config() -> None:
+    from kubernetes import config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+
+
+def _custom_objects_api() -> Any:
+    from kubernetes import client
+
+    _load_kube_config()
     return client.CustomObjectsApi()
+
+
+def _core_v1_api() -> Any:
+    from kubernetes import client
+
+    _load_kube_config()
+    return client.CoreV1Api()
 
 
 def main(argv: list[str] | None = None) -> int:

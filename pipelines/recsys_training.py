@@ -27,7 +27,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components.deploy import FEAST_CONFIG_DIR, FEAST_YAML_ENV
-from components.launch_training import TRAINING_VOLUME_PATH
+from components.launch_training import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from models.registry import MODEL_KINDS
 from pipelines import steps
 from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
@@ -152,7 +152,12 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         multi_node = cfg.training_nodes > 1
         for kind in MODEL_KINDS:  # in parallel, each on its own accelerator(s)
             task = step(
-                train_op(config=config["train"], model_name=kind, training_sets=training_sets),
+                train_op(
+                    config=config["train"],
+                    model_name=kind,
+                    training_sets=training_sets,
+                    require_gpu=scheduled,  # a cluster's GPU task never trains on CPU; run-local does
+                ),
                 f"train-{kind.replace('_', '-')}",
                 resources=cfg.step_resources if multi_node else cfg.train_resources,
             ).after(validate_training)
@@ -161,16 +166,23 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             else:  # torchrun over accelerator_limit GPUs in the task pod (components/launch_training.py)
                 task.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
                 on_gpu_nodes(task, cfg)
+                with_shared_memory(task)
             models[kind] = task.outputs["model"]
         with dsl.If(run_search == True, name="search-enabled"):  # noqa: E712  (KFP condition)
             # a side branch: its report is for the next params.yaml, this run trains on the current one
             searching = step(
-                search_op(config=config["search"], gpu_type=gpu_type, training_sets=training_sets),
+                search_op(
+                    config=config["search"],
+                    gpu_type=gpu_type,
+                    training_sets=training_sets,
+                    require_gpu=scheduled,
+                ),
                 "search",
                 resources=cfg.train_resources,
             ).after(validate_training)
             searching.set_accelerator_type(gpu_type).set_accelerator_limit(cfg.accelerator_limit)
             on_gpu_nodes(searching, cfg)
+            with_shared_memory(searching)
 
         evaluate = step(
             evaluate_op(
@@ -266,6 +278,14 @@ def on_gpu_nodes(task: Any, cfg: PipelineConfig) -> Any:
     for label, value in cfg.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     return task
+
+
+def with_shared_memory(task: Any) -> Any:
+    """A memory-backed /dev/shm (kfp-kubernetes emptyDir; KFP backend >= 2.3): NCCL and DataLoader
+    workers share tensors through it, and a container's default is 64 MiB, too small for torchrun."""
+    return kubernetes.empty_dir_mount(
+        task, volume_name=SHM_VOLUME, mount_path=SHM_PATH, medium="Memory", size_limit=SHM_SIZE_LIMIT
+    )
 
 
 def pipeline_config(cfg: PipelineConfig, which: str) -> PipelineConfig:

@@ -217,7 +217,13 @@ def online_store(config: str, features: Input[Dataset]) -> str:
     return json.dumps(step.run(params.feast, params.features, features.path))
 
 
-def search(config: str, gpu_type: str, training_sets: Input[Dataset], search: Output[Metrics]) -> None:
+def search(
+    config: str,
+    gpu_type: str,
+    training_sets: Input[Dataset],
+    search: Output[Metrics],
+    require_gpu: bool = False,
+) -> None:
     """Optuna search per model on the validation split (components/search.py), when the run asks for it.
 
     The pipeline runs this task only under its ``run_search`` parameter, so here the search is on whatever
@@ -226,17 +232,22 @@ def search(config: str, gpu_type: str, training_sets: Input[Dataset], search: Ou
     into params.yaml to adopt them, as locally. ``gpu_type`` is an input, not only the task's accelerator:
     KFP passes a run parameter into a ``dsl.If`` group only through its tasks' inputs (kfp 2.x compiles
     one used just in a resource field to a reference the group does not have; kubeflow/pipelines#12617).
+    ``require_gpu`` (the compiled pipeline, not run-local): fail unless CUDA shows the task's
+    ``pipeline.accelerator_limit`` GPUs, rather than timing trials on CPU.
     """
     import json
     from pathlib import Path
 
     from components import search as step
+    from components.train import require_gpus
     from pipelines.metrics_artifact import publish_metrics
     from recsys.step_contract import STEPS, step_params_from_json
 
     raw = step_params_from_json(config, STEPS["search"]).dump()
     raw["search"]["enabled"] = True
     params = STEPS["search"].from_raw(raw, source="the search task's config with run_search")
+    if require_gpu:
+        require_gpus(params.pipeline.accelerator_limit, gpu_type)
     report = step.run(params, raw, training_sets.path, output=search.path)
     Path(search.path).write_text(json.dumps(report | {"accelerator_type": gpu_type}, indent=2) + "\n")
     publish_metrics(search.path, search)
@@ -249,11 +260,13 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     curves: Output[HTML],
+    require_gpu: bool = False,
 ) -> None:
     """Train one registered model on the training sets (components/train.py); CUDA when present.
 
     Through the launcher (components/launch_training.py): torchrun over ``pipeline.accelerator_limit``
-    GPUs in this pod, or a PyTorchJob over ``pipeline.training_nodes`` pods.
+    GPUs in this pod, or a PyTorchJob over ``pipeline.training_nodes`` pods. ``require_gpu`` (the
+    compiled pipeline, not run-local): fail unless CUDA shows those GPUs, rather than train on CPU.
     """
     import tempfile
     from pathlib import Path
@@ -266,7 +279,15 @@ def train(
         params_file = Path(scratch) / "params.yaml"  # the train step's sections, for its subprocesses
         params_file.write_text(step_params_from_json(config, STEPS["train"]).to_yaml())
         plot = Path(scratch) / f"{model_name}.png"
-        step.run(model_name, params_file, training_sets.path, model.path, metrics.path, plot)
+        step.run(
+            model_name,
+            params_file,
+            training_sets.path,
+            model.path,
+            metrics.path,
+            plot,
+            require_gpu=require_gpu,
+        )
         png_page(plot, curves.path, title=f"{model_name}: loss and validation metric per epoch")
     publish_metrics(metrics.path, metrics)
 

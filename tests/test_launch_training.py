@@ -1,16 +1,20 @@
 """The training launcher (components/launch_training.py): torchrun for several processes on one node, a
-Kubeflow PyTorchJob for several nodes (its manifest checked against the PyTorchJob CRD's openAPI schema),
-and, on CPU, the same launcher running two gloo processes end to end."""
+Kubeflow PyTorchJob for several nodes (its manifest checked against the PyTorchJob CRD's openAPI schema,
+owned by the task's pod), the CUDA check that keeps a GPU task from training on CPU, and, on CPU, the same
+launcher running two gloo processes end to end."""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 import sys
 
 import pytest
+from kubernetes import client as k8s
 
-from components import launch_training
+from components import launch_training, train
 from recsys import artifact_layout as layout
 from recsys import manifest_schemas
 from recsys.config import load_params
@@ -26,6 +30,112 @@ from tests.conftest import (
 
 def _multi_node(nodes: int = 3, gpus: int = 8):
     return revalidated(shipped_params().pipeline, training_nodes=nodes, accelerator_limit=gpus)
+
+
+POD_UID = "0b6c3a1e-1f0c-4c1e-9d58-2f4f5a7c9e11"
+OWNER = {
+    "apiVersion": "v1", "kind": "Pod", "name": "recsys-training-abc-123", "uid": POD_UID,
+    "controller": False, "blockOwnerDeletion": False,
+}  # fmt: skip
+
+
+class FakeCoreV1Api:
+    """Stands in for kubernetes.client.CoreV1Api: one readable pod, or an API error for every read."""
+
+    def __init__(self, pod: k8s.V1Pod | None = None, error: Exception | None = None) -> None:
+        self.pod, self.error, self.reads = pod, error, []
+
+    def read_namespaced_pod(self, name: str, namespace: str) -> k8s.V1Pod:
+        self.reads.append((namespace, name))
+        if self.error is not None:
+            raise self.error
+        return self.pod
+
+
+@pytest.fixture
+def no_pod_env(monkeypatch):
+    for name in ("KFP_POD_NAME", "KFP_POD_UID", "HOSTNAME"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_cuda_check_fails_clearly_when_torch_sees_too_few_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    train.require_gpus(0, "nvidia.com/gpu")  # nothing asked for, nothing checked
+    if not torch.cuda.is_available():  # this machine: the message says what torch sees
+        with pytest.raises(train.GpuUnavailableError) as error:
+            train.require_gpus(1, "nvidia.com/gpu")
+        message = str(error.value)
+        for part in (
+            "asked for 1 x nvidia.com/gpu", "torch sees 0 CUDA device(s)", f"torch {torch.__version__}",
+            "CUDA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=<unset>", "device plugin",
+            "CUDA training image", "Refusing to train on CPU",
+        ):  # fmt: skip
+            assert part in message, (part, message)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    train.require_gpus(2, "nvidia.com/gpu")
+    too_few = re.escape("asked for 4 x nvidia.com/gpu but torch sees 2")
+    with pytest.raises(train.GpuUnavailableError, match=too_few):
+        train.require_gpus(4, "nvidia.com/gpu")
+
+
+def test_the_train_cli_checks_the_gpus_before_reading_anything(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params_file = write_params(tmp_path / "params.yaml", {})
+    argv = ["--model", "dlrm", "--params", str(params_file), "--training-dir", str(tmp_path / "missing")]
+    accelerator = shipped_params().pipeline.accelerator_type
+    with pytest.raises(train.GpuUnavailableError, match=re.escape(f"asked for 2 x {accelerator}")):
+        train.main([*argv, "--require-gpu", "2"])
+    with pytest.raises(FileNotFoundError):  # no check asked for: it goes on to read the missing sets
+        train.main(argv)
+
+
+def test_a_gpu_task_fails_before_launching_when_cuda_is_missing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launched = []
+    monkeypatch.setattr(launch_training.subprocess, "run", lambda *a, **k: launched.append(a))
+    params_file = write_params(tmp_path / "params.yaml", {"pipeline.accelerator_limit": 2})
+    out = tmp_path / "out"
+    paths = (tmp_path / "train", out / "model", out / "m.json", out / "c.png")
+    with pytest.raises(train.GpuUnavailableError, match="asked for 2 x"):
+        launch_training.run("dlrm", params_file, *paths, require_gpu=True)
+    assert launched == []  # never a silent CPU run
+
+
+def test_the_job_owner_comes_from_the_kfp_pod_env_or_the_api(no_pod_env, caplog):
+    monkeypatch = no_pod_env
+    assert launch_training.task_pod_owner("recsys", FakeCoreV1Api()) is None  # no pod name at all
+    monkeypatch.setenv("KFP_POD_NAME", OWNER["name"])
+    monkeypatch.setenv("KFP_POD_UID", POD_UID)
+    unread = FakeCoreV1Api()
+    assert launch_training.task_pod_owner("recsys", unread) == OWNER  # the launcher's downward-API env
+    assert unread.reads == []
+    monkeypatch.delenv("KFP_POD_NAME")
+    monkeypatch.delenv("KFP_POD_UID")
+    monkeypatch.setenv("HOSTNAME", OWNER["name"])
+    pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=OWNER["name"], namespace="recsys", uid=POD_UID))
+    api = FakeCoreV1Api(pod)
+    owner = launch_training.task_pod_owner("recsys", api)
+    assert owner == OWNER and api.reads == [("recsys", OWNER["name"])]
+    # the names the API server reads: what the client's own V1OwnerReference serialises to
+    reference = k8s.V1OwnerReference(
+        api_version="v1", kind="Pod", name=OWNER["name"], uid=POD_UID, controller=False,
+        block_owner_deletion=False,
+    )  # fmt: skip
+    assert k8s.ApiClient().sanitize_for_serialization(reference) == owner
+    forbidden = FakeCoreV1Api(error=k8s.ApiException(status=403, reason="Forbidden"))
+    with caplog.at_level(logging.WARNING, logger=launch_training.__name__):
+        assert launch_training.task_pod_owner("recsys", forbidden) is None
+    assert "PyTorchJob without an owner: cannot read pod recsys/" in caplog.text
+    assert "ApiException" in caplog.text and "403" in caplog.text
 
 
 def test_one_process_runs_the_train_cli_and_several_run_torchrun():
@@ -51,7 +161,10 @@ def test_one_process_runs_the_train_cli_and_several_run_torchrun():
 @pytest.mark.parametrize("nodes", [2, 4])
 def test_pytorch_job_manifest_matches_the_crd_schema(nodes):
     cfg = _multi_node(nodes=nodes)
-    manifest = launch_training.pytorch_job_manifest("recsys-train-dlrm-1a2b3c4d", "recsys", "dlrm", cfg, "/w")
+    manifest = launch_training.pytorch_job_manifest(
+        "recsys-train-dlrm-1a2b3c4d", "recsys", "dlrm", cfg, "/w", owner=OWNER
+    )
+    assert manifest["metadata"]["ownerReferences"] == [OWNER]
     assert manifest_schemas.custom_resource_errors(manifest) == []
     assert "PyTorchJob" in manifest_schemas.validate_object(manifest)
 
@@ -84,6 +197,7 @@ def test_pytorch_job_runs_torchrun_on_every_node_with_the_gpus_and_the_shared_vo
     )
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
     assert job["metadata"]["namespace"] == "recsys"
+    assert "ownerReferences" not in job["metadata"]  # no owner known: none invented
     spec = job["spec"]
     assert spec["nprocPerNode"] == "8"
     assert spec["runPolicy"]["activeDeadlineSeconds"] == cfg.training_job_timeout_s
@@ -98,17 +212,61 @@ def test_pytorch_job_runs_torchrun_on_every_node_with_the_gpus_and_the_shared_vo
         assert command[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=3"]
         assert command[command.index("--training-dir") + 1] == "/mnt/training/x/training_sets"
         assert command[command.index("--model-dir") + 1] == "/mnt/training/x/model"
+        assert command[command.index("--require-gpu") + 1] == "8"  # every rank checks its pod's GPUs
         assert container["resources"]["limits"][cfg.accelerator_type] == "8"
         assert container["resources"]["requests"][cfg.accelerator_type] == "8"
         claims = {
             v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
         }
         assert claims == {cfg.training_volume}
-        assert {m["mountPath"] for m in container["volumeMounts"]} >= {launch_training.TRAINING_VOLUME_PATH}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert launch_training.TRAINING_VOLUME_PATH in mounts
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {
+            "medium": "Memory", "sizeLimit": launch_training.SHM_SIZE_LIMIT
+        }  # fmt: skip
         assert pod["nodeSelector"] == cfg.gpu_node_selector
         assert pod["tolerations"] == [
             {k: v for k, v in t.model_dump().items() if v is not None} for t in cfg.gpu_tolerations
         ]
+
+
+class FakeCustomObjectsApi:
+    """Stands in for the Training Operator: keeps the created job; the first read finds it done, with the
+    outputs the job's rank 0 writes on the shared volume."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append(body)
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        work = launch_training.Path(launch_training.TRAINING_VOLUME_PATH) / name
+        (work / "model").mkdir()
+        (work / "model" / "model.safetensors").write_bytes(b"weights")
+        (work / "metrics.json").write_text("{}")
+        (work / "curves.png").write_bytes(b"png")
+        return {"status": {"conditions": [{"type": "Succeeded", "status": "True"}]}}
+
+
+def test_the_pytorch_job_is_created_owned_by_the_task_pod(tmp_path, no_pod_env):
+    monkeypatch = no_pod_env
+    monkeypatch.setattr(launch_training, "TRAINING_VOLUME_PATH", str(tmp_path / "volume"))
+    monkeypatch.setattr(launch_training, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "no-service-account")
+    monkeypatch.setenv("HOSTNAME", OWNER["name"])
+    pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=OWNER["name"], uid=POD_UID))
+    params_file = write_params(tmp_path / "params.yaml", {})
+    (tmp_path / "sets").mkdir()
+    api, out = FakeCustomObjectsApi(), tmp_path / "out"
+    launch_training.run_pytorch_job(
+        "dlrm", params_file, tmp_path / "sets", out / "model", out / "m.json", out / "c.png",
+        _multi_node(nodes=2, gpus=4), api=api, core_api=FakeCoreV1Api(pod), poll_s=0,
+    )  # fmt: skip
+    (job,) = api.created
+    assert job["metadata"]["ownerReferences"] == [OWNER]
+    assert manifest_schemas.custom_resource_errors(job) == []
+    assert (out / "model" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_job_outcome_reads_the_operators_final_condition():

@@ -1,7 +1,8 @@
 """The compiled pipeline's Kubernetes platform spec (kfp-kubernetes): exactly the Feast tasks get the
 production feature_store.yaml (ConfigMap volume + $FEAST_FS_YAML_FILE_PATH) and the Feast Secret's keys as
-environment; exactly the training tasks get the GPU nodes' tolerations and node selector; with several
-training nodes the training tasks hold no GPU and mount the volume they share with their PyTorchJob.
+environment; exactly the training tasks get the GPU nodes' tolerations and node selector, a memory-backed
+/dev/shm, and (compiled for a cluster, not run-local) the flag that fails them when CUDA is missing; with
+several training nodes the training tasks hold no GPU and mount the volume they share with their PyTorchJob.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from components import deploy
-from components.launch_training import TRAINING_VOLUME_PATH
+from components.launch_training import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from pipelines.recsys_training import compile_pipeline
 from tests.conftest import REPO_ROOT, write_params
 
@@ -32,7 +33,7 @@ def _compile(tmp_path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _tasks_by_executor(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Display name -> {executor label, container} for every task, inside conditions too."""
+    """Display name -> {executor label, container, task} for every task, inside conditions too."""
     found = {}
 
     def walk(dag: dict[str, Any]) -> None:
@@ -43,7 +44,7 @@ def _tasks_by_executor(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 continue
             label = component["executorLabel"]
             container = spec["deploymentSpec"]["executors"][label]["container"]
-            found[task["taskInfo"]["name"]] = {"executor": label, "container": container}
+            found[task["taskInfo"]["name"]] = {"executor": label, "container": container, "task": task}
 
     walk(spec["root"]["dag"])
     return found
@@ -109,6 +110,27 @@ def test_exactly_the_gpu_tasks_get_gpu_tolerations_and_node_selector(single_node
         )
 
 
+def _require_gpu(task: dict[str, Any]) -> Any:
+    """The constant a task passes as ``require_gpu``, or None when it passes none."""
+    value = task["task"].get("inputs", {}).get("parameters", {}).get("require_gpu")
+    return None if value is None else value["runtimeValue"]["constant"]
+
+
+def test_the_gpu_tasks_fail_without_cuda_and_get_a_memory_backed_dev_shm(single_node):
+    tasks = _tasks_by_executor(single_node["spec"])
+    executors = single_node["platform"]["deploymentSpec"]["executors"]
+    requiring = {name for name, task in tasks.items() if _require_gpu(task) is not None}
+    assert requiring == GPU_TASKS and all(_require_gpu(tasks[name]) is True for name in GPU_TASKS)
+    with_shm = {
+        name for name, task in tasks.items() if "emptyDirMounts" in executors.get(task["executor"], {})
+    }
+    assert with_shm == GPU_TASKS
+    for name in GPU_TASKS:
+        assert executors[tasks[name]["executor"]]["emptyDirMounts"] == [
+            {"volumeName": SHM_VOLUME, "mountPath": SHM_PATH, "medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}
+        ]
+
+
 def test_tolerations_and_node_selector_follow_params(tmp_path):
     compiled = _compile(
         tmp_path,
@@ -139,7 +161,9 @@ def test_multi_node_training_tasks_hold_no_gpu_and_mount_the_shared_volume(tmp_p
         assert mount["mountPath"] == TRAINING_VOLUME_PATH
         assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == params.pipeline.training_volume
         assert "tolerations" not in config and "nodeSelector" not in config  # the PyTorchJob pods get them
+        assert "emptyDirMounts" not in config  # ... and the /dev/shm, and run the CUDA check
         assert "accelerator" not in tasks[name]["container"]["resources"]
+        assert _require_gpu(tasks[name]) is True
     assert {
         name for name, task in tasks.items() if "configMapAsVolume" in executors.get(task["executor"], {})
     } == (FEAST_TASKS)
@@ -173,6 +197,8 @@ def test_run_local_leaves_the_feast_path_to_the_local_runner(tmp_path, params):
     tasks = _tasks_by_executor(spec)
     for name in FEAST_TASKS:
         assert deploy.FEAST_YAML_ENV not in {e["name"] for e in tasks[name]["container"].get("env", [])}
+    for name in GPU_TASKS:  # run-local trains on CPU by design
+        assert _require_gpu(tasks[name]) is False, name
 
 
 @pytest.mark.parametrize(
