@@ -43,6 +43,7 @@ CUSTOM_RESOURCES = {
     ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.json",
     ("argoproj.io/v1alpha1", "Application"): "argoproj.io_applications.json",
+    ("kubeflow.org/v1beta1", "Experiment"): "kubeflow.org_experiments.json",
 }
 _MIN_SHARED_BYTES = 200  # smaller repeated subtrees stay inline
 # keywords whose value maps names to schemas: the map itself is never shared, its schemas are
@@ -180,9 +181,15 @@ def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _without_descriptions(node: Any) -> Any:
+def _without_descriptions(node: Any, names: bool = False) -> Any:
+    """``node`` without its ``description`` keywords; in a name -> schema map (``names``) a field called
+    ``description`` is a field, and stays (Katib's ``trialParameters[].description``)."""
     if isinstance(node, dict):
-        return {key: _without_descriptions(value) for key, value in node.items() if key != "description"}
+        return {
+            key: _without_descriptions(value, names=not names and key in _SCHEMA_MAPS)
+            for key, value in node.items()
+            if names or key != "description"
+        }
     if isinstance(node, list):
         return [_without_descriptions(item) for item in node]
     return node

@@ -152,7 +152,8 @@ def test_the_katib_experiments_search_the_space_in_params():
         assert spec["maxTrialCount"] == params.search.trials
         assert spec["objective"]["type"] == "maximize"
         assert spec["objective"]["objectiveMetricName"] == ("recall-at-50" if kind == "two_tower" else "auc")
-        by_key = {p["description"]: p for p in spec["trialTemplate"]["trialParameters"]}
+        trial_parameters = spec["trialTemplate"]["trialParameters"]
+        by_key = {p["description"].removeprefix("log10 of "): p for p in trial_parameters}
         assert set(by_key) == set(space)
         parameters = {p["name"]: p for p in spec["parameters"]}
         command = spec["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]["command"]
@@ -160,15 +161,23 @@ def test_the_katib_experiments_search_the_space_in_params():
         for key, distribution in space.items():
             name = by_key[key]["name"]
             parameter = parameters[name]
-            assert f"--set={key}=${{trialParameters.{name}}}" in command
-            if distribution.type == "categorical":
-                assert parameter["parameterType"] == "categorical"
-                assert parameter["feasibleSpace"]["list"] == [str(c) for c in distribution.choices]
-                continue
             feasible = parameter["feasibleSpace"]
+            assert "distribution" not in feasible  # Katib 0.17 has no such field (tests/test_katib.py)
+            if distribution.type == "categorical":
+                assert f"--set={key}=${{trialParameters.{name}}}" in command
+                assert parameter["parameterType"] == "categorical"
+                assert feasible["list"] == [str(c) for c in distribution.choices]
+                continue
+            low, high = float(feasible["min"]), float(feasible["max"])
+            if distribution.log:  # searched uniformly over the base-10 exponents: log-uniform
+                assert f"--set-log10={key}=${{trialParameters.{name}}}" in command
+                assert name.startswith("log10-") and parameter["parameterType"] == "double"
+                assert 10**low == pytest.approx(distribution.low)
+                assert 10**high == pytest.approx(distribution.high)
+                continue
+            assert f"--set={key}=${{trialParameters.{name}}}" in command
             assert parameter["parameterType"] == ("double" if distribution.type == "float" else "int")
-            assert float(feasible["min"]) == distribution.low and float(feasible["max"]) == distribution.high
-            assert feasible["distribution"] == ("logUniform" if distribution.log else "uniform")
+            assert low == distribution.low and high == distribution.high
 
 
 def test_a_katib_trial_prints_the_metric_line_katib_collects(training_dir, tmp_path, capsys):

@@ -280,12 +280,10 @@ class SearchParameter(Section):
 
 
 class KatibSearchConfig(Section):
-    """How the Katib trials of manifests/katib/search.yaml reach the training sets and params."""
+    """The Katib Experiments of manifests/katib/search.yaml. Their trials read the params and training
+    sets that ``python -m components.search stage`` put on ``pipeline.training_volume``, and run on the
+    training tasks' GPUs (``pipeline.accelerator_*``, ``gpu_tolerations``, ``gpu_node_selector``)."""
 
-    volume_claim: str = Field(pattern=DNS_LABEL)  # the PVC holding a pipeline run's training sets
-    mount_path: str = Field(pattern=r"^/")
-    training_dir: str = Field(pattern=r"^/")  # the training sets inside the mount
-    params_file: str = Field(pattern=r"^/")  # params.yaml inside the mount
     parallel_trials: int = Field(ge=1)
     max_failed_trials: int = Field(ge=0)
 
