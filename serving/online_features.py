@@ -36,6 +36,8 @@ from prometheus_client import Counter, Gauge
 from models import FeatureEncoder
 from recsys.contracts import MISSING_CATEGORY, NUMBER_DEFAULT
 
+TIMESTAMP_POSTFIX = "__ts"  # feast.online_response: OnlineResponse.to_dict(include_event_timestamps=True)
+
 log = logging.getLogger(__name__)
 
 FEATURE_SERVICE = "ranking"  # feature_repo/definitions.py: the service holding every model input
@@ -46,12 +48,14 @@ ITEM_READ_CHUNK = 1_000  # entity rows per online read when warming the item cac
 WARM_UP_BASE_S = 60.0
 WARM_UP_PER_ITEM_S = 0.001
 
+VIEW_CLOCK_REFRESH_S = 600.0  # views' materialisation ends are re-read from the (cached) registry this often
 REGISTRY_RETRY_S = 30.0  # a registry without the feature service yet (no views applied): look again
 
 ONLINE_STORE_READY = Gauge(
     "recsys_online_store_ready",
     "1 when the Feast registry holds the feature service and features are read from the online store; 0 "
     "while the server answers with default features (marked degraded) and looks for it again.",
+    multiprocess_mode="min",  # one value for the pod: 0 while any worker is not ready
 )
 ONLINE_STORE_FAILURES = Counter(
     "recsys_online_store_failures",
@@ -110,6 +114,9 @@ class OnlineFeatures:
         self._ready = threading.Event()  # the feature references are resolved
         self._closed = threading.Event()
         self._pending_warm: list[int] = []  # the catalogue, warmed once the registry is ready
+        self._view_of: dict[str, str] = {}  # feature name -> the view serving it
+        self._views: dict[str, ViewClock] = {}  # view -> its TTL and the end of its materialisation
+        self._views_read_at = 0.0
         if store is not None:
             _check_registry(store)
             self._local_file = _LocalStoreFile.of(store)
@@ -133,6 +140,8 @@ class OnlineFeatures:
         The server then starts and answers with defaults, flagged degraded, instead of crash-looping."""
         try:
             refs = _feature_refs(self.store, list(self.user_defaults), list(self.item_defaults))
+            self._view_of = {ref.split(":", 1)[1]: ref.split(":", 1)[0] for ref in refs[0] + refs[1]}
+            self._read_view_clocks()
         except Exception as exc:  # Feast's FeatureServiceNotFoundException, an unreachable SQL registry, ...
             ONLINE_STORE_READY.set(0)
             log.warning(
@@ -277,6 +286,7 @@ class OnlineFeatures:
             column = values.get(name) if name != key else None
             if column is None:
                 continue
+            column = self._within_ttl(name, column, values.get(name + TIMESTAMP_POSTFIX))
             present = np.fromiter((v is not None for v in column), dtype=bool, count=n)
             found |= present
             columns[name] = [_as_default_type(v, default) if v is not None else default for v in column]
@@ -286,7 +296,30 @@ class OnlineFeatures:
         """Feast's answer as columns; in a pool thread, so that the caller's timeout bounds all of it."""
         if self._local_file is not None:
             self._local_file.check()
-        return self.store.get_online_features(features=refs, entity_rows=entity_rows).to_dict()
+        if time.monotonic() - self._views_read_at > VIEW_CLOCK_REFRESH_S:
+            self._read_view_clocks()
+        response = self.store.get_online_features(features=refs, entity_rows=entity_rows)
+        return response.to_dict(include_event_timestamps=True)
+
+    def _read_view_clocks(self) -> None:
+        """Each served view's TTL and where its last materialisation ended (Feast's registry)."""
+        self._views = {
+            view: _view_clock(self.store.get_feature_view(view)) for view in set(self._view_of.values())
+        }
+        self._views_read_at = time.monotonic()
+
+    def _within_ttl(self, name: str, column: list[Any], stamps: list[int] | None) -> list[Any]:
+        """``column`` with the values older than their view's TTL dropped, as Feast's offline
+        point-in-time join drops them when the training sets are built: Feast's online store keeps an
+        entity's last row forever, so a user inactive for longer than ``user_stats``' TTL was served its
+        stale statistics while the models trained on defaults for such users (train/serve skew). The
+        clock is the end of the view's last materialisation, or now if earlier: the moment the store's
+        values describe (a replay of old data gets that data's clock, a daily run today's)."""
+        clock = self._views.get(self._view_of.get(name, ""))
+        if clock is None or stamps is None or clock.ttl_s <= 0:
+            return column
+        cutoff = min(time.time(), clock.materialized_until) - clock.ttl_s
+        return [v if v is not None and ts >= cutoff else None for v, ts in zip(column, stamps, strict=True)]
 
 
 class _LocalStoreFile:
@@ -328,6 +361,21 @@ class _LocalStoreFile:
                 if hasattr(online_store, "_conn"):
                     online_store._conn = None
             self._identity = identity
+
+
+@dataclass(frozen=True)
+class ViewClock:
+    """A feature view's TTL and the end of its last materialisation (epoch seconds; now if never)."""
+
+    ttl_s: float
+    materialized_until: float
+
+
+def _view_clock(view: Any) -> ViewClock:
+    ttl = view.ttl.total_seconds() if view.ttl else 0.0
+    intervals = view.materialization_intervals or []
+    until = max((end.timestamp() for _, end in intervals), default=time.time())
+    return ViewClock(ttl, until)
 
 
 def _check_registry(store: Any) -> None:
