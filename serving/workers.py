@@ -131,7 +131,8 @@ def use_multiprocess_metrics() -> tuple[Path, bool]:
     prometheus_client picks its value class from ``$PROMETHEUS_MULTIPROC_DIR`` when it is imported, which
     the serving package does (through KServe) before the command line is read. Every metric the server
     exports has labels, so no value exists until a worker answers its first request: switching the class
-    here, before the fork, puts every value of every worker in the directory.
+    here, before the fork, puts every value of every worker in the directory; the few without labels are
+    moved there (:func:`_rebind_unlabelled_metrics`).
     """
     from prometheus_client import values
 
@@ -152,7 +153,24 @@ def use_multiprocess_metrics() -> tuple[Path, bool]:
         os.environ[METRICS_DIR_ENV] = str(path)
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
+        _rebind_unlabelled_metrics()
     return path, not given
+
+
+def _rebind_unlabelled_metrics() -> None:
+    """Give every metric without labels a value of the multiprocess class.
+
+    A labelled metric makes its values on first use, after the switch; one without labels made its value
+    when it was declared, at import, in memory, where the multiprocess collector never looks: such a
+    counter (``recsys_request_log_rows``) or gauge (``recsys_online_store_ready``) was missing from
+    ``/metrics``. Re-initialising it (prometheus_client's own ``_metric_init``) moves it into the
+    directory; nothing has been counted yet, before the server starts."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.metrics import MetricWrapperBase
+
+    for collector in list(REGISTRY._collector_to_names):
+        if isinstance(collector, MetricWrapperBase) and collector._is_observable():
+            collector._metric_init()
 
 
 def multiprocess_metrics_dir() -> str | None:

@@ -281,3 +281,37 @@ print(generate_latest(registry).decode())
     assert _metric(out.stdout, "made_at_import_total") == 3
     assert _metric(out.stdout, 'made_later_total{worker="0"}') == 2
     assert not (directory / "counter_999999.db").exists()
+
+
+def test_metrics_without_labels_reach_the_multiprocess_metrics(tmp_path):
+    """The server always switches prometheus_client to its multiprocess mode after import. A metric with no
+    labels made its value at import, in memory, where the multiprocess collector never looks: the
+    request-log counters (so the RecsysRequestLogWriteErrors alert could never fire) and the online-store
+    readiness gauge were missing from /metrics (found by benchmarks/dashboard_snapshot.py)."""
+    directory = tmp_path / "metrics"
+    script = """
+import sys
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from serving.online_features import ONLINE_STORE_READY
+from serving.request_log import LOGGED_ROWS, WRITE_ERRORS
+from serving.workers import use_multiprocess_metrics
+use_multiprocess_metrics()
+LOGGED_ROWS.inc(5)
+WRITE_ERRORS.inc()
+ONLINE_STORE_READY.set(1)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry, path=sys.argv[1])
+print(generate_latest(registry).decode())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    script = script.replace(
+        "use_multiprocess_metrics()",
+        "import os; os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]; use_multiprocess_metrics()",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(directory)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _metric(out.stdout, "recsys_request_log_rows_total") == 5
+    assert _metric(out.stdout, "recsys_request_log_write_errors_total") == 1
+    assert _metric(out.stdout, "recsys_online_store_ready") == 1
