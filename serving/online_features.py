@@ -318,7 +318,9 @@ class OnlineFeatures:
         clock = self._views.get(self._view_of.get(name, ""))
         if clock is None or stamps is None or clock.ttl_s <= 0:
             return column
-        cutoff = min(time.time(), clock.materialized_until) - clock.ttl_s
+        # Feast's materialisation end is exclusive (recsys/feature_store.py ends it 1 s past the newest row)
+        # and its offline join keeps a row exactly TTL old: the store describes the second before the end
+        cutoff = min(time.time(), clock.materialized_until - 1.0) - clock.ttl_s
         return [v if v is not None and ts >= cutoff else None for v, ts in zip(column, stamps, strict=True)]
 
 

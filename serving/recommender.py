@@ -298,7 +298,8 @@ class Recommender:
                         scores=row_scores[top].astype(float).tolist(),
                         source="model",
                         degraded=users.degraded,
-                        cold_start=not bool(users.found[i]),
+                        # a store outage hides every user's features: degraded, not a cold start
+                        cold_start=not bool(users.found[i]) and not users.degraded,
                         extra={"ranker": name},
                         candidates=len(row_scores),
                         features=users.row(i),

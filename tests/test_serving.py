@@ -525,6 +525,7 @@ def test_a_deleted_online_store_file_is_noticed_by_the_next_request(params, bund
     with caplog.at_level(logging.WARNING, logger="serving.online_features"):
         gone = recommend_user_1()
     assert gone.degraded and len(gone.item_ids) == 5
+    assert not gone.cold_start  # an outage is not a cold start (RecsysColdStartShareHigh stays quiet)
     assert REGISTRY.get_sample_value("recsys_online_store_failures_total", {"entity": "user"}) == failures + 1
     assert len(caplog.records) == 1 and str(db) in caplog.records[0].getMessage()
 

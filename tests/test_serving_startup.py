@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -138,11 +139,13 @@ def test_a_registry_without_views_starts_degraded_and_serves_features_once_they_
         features.close()
 
 
+TTL = pd.Timedelta(days=2)  # params.yaml feast.ttl_days.user_stats
+
+
 def test_online_values_past_their_views_ttl_are_served_as_offline_training_sees_them(tmp_path):
     """Feast's online store keeps an entity's last row forever; its offline point-in-time join drops a row
     older than the view's TTL (user_stats: 2 days). User 2's only stats row is 8 days older than the end
     of the data: training saw defaults for such a user, serving used to send the stale statistics."""
-    import pandas as pd
     import pyarrow.parquet as pq
 
     from components import online_store
@@ -152,23 +155,28 @@ def test_online_values_past_their_views_ttl_are_served_as_offline_training_sees_
     _, features_dir = handmade_dataset(tmp_path / "data")
     stats = pq.read_table(features_dir / "user_stats.parquet").to_pandas()
     stale = stats[~((stats["user_id"] == 2) & (stats["user_impressions_7d"] == 4))]  # keeps its day-1 row
+    newest = max(
+        pq.read_table(features_dir / f"{name}.parquet").column("event_timestamp").to_pandas().max()
+        for name in ("user_profile", "user_history", "user_stats", "item_profile", "item_stats")
+    )
+    exactly_ttl_old = stale.iloc[[0]].assign(user_id=3, user_impressions_7d=9, event_timestamp=newest - TTL)
+    stale = pd.concat([stale, exactly_ttl_old], ignore_index=True)  # Feast's join keeps it (age == TTL)
     pq.write_table(pa.Table.from_pandas(stale, preserve_index=False), features_dir / "user_stats.parquet")
-    window = online_store.run(feast, params.features, features_dir)
+    online_store.run(feast, params.features, features_dir)
     store = open_feature_store(feast)
     wanted = {"user_impressions_7d": 0, "gender": ""}
     features = OnlineFeatures(store, wanted, ITEM_DEFAULTS, timeout_s=10, item_cache_ttl_s=600)
     try:
-        rows = features.users([1, 2])
+        rows = features.users([1, 2, 3])
     finally:
         features.close()
     raw = store.get_online_features(
         features=["user_stats:user_impressions_7d"], entity_rows=[{"user_id": 2}]
     ).to_dict()
     assert raw["user_impressions_7d"] == [3]  # the online store still holds user 2's day-1 row
-    assert rows.columns["user_impressions_7d"] == [8, 0]  # user 1's day-8 row is within the TTL
-    assert rows.columns["gender"] == ["F", "M"] and rows.found.tolist() == [True, True]
-    end = pd.Timestamp(window["end"])
-    entities = pd.DataFrame({"user_id": [1, 2], "event_timestamp": [end, end]})
+    assert rows.columns["user_impressions_7d"] == [8, 0, 9]  # user 1's day-8 row is within the TTL
+    assert rows.columns["gender"] == ["F", "M", "F"] and rows.found.tolist() == [True, True, True]
+    entities = pd.DataFrame({"user_id": [1, 2, 3], "event_timestamp": [newest] * 3})
     offline = store.get_historical_features(entities, ["user_stats:user_impressions_7d"]).to_df()
     offline = offline.sort_values("user_id")["user_impressions_7d"].fillna(0).astype(int).tolist()
     assert offline == rows.columns["user_impressions_7d"]  # what a training row at that time holds
