@@ -42,20 +42,17 @@ from typing import Any
 
 from models.registry import MODEL_KINDS
 from recsys.config import PipelineConfig
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from recsys.step_contract import STEPS
 
 CONTRACT = STEPS["train"]
 
 log = logging.getLogger(__name__)
 
-TRAINING_VOLUME_PATH = "/mnt/training"  # where the task and the PyTorchJob pods mount training_volume
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 PYTORCH_CONTAINER = "pytorch"  # the container name the Training Operator looks for in a PyTorchJob
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
-# tmpfs pages count against the pod's memory limit; this caps them well under pipeline.train_resources
-SHM_SIZE_LIMIT = "8Gi"
 
 
 class TrainingJobError(RuntimeError):
@@ -85,7 +82,7 @@ def run(
         run_pytorch_job(kind, Path(params_file), training_dir, model_dir, metrics_file, plot_file, cfg)
     else:
         if require_gpu:
-            from components.train import require_gpus  # torch and pandas: not for the pipeline compiler
+            from recsys.gpu_pods import require_gpus
 
             require_gpus(cfg.accelerator_limit, cfg.accelerator_type)
         command = train_command(

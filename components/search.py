@@ -48,10 +48,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from components.launch_training import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from models.registry import TASK_OF
 from recsys.artifact_io import write_json
 from recsys.config import SearchParameter
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import read_split
 
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "trial":
         if args.model is None:
             parser.error("trial needs --model")
-        from components.train import require_gpus  # torch: only where a trial trains
+        from recsys.gpu_pods import require_gpus
 
         require_gpus(args.require_gpu, params.pipeline.accelerator_type)
         space = params.search.space.get(args.model, {})

@@ -27,10 +27,10 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components.deploy import FEAST_CONFIG_DIR, FEAST_YAML_ENV
-from components.launch_training import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from models.registry import MODEL_KINDS
 from pipelines import steps
 from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 
 COMPILED_HEADER = (
     "# Compiled by `python -m pipelines compile` from pipelines/ and params.yaml; do not edit by hand.\n"

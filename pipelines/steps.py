@@ -239,8 +239,8 @@ def search(
     from pathlib import Path
 
     from components import search as step
-    from components.train import require_gpus
     from pipelines.metrics_artifact import publish_metrics
+    from recsys.gpu_pods import require_gpus
     from recsys.step_contract import STEPS, step_params_from_json
 
     raw = step_params_from_json(config, STEPS["search"]).dump()

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from components import deploy
-from components.launch_training import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from pipelines.recsys_training import compile_pipeline
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 from tests.conftest import REPO_ROOT, write_params
 
 FEAST_TASKS = {"training-set", "online-store", "monitor"}  # monitor: the skew check reads the offline store
