@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := False
 export FEAST_USAGE := False
 
-.PHONY: setup repro test lint bench clean docker-engine images images-training
+.PHONY: setup repro test lint bench clean docker-engine images images-training push
 
 $(STAMP): pyproject.toml images/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,21 @@ images: $(STAMP)
 
 images-training: $(STAMP)
 	$(BIN)/python images/build.py training
+
+# `make images push REGISTRY=host[:port][/path]`: the built images into that registry, their digests into
+# images/pushed.json (git-ignored), which `python -m pipelines compile --images images/pushed.json` pins;
+# PUSH_IMAGES="pipeline serving training" after `make images-training`
+REGISTRY    ?=
+PUSH_IMAGES ?= pipeline serving
+IMAGES_LOCK ?= images/pushed.json
+ifneq ($(filter push,$(MAKECMDGOALS)),)
+ifeq ($(strip $(REGISTRY)),)
+$(error make push: set REGISTRY=host[:port][/path], e.g. make images push REGISTRY=registry.example.com/ml)
+endif
+endif
+
+push: images
+	$(BIN)/python images/build.py push --registry "$(REGISTRY)" --lock "$(IMAGES_LOCK)" $(PUSH_IMAGES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -44,6 +44,9 @@ SERVING_CONTAINER = rollout.SERVING_CONTAINER  # the name KServe expects for a c
 MODEL_DIR = "/mnt/models"  # where the storage initializer puts the content of STORAGE_URI
 FEAST_CONFIG_DIR = "/etc/feast"  # the production feature_store.yaml, mounted from a ConfigMap
 FEAST_YAML_ENV = "FEAST_FS_YAML_FILE_PATH"  # Feast's own name for "the feature_store.yaml to use"
+# feature_store.production.yaml's `project: ${FEAST_PROJECT}`: a key of the same ConfigMap, one per
+# environment, so dev and production keep separate objects in a shared registry
+FEAST_PROJECT_ENV = "FEAST_PROJECT"
 API_VERSION = "serving.kserve.io/v1beta1"
 RENDERED_HEADER = (
     "# Rendered by components/deploy.py from params.yaml (deploy section); do not edit by hand.\n"
@@ -77,7 +80,8 @@ def run(
     ``promote``: the store the pods poll for index refreshes and whose Secret they write the log with.
     """
     uri = resolve_storage_uri(storage_uri or deploy.storage_uri, allow_local=dry_run)
-    isvc = build_inference_service(deploy, f"{deploy.image_repo}:{image_tag}", uri, promote)
+    # deploy.image_digest set (compile --images): the serving image by digest, else deploy.image_repo:tag
+    isvc = build_inference_service(deploy, deploy.image(image_tag), uri, promote)
     if manifest_path is not None:
         write_text(RENDERED_HEADER + render_yaml(isvc), manifest_path)
         log.info("deploy: rendered %s/%s to %s", deploy.namespace, deploy.isvc_name, manifest_path)
@@ -113,6 +117,14 @@ def build_inference_service(
         env=[
             k8s.V1EnvVar(name=rollout.STORAGE_URI_ENV, value=storage_uri),
             k8s.V1EnvVar(name=FEAST_YAML_ENV, value=f"{FEAST_CONFIG_DIR}/feature_store.yaml"),
+            k8s.V1EnvVar(
+                name=FEAST_PROJECT_ENV,
+                value_from=k8s.V1EnvVarSource(
+                    config_map_key_ref=k8s.V1ConfigMapKeySelector(
+                        name=deploy.feast_config_map, key=FEAST_PROJECT_ENV
+                    )
+                ),
+            ),
             k8s.V1EnvVar(name="FEAST_USAGE", value="False"),
             # the root filesystem is read-only: libraries that write under $HOME get the tmp volume
             k8s.V1EnvVar(name="HOME", value="/tmp"),
@@ -147,6 +159,9 @@ def build_inference_service(
         max_replicas=deploy.max_replicas,
         scale_metric=deploy.scale_metric,
         scale_target=deploy.scale_target,
+        # a private registry's credentials (deploy.image_pull_secrets); none: the field is left out
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=name) for name in deploy.image_pull_secrets]
+        or None,
         volumes=[
             k8s.V1Volume(
                 name="feast-config", config_map=k8s.V1ConfigMapVolumeSource(name=deploy.feast_config_map)

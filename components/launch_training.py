@@ -193,6 +193,8 @@ def pytorch_job_manifest(
             "nodeSelector": dict(cfg.gpu_node_selector),
         },
     }
+    if cfg.image_pull_secrets:  # the training image from a private registry, as the task pods pull theirs
+        pod["spec"]["imagePullSecrets"] = [{"name": name} for name in cfg.image_pull_secrets]
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
     if cfg.training_nodes > 1:
         replicas["Worker"] = {

@@ -19,6 +19,7 @@ from recsys.feature_store import (
     materialize_online_store,
     open_feature_store,
     read_feature_table,
+    registered_repo,
 )
 from recsys.step_contract import STEPS
 
@@ -35,7 +36,7 @@ def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) 
     features_dir = Path(features_dir).resolve()
     store = open_feature_store(feast)
     build_repo = functools.partial(feature_repo, feast, features)
-    store.apply(build_repo(features_dir).objects())
+    store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
     sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
     start, end = materialize_online_store(store, sources, build_repo)
     return {"start": start.isoformat(), "end": end.isoformat()}

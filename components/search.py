@@ -259,6 +259,8 @@ def _katib_trial_job(
         ],
         "nodeSelector": dict(pipeline.gpu_node_selector),
     }
+    if pipeline.image_pull_secrets:  # the training image from a private registry
+        pod["imagePullSecrets"] = [{"name": name} for name in pipeline.image_pull_secrets]
     # an Istio sidecar keeps a finished trial's pod Running, so Katib would never see it end
     template = {"metadata": {"annotations": {"sidecar.istio.io/inject": "false"}}, "spec": pod}
     job_spec = {

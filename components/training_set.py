@@ -44,6 +44,7 @@ from recsys.feature_store import (
     materialize_online_store,
     open_feature_store,
     read_feature_table,
+    registered_repo,
 )
 from recsys.point_in_time import feature_columns, historical_features, typed_table
 from recsys.step_contract import STEPS
@@ -87,7 +88,7 @@ def run(
     store = open_feature_store(feast)
     build_repo = functools.partial(feature_repo, feast, features)
     repo = build_repo(features_dir)
-    store.apply(repo.objects())
+    store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
     cuts = split_cuts(events[TIMESTAMP], config)
     sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
 

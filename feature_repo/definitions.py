@@ -63,13 +63,16 @@ def build_feature_repo(
     stats_windows_days: list[int],
     ttl: dict[str, timedelta],
     offline_store: str = "duckdb",
+    s3_endpoint: str | None = None,
 ) -> FeatureRepo:
     """Build the entities, sources, views and services over ``features_dir/<view>.parquet``.
 
     ``features_dir`` is used as given: pass an absolute path so the repo works from any working
-    directory (a relative one is resolved by Feast against the repo folder). ``offline_store`` is the
-    ``offline_store.type`` of the store config: the Spark store reads parquet through ``SparkSource``,
-    every other (duckdb, file) through ``FileSource``; the tables and their meaning are the same.
+    directory (a relative one is resolved by Feast against the repo folder), or an ``s3://`` folder (the
+    published tables a shared registry names: recsys/feature_sources.py) read through ``s3_endpoint``
+    (None: AWS). ``offline_store`` is the ``offline_store.type`` of the store config: the Spark store
+    reads parquet through ``SparkSource`` (``s3a://`` for S3), every other (duckdb, file) through
+    ``FileSource``; the tables and their meaning are the same.
     """
     missing = [name for name in FEATURE_VIEWS if name not in ttl]
     if missing:
@@ -82,7 +85,7 @@ def build_feature_repo(
     )
     schemas = _schemas(stats_windows_days)
     entity_of = {name: user if name in USER_VIEWS else item for name in FEATURE_VIEWS}
-    sources = {name: _source(name, Path(features_dir), offline_store) for name in FEATURE_VIEWS}
+    sources = {name: _source(name, str(features_dir), offline_store, s3_endpoint) for name in FEATURE_VIEWS}
     views = {
         name: FeatureView(
             name=name,
@@ -112,18 +115,29 @@ def build_feature_repo(
     )
 
 
-def _source(name: str, features_dir: Path, offline_store: str) -> DataSource:
-    path = str(features_dir / f"{name}.parquet")
+def _source(name: str, features_dir: str, offline_store: str, s3_endpoint: str | None) -> DataSource:
+    remote = features_dir.startswith("s3://")
+    path = (
+        f"{features_dir.rstrip('/')}/{name}.parquet"
+        if remote
+        else str(Path(features_dir) / f"{name}.parquet")
+    )
     description = f"Feature table '{name}' written by components/features.py."
     if offline_store == "spark":
         return SparkSource(
             name=f"{name}_source",
-            path=path,
+            path="s3a://" + path[len("s3://") :] if remote else path,  # Hadoop's S3 file system
             file_format="parquet",
             timestamp_field=TIMESTAMP,
             description=description,
         )
-    return FileSource(name=f"{name}_source", path=path, timestamp_field=TIMESTAMP, description=description)
+    return FileSource(
+        name=f"{name}_source",
+        path=path,
+        timestamp_field=TIMESTAMP,
+        description=description,
+        s3_endpoint_override=s3_endpoint if remote else None,
+    )
 
 
 _VIEW_DESCRIPTIONS = {

@@ -1,4 +1,5 @@
-"""Build the project's images: ``python images/build.py [pipeline serving training base]`` (``make images``).
+"""Build the project's images: ``python images/build.py [pipeline serving training base]`` (``make images``);
+push them: ``python images/build.py push --registry HOST[:PORT][/PATH] [pipeline serving training]``.
 
 Tags come from params.yaml: ``pipeline.image_repo``, ``pipeline.training_image_repo`` and
 ``deploy.image_repo``, all at ``pipeline.image_tag`` (the compiled pipeline and the InferenceService
@@ -17,11 +18,19 @@ Three things make a build work on a machine that reaches no container registry, 
 
 BuildKit is required (secret and bind mounts): ``docker buildx`` when installed, else a Docker client
 older than 23 (Debian's ``docker.io``), which still builds with the daemon's own BuildKit.
+
+``push`` (``make images push REGISTRY=...``) retags each built image into the registry under the last
+path segment of its params.yaml repository (``ghcr.io/recsys-kfp/recsys-pipeline:0.1.0`` ->
+``REGISTRY/recsys-pipeline:0.1.0``), pushes it, and records the manifest digest the registry returned in
+a lock file (``--lock``, default ``images/pushed.json``, git-ignored; recsys/image_lock.py):
+``python -m pipelines compile --images images/pushed.json`` then names every image by that digest. The
+Docker daemon logs in to the registry itself (``docker login``): no credential passes through here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -31,6 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WHEELHOUSE = REPO_ROOT / "images" / "wheelhouse"
@@ -56,6 +66,9 @@ class Image:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["push"]:
+        return push_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python images/build.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "images", nargs="*", default=["pipeline", "serving"], help="pipeline serving training"
@@ -88,13 +101,15 @@ def images(params_path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Ima
 
     params = load_params(params_path)
     here = REPO_ROOT / "images"
+    tag = params.pipeline.image_tag  # built and pushed by tag; a digest exists only once pushed
     return {
-        "pipeline": Image("pipeline", here / "pipeline.Dockerfile", params.pipeline.image),
-        "serving": Image(
-            "serving", here / "serving.Dockerfile", f"{params.deploy.image_repo}:{params.pipeline.image_tag}"
-        ),
+        "pipeline": Image("pipeline", here / "pipeline.Dockerfile", f"{params.pipeline.image_repo}:{tag}"),
+        "serving": Image("serving", here / "serving.Dockerfile", f"{params.deploy.image_repo}:{tag}"),
         "training": Image(
-            "training", here / "pipeline.Dockerfile", params.pipeline.training_image, cuda=True
+            "training",
+            here / "pipeline.Dockerfile",
+            f"{params.pipeline.training_image_repo}:{tag}",
+            cuda=True,
         ),
     }
 
@@ -164,6 +179,137 @@ def ensure_local_base() -> str:
         )
         tar.wait()
     return LOCAL_BASE
+
+
+DEFAULT_LOCK = REPO_ROOT / "images" / "pushed.json"
+
+
+def push_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python images/build.py push",
+        description="Push built images to a registry and record their digests (the image lock).",
+    )
+    parser.add_argument(
+        "images", nargs="*", default=["pipeline", "serving"], help="pipeline serving training"
+    )
+    parser.add_argument(
+        "--registry", required=True, help="HOST[:PORT][/PATH], e.g. registry.example.com/ml or 127.0.0.1:5000"
+    )
+    parser.add_argument("--lock", default=str(DEFAULT_LOCK), help="the image lock file to write (merged)")
+    parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        registry = checked_registry(args.registry)
+        known = images(args.params)
+        unknown = [name for name in args.images if name not in known]
+        if unknown:
+            raise BuildError(f"unknown image(s) {unknown}: choose from {', '.join(known)}")
+        pushed = {name: push(known[name], registry) for name in dict.fromkeys(args.images)}
+        lock = record(args.lock, pushed)
+    except BuildError as exc:
+        print(f"images/build.py push: {exc}", file=sys.stderr)
+        return 1
+    for name, image in pushed.items():
+        print(f"{name}: {image.reference}")
+    print(f"wrote {lock}")
+    return 0
+
+
+def checked_registry(registry: str) -> str:
+    """``registry`` without a trailing slash, refused unless its first component names a registry host:
+    Docker reads ``name/...`` without a dot, a port or ``localhost`` as a Docker Hub namespace."""
+    from recsys.config.kubernetes import IMAGE_REPO
+
+    registry = registry.strip().rstrip("/")
+    host = registry.split("/", 1)[0]
+    if not ("." in host or ":" in host or host == "localhost") or not re.fullmatch(
+        IMAGE_REPO, f"{registry}/image"
+    ):
+        raise BuildError(
+            f"--registry {registry!r}: not HOST[:PORT][/PATH] (lowercase; the host needs a dot, a :port or "
+            "to be localhost, else Docker reads it as a Docker Hub namespace: docker.io/<namespace>)"
+        )
+    return registry
+
+
+def push(image: Image, registry: str) -> Any:
+    """Tag ``image`` into ``registry``, push it, and return what the registry holds (a ``LockedImage``):
+    ``registry/<name>@sha256:...``, the digest the registry returned for the push."""
+    from recsys.image_lock import LockedImage
+
+    if not image_exists(image.tag):
+        raise BuildError(
+            f"image {image.name!r}: {image.tag} is not built here; build it first "
+            f"(python images/build.py {image.name}, or make {'images-training' if image.cuda else 'images'})"
+        )
+    repo, tag = image.tag.rsplit(":", 1)
+    target_repo = f"{registry}/{repo.rsplit('/', 1)[-1]}"
+    target = f"{target_repo}:{tag}"
+    _run(["docker", "tag", image.tag, target], f"tagging image {image.name!r} as {target}")
+    print(f"+ docker push {target}", flush=True)
+    started = time.monotonic()
+    done = subprocess.run(["docker", "push", target], capture_output=True, text=True, check=False)
+    print(done.stdout, end="", flush=True)
+    if done.returncode != 0:
+        subprocess.run(["docker", "rmi", target], capture_output=True, check=False)  # only our tag
+        reason = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise BuildError(
+            f"pushing image {image.name!r} ({image.tag}) to registry {registry} failed "
+            f"(exit {done.returncode}): {' '.join(reason)}. Is the registry running and reachable from the "
+            "Docker daemon, and logged in to (docker login) where it needs credentials? A plain-HTTP "
+            "registry outside 127.0.0.0/8 must be in the daemon's insecure-registries."
+        )
+    digest = _pushed_digest(done.stdout, tag)
+    held = _repo_digests(target, target_repo)
+    if digest is None:  # an older client's output: the daemon's record of the push
+        if len(held) != 1:
+            raise BuildError(
+                f"pushed image {image.name!r} to {target}, but cannot tell its digest: no digest in the "
+                f"push output and {len(held)} RepoDigests for {target_repo}"
+            )
+        digest = held[0]
+    elif held and digest not in held:
+        raise BuildError(
+            f"pushed image {image.name!r} to {target}: the push reported {digest}, the daemon records "
+            f"{held} for {target_repo}"
+        )
+    print(f"pushed {target_repo}@{digest} in {time.monotonic() - started:.0f} s", flush=True)
+    return LockedImage(reference=f"{target_repo}@{digest}", tag=target, built_as=image.tag)
+
+
+def record(lock_path: str | Path, pushed: dict[str, Any]) -> Path:
+    """Merge ``pushed`` into the lock file (images pushed earlier and not now stay) and write it."""
+    from recsys.image_lock import ImageLockError, read_lock, write_lock
+
+    lock_path = Path(lock_path)
+    earlier = {}
+    if lock_path.exists():
+        try:
+            earlier = read_lock(lock_path)
+        except ImageLockError as exc:
+            print(f"images/build.py push: replacing an unusable lock: {exc}", file=sys.stderr)
+    return write_lock(lock_path, earlier | pushed)
+
+
+def _pushed_digest(output: str, tag: str) -> str | None:
+    """The digest ``docker push`` prints for ``tag`` (``<tag>: digest: sha256:<hex> size: <n>``)."""
+    pattern = rf"^{re.escape(tag)}: digest: (sha256:[0-9a-f]{{64}}) size: \d+$"
+    found = re.findall(pattern, output, re.MULTILINE)
+    return found[-1] if found else None
+
+
+def _repo_digests(image: str, repo: str) -> list[str]:
+    """The digests the daemon records for ``image`` in repository ``repo`` (``docker inspect``)."""
+    done = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", image],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return []
+    entries = json.loads(done.stdout or "null") or []
+    return [entry.split("@", 1)[1] for entry in entries if entry.split("@", 1)[0] == repo]
 
 
 def image_exists(tag: str) -> bool:

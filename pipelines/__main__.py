@@ -1,7 +1,9 @@
 """``python -m pipelines compile|upload|schedule|run-local``: the Kubeflow side of the project.
 
-- ``compile``: the KFP v2 pipelines' YAML (committed as pipelines/recsys_training.yaml and
-  pipelines/recsys_index_refresh.yaml; a test fails when either is stale).
+- ``compile [--images images/pushed.json]``: the KFP v2 pipelines' YAML (committed as
+  pipelines/recsys_training.yaml and pipelines/recsys_index_refresh.yaml; a test fails when either is
+  stale); ``--images``: every task's image, and the serving image the deploy step renders, by the digest
+  ``images/build.py push`` recorded (recsys/image_lock.py).
 - ``upload --host URL [--pipeline training|index-refresh] [--version NAME]``: a new pipeline, or a new
   version of it.
 - ``schedule --host URL [--pipeline ...] [--cron "0 0 3 * * *"] [--experiment NAME]``: the pipeline's
@@ -47,7 +49,8 @@ def _compile(args: argparse.Namespace, params, _client) -> int:
     # --output names one file: the training pipeline's unless --pipeline says which
     which = [args.pipeline or "training"] if args.output or args.pipeline else list(PACKAGES)
     for name in which:
-        print(compile_pipeline(Path(args.params), Path(args.output or PACKAGES[name]), name))
+        images = Path(args.images) if args.images else None
+        print(compile_pipeline(Path(args.params), Path(args.output or PACKAGES[name]), name, images))
     return 0
 
 
@@ -106,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     compile_cmd = commands.add_parser("compile", help="write the compiled pipelines' YAML")
     compile_cmd.add_argument("--pipeline", default=None, choices=list(PACKAGES), help="default: both")
     compile_cmd.add_argument("--output", default=None, help="one pipeline's file (default: each to its own)")
+    compile_cmd.add_argument(
+        "--images",
+        default=None,
+        help="an image lock (images/build.py push writes images/pushed.json): every image by its digest",
+    )
     compile_cmd.set_defaults(handler=_compile)
 
     def server(name: str, help_text: str) -> argparse.ArgumentParser:

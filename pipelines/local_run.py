@@ -68,6 +68,7 @@ def run_local(
     params = load_params(params_path, overrides)
     if runner == "docker" and training_image == "cpu":
         params.pipeline.training_image_repo = params.pipeline.image_repo
+        params.pipeline.training_image_digest = params.pipeline.image_digest
     pipeline = build_pipeline(params, scheduled=False)
     if runner == "docker":
         local_runner: Any = docker_runner(params, pipeline_root)

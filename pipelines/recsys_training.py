@@ -26,7 +26,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from components.deploy import FEAST_CONFIG_DIR, FEAST_YAML_ENV
+from components.deploy import FEAST_CONFIG_DIR, FEAST_PROJECT_ENV, FEAST_YAML_ENV
 from models.registry import MODEL_KINDS
 from pipelines import steps
 from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
@@ -41,9 +41,19 @@ COMPILED_HEADER = (
 PIPELINES = ("training", "index-refresh")  # this daily DAG; the hourly one of pipelines/index_refresh.py
 
 
-def compile_pipeline(params_path: Path, output: Path, which: str = "training") -> Path:
-    """Compile pipeline ``which`` (:data:`PIPELINES`) for ``params_path`` to ``output`` (KFP IR YAML)."""
+def compile_pipeline(
+    params_path: Path, output: Path, which: str = "training", images: Path | None = None
+) -> Path:
+    """Compile pipeline ``which`` (:data:`PIPELINES`) for ``params_path`` to ``output`` (KFP IR YAML).
+
+    ``images``: an image lock file (``images/build.py push``): every task, and the InferenceService the
+    deploy step renders, then names its image by the digest the registry returned (recsys/image_lock.py).
+    """
     params = params_from_yaml_text(params_path.read_text(), source=str(params_path))
+    if images is not None:
+        from recsys.image_lock import pin_images, read_lock
+
+        params = pin_images(params, read_lock(images), source=images)
     if which == "training":
         pipeline = build_pipeline(params)
     else:
@@ -113,6 +123,8 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
                 schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if scheduled else "",
                 # the monitor reads what the deployed pods logged (run-local: the local log)
                 served_log=params.deploy.request_log_uri if scheduled else "",
+                # the shared registry names feature tables every pod can read (run-local: its own folder)
+                feature_tables_uri=cfg.feature_tables_uri if scheduled else "",
             ),
             "configure",
         )
@@ -124,6 +136,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             training_set_op(config=config["training_set"], features=feature_tables, raw=raw), "training-set"
         ).after(validate_raw)
         with_feast_config(training, params, in_cluster=scheduled)
+        with_object_store(training, params)  # publishes the feature tables the registry names
         training_sets = training.outputs["training_sets"]
         # the online store lives outside the run: backfilled on every run, after the training set registered
         # the feature views, and before any deploy
@@ -133,6 +146,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             cache=False,
         ).after(training)
         with_feast_config(online, params, in_cluster=scheduled)
+        with_object_store(online, params)
         # the served traffic, checked before anything trains on the new data (reads the world: never cached)
         monitoring = step(
             monitor_op(
@@ -236,12 +250,15 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
 def configured_task(
     task: Any, cfg: PipelineConfig, name: str, resources: Resources, cache: bool = True
 ) -> Any:
-    """A task's display name, caching, requests and limits, and ``pipeline.retries``."""
+    """A task's display name, caching, requests and limits, ``pipeline.retries`` and the Secrets its pod
+    pulls the image with (``pipeline.image_pull_secrets``; kfp-kubernetes, only when there are any)."""
     task.set_display_name(name).set_caching_options(cache)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
     if cfg.retries:
         task.set_retry(cfg.retries)
+    if cfg.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cfg.image_pull_secrets))
     return task
 
 
@@ -249,13 +266,18 @@ def with_feast_config(task: Any, params: Params, in_cluster: bool = True) -> Any
     """Give a Feast task the production feature_store.yaml and its credentials (kfp-kubernetes, per task).
 
     The ConfigMap ``deploy.feast_config_map`` is mounted at /etc/feast, Feast is pointed at it through
-    $FEAST_FS_YAML_FILE_PATH, and the keys ``pipeline.feast_secret_keys`` of the Secret
+    $FEAST_FS_YAML_FILE_PATH, its key FEAST_PROJECT (the environment's project) becomes $FEAST_PROJECT,
+    and the keys ``pipeline.feast_secret_keys`` of the Secret
     ``deploy.feast_secret`` become environment variables of the same name (the ${VARS} the yaml uses).
     Only the tasks that open the store get them: a missing Secret stops those tasks, not every pod.
     ``in_cluster`` False (run-local): ``kfp.local`` ignores the Kubernetes config but hands a task's env to
     its subprocess, where /etc/feast does not exist, so the path is left to the local runner.
     """
     kubernetes.use_config_map_as_volume(task, params.deploy.feast_config_map, mount_path=FEAST_CONFIG_DIR)
+    # the environment's own Feast project (recsys_dev, recsys_production) from the same ConfigMap
+    kubernetes.use_config_map_as_env(
+        task, params.deploy.feast_config_map, {FEAST_PROJECT_ENV: FEAST_PROJECT_ENV}
+    )
     kubernetes.use_secret_as_env(
         task, params.deploy.feast_secret, {key: key for key in params.pipeline.feast_secret_keys}
     )

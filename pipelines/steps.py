@@ -27,6 +27,7 @@ def configure(
     schedule_time: str = "",
     window: str = "day",
     served_log: str = "",
+    feature_tables_uri: str = "",
 ) -> NamedTuple(  # one scoped configuration per step of recsys.step_contract.STEPS (a test checks the names)
     "StepConfigs",
     [
@@ -57,6 +58,8 @@ def configure(
     task that reads ``data``, and a change to ``serving.*`` leaves the trainings' inputs as they were.
     ``served_log``: where the deployed pods write the request log (``deploy.request_log_uri``), which a
     cluster run's monitor reads instead of the local ``serving.request_log.uri``.
+    ``feature_tables_uri``: where a cluster run's Feast tasks publish the feature tables that the shared
+    registry's FileSources name (``feast.source_uri``; recsys/feature_sources.py).
     """
     from pipelines.run_window import data_until as run_day
     from recsys.config import params_from_yaml_text, parse_params
@@ -71,6 +74,8 @@ def configure(
     effective["deploy"]["namespace"] = namespace
     if served_log:
         effective["serving"]["request_log"]["uri"] = served_log
+    if feature_tables_uri:
+        effective["feast"]["source_uri"] = feature_tables_uri
     params = parse_params(effective, source="params_yaml with the run's parameters")
     # KFP ships this function's source alone, so the outputs type is spelled in the signature (inline)
     outputs = configure.__annotations__["return"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -43,9 +44,31 @@ def open_feature_store(feast: FeastConfig) -> FeatureStore:
     Relative paths in the yaml (registry, SQLite) resolve against the repo folder, not the working dir.
     """
     repo_path = resolve_repo_path(feast.repo_path)
+    config_file = store_config_file(feast)
+    _check_variables(config_file)
     if feast.config_file is None:
         return FeatureStore(repo_path=str(repo_path))
-    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=store_config_file(feast))
+    return FeatureStore(repo_path=str(repo_path), fs_yaml_file=config_file)
+
+
+def _check_variables(config_file: Path) -> None:
+    """Every ``${VAR}`` the store yaml uses is set: Feast would keep the literal text and fail later on a
+    project named "${FEAST_PROJECT}" or a registry at "${FEAST_REGISTRY_PATH}", naming neither."""
+    if not config_file.is_file():
+        return  # Feast's own error names the missing file
+    body = "\n".join(line.split("#", 1)[0] for line in config_file.read_text().splitlines())
+    unset = sorted({name for name in re.findall(r"\$\{(\w+)\}", body) if name not in os.environ})
+    if unset:
+        raise FeatureStoreConfigError(
+            f"{config_file} uses ${{{unset[0]}}}"
+            + (f" (and {', '.join(unset[1:])})" if unset[1:] else "")
+            + ", not set in the environment: on a cluster FEAST_PROJECT comes from the Feast ConfigMap and "
+            "the credentials from the Feast Secret (manifests/README.md)"
+        )
+
+
+class FeatureStoreConfigError(RuntimeError):
+    """The store's yaml cannot be resolved in this environment; the message names the file and variable."""
 
 
 def store_config_file(feast: FeastConfig) -> Path:
@@ -81,14 +104,32 @@ def resolve_repo_path(repo_path: Path) -> Path:
     )
 
 
-def feature_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> Any:
-    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir``, with
-    the data-source kind the configured offline store reads."""
+def feature_repo(
+    feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path, s3_endpoint: str | None = None
+) -> Any:
+    """The repo's Feast objects (``definitions.FeatureRepo``) over the tables in ``features_dir`` (a
+    local folder, or an ``s3://`` one read through ``s3_endpoint``), with the data-source kind the
+    configured offline store reads."""
     definitions = _definitions_module(resolve_repo_path(feast.repo_path))
     ttl = {name: timedelta(days=days) for name, days in feast.ttl_days.model_dump().items()}
+    location = str(features_dir) if str(features_dir).startswith("s3://") else Path(features_dir).resolve()
     return definitions.build_feature_repo(
-        Path(features_dir).resolve(), features.stats_windows_days, ttl, offline_store_type(feast)
+        location, features.stats_windows_days, ttl, offline_store_type(feast), s3_endpoint
     )
+
+
+def registered_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) -> Any:
+    """The objects to apply to the project's registry: over ``feast.source_uri``'s published copy of the
+    tables when it is set (a registry shared by pods: recsys/feature_sources.py), else over
+    ``features_dir`` itself (one machine: ``dvc repro``, run-local)."""
+    if feast.source_uri is None:
+        return feature_repo(feast, features, features_dir)
+    from recsys.feature_sources import published_location
+    from recsys.object_store import s3_endpoint
+
+    location = published_location(features_dir, feast.source_uri)
+    log.info("feast: registering the feature views over %s", location)
+    return feature_repo(feast, features, location, s3_endpoint())
 
 
 def materialize_online_store(

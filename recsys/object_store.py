@@ -498,15 +498,22 @@ class LocalStore(ObjectStore):
             raise
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment: ``AWS_ENDPOINT_URL``, else KServe's annotation-derived
+    ``S3_ENDPOINT`` + ``S3_USE_HTTPS``; None for AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint is None and os.environ.get("S3_ENDPOINT"):
+        scheme = "http" if os.environ.get("S3_USE_HTTPS", "1") == "0" else "https"
+        endpoint = f"{scheme}://{os.environ['S3_ENDPOINT']}"
+    return endpoint
+
+
 def s3_client() -> Any:
     """A boto3 S3 client configured from the environment the way KServe's storage initializer is."""
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    if endpoint is None and os.environ.get("S3_ENDPOINT"):  # KServe's annotation-derived pair
-        scheme = "http" if os.environ.get("S3_USE_HTTPS", "1") == "0" else "https"
-        endpoint = f"{scheme}://{os.environ['S3_ENDPOINT']}"
+    endpoint = s3_endpoint()
     virtual = os.environ.get("S3_USER_VIRTUAL_BUCKET", "false").lower() == "true"
     kwargs: dict[str, Any] = {
         "endpoint_url": endpoint,

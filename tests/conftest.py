@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from models.registry import MODEL_KINDS
+from tests.docker_images import docker_client, images  # noqa: F401  (fixtures: Docker, the built images)
 from tests.s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3 server on loopback)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -2,9 +2,10 @@
 image, and the serving image run as production runs it (read-only root, uid 1000, no capabilities, the
 bundle mounted read-only, /tmp the only writable mount).
 
-The images are built (or found up to date in Docker's build cache) by ``images/build.py`` at the start,
-so these tests always run the checkout's code. Without a reachable Docker daemon every test here skips,
-saying so; ``.ci/run`` starts one (``images/docker_engine.sh``).
+The images are built (or found up to date in Docker's build cache) by ``images/build.py`` at the start
+(the session fixtures ``docker_client`` and ``images`` of tests/docker_images.py, shared with
+tests/test_image_registry.py), so these tests always run the checkout's code. Without a reachable Docker
+daemon every test here skips, saying so; ``.ci/run`` starts one (``images/docker_engine.sh``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,30 +36,6 @@ TASKS = {
     "train", "train-2", "train-3", "train-4", "evaluate", "export", "build-index", "bundle", "gate",
     "promote", "deploy",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Any:
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"no Docker daemon reachable ({exc}); images/docker_engine.sh starts one as root")
-    return client
-
-
-@pytest.fixture(scope="session")
-def images(docker_client) -> dict[str, str]:
-    """The pipeline and serving images, built from this checkout (cached layers make a rebuild quick)."""
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "images" / "build.py"), "pipeline", "serving"],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert result.returncode == 0, f"image build failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
-    return {"pipeline": PIPELINE_IMAGE, "serving": SERVING_IMAGE}
 
 
 @pytest.fixture(scope="session")

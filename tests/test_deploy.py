@@ -13,7 +13,7 @@ import yaml
 
 from components import deploy
 from recsys.config import ConfigError, load_params
-from tests.conftest import REPO_ROOT, revalidated
+from tests.conftest import REPO_ROOT, revalidated, write_params
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,12 @@ def test_dry_run_renders_the_custom_predictor(rendered, params):
     container = _container(rendered)
     assert container["name"] == "kserve-container"
     assert container["image"] == f"{cfg.image_repo}:{params.pipeline.image_tag}"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["STORAGE_URI"] == cfg.storage_uri
+    (project,) = [e for e in container["env"] if e["name"] == deploy.FEAST_PROJECT_ENV]
+    assert project["valueFrom"] == {
+        "configMapKeyRef": {"name": cfg.feast_config_map, "key": deploy.FEAST_PROJECT_ENV}
+    }  # the environment's Feast project, as the pipeline's Feast tasks get it
     assert container["args"][:2] == ["--model_dir", deploy.MODEL_DIR]
     assert container["resources"] == {
         "requests": {"cpu": cfg.resources.cpu_request, "memory": cfg.resources.memory_request},
@@ -140,3 +144,32 @@ def test_deploy_config_rejects_inverted_replicas(params):
             REPO_ROOT / "params.yaml",
             overrides={"deploy.resources.cpu_request": "4", "deploy.resources.cpu_limit": "2"},
         )
+
+
+# ---- a private registry: the serving image by digest, pulled with the pull secrets ----
+
+
+def test_the_serving_image_by_digest_with_pull_secrets_matches_the_crd(tmp_path):
+    from recsys import manifest_schemas
+
+    digest = "sha256:" + "ab" * 32
+    params_file = write_params(
+        tmp_path / "params.yaml",
+        {"deploy.image_digest": digest, "deploy.image_pull_secrets": ["regcred", "mirror.example.com"]},
+    )
+    out = tmp_path / "isvc.yaml"
+    assert deploy.main(["--params", str(params_file), "--dry-run", "--output", str(out)]) == 0
+    isvc = yaml.safe_load(out.read_text())
+    params = load_params(params_file)
+    assert _container(isvc)["image"] == f"{params.deploy.image_repo}@{digest}"  # the tag is not used
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror.example.com"}]
+    assert manifest_schemas.custom_resource_errors(isvc) == []
+    assert deploy.inference_service_to_dict(deploy.inference_service_from_dict(isvc)) == isvc
+    broken = yaml.safe_load(out.read_text())
+    broken["spec"]["predictor"]["imagePullSecrets"] = ["regcred"]  # names, not LocalObjectReferences
+    assert manifest_schemas.custom_resource_errors(broken)
+
+
+def test_no_pull_secrets_by_default(rendered):
+    assert "imagePullSecrets" not in rendered["spec"]["predictor"]

@@ -109,9 +109,13 @@ def test_production_config_differs_only_by_its_stores_and_holds_no_secret(monkey
     local = yaml.safe_load((REPO_ROOT / "feature_repo" / "feature_store.yaml").read_text())
     text = (REPO_ROOT / "feature_repo" / "feature_store.production.yaml").read_text()
     production = yaml.safe_load(text)
-    assert {k: v for k, v in local.items() if k not in ("registry", "online_store")} == {
-        k: v for k, v in production.items() if k not in ("registry", "online_store")
+    stores = ("registry", "online_store", "project")
+    assert {k: v for k, v in local.items() if k not in stores} == {
+        k: v for k, v in production.items() if k not in stores
     }
+    assert (
+        production["project"] == "${FEAST_PROJECT}"
+    )  # the environment's (dev, production), from the ConfigMap
     assert production["online_store"]["type"] == "redis"
     assert production["online_store"]["connection_string"] == "${REDIS_CONNECTION_STRING}"
     assert production["registry"]["registry_type"] == "sql"
@@ -122,6 +126,7 @@ def test_production_config_differs_only_by_its_stores_and_holds_no_secret(monkey
     pytest.importorskip("redis", reason="the redis online store needs feast[redis] (the serving image)")
     monkeypatch.setenv("FEAST_REGISTRY_PATH", "postgresql+psycopg://u:p@db:5432/feast")
     monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis:6379")
+    monkeypatch.setenv("FEAST_PROJECT", "recsys_production")
     config = load_repo_config(
         REPO_ROOT / "feature_repo", REPO_ROOT / "feature_repo/feature_store.production.yaml"
     )

@@ -245,3 +245,23 @@ def test_the_runbook_stages_before_it_applies_the_experiments():
     stage = runbook.index("python -m components.search stage")
     assert stage < runbook.index("kubectl apply -f manifests/katib/search.yaml")
     assert "python -m components.search katib > manifests/katib/search.yaml" in runbook
+
+
+def test_trial_pods_pull_the_training_image_by_digest_with_the_pull_secrets():
+    digest = "sha256:" + "ef" * 32
+    params = load_params(
+        REPO_ROOT / "params.yaml",
+        overrides={"pipeline.training_image_digest": digest, "pipeline.image_pull_secrets": ["regcred"]},
+    )
+    experiments = search.katib_experiments(STEPS["search"].scope(params))
+    assert all("imagePullSecrets" not in _pod(experiment) for experiment in _experiments())  # default
+    for experiment in experiments:
+        pod = _pod(experiment)
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["containers"][0]["image"] == f"{params.pipeline.training_image_repo}@{digest}"
+        job = experiment["spec"]["trialTemplate"]["trialSpec"]
+        named = job | {"metadata": {"name": "trial", "namespace": experiment["metadata"]["namespace"]}}
+        assert manifest_schemas.validate_object(named).startswith("Job/trial: ok (Kubernetes")
+        assert manifest_schemas.validate_object(experiment).endswith(
+            "ok (CRD schema kubeflow.org_experiments.json)"
+        )

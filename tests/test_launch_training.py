@@ -339,3 +339,18 @@ def test_launcher_fails_clearly_when_training_fails(tmp_path):
             "dlrm", params_file, tmp_path / "missing", out / "model", out / "m.json", out / "c.png", nproc=2
         )
     assert not (out / "model").exists()
+
+
+def test_pytorch_job_pods_pull_the_training_image_by_digest_with_the_pull_secrets():
+    digest = "sha256:" + "cd" * 32
+    cfg = revalidated(
+        _multi_node(nodes=2), training_image_digest=digest, image_pull_secrets=["regcred", "mirror"]
+    )
+    job = launch_training.pytorch_job_manifest("j", "recsys", "dlrm", cfg, "/w")
+    for replica in ("Master", "Worker"):
+        pod = job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+        assert pod["containers"][0]["image"] == f"{cfg.training_image_repo}@{digest}"
+    assert manifest_schemas.custom_resource_errors(job) == []
+    plain = launch_training.pytorch_job_manifest("j", "recsys", "dlrm", _multi_node(nodes=2), "/w")
+    assert "imagePullSecrets" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]

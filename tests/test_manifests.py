@@ -192,7 +192,7 @@ def test_overlays_keep_the_security_settings_and_set_their_own(rendered):
     security = container["securityContext"]
     assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
     assert security["allowPrivilegeEscalation"] is False
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     serving_sa = next(
         sa for sa in _by_kind(objects, "ServiceAccount") if sa.get("automountServiceAccountToken") is False
     )

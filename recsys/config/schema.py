@@ -15,11 +15,23 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from models.config import TrainingConfig
 from models.registry import MODEL_KINDS, RANKERS, ModelsConfig
 from recsys.config.cron import kfp_cron
-from recsys.config.kubernetes import DNS_LABEL, IMAGE_REPO, IMAGE_TAG, QUANTITY
+from recsys.config.kubernetes import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    DNS_SUBDOMAIN_MAX,
+    IMAGE_DIGEST,
+    IMAGE_REPO,
+    IMAGE_TAG,
+    QUANTITY,
+    image_reference,
+)
 from recsys.config.presets import SYNTHETIC_PRESETS, SyntheticSizes
 from recsys.config.section import Section
 
 KfpCron = Annotated[str, AfterValidator(kfp_cron)]  # KFP's 6-field cron, checked before a server sees it
+ImageDigest = Annotated[str, Field(pattern=IMAGE_DIGEST)]  # sha256:<64 hex>, a pushed image's manifest
+# a Kubernetes Secret's name (an image pull secret)
+SecretName = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=DNS_SUBDOMAIN_MAX)]
 
 # --------------------------------------------------------------------------------------------------
 # data
@@ -158,6 +170,18 @@ class FeastConfig(Section):
     config_file: Path | None
     ttl_days: FeatureViewTTLs
     materialize: bool  # backfill the online store up to the end of the data after the training sets
+    # null: the views' FileSources name the step's own feature-table folder (one machine); s3://... (or
+    # file:///...): the tables are published there first and the registry names that copy, which every
+    # pod sharing the registry can read (recsys/feature_sources.py). A Kubeflow run sets it from
+    # pipeline.feature_tables_uri
+    source_uri: str | None
+
+    @field_validator("source_uri")
+    @classmethod
+    def _source_uri(cls, uri: str | None) -> str | None:
+        if uri is None or re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?|file:///.*", uri):
+            return uri
+        raise ValueError(f"{uri!r} is not an s3://bucket/prefix or file:///folder URI")
 
 
 class TrainingSetConfig(Section):
@@ -435,6 +459,11 @@ class PipelineConfig(Section):
     training_image_repo: str = Field(pattern=IMAGE_REPO)
     # one release tag for both images (pipeline and serving); pinned, never "latest"
     image_tag: str = Field(pattern=IMAGE_TAG)
+    # the images pinned by digest (compile --images images/pushed.json sets them); None: repo:image_tag
+    image_digest: ImageDigest | None
+    training_image_digest: ImageDigest | None
+    # Secrets (type kubernetes.io/dockerconfigjson) every pod of the pipelines pulls its image with
+    image_pull_secrets: list[SecretName]
     namespace: str = Field(pattern=DNS_LABEL)
     service_account: str = Field(pattern=DNS_LABEL)
     experiment: str = Field(min_length=1)
@@ -447,6 +476,8 @@ class PipelineConfig(Section):
     retries: int = Field(ge=0, le=5)
     # the Feast tasks get deploy.feast_config_map as a volume and these keys of deploy.feast_secret as env
     feast_secret_keys: list[str] = Field(min_length=1)
+    # a run's feast.source_uri: where the Feast tasks publish the feature tables the registry names
+    feature_tables_uri: str = Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?$")
     gpu_tolerations: list[Toleration]  # the training tasks' (and PyTorchJob pods') tolerations
     gpu_node_selector: dict[str, str]  # ... and node selector
     training_nodes: int = Field(ge=1)  # >1: a PyTorchJob (Kubeflow Training Operator) per training task
@@ -475,15 +506,20 @@ class PipelineConfig(Section):
             raise ValueError("pin a release tag; 'latest' makes runs unreproducible")
         return tag
 
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets_unique(cls, names: list[str]) -> list[str]:
+        return _unique_secrets(names)
+
     @property
     def image(self) -> str:
-        """The CPU steps' image reference, as the compiled pipeline names it."""
-        return f"{self.image_repo}:{self.image_tag}"
+        """The CPU steps' image reference, as the compiled pipeline names it (by digest when pinned)."""
+        return image_reference(self.image_repo, self.image_tag, self.image_digest)
 
     @property
     def training_image(self) -> str:
-        """The GPU training tasks' image reference."""
-        return f"{self.training_image_repo}:{self.image_tag}"
+        """The GPU training tasks' image reference (by digest when pinned)."""
+        return image_reference(self.training_image_repo, self.image_tag, self.training_image_digest)
 
 
 class RequestLogConfig(Section):
@@ -598,6 +634,8 @@ class DeployConfig(Section):
     isvc_name: str = Field(pattern=DNS_LABEL)
     namespace: str = Field(pattern=DNS_LABEL)
     image_repo: str = Field(pattern=IMAGE_REPO)
+    image_digest: ImageDigest | None  # the serving image pinned by digest; None: repo:pipeline.image_tag
+    image_pull_secrets: list[SecretName]  # the predictor pods pull the serving image with these Secrets
     # the bundle to serve when deploying by hand / from the manifests; the pipeline passes its own bundle
     storage_uri: str = Field(pattern=r"^[a-z][a-z0-9+.-]*://.+")
     service_account: str = Field(pattern=DNS_LABEL)
@@ -628,6 +666,23 @@ class DeployConfig(Section):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
         return self
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets_unique(cls, names: list[str]) -> list[str]:
+        return _unique_secrets(names)
+
+    def image(self, tag: str) -> str:
+        """The serving image reference: ``image_repo@image_digest`` when pinned, else ``image_repo:tag``
+        (``tag``: pipeline.image_tag)."""
+        return image_reference(self.image_repo, tag, self.image_digest)
+
+
+def _unique_secrets(names: list[str]) -> list[str]:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"image pull secrets named more than once: {repeated}")
+    return names
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,15 +81,24 @@ def test_exactly_the_feast_tasks_get_the_production_feast_config(single_node, pa
         }
         env = {e["name"]: e["value"] for e in tasks[name]["container"].get("env", [])}
         assert env[deploy.FEAST_YAML_ENV] == f"{deploy.FEAST_CONFIG_DIR}/feature_store.yaml"
+        # the environment's Feast project: a key of the same ConfigMap (dev and production differ)
+        (project,) = config["configMapAsEnv"]
+        assert project["configMapName"] == params.deploy.feast_config_map
+        assert project["keyToEnv"] == [
+            {"configMapKey": deploy.FEAST_PROJECT_ENV, "envVar": deploy.FEAST_PROJECT_ENV}
+        ]
     for name in set(tasks) - FEAST_TASKS:
         env = {e["name"] for e in tasks[name]["container"].get("env", [])}
         assert deploy.FEAST_YAML_ENV not in env, name
 
 
-def test_the_secret_keys_are_the_variables_the_production_feature_store_yaml_uses(params):
+def test_the_secret_and_configmap_keys_are_the_variables_the_production_feature_store_yaml_uses(params):
     text = (REPO_ROOT / "feature_repo" / "feature_store.production.yaml").read_text()
-    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert set(re.findall(r"\$\{(\w+)\}", body)) == set(params.pipeline.feast_secret_keys)
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert set(re.findall(r"\$\{(\w+)\}", body)) == {
+        *params.pipeline.feast_secret_keys,
+        deploy.FEAST_PROJECT_ENV,
+    }
 
 
 def test_exactly_the_gpu_tasks_get_gpu_tolerations_and_node_selector(single_node, params):

@@ -102,7 +102,7 @@ def test_downstream_wrappers_drive_the_real_steps_on_artifact_paths(tmp_path, pa
     assert json.loads(Path(art["pointer"].path).read_text())["uri"] == uri
     assert steps.deploy(config.deploy, promoted=art["pointer"], dry_run=True, manifest=art["isvc"]) == ""
     isvc = yaml.safe_load(Path(art["isvc"].path).read_text())
-    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"] == uri  # the InferenceService serves the promoted version
     # the next run is gated against the promoted bundle: a worse model is refused
     evaluation.write_text(json.dumps(json.loads(json.dumps(metrics).replace("0.7", "0.5"))))

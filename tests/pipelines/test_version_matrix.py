@@ -13,6 +13,7 @@ table "What runs where" in pipelines/README.md says the same in words.
 # no `from __future__ import annotations`: kfp reads the pipeline's parameter annotations as types
 import copy
 import functools
+import json
 import os
 import re
 import subprocess
@@ -31,7 +32,14 @@ PACKAGES = {
 }
 # every kfp-kubernetes feature the project uses, as one task of a small pipeline compiled here (the
 # committed YAML has no PVC mount: the training pipeline mounts one only with training_nodes > 1)
-FEATURES = ("secretAsEnv", "configMapAsVolume", "tolerations", "nodeSelector", "pvcMount", "emptyDirMounts")
+FEATURES = (
+    "secretAsEnv", "configMapAsVolume", "configMapAsEnv", "tolerations", "nodeSelector", "pvcMount",
+    "emptyDirMounts", "imagePullSecret",
+)  # fmt: skip
+# both pipelines compiled as a private registry needs them: every image by digest (compile --images) and
+# pipeline.image_pull_secrets set (the committed YAML has neither: its pull secrets default to none)
+PINNED = {f"{name}-pinned": name for name in PACKAGES}
+PULL_SECRETS = ["regcred", "mirror.example.com"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,14 @@ def features_package(tmp_path_factory) -> Path:
         task.set_accelerator_type(gpu_type).set_accelerator_limit(1)
         kubernetes.use_secret_as_env(task, "a-secret", {"KEY": "KEY"})
         kubernetes.use_config_map_as_volume(task, "a-config-map", mount_path="/etc/config")
+        kubernetes.use_config_map_as_env(task, "a-config-map", {"PROJECT": "PROJECT"})
         kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
         kubernetes.add_node_selector(task, label_key="nvidia.com/gpu.present", label_value="true")
         kubernetes.mount_pvc(task, pvc_name="a-volume", mount_path="/mnt/training")
         kubernetes.empty_dir_mount(
             task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="8Gi"
         )
+        kubernetes.set_image_pull_secrets(task, ["a-pull-secret"])
 
     path = tmp_path_factory.mktemp("features") / "features.yaml"
     compiler.Compiler().compile(features, str(path))
@@ -100,19 +110,35 @@ def read_or_skip(tag: str, packages: list[Path], cache_root: Path | None) -> dic
 
 
 @pytest.fixture(scope="module")
-def read(protos_cache, features_package):
-    """``read(tag)``: what KFP ``tag`` makes of both compiled pipelines and the features pipeline (one
-    subprocess per tag, cached for the module)."""
-    packages = [*PACKAGES.values(), features_package]
+def pinned_packages(tmp_path_factory) -> dict[str, Path]:
+    """Both pipelines compiled with every image by digest and ``PULL_SECRETS`` (PINNED's names)."""
+    from pipelines.__main__ import main
+    from tests.conftest import write_params
+    from tests.test_image_lock import synthetic_lock
+
+    folder = tmp_path_factory.mktemp("pinned")
+    params = write_params(folder / "params.yaml", {"pipeline.image_pull_secrets": PULL_SECRETS})
+    lock = folder / "pushed.json"
+    lock.write_text(json.dumps(synthetic_lock()))
+    packages = {}
+    for name, pipeline in PINNED.items():
+        packages[name] = folder / f"{name}.yaml"
+        args = ["--params", str(params), "compile", "--pipeline", pipeline, "--images", str(lock)]
+        assert main([*args, "--output", str(packages[name])]) == 0
+    return packages
+
+
+@pytest.fixture(scope="module")
+def read(protos_cache, features_package, pinned_packages):
+    """``read(tag)``: what KFP ``tag`` makes of both compiled pipelines, the features pipeline and the
+    pinned pipelines (one subprocess per tag, cached for the module)."""
+    named = {**PACKAGES, "features": features_package, **pinned_packages}
     seen: dict[str, dict] = {}
 
     def read_tag(tag: str) -> dict:
         if tag not in seen:
-            found = read_or_skip(tag, packages, protos_cache)
-            seen[tag] = {
-                **{name: found[str(path)] for name, path in PACKAGES.items()},
-                "features": found[str(features_package)],
-            }
+            found = read_or_skip(tag, list(named.values()), protos_cache)
+            seen[tag] = {name: found[str(path)] for name, path in named.items()}
         return seen[tag]
 
     return read_tag
@@ -170,12 +196,13 @@ def harmless_drop(config: dict, path: str) -> str | None:
         and entry[field] == {"runtimeValue": {"constant": entry[same_name]}}
     ):
         return f"the driver reads the same name from {kind}.{same_name}"
-    if kind == "secretAsEnv" and field == "optional" and entry[field] is False:
-        return "the driver's SecretKeySelector has no optional: required, as optional=false asks"
+    if kind in ("secretAsEnv", "configMapAsEnv") and field == "optional" and entry[field] is False:
+        # driver.go 2.4.1: SecretKeySelector / ConfigMapKeySelector (line 669) are built without Optional
+        return "the driver's key selector has no optional: required, as optional=false asks"
     return None
 
 
-@pytest.mark.parametrize("package", [*PACKAGES, "features"])
+@pytest.mark.parametrize("package", [*PACKAGES, "features", *PINNED])
 @pytest.mark.parametrize("tag", TAGS)
 def test_upload_accepts_the_compiled_pipeline(read, tag, package):
     """The API server parses both documents with strict protojson (template/v2_template.go): a field
@@ -186,7 +213,7 @@ def test_upload_accepts_the_compiled_pipeline(read, tag, package):
     assert upload["schema_version"] == "2.1.0"
 
 
-@pytest.mark.parametrize("package", [*PACKAGES, "features"])
+@pytest.mark.parametrize("package", [*PACKAGES, "features", *PINNED])
 @pytest.mark.parametrize("tag", SUPPORTED)
 def test_the_run_keeps_every_container_field(read, tag, package):
     """deploymentSpec is read ignoring unknown fields (v2/compiler/visitor.go): one unknown to the tag
@@ -194,16 +221,16 @@ def test_the_run_keeps_every_container_field(read, tag, package):
     assert read(tag)[package]["dropped_container"] == {}
 
 
-@pytest.mark.parametrize("package", [*PACKAGES, "features"])
+@pytest.mark.parametrize("package", [*PACKAGES, "features", *PINNED])
 @pytest.mark.parametrize("tag", SUPPORTED)
-def test_the_driver_applies_every_kubernetes_config(read, features_package, tag, package):
+def test_the_driver_applies_every_kubernetes_config(read, features_package, pinned_packages, tag, package):
     """Every executor's kfp-kubernetes config reaches the tag's driver whole, or loses only fields whose
     value the driver also reads elsewhere (2.4.1: the ``*NameParameter`` twins of the plain names)."""
     dropped = read(tag)[package]["dropped_kubernetes"]
     if BACKENDS[tag].unknown_kubernetes_field == "run refused":
         assert dropped == {}, f"KFP {tag} refuses to create the run: unknown kfp-kubernetes fields {dropped}"
         return
-    configs = kubernetes_configs(PACKAGES.get(package, features_package))
+    configs = kubernetes_configs({**PACKAGES, "features": features_package, **pinned_packages}[package])
     lost = {
         (executor, field)
         for executor, fields in dropped.items()
@@ -221,7 +248,10 @@ def test_kubeflow_1_10_loses_only_the_twins_of_what_its_driver_reads(read):
         "secretAsEnv.secretNameParameter",
         "secretAsEnv.optional",
         "configMapAsVolume.configMapNameParameter",
+        "configMapAsEnv.configMapNameParameter",
+        "configMapAsEnv.optional",
         "pvcMount.pvcNameParameter",
+        "imagePullSecret.secretNameParameter",
     }
 
 
@@ -253,6 +283,8 @@ def test_every_kfp_kubernetes_feature_reaches_the_driver(read, tag):
     assert config["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "KEY", "envVar": "KEY"}]
     assert config["configMapAsVolume"][0]["configMapName"] == "a-config-map"
     assert config["configMapAsVolume"][0]["mountPath"] == "/etc/config"
+    assert config["configMapAsEnv"][0]["configMapName"] == "a-config-map"
+    assert config["configMapAsEnv"][0]["keyToEnv"] == [{"configMapKey": "PROJECT", "envVar": "PROJECT"}]
     assert config["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert config["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert config["pvcMount"][0]["constant"] == "a-volume"
@@ -260,12 +292,31 @@ def test_every_kfp_kubernetes_feature_reaches_the_driver(read, tag):
     assert config["emptyDirMounts"] == [
         {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}
     ]
+    assert [entry["secretName"] for entry in config["imagePullSecret"]] == ["a-pull-secret"]
 
 
-def test_the_features_pipeline_covers_what_the_project_compiles():
+@pytest.mark.parametrize("package", PINNED)
+@pytest.mark.parametrize("tag", SUPPORTED)
+def test_every_task_of_a_pinned_pipeline_pulls_its_digest_with_the_pull_secrets(read, tag, package):
+    """With ``compile --images`` and ``pipeline.image_pull_secrets``: each executor's image reaches the
+    tag's driver as ``repo@sha256:...`` and its pod gets every pull secret (driver: imagePullSecrets from
+    ``imagePullSecret[].secretName``, or its ``secretNameParameter`` twin from 2.15)."""
+    found = read(tag)[package]
+    assert found["container"], package
+    for executor, container in found["container"].items():
+        digest_reference = r"\S+/recsys-(pipeline|training)@sha256:[0-9a-f]{64}"
+        assert re.fullmatch(digest_reference, container["image"]), executor
+        secrets = found["kubernetes"][executor]["imagePullSecret"]
+        assert [entry["secretName"] for entry in secrets] == PULL_SECRETS, executor
+
+
+def test_the_features_pipeline_covers_what_the_project_compiles(pinned_packages):
     """A kfp-kubernetes feature the pipelines start to use must join FEATURES (and the README table)."""
     used = {
-        key for path in PACKAGES.values() for config in kubernetes_configs(path).values() for key in config
+        key
+        for path in [*PACKAGES.values(), *pinned_packages.values()]
+        for config in kubernetes_configs(path).values()
+        for key in config
     }
     assert used, "no kfp-kubernetes config in the compiled pipelines"
     assert used <= set(FEATURES), f"not in the version matrix: {sorted(used - set(FEATURES))}"
@@ -329,7 +380,8 @@ def test_kubeflow_1_9_gives_no_gpu_and_fails_the_feast_and_object_store_tasks(re
     failing = set(found["dropped_kubernetes"])
     assert {"exec-training-set", "exec-online-store", "exec-gate", "exec-promote", "exec-deploy"} <= failing
     assert all(
-        field.split("[")[0] in ("secretAsEnv", "configMapAsVolume", "pvcMount", "emptyDirMounts")
+        field.split("[")[0]
+        in ("secretAsEnv", "configMapAsVolume", "configMapAsEnv", "pvcMount", "emptyDirMounts")
         for fields in found["dropped_kubernetes"].values()
         for field in fields
     )
@@ -394,6 +446,19 @@ def test_source_upload_is_strict_and_the_run_drops_unknown_container_fields(tag)
     assert "DiscardUnknown" not in template and "AllowUnknownFields" not in template
     visitor = source(tag, "backend/src/v2/compiler/visitor.go")
     assert "AllowUnknownFields: true" in visitor or "DiscardUnknown: true" in visitor
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_source_driver_puts_the_pull_secrets_in_the_pod(tag):
+    """extendPodSpecPatch: each ``imagePullSecret`` entry becomes one of the pod's imagePullSecrets, by
+    its ``secretName`` (2.2-2.4: driver.go), or its ``secretNameParameter``, else ``secretName`` (2.15+:
+    k8s.go)."""
+    path = "backend/src/v2/driver/" + ("k8s.go" if tag in ("2.15.0", "2.17.0") else "driver.go")
+    driver = source(tag, path)
+    loop = driver.index("range kubernetesExecutorConfig.GetImagePullSecret()")
+    body = driver[loop : loop + 1200]
+    assert "podSpec.ImagePullSecrets = append(" in body
+    assert "imagePullSecret.GetSecretName()" in body or "secretName = imagePullSecret.SecretName" in body
 
 
 @pytest.mark.parametrize("tag", TAGS)
