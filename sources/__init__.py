@@ -15,13 +15,13 @@ import pandas as pd
 
 from recsys.config import DataConfig
 from recsys.contracts import DataContractError
-from sources import ciao, movielens, movietweetings, synthetic
+from sources import ciao, events, movielens, movietweetings, synthetic
 
 Reader = Callable[[DataConfig, int], dict[str, pd.DataFrame]]
 
 # source name -> reader; read-only, so a test or a caller cannot register a source behind the config's back
 SOURCES: Mapping[str, Reader] = MappingProxyType(
-    {module.NAME: module.read for module in (synthetic, movielens, movietweetings, ciao)}
+    {module.NAME: module.read for module in (synthetic, movielens, movietweetings, ciao, events)}
 )
 
 

@@ -110,8 +110,103 @@ class CiaoSource(Section):
     positive_rating: int = Field(ge=1, le=5)  # label 1 when rating >= this (5: the median, ~49% positive)
 
 
+class EventColumns(Section):
+    """The events files' column names for the contract's (sources/events.py): exactly one of ``label`` (0/1
+    or true/false) and ``rating`` (a number; label 1 when it is >= ``EventsSource.positive_rating``)."""
+
+    user_id: str
+    item_id: str
+    timestamp: str  # unix time in ``EventsSource.timestamp_unit``, ISO-8601 text or a timestamp type
+    label: str | None
+    rating: str | None
+
+    @model_validator(mode="after")
+    def _label_or_rating(self) -> EventColumns:
+        if (self.label is None) == (self.rating is None):
+            raise ValueError("set exactly one of label (a 0/1 column) and rating (a numeric column)")
+        return self
+
+
+class ItemColumns(Section):
+    """The item table's column names; null: the column is absent (category/brand "unknown", price 0,
+    created at the item's first event)."""
+
+    item_id: str
+    category: str | None
+    brand: str | None
+    price: str | None
+    created_timestamp: str | None
+
+
+class UserColumns(Section):
+    """The user table's column names; null: the column is absent ("unknown", age_bucket 0, signed up at
+    the user's first event)."""
+
+    user_id: str
+    gender: str | None
+    age_bucket: str | None
+    occupation: str | None
+    zip_prefix: str | None
+    signup_timestamp: str | None
+
+
+class ItemTable(Section):
+    paths: list[str]  # paths or globs (local or s3://), .parquet / .csv / .csv.gz; [] = no item table
+    columns: ItemColumns
+
+
+class UserTable(Section):
+    paths: list[str]  # as ItemTable.paths; [] = no user table
+    columns: UserColumns
+
+
+NUMERIC_BOUNDED = ("rating", "price", "age_bucket")
+CATEGORICAL_BOUNDED = ("gender", "occupation", "zip_prefix", "category", "brand")
+
+
+class EventBounds(Section):
+    """Plausible values, keyed by the contract's column names: a value outside fails naming file, row and
+    column. A key whose column is not mapped is not checked."""
+
+    numeric: dict[str, tuple[float, float]]  # rating / price / age_bucket -> [low, high], inclusive
+    categories: dict[str, list[str]]  # gender / occupation / zip_prefix / category / brand -> allowed values
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> EventBounds:
+        for name, known in (("numeric", NUMERIC_BOUNDED), ("categories", CATEGORICAL_BOUNDED)):
+            unknown = sorted(set(getattr(self, name)) - set(known))
+            if unknown:
+                raise ValueError(f"{name}: unknown column(s) {unknown}; bounded columns: {list(known)}")
+        for column, (low, high) in self.numeric.items():
+            if low > high:
+                raise ValueError(f"numeric.{column}: low {low} exceeds high {high}")
+        return self
+
+
+class EventsSource(Section):
+    """Your own event logs (sources/events.py): files or globs, local or ``s3://`` (the promote store's
+    environment: AWS_ENDPOINT_URL, credentials), mapped onto the contract by column name."""
+
+    paths: list[str] = Field(min_length=1)  # paths or globs; the format follows the suffix
+    columns: EventColumns
+    positive_rating: float | None  # with columns.rating: label 1 when rating >= this
+    timestamp_unit: Literal["s", "ms", "us", "ns"]  # of numeric timestamps
+    # exact duplicates of (user, item, timestamp): one row is kept; its label is 1 if any copy is 1
+    # ("any") or the last copy read's ("last": the files in the order listed, rows in file order)
+    duplicate_label: Literal["any", "last"]
+    items: ItemTable
+    users: UserTable
+    bounds: EventBounds
+
+    @model_validator(mode="after")
+    def _threshold_with_rating(self) -> EventsSource:
+        if (self.columns.rating is None) != (self.positive_rating is None):
+            raise ValueError("positive_rating is set exactly when columns.rating is (the label threshold)")
+        return self
+
+
 class DataConfig(Section):
-    source: Literal["synthetic", "movielens", "movietweetings", "ciao"]
+    source: Literal["synthetic", "movielens", "movietweetings", "ciao", "events"]
     # the data as known before this instant (exclusive): events, users and items created before it;
     # null = everything. A scheduled Kubeflow run sets it to the start of its scheduled day
     until: datetime | None
@@ -119,6 +214,7 @@ class DataConfig(Section):
     movielens: MovieLensSource
     movietweetings: MovieTweetingsSource
     ciao: CiaoSource
+    events: EventsSource
 
     @model_validator(mode="after")
     def _until_is_aware(self) -> DataConfig:
