@@ -33,6 +33,7 @@ from recsys import artifact_layout as layout
 from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
 from recsys.config import ConfigError, DeployConfig, PromoteConfig
+from recsys.kube_namespace import NamespaceError, own_namespace
 from recsys.object_store import ObjectStoreError, open_store, read_pointer
 from recsys.step_contract import STEPS
 
@@ -84,9 +85,12 @@ def run(
     isvc = build_inference_service(deploy, deploy.image(image_tag), uri, promote)
     if manifest_path is not None:
         write_text(RENDERED_HEADER + render_yaml(isvc), manifest_path)
-        log.info("deploy: rendered %s/%s to %s", deploy.namespace, deploy.isvc_name, manifest_path)
+        where = f"{deploy.namespace}/" if deploy.namespace else "(the overlay's namespace) "
+        log.info("deploy: rendered %s%s to %s", where, deploy.isvc_name, manifest_path)
     if dry_run:
         return None
+    # deploy.namespace null: the task's own namespace, i.e. the profile the run belongs to
+    isvc.metadata.namespace = own_namespace(deploy.namespace, "deploy.namespace")
     api = (
         kserve_client
         if isinstance(kserve_client, InferenceServiceApi)
@@ -592,10 +596,14 @@ def main(argv: list[str] | None = None) -> int:
         help="serve the version current in the promote store (promote.uri's current.json)",
     )
     parser.add_argument("--image-tag", default=None, help="serving image tag (default: pipeline.image_tag)")
+    parser.add_argument(
+        "--namespace", default=None, help="where to deploy (default: deploy.namespace, null: this pod's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # an --image-tag goes through the config so it is validated like the one in params.yaml
-    overrides = {"pipeline.image_tag": args.image_tag} if args.image_tag else None
+    # --image-tag and --namespace go through the config so they are validated like params.yaml's
+    given = {"pipeline.image_tag": args.image_tag, "deploy.namespace": args.namespace}
+    overrides = {key: value for key, value in given.items() if value} or None
     output = args.output or (layout.INFERENCE_SERVICE if args.dry_run else None)
     try:
         params = CONTRACT.load(args.params, overrides)
@@ -613,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             promote=params.promote,
         )
-    except (ConfigError, DeployError, ObjectStoreError) as exc:
+    except (ConfigError, DeployError, NamespaceError, ObjectStoreError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1
     if url:

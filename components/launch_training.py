@@ -43,6 +43,7 @@ from typing import Any
 from models.registry import MODEL_KINDS
 from recsys.config import PipelineConfig
 from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
+from recsys.kube_namespace import SERVICE_ACCOUNT_NAMESPACE, own_namespace, pod_namespace
 from recsys.step_contract import STEPS
 
 CONTRACT = STEPS["train"]
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 PYTORCH_CONTAINER = "pytorch"  # the container name the Training Operator looks for in a PyTorchJob
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class TrainingJobError(RuntimeError):
@@ -251,7 +251,10 @@ def run_pytorch_job(
 ) -> None:
     """Stage the inputs on the shared volume, create the PyTorchJob, wait for it, collect its outputs."""
     name = f"recsys-train-{kind.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
-    namespace = _own_namespace(cfg.namespace)
+    # the job lives beside the task pod that owns it (an ownerReference never crosses namespaces)
+    namespace = pod_namespace(SERVICE_ACCOUNT_NAMESPACE) or own_namespace(
+        cfg.namespace, "pipeline.namespace", SERVICE_ACCOUNT_NAMESPACE
+    )
     workdir = Path(TRAINING_VOLUME_PATH) / name
     workdir.mkdir(parents=True)
     shutil.copyfile(params_file, workdir / "params.yaml")
@@ -321,13 +324,6 @@ def task_pod_owner(namespace: str, core_api: Any = None) -> dict[str, Any] | Non
         "controller": False,
         "blockOwnerDeletion": False,
     }
-
-
-def _own_namespace(fallback: str) -> str:
-    """The namespace this pod runs in (its ServiceAccount's), else ``fallback`` (pipeline.namespace)."""
-    if SERVICE_ACCOUNT_NAMESPACE.exists():
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    return fallback
 
 
 def _load_kube_config() -> None:

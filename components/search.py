@@ -211,7 +211,8 @@ def katib_experiments(params: StepParams) -> list[dict[str, Any]]:
         experiments.append({
             "apiVersion": KATIB_API,
             "kind": "Experiment",
-            "metadata": {"name": name, "namespace": pipeline.namespace},
+            # no pipeline.namespace: kubectl's (or the applying task's) namespace places it
+            "metadata": {"name": name} | ({"namespace": pipeline.namespace} if pipeline.namespace else {}),
             "spec": spec,
         })  # fmt: skip
     return experiments

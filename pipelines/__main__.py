@@ -59,6 +59,7 @@ def _upload(args: argparse.Namespace, params, client) -> int:
 
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
+    namespace = namespace or kubeflow.client_namespace(client)
     package = args.package or PACKAGES[args.pipeline]
     uploaded = kubeflow.upload(client, package, _target(params, args), args.version, namespace)
     print(f"pipeline {uploaded.pipeline_id} version {uploaded.version_name} ({uploaded.version_id})")
@@ -72,6 +73,7 @@ def _schedule(args: argparse.Namespace, params, client) -> int:
     cron = kubeflow.checked_cron(args.cron or target.cron)  # before connecting to anything
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
+    namespace = namespace or kubeflow.client_namespace(client)
     run = kubeflow.schedule(client, target, cron, args.experiment, args.version, namespace)
     print(f"recurring run {getattr(run, 'recurring_run_id', run)} on '{cron}'")
     return 0
@@ -122,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
             "--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline"
         )
         cmd.add_argument(
-            "--namespace", default=None, help="Kubeflow profile namespace (default: pipeline.namespace)"
+            "--namespace",
+            default=None,
+            help="Kubeflow profile namespace (default: pipeline.namespace, null: the kfp client's)",
         )
         cmd.add_argument("--version", default=None, help="pipeline version name")
         cmd.add_argument(

@@ -56,7 +56,7 @@ def build_refresh_pipeline(params: Params, scheduled: bool = True) -> Any:
                 params_yaml=params_yaml,
                 data_source=data_source,
                 gpu_type=cfg.accelerator_type,
-                namespace=params.deploy.namespace,
+                namespace=params.deploy.namespace or "",
                 data_until=data_until,
                 schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER if scheduled else "",
                 window="hour",
@@ -64,7 +64,9 @@ def build_refresh_pipeline(params: Params, scheduled: bool = True) -> Any:
             "configure",
         )
         config = configure.outputs
-        raw = step(ingest_op(config=config["ingest"]), "ingest").outputs["raw"]
+        ingesting = step(ingest_op(config=config["ingest"]), "ingest")
+        with_object_store(ingesting, params)  # data_source=events may name s3:// logs
+        raw = ingesting.outputs["raw"]
         feature_tables = step(features_op(config=config["features"], raw=raw), "features").outputs["features"]
         # reads and writes the promote store: never cached
         refresh = step(

@@ -42,6 +42,15 @@ def connect(host: str, namespace: str | None, token_file: str | None = None) -> 
     return client
 
 
+def client_namespace(client: Any) -> str | None:
+    """The namespace ``kfp.Client`` picked when none was configured: its context file's
+    (``~/.config/kfp/context.json``, ``kfp`` CLI's ``set_user_namespace``) or, in a pod of a multi-user
+    Kubeflow, the pod's own (kfp/client/client.py reads the ServiceAccount's namespace file). None (empty)
+    on a single-user KFP, where runs are not namespaced."""
+    get = getattr(client, "get_user_namespace", None)
+    return (get() if callable(get) else None) or None
+
+
 MIN_KFP_BACKEND = (2, 4)
 
 

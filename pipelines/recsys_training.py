@@ -104,7 +104,7 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         params_yaml: str = params_text,
         data_source: str = params.data.source,
         gpu_type: str = cfg.accelerator_type,
-        namespace: str = params.deploy.namespace,
+        namespace: str = params.deploy.namespace or "",  # "": the deploy task's own namespace
         data_until: str = "",
         deploy_dry_run: bool = False,
         run_search: bool = params.search.enabled,
@@ -129,7 +129,9 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
             "configure",
         )
         config = configure.outputs  # per step: the sections its contract reads (recsys/step_contract.py)
-        raw = step(ingest_op(config=config["ingest"]), "ingest").outputs["raw"]
+        ingesting = step(ingest_op(config=config["ingest"]), "ingest")
+        with_object_store(ingesting, params)  # data_source=events may name s3:// logs (sources/events.py)
+        raw = ingesting.outputs["raw"]
         feature_tables = step(features_op(config=config["features"], raw=raw), "features").outputs["features"]
         validate_raw = step(validate_op(config=config["validate"], target="raw", data=raw), "validate-raw")
         training = step(

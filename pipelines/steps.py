@@ -71,7 +71,7 @@ def configure(
         effective["data"]["until"] = day.isoformat()
     effective["data"]["source"] = data_source
     effective["pipeline"]["accelerator_type"] = gpu_type
-    effective["deploy"]["namespace"] = namespace
+    effective["deploy"]["namespace"] = namespace or None  # "": the deploy task's own
     if served_log:
         effective["serving"]["request_log"]["uri"] = served_log
     if feature_tables_uri:

@@ -101,7 +101,7 @@ def test_the_experiments_validate_against_the_katib_017_schema_and_their_trial_j
         report = manifest_schemas.validate_object(experiment)
         assert report.endswith("ok (CRD schema kubeflow.org_experiments.json)"), report
         job = experiment["spec"]["trialTemplate"]["trialSpec"]
-        named = job | {"metadata": {"name": "trial", "namespace": experiment["metadata"]["namespace"]}}
+        named = job | {"metadata": {"name": "trial"}}
         assert manifest_schemas.validate_object(named).startswith("Job/trial: ok (Kubernetes")
     # what Katib 0.17 would drop without a word fails here instead
     bad = _experiments()[0]
@@ -243,7 +243,7 @@ def test_the_runbook_stages_before_it_applies_the_experiments():
     text = (REPO_ROOT / "manifests" / "README.md").read_text()
     runbook = text[text.index("<!-- runbook:start -->") : text.index("<!-- runbook:end -->")]
     stage = runbook.index("python -m components.search stage")
-    assert stage < runbook.index("kubectl apply -f manifests/katib/search.yaml")
+    assert stage < runbook.index("kubectl -n recsys apply -f manifests/katib/search.yaml")
     assert "python -m components.search katib > manifests/katib/search.yaml" in runbook
 
 
@@ -260,7 +260,7 @@ def test_trial_pods_pull_the_training_image_by_digest_with_the_pull_secrets():
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
         assert pod["containers"][0]["image"] == f"{params.pipeline.training_image_repo}@{digest}"
         job = experiment["spec"]["trialTemplate"]["trialSpec"]
-        named = job | {"metadata": {"name": "trial", "namespace": experiment["metadata"]["namespace"]}}
+        named = job | {"metadata": {"name": "trial"}}
         assert manifest_schemas.validate_object(named).startswith("Job/trial: ok (Kubernetes")
         assert manifest_schemas.validate_object(experiment).endswith(
             "ok (CRD schema kubeflow.org_experiments.json)"

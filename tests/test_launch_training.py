@@ -18,6 +18,7 @@ from components import launch_training, train
 from recsys import artifact_layout as layout
 from recsys import manifest_schemas
 from recsys.config import load_params
+from recsys.kube_namespace import NamespaceError
 from tests.conftest import (
     REPO_ROOT,
     build_training_sets,
@@ -253,7 +254,9 @@ class FakeCustomObjectsApi:
 def test_the_pytorch_job_is_created_owned_by_the_task_pod(tmp_path, no_pod_env):
     monkeypatch = no_pod_env
     monkeypatch.setattr(launch_training, "TRAINING_VOLUME_PATH", str(tmp_path / "volume"))
-    monkeypatch.setattr(launch_training, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "no-service-account")
+    # the task pod's ServiceAccount namespace file: the job goes beside its owner, whatever params say
+    (tmp_path / "sa-namespace").write_text("team-a\n")
+    monkeypatch.setattr(launch_training, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "sa-namespace")
     monkeypatch.setenv("HOSTNAME", OWNER["name"])
     pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=OWNER["name"], uid=POD_UID))
     params_file = write_params(tmp_path / "params.yaml", {})
@@ -261,12 +264,29 @@ def test_the_pytorch_job_is_created_owned_by_the_task_pod(tmp_path, no_pod_env):
     api, out = FakeCustomObjectsApi(), tmp_path / "out"
     launch_training.run_pytorch_job(
         "dlrm", params_file, tmp_path / "sets", out / "model", out / "m.json", out / "c.png",
-        _multi_node(nodes=2, gpus=4), api=api, core_api=FakeCoreV1Api(pod), poll_s=0,
+        revalidated(_multi_node(nodes=2, gpus=4), namespace="elsewhere"), api=api,
+        core_api=FakeCoreV1Api(pod), poll_s=0,
     )  # fmt: skip
     (job,) = api.created
+    assert job["metadata"]["namespace"] == "team-a"
     assert job["metadata"]["ownerReferences"] == [OWNER]
     assert manifest_schemas.custom_resource_errors(job) == []
     assert (out / "model" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_outside_a_pod_the_job_goes_to_pipeline_namespace_and_none_set_is_a_clear_error(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(launch_training, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "no-service-account")
+    monkeypatch.setattr(launch_training, "TRAINING_VOLUME_PATH", str(tmp_path / "volume"))
+    params_file = write_params(tmp_path / "params.yaml", {})
+    (tmp_path / "sets").mkdir()
+    assert shipped_params().pipeline.namespace is None  # params.yaml names no namespace
+    with pytest.raises(NamespaceError, match=r"pipeline\.namespace is null"):
+        launch_training.run_pytorch_job(
+            "dlrm", params_file, tmp_path / "sets", tmp_path / "m", tmp_path / "m.json", tmp_path / "c.png",
+            _multi_node(nodes=2, gpus=4), api=FakeCustomObjectsApi(), poll_s=0,
+        )  # fmt: skip
 
 
 def test_job_outcome_reads_the_operators_final_condition():

@@ -132,10 +132,10 @@ def test_reduce_crd_shares_repeated_subtrees_without_changing_validation():
 
 
 def test_profile_namespace_carries_the_labels_kfp_multi_user_and_kserve_need():
-    params = load_params(REPO_ROOT / "params.yaml")
     (namespace,) = _documents(MANIFESTS / "profile" / "namespace.yaml")
     manifest_schemas.validate_object(namespace)
-    assert namespace["metadata"]["name"] == params.pipeline.namespace == params.deploy.namespace
+    production = yaml.safe_load((MANIFESTS / "overlays" / "production" / "kustomization.yaml").read_text())
+    assert namespace["metadata"]["name"] == production["namespace"]
     labels = namespace["metadata"]["labels"]
     assert labels["pipelines.kubeflow.org/enabled"] == "true"  # KFP multi-user provisions the namespace
     assert labels["app.kubernetes.io/part-of"] == "kubeflow-profile"
@@ -143,7 +143,7 @@ def test_profile_namespace_carries_the_labels_kfp_multi_user_and_kserve_need():
     assert "control-plane" not in labels  # KServe's pod webhook skips namespaces labelled control-plane
     (profile,) = _documents(MANIFESTS / "profile" / "profile.yaml")
     assert profile["apiVersion"] == "kubeflow.org/v1" and profile["kind"] == "Profile"
-    assert profile["metadata"]["name"] == params.pipeline.namespace
+    assert profile["metadata"]["name"] == production["namespace"]
     assert "namespace" not in profile["metadata"]  # cluster-scoped
     assert profile["spec"]["owner"]["kind"] == "User" and profile["spec"]["owner"]["name"]
 
@@ -161,8 +161,6 @@ def test_the_run_service_account_may_manage_pytorch_jobs_and_nothing_more():
     ]
     (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": params.pipeline.service_account, "namespace": "recsys"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": params.pipeline.service_account}]
     kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert "training-rbac.yaml" in kustomization["resources"]

@@ -28,6 +28,7 @@ from kubernetes import client as k8s
 
 from components import deploy
 from recsys import isvc_rollout as rollout
+from recsys import kube_namespace
 from recsys.config import load_params
 from recsys.manifest_schemas import custom_resource_errors, render_kustomization
 from tests.conftest import REPO_ROOT, revalidated
@@ -355,6 +356,23 @@ def test_the_first_deploy_creates_the_whole_service(kserve):
     assert {k: v for k, v in cluster.stored.items() if k != "metadata"} == {
         k: v for k, v in expected.items() if k != "metadata"
     }
+
+
+def test_a_live_deploy_acts_in_its_pods_namespace_when_params_name_none(kserve, tmp_path, monkeypatch):
+    """deploy.namespace null (params.yaml): the task's ServiceAccount namespace, i.e. the run's profile;
+    outside a pod that is an error naming the key, before anything is created."""
+    assert PARAMS.deploy.namespace is None
+    monkeypatch.setattr(kube_namespace, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "absent")
+    cluster = SimulatedCluster(None, {1: [kserve.kn("promoted")]})
+    with pytest.raises(kube_namespace.NamespaceError, match=r"deploy\.namespace is null"):
+        deploy.run(PARAMS.deploy, "0.2.0", NEW_URI, kserve_client=cluster)
+    assert cluster.stored is None
+    (tmp_path / "namespace").write_text("team-a")
+    monkeypatch.setattr(kube_namespace, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "namespace")
+    assert deploy.run(PARAMS.deploy, "0.2.0", NEW_URI, kserve_client=cluster) == URL
+    assert cluster.stored["metadata"]["namespace"] == "team-a"
+    named = revalidated(PARAMS.deploy, namespace="team-b")  # a configured namespace wins
+    assert deploy.build_inference_service(named, NEW_IMAGE, NEW_URI).metadata.namespace == "team-b"
 
 
 def test_a_first_deploy_that_never_becomes_ready_fails_and_says_so(kserve):

@@ -32,6 +32,7 @@ KfpCron = Annotated[str, AfterValidator(kfp_cron)]  # KFP's 6-field cron, checke
 ImageDigest = Annotated[str, Field(pattern=IMAGE_DIGEST)]  # sha256:<64 hex>, a pushed image's manifest
 # a Kubernetes Secret's name (an image pull secret)
 SecretName = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=DNS_SUBDOMAIN_MAX)]
+Namespace = Annotated[str, Field(pattern=DNS_LABEL)]  # a DNS-1123 label, as Kubernetes names namespaces
 
 # --------------------------------------------------------------------------------------------------
 # data
@@ -560,7 +561,9 @@ class PipelineConfig(Section):
     training_image_digest: ImageDigest | None
     # Secrets (type kubernetes.io/dockerconfigjson) every pod of the pipelines pulls its image with
     image_pull_secrets: list[SecretName]
-    namespace: str = Field(pattern=DNS_LABEL)
+    # the profile namespace that owns runs and the schedule; None: the kfp client's own (its context file,
+    # or the pod's namespace in-cluster), and a task's pod namespace for what the tasks create
+    namespace: Namespace | None
     service_account: str = Field(pattern=DNS_LABEL)
     experiment: str = Field(min_length=1)
     cron: KfpCron
@@ -728,7 +731,9 @@ class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
     isvc_name: str = Field(pattern=DNS_LABEL)
-    namespace: str = Field(pattern=DNS_LABEL)
+    # None: the deploy task's own namespace (the run's profile); the rendered manifest names none, so the
+    # kustomize overlay's `namespace:` places it (manifests/overlays)
+    namespace: Namespace | None
     image_repo: str = Field(pattern=IMAGE_REPO)
     image_digest: ImageDigest | None  # the serving image pinned by digest; None: repo:pipeline.image_tag
     image_pull_secrets: list[SecretName]  # the predictor pods pull the serving image with these Secrets

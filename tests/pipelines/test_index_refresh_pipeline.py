@@ -44,11 +44,14 @@ def test_the_refresh_dag_reads_the_hour_and_grows_the_index_uncached(compiled, p
     schedule = tasks["configure"]["inputs"]["parameters"]["schedule_time"]
     assert schedule["runtimeValue"]["constant"] == "{{$.pipeline_job_schedule_time_utc}}"
     executors = compiled["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    refresh_executor = spec["components"][tasks["index-refresh"]["componentRef"]["name"]]["executorLabel"]
-    secret = executors[refresh_executor]["secretAsEnv"][0]
-    assert secret["secretName"] == params.promote.secret  # the store's credentials, and only this task's
-    assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL"}
-    assert [e for e in executors if e != refresh_executor] == []
+    # the store's credentials: the refresh's, and ingest's (data_source=events may read s3:// logs)
+    with_store = {name: spec["components"][tasks[name]["componentRef"]["name"]]["executorLabel"]
+                  for name in ("index-refresh", "ingest")}  # fmt: skip
+    for executor in with_store.values():
+        secret = executors[executor]["secretAsEnv"][0]
+        assert secret["secretName"] == params.promote.secret
+        assert {k["envVar"] for k in secret["keyToEnv"]} >= {"AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL"}
+    assert sorted(executors) == sorted(with_store.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {params.pipeline.image}  # CPU only: no GPU image, no accelerator
     assert not any(

@@ -8,6 +8,7 @@ the calls they make, so what is tested is what they ask the server for.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,7 @@ from kfp_server_api import (
     V2beta1Trigger,
 )
 
+from pipelines import kubeflow
 from pipelines.__main__ import main
 from recsys.config import load_params
 from tests.conftest import REPO_ROOT
@@ -51,6 +53,12 @@ class RecordingKfpClient:
         self.versions = {pid: list(names) for pid, names in (versions or {}).items()}
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.recurring: list[Any] = []
+        self.context_namespace = namespace
+
+    def get_user_namespace(self):
+        # kfp.Client: the namespace of its context file (``kfp`` CLI / set_user_namespace) or, in a pod of a
+        # multi-user deployment, the pod's own; what a null pipeline.namespace resolves to
+        return self.context_namespace
 
     def get_pipeline_id(self, name):
         self.calls.append(("get_pipeline_id", {"name": name}))
@@ -164,6 +172,32 @@ def test_upload_creates_the_pipeline_when_new(package):
     (upload,) = client.called("upload_pipeline")
     assert upload == {"path": str(package), "name": "recsys-training", "ns": "recsys"}
     assert not client.called("upload_pipeline_version")
+
+
+def test_a_null_pipeline_namespace_is_the_kfp_clients_and_an_explicit_one_wins(package):
+    """params.yaml names no namespace: upload and schedule act in the profile the kfp client is set to;
+    ``--namespace`` (or pipeline.namespace) overrides it."""
+    assert load_params(REPO_ROOT / "params.yaml").pipeline.namespace is None
+    client = RecordingKfpClient(namespace="team-a")
+    assert _cli("upload", "--host", "http://kfp", "--package", str(package), client=client) == 0
+    assert client.called("upload_pipeline")[0]["ns"] == "team-a"
+    other = RecordingKfpClient(namespace="team-b")
+    args = ("upload", "--host", "http://kfp", "--package", str(package), "--namespace", "team-b")
+    assert _cli(*args, client=other) == 0
+    assert other.called("upload_pipeline")[0]["ns"] == "team-b"
+
+
+def test_the_real_kfp_client_reports_its_context_files_namespace(tmp_path, monkeypatch):
+    """What ``client_namespace`` reads is kfp.Client's own: the namespace ``set_user_namespace`` saved in its
+    context file is what a client made as ``connect`` makes it (namespace "kubeflow") answers."""
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp" / "context.json"))
+    (tmp_path / "kfp").mkdir()
+    (tmp_path / "kfp" / "context.json").write_text(json.dumps({"namespace": "team-a"}))
+    client = kfp.Client(host="http://127.0.0.1:9", namespace="kubeflow")
+    assert kubeflow.client_namespace(client) == "team-a"
+    client.set_user_namespace("team-c")  # what `kfp` users run once; kept in the context file
+    assert json.loads((tmp_path / "kfp" / "context.json").read_text())["namespace"] == "team-c"
+    assert kubeflow.client_namespace(kfp.Client(host="http://127.0.0.1:9", namespace="kubeflow")) == "team-c"
 
 
 def test_upload_adds_a_version_named_by_tag_and_content(package):

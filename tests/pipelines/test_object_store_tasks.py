@@ -10,7 +10,7 @@ from pipelines.recsys_training import compile_pipeline
 from tests.conftest import REPO_ROOT
 
 # the Feast tasks that register views publish the feature tables the shared registry names
-STORE_TASKS = {"training-set", "online-store", "monitor", "gate", "promote", "deploy"}
+STORE_TASKS = {"ingest", "training-set", "online-store", "monitor", "gate", "promote", "deploy"}
 KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
 
