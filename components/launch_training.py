@@ -42,7 +42,7 @@ from typing import Any
 
 from models.registry import MODEL_KINDS
 from recsys.config import PipelineConfig
-from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH, harden
 from recsys.kube_namespace import SERVICE_ACCOUNT_NAMESPACE, own_namespace, pod_namespace
 from recsys.step_contract import STEPS
 
@@ -193,6 +193,7 @@ def pytorch_job_manifest(
             "nodeSelector": dict(cfg.gpu_node_selector),
         },
     }
+    harden(pod["spec"], cfg.run_as_user)
     if cfg.image_pull_secrets:  # the training image from a private registry, as the task pods pull theirs
         pod["spec"]["imagePullSecrets"] = [{"name": name} for name in cfg.image_pull_secrets]
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}

@@ -51,7 +51,7 @@ import yaml
 from models.registry import TASK_OF
 from recsys.artifact_io import write_json
 from recsys.config import SearchParameter
-from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
+from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH, harden
 from recsys.step_contract import STEPS, StepParams
 from recsys.training_data import read_split
 
@@ -260,6 +260,7 @@ def _katib_trial_job(
         ],
         "nodeSelector": dict(pipeline.gpu_node_selector),
     }
+    harden(pod, pipeline.run_as_user)
     if pipeline.image_pull_secrets:  # the training image from a private registry
         pod["imagePullSecrets"] = [{"name": name} for name in pipeline.image_pull_secrets]
     # an Istio sidecar keeps a finished trial's pod Running, so Katib would never see it end

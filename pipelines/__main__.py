@@ -59,8 +59,9 @@ def _upload(args: argparse.Namespace, params, client) -> int:
 
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
+    package = Path(args.package or PACKAGES[args.pipeline])
+    kubeflow.check_package_fits(package, kubeflow.check_server_version(client))
     namespace = namespace or kubeflow.client_namespace(client)
-    package = args.package or PACKAGES[args.pipeline]
     uploaded = kubeflow.upload(client, package, _target(params, args), args.version, namespace)
     print(f"pipeline {uploaded.pipeline_id} version {uploaded.version_name} ({uploaded.version_id})")
     return 0
@@ -73,6 +74,7 @@ def _schedule(args: argparse.Namespace, params, client) -> int:
     cron = kubeflow.checked_cron(args.cron or target.cron)  # before connecting to anything
     namespace = params.pipeline.namespace if args.namespace is None else args.namespace
     client = client or kubeflow.connect(args.host, namespace, args.token_file)
+    kubeflow.check_server_version(client)
     namespace = namespace or kubeflow.client_namespace(client)
     run = kubeflow.schedule(client, target, cron, args.experiment, args.version, namespace)
     print(f"recurring run {getattr(run, 'recurring_run_id', run)} on '{cron}'")

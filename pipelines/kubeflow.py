@@ -11,9 +11,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from recsys.config import PipelineConfig, kfp_cron
 
@@ -34,12 +37,10 @@ class Uploaded:
 
 def connect(host: str, namespace: str | None, token_file: str | None = None) -> Any:
     """A ``kfp.Client`` for ``host`` (multi-user Kubeflow: ``namespace`` is the profile namespace),
-    authenticated as :func:`client_credentials` says."""
+    authenticated as :func:`client_credentials` says; upload and schedule then check its version."""
     import kfp
 
-    client = kfp.Client(host=host, namespace=namespace or "kubeflow", **client_credentials(token_file))
-    check_server_version(client)
-    return client
+    return kfp.Client(host=host, namespace=namespace or "kubeflow", **client_credentials(token_file))
 
 
 def client_namespace(client: Any) -> str | None:
@@ -63,8 +64,6 @@ def check_server_version(client: Any) -> str | None:
     in a source build) is logged and not checked: the upload then fails or succeeds on its own.
     Why 2.4: pipelines/README.md, "What runs where" (tests/pipelines/test_version_matrix.py).
     """
-    import re
-
     try:
         response = client._healthz_api.healthz_service_get_healthz(
             _preload_content=False, _request_timeout=30
@@ -73,11 +72,11 @@ def check_server_version(client: Any) -> str | None:
     except Exception as exc:  # any failure: the version is just not known
         log.warning("could not read the KFP backend's version (%s); it is not checked", exc)
         return None
-    version = re.match(r"v?(\d+)\.(\d+)", str(tag or ""))
+    version = release(tag)
     if version is None:
         log.warning("the KFP backend's version is %r; not checked (2.4 or later is needed)", tag)
         return tag
-    if tuple(int(part) for part in version.groups()) < MIN_KFP_BACKEND:
+    if version < MIN_KFP_BACKEND:
         raise KubeflowError(
             f"KFP backend {tag} is older than 2.4 (Kubeflow 1.10): the GPU type is a run parameter, "
             "which it ignores (no GPU limit: training gets no GPU), and its driver rejects the "
@@ -85,6 +84,43 @@ def check_server_version(client: Any) -> str | None:
             "Kubeflow Pipelines to 2.4 or later (see 'What runs where' in pipelines/README.md)"
         )
     return tag
+
+
+def release(tag: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a KFP backend's ``tag_name`` ("2.15.0", "v2.17.3"); None when it names none."""
+    found = re.match(r"v?(\d+)\.(\d+)", str(tag or ""))
+    return (int(found[1]), int(found[2])) if found else None
+
+
+# kfp-kubernetes' securityContext (pipeline.task_security_context) is in the protos from 2.17 on: 2.15's run
+# compiler parses the PlatformSpec strictly and refuses the run, 2.4.1's driver drops the field without a
+# word (tests/pipelines/test_version_matrix.py)
+MIN_SECURITY_CONTEXT_BACKEND = (2, 17)
+
+
+def check_package_fits(package: Path, tag: str | None) -> None:
+    """Refuse to upload a package whose tasks carry a security context to a backend that cannot apply it
+    (an unknown version is not checked, as in :func:`check_server_version`)."""
+    version = release(tag)
+    if version is None or version >= MIN_SECURITY_CONTEXT_BACKEND or not package.is_file():
+        return  # a missing package is upload's to report
+    hardened = [
+        name
+        for document in yaml.safe_load_all(package.read_text())
+        if document and "platforms" in document
+        for name, config in document["platforms"]
+        .get("kubernetes", {})
+        .get("deploymentSpec", {})
+        .get("executors", {})
+        .items()
+        if "securityContext" in config
+    ]
+    if hardened:
+        raise KubeflowError(
+            f"{package}: {len(hardened)} tasks carry a security context (pipeline.task_security_context), "
+            f"which KFP backend {tag} cannot apply (2.17 or later: 2.15 refuses the run, 2.4 drops it); "
+            "compile with pipeline.task_security_context false, or upgrade Kubeflow Pipelines"
+        )
 
 
 def client_credentials(

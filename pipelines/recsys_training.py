@@ -252,8 +252,9 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
 def configured_task(
     task: Any, cfg: PipelineConfig, name: str, resources: Resources, cache: bool = True
 ) -> Any:
-    """A task's display name, caching, requests and limits, ``pipeline.retries`` and the Secrets its pod
-    pulls the image with (``pipeline.image_pull_secrets``; kfp-kubernetes, only when there are any)."""
+    """A task's display name, caching, requests and limits, ``pipeline.retries``, the Secrets its pod
+    pulls the image with (``pipeline.image_pull_secrets``; kfp-kubernetes, only when there are any) and,
+    with ``pipeline.task_security_context``, its container's security context."""
     task.set_display_name(name).set_caching_options(cache)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
@@ -261,6 +262,12 @@ def configured_task(
         task.set_retry(cfg.retries)
     if cfg.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cfg.image_pull_secrets))
+    if (
+        cfg.task_security_context
+    ):  # the 2.17 driver then drops every capability (backend/src/v2/driver/k8s.go)
+        kubernetes.set_security_context(
+            task, run_as_user=cfg.run_as_user, run_as_group=cfg.run_as_user, run_as_non_root=True
+        )
     return task
 
 

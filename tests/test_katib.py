@@ -265,3 +265,17 @@ def test_trial_pods_pull_the_training_image_by_digest_with_the_pull_secrets():
         assert manifest_schemas.validate_object(experiment).endswith(
             "ok (CRD schema kubeflow.org_experiments.json)"
         )
+
+
+def test_trial_containers_run_restricted_as_the_images_user():
+    """Only the trial's own container is pinned to the images' uid: Katib's injected metrics collector
+    keeps its own user; the pod gets the runtime's seccomp profile."""
+    uid = load_params(REPO_ROOT / "params.yaml").pipeline.run_as_user
+    for experiment in _experiments():
+        pod = _pod(experiment)
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert "runAsUser" not in pod["securityContext"]
+        (container,) = pod["containers"]
+        context = container["securityContext"]
+        assert (context["runAsNonRoot"], context["runAsUser"], context["runAsGroup"]) == (True, uid, uid)
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}

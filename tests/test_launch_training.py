@@ -374,3 +374,24 @@ def test_pytorch_job_pods_pull_the_training_image_by_digest_with_the_pull_secret
     assert manifest_schemas.custom_resource_errors(job) == []
     plain = launch_training.pytorch_job_manifest("j", "recsys", "dlrm", _multi_node(nodes=2), "/w")
     assert "imagePullSecrets" not in plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def test_every_pytorch_job_pod_runs_restricted_as_the_images_user():
+    """The restricted Pod Security Standard: non-root as the images' uid, no escalation, no capabilities,
+    the runtime's seccomp profile; volumes writable by that group (a namespace labelled
+    pod-security.kubernetes.io/enforce: restricted admits the job's pods)."""
+    cfg = _multi_node(nodes=2, gpus=4)
+    job = launch_training.pytorch_job_manifest("j", "recsys", "dlrm", cfg, "/w")
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        spec = replica["template"]["spec"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["securityContext"]["fsGroup"] == cfg.run_as_user == 1000
+        (container,) = spec["containers"]
+        assert container["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    assert manifest_schemas.custom_resource_errors(job) == []

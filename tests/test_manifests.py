@@ -371,3 +371,15 @@ def test_no_namespace_is_written_outside_the_overlays():
     for overlay in ("dev", "production"):
         kustomization = yaml.safe_load((MANIFESTS / "overlays" / overlay / "kustomization.yaml").read_text())
         assert re.fullmatch(r"[a-z0-9-]+", kustomization["namespace"])
+
+
+def test_the_images_user_is_the_uid_every_pod_runs_as():
+    """runAsNonRoot needs a numeric USER; the uid pods pin (pipeline.run_as_user: tasks, PyTorchJob and
+    Katib pods; deploy.run_as_user: serving) must be the images' own, or their files are not theirs."""
+    params = load_params(REPO_ROOT / "params.yaml")
+    for dockerfile, uid in (
+        ("pipeline.Dockerfile", params.pipeline.run_as_user),
+        ("serving.Dockerfile", params.deploy.run_as_user),
+    ):
+        users = re.findall(r"^USER\s+(\S+)", (REPO_ROOT / "images" / dockerfile).read_text(), re.MULTILINE)
+        assert users[-1:] == [f"{uid}:{uid}"], dockerfile

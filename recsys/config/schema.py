@@ -565,6 +565,10 @@ class PipelineConfig(Section):
     # or the pod's namespace in-cluster), and a task's pod namespace for what the tasks create
     namespace: Namespace | None
     service_account: str = Field(pattern=DNS_LABEL)
+    run_as_user: int = Field(ge=1)  # the pipeline images' non-root uid and gid (images/pipeline.Dockerfile)
+    # every task's container runs as run_as_user, runAsNonRoot, all capabilities dropped (kfp-kubernetes
+    # set_security_context): a KFP backend >= 2.17 only (2.15 refuses the run, 2.4.1's driver drops it)
+    task_security_context: bool
     experiment: str = Field(min_length=1)
     cron: KfpCron
     max_concurrency: int = Field(ge=1)

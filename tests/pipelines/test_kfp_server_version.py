@@ -21,7 +21,7 @@ import urllib3
 from pipelines import kubeflow
 from pipelines.__main__ import main
 from pipelines.kubeflow import KubeflowError, check_server_version
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, write_params
 from tests.pipelines.test_kubeflow import RecordingKfpClient
 
 
@@ -109,12 +109,13 @@ def server(monkeypatch):
     return serve
 
 
-def test_connect_checks_the_version(server):
+def test_connect_makes_the_client_and_upload_checks_its_version(server, capsys):
     made = server("2.4.1")
     assert kubeflow.connect("http://kfp.test", "recsys") is made[0]
-    with pytest.raises(KubeflowError, match=r"KFP backend 2\.3\.0 is older than 2\.4"):
-        server("2.3.0")
-        kubeflow.connect("http://kfp.test", "recsys")
+    assert made[0].pool.urls == []  # connecting asks nothing; upload and schedule ask once
+    server("2.3.0")
+    assert main(["--params", str(REPO_ROOT / "params.yaml"), "upload", "--host", "http://kfp.test"]) == 1
+    assert "KFP backend 2.3.0 is older than 2.4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["upload"], ["schedule", "--cron", "0 0 3 * * *"]])
@@ -132,3 +133,22 @@ def test_upload_goes_on_against_kubeflow_1_10(server, capsys):
     assert main([*params, "upload", "--host", "http://kfp.test"]) == 0
     assert [name for name, _ in made[0].calls][-1] == "list_pipeline_versions"
     assert "upload_pipeline" in [name for name, _ in made[0].calls]
+
+
+@pytest.mark.parametrize(("tag", "accepted"), [("2.4.1", False), ("2.15.0", False), ("2.17.0", True)])
+def test_a_package_with_task_security_contexts_is_uploaded_only_to_kfp_2_17(
+    server, tmp_path, tag, accepted, capsys
+):
+    """pipeline.task_security_context needs the 2.17 protos (tests/pipelines/test_version_matrix.py shows
+    2.15 refusing the run and 2.4.1 dropping it): upload says so before sending anything."""
+    params = write_params(tmp_path / "params.yaml", {"pipeline.task_security_context": True})
+    package = tmp_path / "hardened.yaml"
+    common = ["--params", str(params)]
+    assert main([*common, "compile", "--pipeline", "training", "--output", str(package)]) == 0
+    made = server(tag)
+    code = main([*common, "upload", "--host", "http://kfp.test", "--package", str(package)])
+    if accepted:
+        assert code == 0 and "upload_pipeline" in [name for name, _ in made[0].calls]
+    else:
+        assert code == 1 and made[0].calls == []
+        assert f"which KFP backend {tag} cannot apply" in capsys.readouterr().err

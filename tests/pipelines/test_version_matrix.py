@@ -129,6 +129,19 @@ def pinned_packages(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def hardened_package(tmp_path_factory) -> Path:
+    """The training pipeline compiled with ``pipeline.task_security_context`` (every task's container)."""
+    from pipelines.__main__ import main
+    from tests.conftest import write_params
+
+    folder = tmp_path_factory.mktemp("hardened")
+    params = write_params(folder / "params.yaml", {"pipeline.task_security_context": True})
+    path = folder / "hardened.yaml"
+    assert main(["--params", str(params), "compile", "--pipeline", "training", "--output", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
 def read(protos_cache, features_package, pinned_packages):
     """``read(tag)``: what KFP ``tag`` makes of both compiled pipelines, the features pipeline and the
     pinned pipelines (one subprocess per tag, cached for the module)."""
@@ -483,3 +496,23 @@ def test_upload_refuses_exactly_the_unsupported_backends():
 def test_source_driver_resolves_the_placeholder_as_the_test_does(tag):
     util = source(tag, "backend/src/v2/driver/util.go")
     assert f"inputPipelineChannelPattern = `{CHANNEL.pattern}`" in util
+
+
+@pytest.mark.parametrize("tag", SUPPORTED)
+def test_a_task_security_context_reaches_the_2_17_driver_and_no_older_one(
+    protos_cache, hardened_package, tag
+):
+    """kfp-kubernetes' securityContext is in the 2.17 protos only: that driver applies it to the task's
+    container (backend/src/v2/driver/k8s.go, with every capability dropped); 2.15's run compiler refuses
+    the run and 2.4.1's driver drops it, so upload refuses such a package there (check_package_fits)."""
+    # int64 fields are strings in protobuf's JSON mapping
+    wanted = {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}
+    configs = kubernetes_configs(hardened_package)
+    assert configs and all(config["securityContext"] == wanted for config in configs.values())
+    found = read_or_skip(tag, [hardened_package], protos_cache)[str(hardened_package)]
+    if tag == "2.17.0":
+        assert found["dropped_kubernetes"] == {}
+        assert all(found["kubernetes"][executor]["securityContext"] == wanted for executor in configs)
+    else:
+        assert set(found["dropped_kubernetes"]) == set(configs)
+        assert all("securityContext" in fields for fields in found["dropped_kubernetes"].values())
