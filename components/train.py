@@ -52,6 +52,7 @@ def run(
     import torch
 
     from models import fit, initial_model, save_model, write_history_csv
+    from models.trainer import train_input
 
     if kind not in TASK_OF:
         raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
@@ -59,7 +60,9 @@ def run(
     train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
 
     encoder, model, training = initial_model(kind, params.models, params.training, train_df)
-    train, valid = encoder.encode(train_df), encoder.encode(valid_df)
+    # training.loader: the encoded split in memory, or the Parquet file streamed in row groups
+    train_path = Path(training_dir) / f"{TASK_OF[kind]}_train.parquet"
+    train, valid = train_input(train_path, encoder, training, train_df), encoder.encode(valid_df)
 
     started = time.perf_counter()
     result = fit(model, train, valid, training, checkpoint_dir=checkpoint_dir)

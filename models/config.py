@@ -377,6 +377,25 @@ class ModelsSection(ModelSection):
 # training
 
 
+class LoaderConfig(ModelSection):
+    """``training.loader``: how the trainer reads the training split (models/streaming.py).
+
+    ``memory`` encodes the whole split into tensors once and slices them (fastest while it fits);
+    ``stream`` reads the Parquet file in row-group shards through a DataLoader (memory bounded by the
+    row groups in flight and the shuffle buffer, not by the split); ``auto`` streams when the split has
+    more than ``stream_above_rows`` rows (read from the Parquet metadata, without loading the file).
+    """
+
+    mode: Literal["auto", "memory", "stream"]
+    stream_above_rows: int = Field(ge=0)
+    shuffle_buffer_rows: int = Field(gt=0)  # rows mixed across row groups before batches are cut
+    workers: int = Field(ge=0)  # DataLoader worker processes (0: read and encode in the training process)
+    prefetch: int = Field(gt=0)  # batches each worker keeps ready (DataLoader prefetch_factor)
+    # rows (whole row groups, seeded) that the model's one-off prepare() sees when streaming: the wide
+    # part's logistic prefit, the two-tower's item pool; bounded so memory does not grow with the split
+    prepare_rows: int = Field(gt=0)
+
+
 class TrainingConfig(ModelSection):
     """The ``training:`` section: one loop for every model (models/trainer.py)."""
 
@@ -398,11 +417,12 @@ class TrainingConfig(ModelSection):
     seed: int = Field(ge=0)
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool  # bf16 autocast on CUDA (ignored on CPU)
-    # torch intra-op CPU threads (0 keeps torch's default); batches are index slices, no loader workers
+    # torch intra-op CPU threads (0 keeps torch's default); the streaming loader's processes: loader.workers
     num_workers: int = Field(ge=0)
     # CUDA: hold the encoded training set in GPU memory (fastest); false keeps it in pinned host memory
     data_on_device: bool
     checkpoint_every: int = Field(ge=1)  # epochs between checkpoints when a directory is given
+    loader: LoaderConfig  # in-memory tensors or a streaming Parquet DataLoader (models/streaming.py)
     # per model kind, fields that differ from the above: the two-tower learns from the clicks only (a tenth
     # of the ranking rows) and needs more, smaller steps than the rankers
     per_model: dict[str, dict[str, Any]]

@@ -5,6 +5,11 @@ once (``FeatureEncoder.encode``); an epoch is a seeded random permutation whose 
 tensors directly. On CUDA the encoded split lives in GPU memory (or in pinned host memory with
 non-blocking copies), and the forward pass runs under bf16 autocast.
 
+A split too large for memory is passed as a :class:`~models.streaming.ParquetSplit` instead (the caller
+picks with ``training.loader``, see :func:`train_input`): batches then come from a DataLoader over the
+Parquet file's row groups (models/streaming.py), shuffled per epoch with the same seed; validation stays
+in memory.
+
 Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the loop initialises the process
 group (NCCL on GPU, gloo on CPU), shards every epoch's permutation across ranks like
 ``DistributedSampler`` and wraps the model in ``DistributedDataParallel``; ``batch_size`` is per
@@ -19,17 +24,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -37,10 +44,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from models.batch import GROUP_KEY, Batch
+from models.batch import GROUP_KEY, Batch, batch_size_of
 from models.config import TrainingConfig
 from models.model import RecModel
 from models.serialization import staged_files, state_tensors
+from models.streaming import (
+    EPOCH_SEED,
+    ParquetSplit,
+    ParquetStream,
+    choose_mode,
+    sample_rows,
+    split_batches,
+    stream_loader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +105,7 @@ class TrainingObjective(nn.Module):
 
 def fit(
     model: RecModel,
-    train: Mapping[str, torch.Tensor],
+    train: Mapping[str, torch.Tensor] | ParquetSplit,
     valid: Mapping[str, torch.Tensor] | None,
     config: TrainingConfig,
     *,
@@ -97,7 +113,8 @@ def fit(
     resume: bool = True,
     progress: bool | None = None,
 ) -> TrainingResult:
-    """Train ``model`` in place on the encoded ``train`` split, early-stopping on ``valid``.
+    """Train ``model`` in place on the encoded ``train`` split (or one streamed from Parquet), early-stopping
+    on ``valid``.
 
     ``progress`` None shows a bar only on an interactive terminal (and only on rank 0). With
     ``checkpoint_dir``, state is saved every ``config.checkpoint_every`` epochs and an interrupted run
@@ -114,14 +131,22 @@ def fit(
         else config.early_stopping_metric
     )
     minimise = metric in _MINIMISED
-    keys = [k for k in model.input_keys() if k in train and k != GROUP_KEY]
-    n_rows = int(train[keys[0]].shape[0])
+    if isinstance(train, ParquetSplit):
+        keys = [k for k in model.input_keys() if k != GROUP_KEY]
+        n_rows = train.num_rows
+    else:
+        keys = [k for k in model.input_keys() if k in train and k != GROUP_KEY]
+        n_rows = int(train[keys[0]].shape[0])
     if n_rows < 2:
         raise ValueError(f"fit: the training split has {n_rows} row(s); at least 2 are needed")
 
     model.to(device)
-    model.prepare(train)
-    source = _BatchSource({k: train[k] for k in keys}, device, config.data_on_device)
+    if isinstance(train, ParquetSplit):
+        model.prepare(sample_rows(train, keys, config.loader.prepare_rows, config.seed))
+        epochs = _StreamEpochs(train, keys, config, ctx, device)
+    else:
+        model.prepare(train)
+        epochs = _MemoryEpochs({k: train[k] for k in keys}, n_rows, config, ctx, device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
     )
@@ -143,20 +168,12 @@ def fit(
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         model.train()
-        permutation = torch.randperm(
-            n_rows, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        )
-        shard = shard_indices(permutation, ctx.rank, ctx.world_size)
-        starts = range(0, len(shard), config.batch_size)
+        total, batches = epochs.batches(epoch)
         loss_sum = torch.zeros((), device=device)
         steps, seen = 0, 0
         started = time.perf_counter()
-        bar = tqdm(total=len(starts), desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
-        for start in starts:
-            idx = shard[start : start + config.batch_size]
-            if len(idx) < 2:  # a 1-row batch breaks batch norm and in-batch negatives
-                continue
-            batch = source.batch(idx)
+        bar = tqdm(total=total, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
+        for batch in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
                 loss = objective(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +183,7 @@ def fit(
             optimizer.step()
             loss_sum += loss.detach().float()
             steps += 1
-            seen += len(idx)
+            seen += batch_size_of(batch)
             bar.update(1)
             if show and steps % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}")
@@ -218,6 +235,18 @@ def fit(
         device=str(device),
         world_size=ctx.world_size,
     )
+
+
+def train_input(
+    path: str | Path, encoder: Any, config: TrainingConfig, frame: Any = None
+) -> Mapping[str, torch.Tensor] | ParquetSplit:
+    """What ``fit`` gets for the Parquet training split at ``path`` under ``config.loader``: the split
+    encoded in memory (``frame`` when the caller has it loaded, else the file), or the file itself to
+    stream; ``auto`` decides by the row count in the Parquet footer, without loading the file."""
+    split = ParquetSplit(Path(path), encoder)
+    if choose_mode(config.loader, split.num_rows) == "stream":
+        return split
+    return encoder.encode(frame if frame is not None else pd.read_parquet(path))
 
 
 def resolve_device(setting: str, ctx: DistributedContext | None = None) -> torch.device:
@@ -313,6 +342,76 @@ class _BatchSource:
             k: v.index_select(0, idx).pin_memory().to(self.device, non_blocking=True)
             for k, v in self.data.items()
         }
+
+
+class _MemoryEpochs:
+    """Batches of the encoded split: a seeded permutation per epoch, sharded across ranks, sliced."""
+
+    def __init__(
+        self,
+        data: Mapping[str, torch.Tensor],
+        n_rows: int,
+        config: TrainingConfig,
+        ctx: DistributedContext,
+        device: torch.device,
+    ) -> None:
+        self.source = _BatchSource(data, device, config.data_on_device)
+        self.n_rows, self.config, self.ctx = n_rows, config, ctx
+
+    def batches(self, epoch: int) -> tuple[int, Iterator[Batch]]:
+        permutation = torch.randperm(
+            self.n_rows, generator=torch.Generator().manual_seed(self.config.seed * EPOCH_SEED + epoch)
+        )
+        shard = shard_indices(permutation, self.ctx.rank, self.ctx.world_size)
+        starts = range(0, len(shard), self.config.batch_size)
+        # a 1-row batch breaks batch norm and in-batch negatives
+        slices = (shard[s : s + self.config.batch_size] for s in starts)
+        return len(starts), (self.source.batch(idx) for idx in slices if len(idx) >= 2)
+
+
+class _StreamEpochs:
+    """Batches of a Parquet split through the streaming DataLoader; every rank stops after the smallest
+    rank's batch count, so DDP ranks stay in step."""
+
+    def __init__(
+        self,
+        split: ParquetSplit,
+        keys: list[str],
+        config: TrainingConfig,
+        ctx: DistributedContext,
+        device: torch.device,
+    ) -> None:
+        loader = config.loader
+        self.dataset = ParquetStream(
+            split,
+            keys,
+            config.batch_size,
+            loader.shuffle_buffer_rows,
+            config.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            workers=loader.workers,
+        )
+        cuda = device.type == "cuda"
+        self.loader = stream_loader(self.dataset, loader.workers, loader.prefetch, pin_memory=cuda)
+        self.device = device
+        self.ranks = ctx.world_size
+
+    def batches(self, epoch: int) -> tuple[int, Iterator[Batch]]:
+        self.dataset.set_epoch(epoch)
+        per_rank = self.dataset.steps(epoch)
+        steps = min(per_rank)
+        if steps == 0:
+            raise ValueError(
+                f"training.loader: a rank gets no batch in epoch {epoch} ({len(self.dataset.group_rows)} "
+                f"row groups over {self.ranks} rank(s) x {self.dataset.workers} worker(s)); write the "
+                "training set with smaller row groups or use fewer training.loader.workers"
+            )
+        moved = (
+            {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            for batch in itertools.islice(split_batches(self.loader, self.dataset.batch_size), steps)
+        )
+        return steps, moved
 
 
 def _update_best(state: _TrainerState, model: nn.Module, value: float, minimise: bool, patience: int) -> None:
