@@ -9,6 +9,12 @@ noise is not a regression, and a point comparison would reject every other such 
 interval on either side (an older bundle) is compared by its point value, and the decision says so.
 ``gate.compare: point`` compares point values only.
 
+With ``gate.ope.enabled`` the gate also reads the off-policy estimate of the new model's CTR from the
+deployed model's request log (components/ope.py, ``--ope-file``, default metrics/ope.json): the estimate
+``gate.ope.metric`` (ips | snips | dr) minus the champion's on-policy CTR has an interval (paired over the
+same logged requests); ``require: not_worse`` rejects when all of it lies below ``-margin``, ``better``
+rejects unless all of it lies above ``+margin``. A missing or unusable estimate is an error, never a pass.
+
 The decision is data, not an exception: ``metrics/gate.json`` says ``passed`` and why, and the pipeline
 branches on it (KFP ``dsl.If``), so the step exits 0 either way unless ``--fail-on-reject``. A metric
 that cannot be compared (absent on either side, not a finite number) fails the gate: a deploy must never
@@ -31,9 +37,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from recsys import artifact_layout as layout
 from recsys.artifact_io import read_json, write_json
 from recsys.bundle_manifest import MANIFEST, load_manifest
-from recsys.config import GateConfig
+from recsys.config import GateConfig, OpeGateConfig
 from recsys.object_store import POINTER, ObjectStoreError, open_store, promoted_manifest
 from recsys.step_contract import STEPS
 
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # where the evaluate step writes each headline metric's bootstrap interval, keyed by its dotted path
 INTERVALS = "intervals_by_metric"
+OPE_FILE = layout.OPE_REPORT  # components/ope.py's output (gate.ope)
 # absolute slack on top of the relative tolerance so "exactly at the tolerance" is not lost to float error
 _FLOAT_SLACK = 1e-12
 
@@ -57,9 +65,11 @@ def run(
     metrics_file: str | Path,
     output: str | Path,
     deployed_bundle: str | None = None,
+    ope_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare ``metrics_file`` with the deployed bundle's manifest metrics and write the decision to
-    ``output``; ``deployed_bundle`` overrides ``gate.deployed_bundle``."""
+    ``output``; ``deployed_bundle`` overrides ``gate.deployed_bundle``. With ``gate.ope.enabled`` the
+    off-policy estimate in ``ope_file`` (default metrics/ope.json) is judged too."""
     metrics_path, output = Path(metrics_file), Path(output)
     reference = deployed_bundle if deployed_bundle is not None else config.deployed_bundle
     new = _read_metrics(metrics_path)
@@ -67,6 +77,11 @@ def run(
     decision = decide(new, old, config.metrics, config.tolerance, compare=config.compare)
     if old is None and deployed is not None:  # a promote store with nothing promoted yet
         decision["reasons"] = [f"first deploy: nothing promoted yet at {deployed}"]
+    if config.ope.enabled:
+        path = Path(ope_file) if ope_file is not None else OPE_FILE
+        decision = with_ope(
+            decision, read_json(path, GateError, "off-policy estimate not found (gate.ope)"), config.ope
+        )
     decision |= {
         "metrics_file": str(metrics_path),
         "deployed_bundle": None if old is None else deployed,
@@ -124,6 +139,57 @@ def decide(
         "metrics": results,
         "reasons": reasons,
     }
+
+
+def ope_check(report: Mapping[str, Any], ope: OpeGateConfig) -> dict[str, Any]:
+    """The off-policy check: the challenger's ``ope.metric`` estimate against the champion's on-policy
+    CTR, by the interval of their difference (components/ope.py's ``delta_low``/``delta_high``)."""
+    where = f"gate.ope.metric {ope.metric}"
+    estimate = (report.get("estimates") or {}).get(ope.metric) if isinstance(report, Mapping) else None
+    if not isinstance(estimate, Mapping):
+        raise GateError(f"{where}: no such estimate in the off-policy result (components/ope.py)")
+    numbers = {key: _finite(estimate.get(key)) for key in ("ctr", "delta", "delta_low", "delta_high")}
+    champion = _finite((report.get("champion") or {}).get("ctr"))
+    if champion is None or any(v is None for v in numbers.values()):
+        raise GateError(
+            f"{where}: the off-policy result lacks finite ctr/delta/delta_low/delta_high/champion"
+        )
+    low, high, margin = numbers["delta_low"], numbers["delta_high"], ope.margin
+    if ope.require == "not_worse":
+        ok = high >= -margin - _FLOAT_SLACK
+        verdict = "ok" if ok else f"worse beyond the noise and the margin {margin:g}"
+    else:
+        ok = low > margin
+        verdict = "better beyond the noise" if ok else f"not better than the champion by more than {margin:g}"
+    reason = (
+        f"ope.{ope.metric}: challenger CTR {numbers['ctr']:.6g} vs champion {champion:.6g}, difference "
+        f"interval [{low:+.4g}, {high:+.4g}] (require {ope.require}): {verdict}"
+    )
+    return {
+        "metric": ope.metric,
+        "require": ope.require,
+        "margin": margin,
+        "new": numbers["ctr"],
+        "old": champion,
+        "delta": numbers["delta"],
+        "delta_interval": [low, high],
+        "ok": ok,
+        "reason": reason,
+    }
+
+
+def with_ope(decision: dict[str, Any], report: Any, ope: OpeGateConfig) -> dict[str, Any]:
+    """``decision`` with the off-policy check added (and failed by it when it fails)."""
+    row = ope_check(report, ope)
+    passed = decision["passed"]
+    # a rejection's reasons are its failures; a pass lists what was checked
+    if passed and not row["ok"]:
+        reasons = [row["reason"]]
+    elif passed or not row["ok"]:
+        reasons = [*decision["reasons"], row["reason"]]
+    else:
+        reasons = decision["reasons"]
+    return decision | {"passed": decision["passed"] and row["ok"], "ope": row, "reasons": reasons}
 
 
 def metric_at(metrics: Mapping[str, Any], dotted: str) -> Any:
@@ -244,10 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     CONTRACT.add_path_options(parser)
     parser.add_argument("--deployed-bundle", default=None, help="default: gate.deployed_bundle")
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the gate rejects")
+    parser.add_argument(
+        "--ope-file", type=Path, default=OPE_FILE, help=f"read when gate.ope.enabled (default: {OPE_FILE})"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = CONTRACT.load(args.params)
-    decision = run(params.gate, deployed_bundle=args.deployed_bundle, **CONTRACT.paths(args))
+    decision = run(
+        params.gate, deployed_bundle=args.deployed_bundle, ope_file=args.ope_file, **CONTRACT.paths(args)
+    )
     return 1 if args.fail_on_reject and not decision["passed"] else 0
 
 

@@ -61,6 +61,7 @@ from scipy.stats import ks_2samp
 from recsys.artifact_io import write_json
 from recsys.config import FeastConfig, FeaturesConfig, Limits, MonitorConfig, ServingConfig, TrainingSetConfig
 from recsys.monitor_metrics import export
+from recsys.request_records import attribute_clicks, served_slots
 from recsys.step_contract import STEPS
 
 CONTRACT = STEPS["monitor"]
@@ -467,25 +468,17 @@ def _check_outcomes(
         else {}
     )
     gauges["recsys_monitor_catalogue_coverage"] = [({"bundle_version": v}, c) for v, c in coverage.items()]
-    served = answers.loc[
-        answers["endpoint"] == "recommend", ["user_id", "time", "bundle_version", "item_ids"]
-    ]
-    served = served.explode("item_ids").dropna(subset=["item_ids", "user_id"])
+    served = served_slots(
+        answers.loc[answers["endpoint"] == "recommend", ["user_id", "time", "bundle_version", "item_ids"]]
+    )
     if served.empty or events["event_timestamp"].max() < served["time"].min():
         return _skipped(
             "the events end before the first served answer: no outcome to attribute yet"
             + (f" (coverage {coverage})" if coverage else ""),
             coverage=coverage,
         )
-    served = served.rename(columns={"item_ids": "item_id"}).astype({"item_id": "int64", "user_id": "int64"})
-    clicks = events.loc[events["label"] == 1, ["user_id", "item_id", "event_timestamp"]]
-    joined = served.reset_index(drop=True).reset_index().merge(clicks, on=["user_id", "item_id"], how="left")
-    window = pd.Timedelta(hours=monitor.attribution_hours)
-    joined["clicked"] = (joined["event_timestamp"] >= joined["time"]) & (
-        joined["event_timestamp"] <= joined["time"] + window
-    )
-    per_item = joined.groupby("index").agg(clicked=("clicked", "any"), version=("bundle_version", "first"))
-    ctr = per_item.groupby("version")["clicked"].mean()
+    per_item = served.assign(clicked=attribute_clicks(served, events, monitor.attribution_hours))
+    ctr = per_item.groupby("bundle_version")["clicked"].mean()
     gauges["recsys_monitor_served_ctr"] = [({"bundle_version": str(v)}, float(c)) for v, c in ctr.items()]
     return {
         "status": "ok",

@@ -27,6 +27,7 @@ PLOTS_DIR = Path("plots")  # train: a PNG of each model's history
 TRAINING_SET_STATS = METRICS_DIR / "training_set.json"
 TRAINING_SET_REPORT = REPORTS_DIR / "training_set.md"
 SEARCH_REPORT = METRICS_DIR / "search.json"
+OPE_REPORT = METRICS_DIR / "ope.json"  # components/ope.py writes it, the gate reads it (gate.ope)
 EVALUATION = METRICS_DIR / "evaluation.json"
 INDEX_METRICS = METRICS_DIR / "index.json"
 GATE_DECISION = METRICS_DIR / "gate.json"

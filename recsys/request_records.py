@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,6 +37,11 @@ RECORD_SCHEMA = pa.schema(
         pa.field("cold_start", pa.bool_(), nullable=False),
         pa.field("degraded", pa.bool_(), nullable=False),  # the online store was down: defaults used
         pa.field("features", pa.string()),  # the user features used, JSON; null when not sampled
+        # per served item, the probability the serving policy put it in its slot given the items before it
+        # (serving/exploration.py); 1.0 each without exploration; null in logs written before it existed
+        pa.field("propensities", pa.list_(pa.float64())),
+        # the ranked candidates exploration sampled from; null without exploration (components/ope.py)
+        pa.field("candidate_ids", pa.list_(pa.int64())),
     ]
 )
 PARTITION = "date="
@@ -79,6 +85,31 @@ def read_request_log(uri: str, since: datetime | None = None) -> pa.Table:
             pc.greater_equal(table["time"], pa.scalar(since, RECORD_SCHEMA.field("time").type))
         )
     return table
+
+
+def served_slots(answers: pd.DataFrame) -> pd.DataFrame:
+    """One row per served item of logged ``answers`` (``user_id``, ``time``, ``item_ids`` and any other
+    columns, kept): ``item_id``, its ``slot`` (0 = first) and ``row`` (the answer's position in
+    ``answers``); answers without a user or items give none."""
+    served = answers.reset_index(drop=True).rename_axis("row").reset_index()
+    served = served.explode("item_ids")
+    served["slot"] = served.groupby("row").cumcount()
+    served = served.dropna(subset=["item_ids", "user_id"]).rename(columns={"item_ids": "item_id"})
+    return served.astype({"item_id": "int64", "user_id": "int64"}).reset_index(drop=True)
+
+
+def attribute_clicks(slots: pd.DataFrame, events: pd.DataFrame, hours: float) -> np.ndarray:
+    """Per row of :func:`served_slots`, whether the user clicked the item (an event with ``label`` 1)
+    within ``hours`` after the answer: the monitor's served CTR and the off-policy rewards."""
+    clicks = events.loc[events["label"] == 1, ["user_id", "item_id", "event_timestamp"]]
+    joined = slots[["user_id", "item_id", "time"]].reset_index(drop=True).reset_index()
+    joined = joined.merge(clicks, on=["user_id", "item_id"], how="left")
+    window = pd.Timedelta(hours=hours)
+    joined["clicked"] = (joined["event_timestamp"] >= joined["time"]) & (
+        joined["event_timestamp"] <= joined["time"] + window
+    )
+    per_slot = joined.groupby("index")["clicked"].any()
+    return per_slot.reindex(range(len(slots)), fill_value=False).to_numpy(dtype=bool)
 
 
 def _plain(value: Any) -> Any:

@@ -173,6 +173,11 @@ class RecsysModel(Model):
                         "cold_start": r.cold_start,
                         "degraded": r.degraded,
                         "features": r.features,
+                        # deterministic answers (no exploration) are logged with propensity 1 per slot
+                        "propensities": r.propensities
+                        if r.propensities is not None
+                        else [1.0] * len(r.item_ids),
+                        "candidate_ids": r.candidate_ids,
                     }
                     for r in results
                 ]

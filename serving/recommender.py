@@ -30,6 +30,7 @@ from models import FeatureEncoder
 from recsys.ann_index import search
 from recsys.config import ServingConfig
 from serving.bundle import ServingBundle
+from serving.exploration import Explorer
 from serving.online_features import FeatureRows, OnlineFeatures
 
 COLD_STARTS = Counter(
@@ -69,6 +70,10 @@ class Result:
     candidates: int = 0  # items the answer was chosen from (retrieved and ranked, or given)
     features: dict[str, Any] | None = None  # the user feature values used
     bundle_version: str = ""  # the bundle the answer was computed from (``Served.version``)
+    # per served item, the probability the serving policy put it in its slot (serving/exploration.py);
+    # None: a deterministic answer (logged as 1.0 each)
+    propensities: list[float] | None = None
+    candidate_ids: list[int] | None = None  # the candidates exploration sampled from, as retrieved
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Recommender:
         self._types = {name: _arrow_type(encoder, name) for name in bundle.feature_names}
         self._user_tower_features = bundle.two_tower.user_feature_names()  # type: ignore[attr-defined]
         self._item_feature_set = set(self.item_feature_names)
+        self.explorer = Explorer(config.exploration)
         self._served = self.prepare(bundle)  # encode the catalogue now, not in the first request
 
     # ---- the bundle served ----------------------------------------------------------------------
@@ -268,6 +274,7 @@ class Recommender:
             for i, u in enumerate(user_ids)
         ]
         results: list[Result | None] = [None] * len(user_ids)
+        rng = self.explorer.generator() if self.explorer.enabled else None  # one per request
         for i in np.flatnonzero(cold):
             results[i] = _popular(bundle, user_ids[i], n[i], exclude[i], users.degraded)
             results[i].features = users.row(i)
@@ -291,7 +298,12 @@ class Recommender:
                 scores, _ = self.rank(part, [retrieved[j][0] for j in rows], name, served=served)
                 for j, row_scores in zip(rows, scores, strict=True):
                     i = warm[j]
-                    top = np.argsort(-row_scores, kind="stable")[: n[i]]
+                    if rng is None:
+                        top = np.argsort(-row_scores, kind="stable")[: n[i]]
+                        propensities, candidate_ids = [1.0] * len(top), None
+                    else:
+                        top, chosen_p = self.explorer.choose(row_scores, n[i], rng)
+                        propensities, candidate_ids = chosen_p.tolist(), retrieved[j][0].tolist()
                     results[i] = Result(
                         user_id=int(user_ids[i]),
                         item_ids=retrieved[j][0][top].tolist(),
@@ -304,6 +316,8 @@ class Recommender:
                         candidates=len(row_scores),
                         features=users.row(i),
                         bundle_version=served.version,
+                        propensities=propensities,
+                        candidate_ids=candidate_ids,
                     )
         for r in results:
             if r is not None and r.cold_start:

@@ -2,8 +2,10 @@
 
 One row per answered user: request id, time, endpoint, user, model (the ranker, ``two_tower`` for
 retrieval, ``popular`` for a cold start), bundle version, the served item ids in position order with
-their scores, how many candidates there were, source, cold-start and degraded flags, and the user
-feature values the answer was computed from (JSON; a configured share of rows).
+their scores, how many candidates there were, source, cold-start and degraded flags, the user feature
+values the answer was computed from (JSON; a configured share of rows), and per served item the
+probability the serving policy put it in its slot (``propensities``: 1.0 each without
+``serving.exploration``; with it, also the ranked ``candidate_ids`` it sampled from, for components/ope.py).
 
 The request path only appends a row to a bounded in-memory buffer (a dict and a deque append; no
 encoding, no I/O). A writer thread per process turns the buffer into a Parquet file when it holds

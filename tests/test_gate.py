@@ -148,6 +148,7 @@ def _cli(tmp_path, metrics: dict, deployed_bundle: str | None) -> list[str]:
         "tolerance": 0.01,
         "compare": "point",
         "metrics": RULES,
+        "ope": shipped_params().gate.ope.model_dump(),
     }
     params = write_params(tmp_path / "params.yaml", {"gate": gate_section})
     return [

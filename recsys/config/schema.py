@@ -470,6 +470,21 @@ class ExportConfig(Section):
     popular_items: int = Field(gt=0)  # the cold-start list serving falls back to
 
 
+class OpeGateConfig(Section):
+    """Off-policy estimate of a challenger's CTR from the champion's request log (components/ope.py), and
+    whether the gate requires it (``enabled``). The estimates' intervals are normal approximations over
+    requests (the delta method for SNIPS)."""
+
+    enabled: bool  # the gate reads metrics/ope.json and judges the challenger by it
+    metric: Literal["ips", "snips", "dr"]  # the estimator the gate judges by
+    # not_worse: reject when the challenger-minus-champion interval lies wholly below -margin;
+    # better: reject unless it lies wholly above +margin
+    require: Literal["not_worse", "better"]
+    margin: float = Field(ge=0)  # absolute CTR
+    confidence: float = Field(gt=0, lt=1)  # of every interval components/ope.py reports
+    min_requests: int = Field(ge=1)  # fewer usable logged requests: components/ope.py refuses
+
+
 class GateConfig(Section):
     """Deploy gate (components/gate.py): new metrics vs the deployed bundle's, per metric direction."""
 
@@ -478,6 +493,7 @@ class GateConfig(Section):
     # interval: reject only when the difference's bootstrap interval lies beyond the tolerance; point: values
     compare: Literal["interval", "point"]
     metrics: dict[str, Literal["higher", "lower"]] = Field(min_length=1)
+    ope: OpeGateConfig
 
 
 class PromoteConfig(Section):
@@ -653,6 +669,17 @@ class IndexSwapConfig(Section):
     interval_s: float = Field(gt=0)  # how often current.json is read
 
 
+class ExplorationConfig(Section):
+    """Exploration on the ``recommend`` answers (serving/exploration.py): each slot is sampled from the ranked
+    candidates, and the probability it had is logged (``propensities``) for off-policy evaluation
+    (components/ope.py). ``none`` serves the ranked top-n unchanged (propensity 1 everywhere)."""
+
+    policy: Literal["none", "epsilon_greedy", "softmax"]
+    epsilon: float = Field(gt=0, le=1)  # epsilon_greedy: per slot, a uniform pick among the rest this often
+    temperature: float = Field(gt=0)  # softmax: Plackett-Luce sampling over scores / temperature
+    seed: int | None = Field(ge=0)  # null: fresh entropy; else each request's generator derives from it
+
+
 class ServingConfig(Section):
     """The model server (``python -m serving``): request limits, defaults and online-feature behaviour."""
 
@@ -677,6 +704,7 @@ class ServingConfig(Section):
     request_id_max_length: int = Field(ge=1)  # a V2 request's id is echoed back: bounded
     request_log: RequestLogConfig
     index_swap: IndexSwapConfig
+    exploration: ExplorationConfig
 
     @model_validator(mode="after")
     def _ranges_consistent(self) -> ServingConfig:
