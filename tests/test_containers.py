@@ -71,6 +71,7 @@ def test_images_run_non_root_with_the_production_feast_drivers(docker_client, im
         "from feast.infra.online_stores.redis import RedisOnlineStore\n"
         "os.environ['FEAST_REGISTRY_PATH'] = 'postgresql+psycopg://feast:x@127.0.0.1:1/feast'\n"
         "os.environ['REDIS_CONNECTION_STRING'] = '127.0.0.1:1'\n"
+        "os.environ['FEAST_PROJECT'] = 'recsys_production'\n"  # the Feast ConfigMap's key
         "try:\n"
         "    production = Path('/app/feature_repo/feature_store.production.yaml')\n"
         "    FeatureStore(repo_path='/app/feature_repo', fs_yaml_file=production).list_feature_views()\n"
