@@ -51,14 +51,61 @@ def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
 
 def generate(cfg: SyntheticSource, seed: int) -> dict[str, pd.DataFrame]:
     """Return the raw ``users``, ``items`` and ``events`` tables; the same ``seed`` gives the same data."""
+    world = _world(cfg, seed)
+    events = _events(world.rng, cfg.sizes(), cfg, world.users, world.items, world.end_s)
+    return {"users": world.user_table, "items": world.item_table, "events": events}
+
+
+@dataclass
+class World:
+    """The hidden state :func:`generate` draws its events from (tastes, item quality, successors, ...),
+    exposed so that a simulator can answer served lists with the generator's own click model."""
+
+    cfg: SyntheticSource
+    users: _UserWorld
+    items: _ItemWorld
+    user_table: pd.DataFrame
+    item_table: pd.DataFrame
+    start_s: int
+    end_s: int
+    rng: np.random.Generator  # the generator's stream, positioned where the events are drawn from
+
+    @property
+    def n_categories(self) -> int:
+        return int(self.users.taste.shape[1])
+
+    def item_category(self, item_ids: np.ndarray) -> np.ndarray:
+        """Category index of each item id."""
+        return self.items.category[np.asarray(item_ids, dtype=np.int64)]
+
+    def activity(self) -> np.ndarray:
+        """[n_users] events per user in the generated period: how often each user arrives."""
+        return self.users.n_events
+
+    def click_probability(self, user_ids: np.ndarray, item_ids: np.ndarray, recent: np.ndarray) -> np.ndarray:
+        """P(click) of user ``user_ids[i]`` on item ``item_ids[i]`` given the user's last clicked categories
+        ``recent[i]`` ([n, HISTORY_DEPTH], most recent first, -1 where none): the generator's logistic
+        click model, the same function its labels are drawn from."""
+        who = np.asarray(user_ids, dtype=np.int64) - 1
+        item = np.asarray(item_ids, dtype=np.int64)
+        logit = _click_logit(self.cfg, self.users, self.items, who, item, self.item_category(item), recent)
+        return 1.0 / (1.0 + np.exp(-logit))
+
+
+def world(cfg: SyntheticSource, seed: int) -> World:
+    """The hidden state behind ``generate(cfg, seed)``'s tables (the same draws, so the same users and
+    items), without generating the events."""
+    return _world(cfg, seed)
+
+
+def _world(cfg: SyntheticSource, seed: int) -> World:
     sizes = cfg.sizes()
     rng = np.random.default_rng(seed)
     start_s = int(pd.Timestamp(cfg.start_date).timestamp())
     end_s = start_s + sizes.days * DAY_S
     users, world_users = _users(rng, sizes, cfg, start_s, end_s)
     items, world_items = _items(rng, sizes, cfg, start_s, end_s)
-    events = _events(rng, sizes, cfg, world_users, world_items, end_s)
-    return {"users": users, "items": items, "events": events}
+    return World(cfg, world_users, world_items, users, items, start_s, end_s, rng)
 
 
 @dataclass
