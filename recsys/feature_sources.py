@@ -26,11 +26,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from recsys.artifact_io import file_sha256
 from recsys.contracts import FEATURE_TABLE_KEYS, DataContractError
 from recsys.object_store import ObjectStore, ObjectStoreError, open_store
 
 PUBLISHED = "_PUBLISHED.json"
-_CHUNK = 1 << 20
 
 
 class FeatureSourceError(RuntimeError):
@@ -76,11 +76,7 @@ def _complete(store: ObjectStore, folder: str, digests: dict[str, tuple[str, int
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
+    """(SHA-256 hex, bytes) of a feature table, as ``ObjectStore.sha256`` reads one back."""
     if not path.is_file():
         raise DataContractError(f"{path}: feature table not found (run the features step first)")
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    return file_sha256(path), path.stat().st_size
