@@ -141,8 +141,7 @@ class ParquetStream(IterableDataset):
         buffer: list[Batch] = []
         buffered = 0
         for group in self.shard_groups(epoch, self.rank, worker):
-            encoded = self.split.encoder.encode(file.read_row_group(group, columns=columns))
-            part = {k: encoded[k] for k in self.keys}
+            part = _encoded_group(self.split.encoder, file, group, columns, self.keys)
             if self.with_row_index:
                 start = self.group_starts[group]
                 part[ROW_INDEX_KEY] = torch.arange(start, start + self.group_rows[group])
@@ -181,14 +180,25 @@ def sample_rows(split: ParquetSplit, keys: Sequence[str], max_rows: int, seed: i
     for group in order:
         if rows >= max_rows:
             break
-        encoded = split.encoder.encode(file.read_row_group(group, columns=columns))
-        parts.append({k: encoded[k] for k in keys})
+        parts.append(_encoded_group(split.encoder, file, group, columns, keys))
         rows += file.metadata.row_group(group).num_rows
-    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+    return _concatenated(parts)
+
+
+def _encoded_group(
+    encoder: FeatureEncoder, file: pq.ParquetFile, group: int, columns: list[str], keys: Sequence[str]
+) -> Batch:
+    """Row group ``group`` of ``file``, read with ``columns`` only and encoded, keeping ``keys``."""
+    encoded = encoder.encode(file.read_row_group(group, columns=columns))
+    return {k: encoded[k] for k in keys}
+
+
+def _concatenated(parts: list[Batch]) -> Batch:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _shuffled(parts: list[Batch], generator: torch.Generator) -> Batch:
-    rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    rows = _concatenated(parts)
     order = torch.randperm(len(next(iter(rows.values()))), generator=generator)
     return {k: v.index_select(0, order) for k, v in rows.items()}
 
