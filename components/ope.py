@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             request_log_uri=args.request_log,
         )
     except OPEError as exc:
-        print(f"ope: {exc}")
+        print(f"ope: {exc}", file=sys.stderr)
         return 2
     return 0
 

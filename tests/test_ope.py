@@ -324,14 +324,14 @@ def test_the_cli_estimates_from_the_request_log_as_estimate_does(tmp_path, capsy
         "attribution_window_open": 0,
     }
     assert ope.main([*common, "--challenger", "nomodule"]) == 2
-    assert "--challenger: expected module:function" in capsys.readouterr().out
+    assert "--challenger: expected module:function" in capsys.readouterr().err
     assert ope.main([*common, "--challenger", "tests.test_ope:challenger", "--raw-dir", str(tmp_path)]) == 2
-    assert "events.parquet: the raw events (clicks) not found (--raw-dir)" in capsys.readouterr().out
+    assert "events.parquet: the raw events (clicks) not found (--raw-dir)" in capsys.readouterr().err
     few = write_params(
         tmp_path / "few.yaml", {"serving.exploration": POLICY.model_dump(), "gate.ope.min_requests": 301}
     )
     assert ope.main(["--params", str(few), *common[2:], "--challenger", "tests.test_ope:challenger"]) == 2
-    assert "fewer than gate.ope.min_requests 301" in capsys.readouterr().out
+    assert "fewer than gate.ope.min_requests 301" in capsys.readouterr().err
 
 
 def test_the_cli_refuses_a_log_without_propensities_naming_the_column(tmp_path, capsys):
@@ -347,8 +347,8 @@ def test_the_cli_refuses_a_log_without_propensities_naming_the_column(tmp_path, 
     ).to_parquet(tmp_path / "raw" / "events.parquet")
     argv = ["--request-log", str(tmp_path / "log"), "--raw-dir", str(tmp_path / "raw")]
     assert ope.main([*argv, "--challenger", "tests.test_ope:challenger"]) == 2
-    assert "request log column 'propensities'" in capsys.readouterr().out
+    assert "request log column 'propensities'" in capsys.readouterr().err
     log.record([_row(i, [1, 2], None, [1.0, 1.0]) for i in range(3)])
     log.flush()
     assert ope.main([*argv, "--challenger", "tests.test_ope:challenger"]) == 2
-    assert "serving.exploration.policy: none" in capsys.readouterr().out
+    assert "serving.exploration.policy: none" in capsys.readouterr().err
