@@ -13,7 +13,11 @@ overlay or an operator set stay; in Knative mode the new revision first takes
 ``deploy.canary_traffic_percent`` of the traffic, and is promoted to all of it once Ready and healthy for
 ``deploy.canary_soak_s``, or rolled back (previous image and ``STORAGE_URI``) when it fails or is not
 healthy within ``deploy.timeout_s``; a rollback then fails the step, after ``on_rollback`` (the pipeline
-restores the promote pointer).
+restores the promote pointer). With ``deploy.guardrails.enabled`` the soak also judges what the canary
+does to users (recsys/guardrails.py: error rate, p99 latency, empty answers from Prometheus, served CTR
+from the request log, canary version against champion version): a breach rolls back at once, naming the
+guardrail, its value and threshold; promotion needs them all within thresholds when the soak ends (too
+little data then: ``on_insufficient_data``); an unreachable Prometheus rolls back, named.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ import yaml
 from kubernetes import client as k8s
 
 from recsys import artifact_layout as layout
+from recsys import guardrails
 from recsys import isvc_rollout as rollout
 from recsys.artifact_io import write_text
 from recsys.config import ConfigError, DeployConfig, PromoteConfig
@@ -236,8 +242,11 @@ def roll_out(
     on_rollback: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    guardrail_query: guardrails.Query | None = None,
 ) -> str:
-    """Create ``isvc`` when absent; else patch in its model as a canary, promote or roll back. The URL."""
+    """Create ``isvc`` when absent; else patch in its model as a canary, promote or roll back. The URL.
+
+    ``guardrail_query``: how the guardrails ask Prometheus (default: ``deploy.guardrails.prometheus_url``)."""
     name, namespace = isvc.metadata.name, isvc.metadata.namespace
     where = f"InferenceService {namespace}/{name}"
     live = api.get(name, namespace)
@@ -264,6 +273,9 @@ def roll_out(
         return _already_set(api, live, previous, deploy, where, sleep, clock)
     canary = rollout.canary_share(live, deploy.canary_traffic_percent)
     revision_before = rollout.revision_before(live)
+    guard = None  # made before the patch: a configuration it refuses changes nothing on the cluster
+    if canary is not None and deploy.guardrails.enabled:
+        guard = _Guard(deploy.guardrails, desired.storage_uri, previous.storage_uri, guardrail_query)
     patched = api.json_patch(
         name, namespace, rollout.model_patch(live, desired.image, desired.storage_uri, canary)
     )
@@ -277,7 +289,17 @@ def roll_out(
         f" as a {canary}% canary" if canary is not None else "",
     )
     done, decision = _await(
-        api, name, namespace, generation, revision_before, canary, deploy, deploy.canary_soak_s, sleep, clock
+        api,
+        name,
+        namespace,
+        generation,
+        revision_before,
+        canary,
+        deploy,
+        deploy.canary_soak_s,
+        sleep,
+        clock,
+        guard,
     )
     if done and canary is not None:
         log.info("deploy: promoting the canary: %s", decision.reason)
@@ -410,11 +432,16 @@ def _await(
     soak_s: float,
     sleep: Callable[[float], None],
     clock: Callable[[], float],
+    guard: _Guard | None = None,
 ) -> tuple[dict[str, Any] | None, rollout.Decision]:
     """Poll until the decision is ``promote`` for ``soak_s`` in a row (returns the object), ``rollback``,
-    or ``deploy.timeout_s`` passed (returns None and the last decision)."""
+    or ``deploy.timeout_s`` passed (returns None and the last decision). ``guard``: the guardrails, asked
+    every ``interval_s`` while the canary is Ready and once more when the soak ends (a breach or an
+    unreachable Prometheus: ``rollback``)."""
     deadline = clock() + deploy.timeout_s
     interval = min(10.0, max(1.0, deploy.timeout_s / 60))
+    if guard is not None:
+        interval = min(interval, guard.config.interval_s)
     healthy_since = None
     while True:
         live = api.get(name, namespace) or {}
@@ -427,13 +454,64 @@ def _await(
             return None, decision
         if decision.action == "promote":
             healthy_since = clock() if healthy_since is None else healthy_since
-            if clock() - healthy_since >= soak_s:
+            soaked = clock() - healthy_since >= soak_s
+            if guard is not None:
+                judged = guard.judge(clock(), final=soaked)
+                if judged is not None and judged.action == "rollback":
+                    return None, judged
+                if soaked and judged is not None:
+                    return live, judged
+            elif soaked:
                 return live, decision
         else:
             healthy_since = None
         if clock() >= deadline:
             return None, decision
         sleep(interval)
+
+
+class _Guard:
+    """The guardrails of one canary: evaluated every ``interval_s`` during the soak and at its end."""
+
+    def __init__(
+        self,
+        config: guardrails.GuardrailsConfig,
+        canary_uri: str,
+        champion_uri: str,
+        query: guardrails.Query | None = None,
+    ) -> None:
+        try:
+            canary, champion = guardrails.version_of(canary_uri), guardrails.version_of(champion_uri)
+        except ValueError as exc:
+            raise DeployError(f"deploy.guardrails: {exc}") from exc
+        if canary == champion:
+            raise DeployError(
+                f"deploy.guardrails: the canary and the champion both serve bundle version {canary!r}; "
+                "the guardrails compare versions and cannot tell them apart"
+            )
+        self.config, self.canary, self.champion, self.query = config, canary, champion, query
+        self.since = datetime.now(UTC)  # the request log rows that count: those of this rollout
+        self.last: float | None = None
+
+    def judge(self, now: float, final: bool) -> rollout.Decision | None:
+        """``rollback`` on a breach (or no Prometheus), ``promote`` at the end when every guardrail passed
+        (or on_insufficient_data says so); None: nothing decided yet (not due, or still short of data)."""
+        if not final and self.last is not None and now - self.last < self.config.interval_s:
+            return None
+        self.last = now
+        try:
+            verdict = guardrails.evaluate(self.config, self.canary, self.champion, self.since, self.query)
+        except guardrails.GuardrailUnavailable as exc:
+            return rollout.Decision("rollback", f"GuardrailUnavailable: {exc} (deploy.guardrails)")
+        reason = f"canary {self.canary} vs champion {self.champion}: {verdict.reason()}"
+        log.info("deploy: %s", reason)
+        if verdict.status == "breach":
+            return rollout.Decision("rollback", reason)
+        if not final:
+            return None
+        if verdict.status == "pass" or self.config.on_insufficient_data == "promote":
+            return rollout.Decision("promote", reason)
+        return rollout.Decision("rollback", f"{reason} (deploy.guardrails.on_insufficient_data: rollback)")
 
 
 def _promote(

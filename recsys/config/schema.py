@@ -759,6 +759,39 @@ class MonitorConfig(Section):
     pushgateway: str  # host:port of a Prometheus Pushgateway ("" = only the text file)
 
 
+class CtrGuardrailConfig(Section):
+    """Served CTR per bundle version during the soak: the request log joined with the click feedback."""
+
+    request_log_uri: str  # where the pods log their answers (deploy.request_log_uri); "" = no CTR guardrail
+    clicks_uri: str  # click feedback (request_id, user_id, item_id, label): Parquet file, folder or s3://
+    min_impressions: int = Field(ge=1)  # per version: fewer, the CTR guardrail has insufficient data
+    min_ctr_ratio: float = Field(gt=0, le=1)  # breach: canary CTR below this x the champion's
+
+    @model_validator(mode="after")
+    def _clicks_with_log(self) -> CtrGuardrailConfig:
+        if self.request_log_uri and not self.clicks_uri:
+            raise ValueError("clicks_uri is empty: the CTR guardrail needs the click feedback to join")
+        return self
+
+
+class GuardrailsConfig(Section):
+    """What the canary does to users decides its promotion during the soak (recsys/guardrails.py)."""
+
+    enabled: bool
+    prometheus_url: str = Field(pattern=r"^https?://[^/\s]+")  # its HTTP API (/api/v1/query)
+    window: str = Field(pattern=r"^[1-9][0-9]*[smh]$")  # PromQL range the rates are taken over
+    interval_s: float = Field(gt=0)  # how often the guardrails are evaluated during the soak
+    query_timeout_s: float = Field(gt=0)
+    endpoint: Literal["recommend", "retrieval", "ranking"]  # the model whose answers are judged
+    min_requests: int = Field(ge=1)  # canary answers in the window before a rate may decide
+    max_error_rate: float = Field(ge=0, le=1)  # failed predict calls / predict calls
+    max_p99_latency_s: float = Field(gt=0)  # KServe's request_predict_seconds, 99th percentile
+    max_empty_rate: float = Field(ge=0, le=1)  # answers with no items / answers
+    # still too little data when the soak ends: roll back (safe) or promote (trust readiness alone)
+    on_insufficient_data: Literal["rollback", "promote"]
+    ctr: CtrGuardrailConfig
+
+
 class DeployConfig(Section):
     """The KServe InferenceService that components/deploy.py creates or updates."""
 
@@ -793,6 +826,7 @@ class DeployConfig(Section):
     # the pods' own object-store credentials (AWS_* keys + KServe's s3 annotations): read promote.uri, write
     # only under request_log_uri; never the pipeline's promote.secret, which can replace bundles
     storage_secret: str = Field(pattern=DNS_LABEL)
+    guardrails: GuardrailsConfig  # error rate, p99, empty answers, served CTR: checked during the soak
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> DeployConfig:
