@@ -11,6 +11,7 @@ its values use only events *strictly before* that time:
 
 All of it is vectorised numpy/pyarrow over sorted arrays (exclusive cumulative sums and searchsorted on
 composite keys); no per-user Python loop, so the ``large`` preset stays fast.
+The history (a list per event) is built and written ``features.batch_rows`` rows at a time.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from recsys.artifact_io import write_tables
+from recsys.artifact_io import staged_parquet_writers
 from recsys.config import FeaturesConfig
 from recsys.contracts import (
     ITEM_PROFILE_FEATURES,
@@ -46,28 +48,61 @@ def run(features: FeaturesConfig, raw_dir: str | Path, features_dir: str | Path)
     """Read the raw tables from ``raw_dir`` and write every feature table to ``features_dir``."""
     started = time.perf_counter()
     raw = read_raw_tables(raw_dir)
-    tables = build_feature_tables(raw, features)
-    paths = write_tables(tables, features_dir)
+    small = _small_tables(raw, features)  # everything but the history: a row per entity or active day
+    events = raw.pop("events")
+    rows = {name: table.num_rows for name, table in small.items()} | {"user_history": 0}
+    schemas = {name: table.schema for name, table in small.items()} | {"user_history": HISTORY_SCHEMA}
+    with staged_parquet_writers(features_dir, dict(sorted(schemas.items()))) as writers:
+        for name, table in small.items():
+            writers[name].write_table(table)
+        del small
+        # the history holds a list per event: built and written batch_rows rows at a time
+        for batch in user_history_batches(events, raw["items"], features.history_length, features.batch_rows):
+            writers["user_history"].write_table(batch)
+            rows["user_history"] += batch.num_rows
     log.info(
         "features: %s in %.1fs",
-        ", ".join(f"{name}={table.num_rows:,}" for name, table in tables.items()),
+        ", ".join(f"{name}={count:,}" for name, count in sorted(rows.items())),
         time.perf_counter() - started,
     )
-    return paths
+    return {name: Path(features_dir) / f"{name}.parquet" for name in sorted(rows)}
 
 
 def build_feature_tables(raw: dict[str, pd.DataFrame], features: FeaturesConfig) -> dict[str, pa.Table]:
     """All feature tables as Arrow tables, keyed by table name (the Feast FileSource names)."""
+    raw = {**raw, "events": _by_user(raw["events"])}
+    tables = _small_tables(raw, features)
+    tables["user_history"] = user_history(raw["events"], raw["items"], features.history_length)
+    order = ("user_profile", "item_profile", "user_history", "user_stats", "item_stats")
+    return {name: tables[name] for name in order}
+
+
+def _by_user(events: pd.DataFrame) -> pd.DataFrame:
+    return events.sort_values(["user_id", "event_timestamp"], kind="stable", ignore_index=True)
+
+
+def _small_tables(raw: dict[str, pd.DataFrame], features: FeaturesConfig) -> dict[str, pa.Table]:
+    """The profiles and daily snapshots; sorts ``raw["events"]`` by (user, time) in place for the history."""
+    raw["events"] = _by_user(raw["events"])
     users, items, events = raw["users"], raw["items"], raw["events"]
-    events = events.sort_values(["user_id", "event_timestamp"], kind="stable", ignore_index=True)
     windows = sorted(features.stats_windows_days)
     return {
         "user_profile": _profile(users, "user_id", USER_PROFILE_FEATURES, "signup_timestamp"),
         "item_profile": _profile(items, "item_id", ITEM_PROFILE_FEATURES, "created_timestamp"),
-        "user_history": user_history(events, items, features.history_length),
         "user_stats": activity_snapshots(events, "user_id", "user", windows),
         "item_stats": activity_snapshots(events, "item_id", "item", windows),
     }
+
+
+HISTORY_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field(TIMESTAMP, pa.timestamp("ns", tz="UTC")),
+        pa.field("hist_item_ids", pa.list_(pa.int64())),
+        pa.field("hist_categories", pa.list_(pa.string())),
+        pa.field("hist_length", pa.int64()),
+    ]
+)
 
 
 def user_history(events: pd.DataFrame, items: pd.DataFrame, length: int) -> pa.Table:
@@ -75,6 +110,18 @@ def user_history(events: pd.DataFrame, items: pd.DataFrame, length: int) -> pa.T
 
     ``events`` must be sorted by (user_id, event_timestamp); event times are unique per user (contract),
     so the clicks strictly before an event are the clicks earlier in that order.
+    """
+    batches = list(user_history_batches(events, items, length, batch_rows=None))
+    return pa.concat_tables(batches) if batches else HISTORY_SCHEMA.empty_table()
+
+
+def user_history_batches(
+    events: pd.DataFrame, items: pd.DataFrame, length: int, batch_rows: int | None
+) -> Iterator[pa.Table]:
+    """:func:`user_history` in (user, time) order, ``batch_rows`` rows at a time (None: one batch).
+
+    Only per-row positions (a few integers per event) are held for the whole table; the lists, the
+    large part, are built a batch at a time from them.
     """
     user = events["user_id"].to_numpy()
     ts = events[TIMESTAMP].to_numpy(dtype="datetime64[ns]").view(np.int64)
@@ -98,22 +145,32 @@ def user_history(events: pd.DataFrame, items: pd.DataFrame, length: int) -> pa.T
     first_click = np.searchsorted(np.flatnonzero(is_click), block_start)  # index of block's first click
     hist_len = np.minimum(row_clicks, length)
     hist_start = first_click[row_block] + row_clicks - hist_len
-    offsets = np.r_[0, np.cumsum(hist_len)].astype(np.int32)
-    flat = np.repeat(hist_start - offsets[:-1], hist_len) + np.arange(offsets[-1])
 
-    category_of = pd.Series(items["category"].to_numpy(), index=items["item_id"].to_numpy())
-    click_category = pa.array(category_of.reindex(click_item).to_numpy(), type=pa.string())
+    # each click's category as an index into the item table's categories (null: an unknown item)
+    categories = pa.array(items["category"].to_numpy(), type=pa.string())
+    item_ids = items["item_id"].to_numpy()
+    by_id = np.argsort(item_ids, kind="stable")
+    at = np.searchsorted(item_ids, click_item, sorter=by_id).clip(max=max(len(item_ids) - 1, 0))
+    click_category = by_id[at] if len(item_ids) else np.zeros(len(click_item), dtype=np.int64)
+    known = item_ids[click_category] == click_item if len(item_ids) else np.zeros(len(click_item), bool)
     order = np.lexsort((row_ts, row_user))
-    table = pa.table(
-        {
-            "user_id": pa.array(row_user, type=pa.int64()),
-            TIMESTAMP: _timestamps(row_ts),
-            "hist_item_ids": pa.ListArray.from_arrays(offsets, pa.array(click_item[flat], type=pa.int64())),
-            "hist_categories": pa.ListArray.from_arrays(offsets, click_category.take(pa.array(flat))),
-            "hist_length": pa.array(hist_len, type=pa.int64()),
-        }
-    )
-    return table.take(pa.array(order))
+    step = batch_rows or max(len(order), 1)
+    for first in range(0, len(order), step):
+        rows = order[first : first + step]
+        lengths = hist_len[rows]
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+        flat = np.repeat(hist_start[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        category = pa.array(click_category[flat], mask=~known[flat])
+        yield pa.table(
+            {
+                "user_id": pa.array(row_user[rows], type=pa.int64()),
+                TIMESTAMP: _timestamps(row_ts[rows]),
+                "hist_item_ids": pa.ListArray.from_arrays(offsets, pa.array(click_item[flat], pa.int64())),
+                "hist_categories": pa.ListArray.from_arrays(offsets, categories.take(category)),
+                "hist_length": pa.array(lengths, type=pa.int64()),
+            },
+            schema=HISTORY_SCHEMA,
+        )
 
 
 def activity_snapshots(events: pd.DataFrame, key: str, prefix: str, windows: list[int]) -> pa.Table:

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from recsys.artifact_io import write_tables
+from recsys.artifact_io import staged_files
 from recsys.config import ConfigError, DataConfig
 from recsys.contracts import KNOWN_SINCE, RAW_TABLES, DataContractError, check_raw_table
 from recsys.step_contract import STEPS
@@ -24,6 +26,7 @@ from sources import load_source
 CONTRACT = STEPS["ingest"]
 
 log = logging.getLogger(__name__)
+WRITE_BATCH_ROWS = 1_000_000  # rows converted to Arrow and written (one row group) at a time
 
 
 def run(data: DataConfig, seed: int, raw_dir: str | Path) -> dict[str, Path]:
@@ -36,7 +39,7 @@ def run(data: DataConfig, seed: int, raw_dir: str | Path) -> dict[str, Path]:
     for name in RAW_TABLES:
         check_raw_table(name, tables[name], f"source '{data.source}'")
     _check_references(tables, data.source)
-    paths = write_tables({name: tables[name] for name in RAW_TABLES}, raw_dir)
+    paths = write_raw_tables({name: tables[name] for name in RAW_TABLES}, raw_dir)
     log.info(
         "ingest: %s -> %s (%s) in %.1fs",
         data.source,
@@ -45,6 +48,27 @@ def run(data: DataConfig, seed: int, raw_dir: str | Path) -> dict[str, Path]:
         time.perf_counter() - started,
     )
     return paths
+
+
+def write_raw_tables(
+    tables: dict[str, pd.DataFrame], raw_dir: Path, batch_rows: int = WRITE_BATCH_ROWS
+) -> dict[str, Path]:
+    """Write the tables all-or-nothing. Users and items (a row each) are written whole; the events are
+    converted to Arrow ``batch_rows`` rows at a time (a row group each), so they never exist twice
+    whole, as a frame and as an Arrow table."""
+    with staged_files(raw_dir, list(tables)) as staged:
+        for name, df in tables.items():
+            if name != "events":
+                pq.write_table(
+                    pa.Table.from_pandas(df, preserve_index=False), staged[name], compression="zstd"
+                )
+                continue
+            schema = pa.Schema.from_pandas(df, preserve_index=False)
+            with pq.ParquetWriter(staged[name], schema, compression="zstd") as writer:
+                for first in range(0, len(df), batch_rows):
+                    part = df.iloc[first : first + batch_rows]
+                    writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
+    return {name: raw_dir / f"{name}.parquet" for name in tables}
 
 
 def known_before(tables: dict[str, pd.DataFrame], until: pd.Timestamp) -> dict[str, pd.DataFrame]:

@@ -8,7 +8,9 @@ within the TTL) get the contract's explicit defaults ("" / 0 / empty list): ever
 whichever offline store (DuckDB locally, Spark on a cluster) ran the join.
 
 Splits are by time (train < valid < test, cut points from params), written atomically with a manifest
-that the validation step reads. Afterwards the online store is backfilled with ``materialize(start,
+that the validation step reads. The join, the defaults and the split run in Arrow on batches of
+``training_set.call_rows`` entity rows, each written (a row group per split) before the next is built.
+Afterwards the online store is backfilled with ``materialize(start,
 end)`` up to the end of the data, so serving reads the latest features.
 The join itself is recsys.point_in_time's (its docstring says how it is posed to stay linear); the
 report holds its seconds per feature view.
@@ -30,8 +32,9 @@ os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from recsys.artifact_io import write_json, write_tables, write_text
+from recsys.artifact_io import staged_parquet_writers, write_json, write_text
 from recsys.config import FeastConfig, FeaturesConfig, TrainingSetConfig
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
@@ -46,7 +49,13 @@ from recsys.feature_store import (
     read_feature_table,
     registered_repo,
 )
-from recsys.point_in_time import feature_columns, historical_features, typed_table
+from recsys.point_in_time import (
+    JoinStats,
+    configure_duckdb,
+    feature_columns,
+    historical_batches,
+    training_schema,
+)
 from recsys.step_contract import STEPS
 from recsys.training_data import MANIFEST, SPLITS
 
@@ -91,34 +100,46 @@ def run(
     store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
     cuts = split_cuts(events[TIMESTAMP], config)
     sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    configure_duckdb(config.duckdb_memory_limit, config.duckdb_spill_dir)
 
-    tables: dict[str, pa.Table] = {}
     report: dict[str, Any] = {"sets": {}, "seconds": {}, "view_seconds": {}, "defaulted_rows": {}}
     entity_rows: dict[str, int] = {}  # counted before the join: the validation gate compares with them
-    for name, entity_df in entity_frames(events).items():
-        entity_split = cuts.split_of(entity_df[TIMESTAMP])
-        entity_rows |= {f"{name}_{s}": int((entity_split == s).sum()) for s in SPLITS}
-        t0 = time.perf_counter()
-        frame, stats = historical_features(
-            store, entity_df, name, sources, build_repo, config.chunk_rows, config.call_rows
-        )
-        report["seconds"][name] = round(time.perf_counter() - t0, 2)
-        report["view_seconds"][name] = stats.seconds
-        report["defaulted_rows"][name] = stats.defaulted_rows
-        split = cuts.split_of(frame[TIMESTAMP])
-        for split_name in SPLITS:
-            part = frame[split == split_name]
-            if part.empty:
-                raise DataContractError(
-                    f"training set '{name}': split '{split_name}' is empty; check training_set cut points "
-                    f"(valid_start={cuts.valid_start}, test_start={cuts.test_start}) against the event "
-                    f"times {events[TIMESTAMP].min()} .. {events[TIMESTAMP].max()}"
-                )
-            tables[f"{name}_{split_name}"] = typed_table(part, repo)
-            report["sets"][f"{name}_{split_name}"] = _describe(part)
-        del frame, part  # the pandas copy of a set (list columns) is large: free it before the next
-    write_tables(tables, output_dir)
-    del tables  # written; the online backfill below needs the memory on large data
+    frames = entity_frames(events)
+    event_span = f"{events[TIMESTAMP].min()} .. {events[TIMESTAMP].max()}"
+    del events
+    schema = training_schema(repo)
+    names = [f"{name}_{split}" for name in frames for split in SPLITS]
+    summaries = {name: SplitSummary() for name in names}
+    with staged_parquet_writers(output_dir, dict.fromkeys(names, schema)) as writers:
+        for name in list(frames):
+            entity_df = frames.pop(name)
+            entity_split = cuts.split_of(entity_df[TIMESTAMP])
+            entity_rows |= {f"{name}_{s}": int((entity_split == s).sum()) for s in SPLITS}
+            del entity_split
+            t0 = time.perf_counter()
+            stats = JoinStats()
+            batches = historical_batches(
+                store, entity_df, name, sources, build_repo, config.chunk_rows, config.call_rows, stats
+            )
+            for batch in batches:  # a batch is written (a row group per split) before the next is built
+                split = cuts.split_of(pd.Series(batch.column(TIMESTAMP).to_pandas()))
+                for split_name in SPLITS:
+                    part = batch.filter(pa.array(split == split_name))
+                    if part.num_rows:
+                        writers[f"{name}_{split_name}"].write_table(part)
+                        summaries[f"{name}_{split_name}"].add(part)
+            report["seconds"][name] = round(time.perf_counter() - t0, 2)
+            report["view_seconds"][name] = stats.seconds
+            report["defaulted_rows"][name] = stats.defaulted_rows
+            for split_name in SPLITS:
+                if not summaries[f"{name}_{split_name}"].rows:
+                    raise DataContractError(
+                        f"training set '{name}': split '{split_name}' is empty; check training_set cut "
+                        f"points (valid_start={cuts.valid_start}, test_start={cuts.test_start}) against "
+                        f"the event times {event_span}"
+                    )
+            del entity_df
+    report["sets"] = {name: summaries[name].describe() for name in names}
     manifest = {
         "valid_start": cuts.valid_start.isoformat(),
         "test_start": cuts.test_start.isoformat(),
@@ -184,16 +205,37 @@ def _read_events(path: Path) -> pd.DataFrame:
     return events
 
 
-def _describe(part: pd.DataFrame) -> dict[str, Any]:
-    return {
-        "rows": len(part),
-        "positives": int(part["label"].sum()),
-        "positive_rate": round(float(part["label"].mean()), 6),
-        "users": int(part["user_id"].nunique()),
-        "items": int(part["item_id"].nunique()),
-        "first_event": part[TIMESTAMP].min().isoformat(),
-        "last_event": part[TIMESTAMP].max().isoformat(),
-    }
+class SplitSummary:
+    """A training set's report row, accumulated batch by batch (distinct users and items as sorted id
+    arrays: they grow with users and items, not with events)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.positives = 0
+        self.users = np.zeros(0, dtype=np.int64)
+        self.items = np.zeros(0, dtype=np.int64)
+        self.first: pd.Timestamp | None = None
+        self.last: pd.Timestamp | None = None
+
+    def add(self, part: pa.Table) -> None:
+        self.rows += part.num_rows
+        self.positives += int(pc.sum(part.column("label")).as_py())
+        self.users = np.union1d(self.users, part.column("user_id").to_numpy())
+        self.items = np.union1d(self.items, part.column("item_id").to_numpy())
+        first, last = (pd.Timestamp(v.as_py()) for v in pc.min_max(part.column(TIMESTAMP)).values())
+        self.first = first if self.first is None else min(self.first, first)
+        self.last = last if self.last is None else max(self.last, last)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "positives": self.positives,
+            "positive_rate": round(self.positives / self.rows, 6),
+            "users": len(self.users),
+            "items": len(self.items),
+            "first_event": self.first.isoformat(),
+            "last_event": self.last.isoformat(),
+        }
 
 
 def _markdown(report: dict[str, Any]) -> str:

@@ -95,3 +95,41 @@ def write_tables(tables: Mapping[str, pd.DataFrame | pa.Table], directory: str |
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
     return {final.stem: final for final in staged}
+
+
+@contextmanager
+def staged_files(directory: str | Path, names: list[str]) -> Iterator[dict[str, Path]]:
+    """Temporary paths for several ``<name>.parquet`` files, all renamed into ``directory`` only once the
+    block succeeds (all-or-nothing, as :func:`write_tables`); a failure leaves the stored files untouched."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for name in names:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.parquet.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            staged[name] = Path(tmp_name)
+        yield dict(staged)
+        for name, tmp in staged.items():
+            os.replace(tmp, directory / f"{name}.parquet")
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_parquet_writers(
+    directory: str | Path, schemas: Mapping[str, pa.Schema]
+) -> Iterator[dict[str, pq.ParquetWriter]]:
+    """Writers for several ``<name>.parquet`` files filled batch by batch (a row group per write), so a
+    large output never sits whole in memory; all-or-nothing (:func:`staged_files`): every file is
+    closed before the first rename."""
+    with staged_files(directory, list(schemas)) as paths:
+        writers: dict[str, pq.ParquetWriter] = {}
+        try:
+            for name, schema in schemas.items():
+                writers[name] = pq.ParquetWriter(paths[name], schema, compression="zstd")
+            yield writers
+        finally:
+            while writers:
+                writers.popitem()[1].close()

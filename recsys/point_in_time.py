@@ -33,7 +33,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ os.environ.setdefault("FEAST_USAGE", "False")  # no usage telemetry, set before 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 from feast.types import Array, Float32, Float64, Int32, Int64, String
@@ -86,6 +87,34 @@ def historical_features(
     ``build_repo(features_dir)`` builds the definitions over a directory of feature tables (the pruned
     copies live in one). ``chunk_rows`` bounds the candidate pairs of one time chunk, ``call_rows`` the
     entity rows of one Feast call. Returns the frame in ``row_id`` order and the per-view statistics.
+    The whole result in one pandas frame: for tests and small data; the training-set step writes
+    :func:`historical_batches` as they come.
+    """
+    stats = JoinStats()
+    batches = list(
+        historical_batches(store, entity_df, service, sources, build_repo, chunk_rows, call_rows, stats)
+    )
+    table = pa.concat_tables(batches)
+    table = table.take(pa.array(np.argsort(table.column("row_id").to_numpy(), kind="stable")))
+    return table.to_pandas(), stats
+
+
+def historical_batches(
+    store: FeatureStore,
+    entity_df: pd.DataFrame,
+    service: str,
+    sources: dict[str, pa.Table],
+    build_repo: Callable[[Path], Any],
+    chunk_rows: int,
+    call_rows: int,
+    stats: JoinStats,
+) -> Iterator[pa.Table]:
+    """The join in batches of at most ``call_rows`` time-ordered entity rows, each an Arrow table in the
+    contract's schema (:func:`training_schema`, defaults filled), in (event time, ``row_id``) order.
+
+    Memory follows the batch, not the events: a batch's views are joined, aligned by ``row_id`` and
+    filled in Arrow (list columns never become Python objects), and the caller writes it before the
+    next is built. ``stats`` accumulates the rows given defaults and the seconds per view.
     """
     with tempfile.TemporaryDirectory(prefix="feast-pit-") as tmp:
         staging_dir = Path(tmp)
@@ -100,30 +129,84 @@ def historical_features(
             pq.write_table(sources[name].schema.empty_table(), staging_dir / f"{name}.parquet")
         staging = _staging_store(store.config, staging_dir)
         staging.apply(repo.objects())
-        stats = JoinStats()
-        row_ids = entity_df["row_id"]
-        joined = {"row_id": row_ids.to_numpy()}
-        for name in sorted(features, key=VIEW_ORDER.index):
-            t0 = time.perf_counter()
-            rows = _AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
-            view_rows = _join_view(
-                staging,
-                staging_dir / f"{name}.parquet",
-                name,
-                features[name],
-                entity_df,
-                rows,
-                chunk_rows,
-                call_rows,
-            )
-            if not view_rows["row_id"].is_unique:  # a broken join, never a double-counted event
-                raise RuntimeError(f"feature view '{name}': get_historical_features repeated a row_id")
-            aligned = view_rows.set_index("row_id").reindex(row_ids)  # rows a store dropped: NaN
-            joined |= {feature: aligned[feature].to_numpy() for feature in features[name]}
-            stats.seconds[name] = round(time.perf_counter() - t0, 3)
-            log.info("point-in-time %s/%s: %.1fs", service, name, stats.seconds[name])
-    frame, stats.defaulted_rows = complete_training_rows(entity_df, pd.DataFrame(joined), repo)
-    return frame, stats
+        views = sorted(features, key=VIEW_ORDER.index)
+        rows = {
+            name: _AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
+            for name in views
+        }
+        for name in views:
+            stats.seconds.setdefault(name, 0.0)
+            stats.defaulted_rows.setdefault(name, 0)
+        schema = training_schema(repo)
+        for first in range(0, len(entity_df), call_rows):
+            batch = entity_df.iloc[first : first + call_rows]
+            row_ids = batch["row_id"].to_numpy()
+            joined: dict[str, pa.Array | pa.ChunkedArray] = {}
+            for name in views:
+                t0 = time.perf_counter()
+                view_rows = _join_view(
+                    staging,
+                    staging_dir / f"{name}.parquet",
+                    name,
+                    features[name],
+                    batch,
+                    rows[name],
+                    chunk_rows,
+                    call_rows,
+                )
+                aligned = _align(view_rows, row_ids, name)  # rows a store dropped: null
+                if features[name]:
+                    stats.defaulted_rows[name] += _all_null_rows(aligned, features[name])
+                joined |= {feature: aligned.column(feature) for feature in features[name]}
+                stats.seconds[name] = round(stats.seconds[name] + time.perf_counter() - t0, 3)
+            yield _typed_batch(batch, joined, schema, repo)
+            log.info("point-in-time %s: %d of %d rows", service, first + len(batch), len(entity_df))
+
+
+def _align(view_rows: pa.Table, row_ids: np.ndarray, name: str) -> pa.Table:
+    """``view_rows`` in the order of ``row_ids``, a null row where the store returned none; a repeated
+    ``row_id`` is a broken join, never a double-counted event."""
+    got = view_rows.column("row_id").to_numpy()
+    if len(np.unique(got)) != len(got):
+        raise RuntimeError(f"feature view '{name}': get_historical_features repeated a row_id")
+    order = np.argsort(row_ids, kind="stable")
+    at = np.searchsorted(row_ids, got, sorter=order).clip(max=max(len(row_ids) - 1, 0))
+    known = row_ids[order[at]] == got if len(row_ids) else np.zeros(0, dtype=bool)
+    index = np.full(len(row_ids), -1, dtype=np.int64)
+    index[order[at[known]]] = np.flatnonzero(known)
+    return view_rows.take(pa.array(index, mask=index < 0))
+
+
+def _all_null_rows(table: pa.Table, columns: list[str]) -> int:
+    """Rows whose every column in ``columns`` is null: the view had no row for them."""
+    null = np.ones(table.num_rows, dtype=bool)
+    for column in columns:
+        null &= table.column(column).is_null().to_numpy(zero_copy_only=False)
+    return int(null.sum())
+
+
+def _typed_batch(
+    batch: pd.DataFrame, joined: dict[str, pa.Array | pa.ChunkedArray], schema: pa.Schema, repo: Any
+) -> pa.Table:
+    """A batch's entity columns and features in the contract's schema, missing values defaulted."""
+    dtypes = _feature_dtypes(repo)
+    columns: list[pa.Array | pa.ChunkedArray] = []
+    for field_ in schema:
+        if field_.name in joined:
+            column = pc.cast(joined[field_.name], field_.type)
+            columns.append(pc.fill_null(column, _default(dtypes[field_.name], field_.type)))
+        else:
+            columns.append(pa.Array.from_pandas(batch[field_.name]).cast(field_.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _default(dtype: Any, arrow_type: pa.DataType) -> pa.Scalar:
+    """The contract's default for a missing value: "" for strings, 0 for numbers, [] for lists."""
+    if isinstance(dtype, Array):
+        return pa.scalar([], type=arrow_type)
+    if dtype == String:
+        return pa.scalar(MISSING_CATEGORY, type=arrow_type)
+    return pa.scalar(NUMBER_DEFAULT, type=arrow_type)
 
 
 def complete_training_rows(
@@ -168,10 +251,12 @@ class _AsOfRows:
     def __init__(self, table: pa.Table, key: str, ttl_ns: int | None):
         self.key = key
         self.ttl_ns = ttl_ns
-        order = np.argsort(_ns(table.column(TIMESTAMP)), kind="stable")
-        self.table = table.take(pa.array(order))
-        self.ts = _ns(self.table.column(TIMESTAMP))
-        self.ids, self.slot = np.unique(self.table.column(key).to_numpy(), return_inverse=True)
+        ts = _ns(table.column(TIMESTAMP))
+        # the time order as positions, not a sorted copy: the history table holds a list per event
+        self.order = np.argsort(ts, kind="stable")
+        self.table = table
+        self.ts = ts[self.order]
+        self.ids, self.slot = np.unique(table.column(key).to_numpy()[self.order], return_inverse=True)
         self.latest = np.full(len(self.ids), -1, dtype=np.int64)
         self.swept = 0
 
@@ -190,7 +275,7 @@ class _AsOfRows:
         end_inside = int(np.searchsorted(self.ts, t_last, side="right"))
         inside = np.arange(end_before, end_inside, dtype=np.int64)
         inside = inside[np.isin(self.slot[inside], slots)]
-        return self.table.take(pa.array(np.concatenate([np.sort(before), inside])))
+        return self.table.take(pa.array(self.order[np.concatenate([np.sort(before), inside])]))
 
 
 def _join_view(
@@ -202,13 +287,13 @@ def _join_view(
     rows: _AsOfRows,
     chunk_rows: int,
     call_rows: int,
-) -> pd.DataFrame:
+) -> pa.Table:
     """One view's features for every entity row: its time chunks, batched into Feast calls.
 
     The chunks of one call share a table and an entity frame under *partitioned* join keys (chunk
     number x entity count + the entity's index): an entity row only meets the rows pruned for its own
     chunk, exactly as if each chunk were a call of its own, without a call's fixed cost per chunk.
-    Returns row_id + features.
+    Returns row_id + features, as Arrow (list columns stay Arrow lists).
     """
     key = rows.key
     times = _ns(pa.array(entity_df[TIMESTAMP]))
@@ -246,12 +331,9 @@ def _join_view(
             entity_df=entity, features=[f"{name}:{f}" for f in features], full_feature_names=False
         )
         parts.append(job.to_arrow().select(["row_id", *features]))
-    view_rows = (
-        pa.concat_tables(parts, promote_options="permissive").to_pandas()
-        if parts
-        else pd.DataFrame(columns=["row_id", *features])
-    )
-    return view_rows
+    if not parts:
+        return pa.table({"row_id": pa.array([], pa.int64()), **{f: pa.nulls(0) for f in features}})
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def _chunk_bounds(
@@ -357,7 +439,7 @@ def _fill_default(series: pd.Series, dtype: Any) -> pd.Series:
     return series.fillna(NUMBER_DEFAULT).astype(np.float64)
 
 
-def typed_table(frame: pd.DataFrame, repo: Any) -> pa.Table:
+def training_schema(repo: Any) -> pa.Schema:
     """The contract's schema: entity columns, then every feature (no nulls)."""
     dtypes = _feature_dtypes(repo)
     fields = [
@@ -367,8 +449,42 @@ def typed_table(frame: pd.DataFrame, repo: Any) -> pa.Table:
         pa.field(TIMESTAMP, pa.timestamp("ns", tz="UTC")),
         pa.field("label", pa.int64()),
     ] + [pa.field(name, _arrow_type(dtypes[name])) for name in feature_columns(repo)]
-    schema = pa.schema(fields)
+    return pa.schema(fields)
+
+
+def typed_table(frame: pd.DataFrame, repo: Any) -> pa.Table:
+    """A frame in the contract's schema (:func:`training_schema`)."""
+    schema = training_schema(repo)
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+def configure_duckdb(memory_limit: str | None, spill_dir: Path | None, threads: int | None = None) -> None:
+    """Bound the DuckDB offline store's memory and let it spill to ``spill_dir``.
+
+    Feast's DuckDB store runs its joins on ibis's default DuckDB connection (``ibis.read_parquet`` in
+    feast/infra/offline_stores/duckdb.py), one per process, so the settings go on that connection; a
+    join that outgrows ``memory_limit`` spills to ``spill_dir`` instead of growing the process.
+    """
+    import ibis
+
+    con = ibis.get_backend()
+    if memory_limit is not None:
+        con.raw_sql(f"SET memory_limit = '{memory_limit}'")
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        con.raw_sql(f"SET temp_directory = '{Path(spill_dir).resolve()}'")
+    if threads is not None:
+        con.raw_sql(f"SET threads = {int(threads)}")
+
+
+def duckdb_settings() -> dict[str, str]:
+    """The DuckDB offline store's current memory limit, spill directory and threads (what was applied)."""
+    import ibis
+
+    names = ("memory_limit", "temp_directory", "threads")
+    query = "SELECT " + ", ".join(f"current_setting('{n}')" for n in names)
+    values = ibis.get_backend().raw_sql(query).fetchone()
+    return {name: str(value) for name, value in zip(names, values, strict=True)}
 
 
 def _ns(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

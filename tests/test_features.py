@@ -101,3 +101,24 @@ def test_features_step_names_a_broken_raw_file(tiny_raw_dir, tmp_path, tiny_para
     with pytest.raises(DataContractError, match=r"events\.parquet.*'item_id'"):
         features.run(tiny_params.features, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_history_is_built_and_written_batch_rows_at_a_time(tiny_raw_dir, tiny_raw, tiny_params, tmp_path):
+    """The history (a list per event) is never whole in memory: each batch is one row group of at most
+    ``features.batch_rows`` rows, and the table is the one built whole."""
+    import pyarrow.parquet as pq
+
+    config = tiny_params.features.model_copy(update={"batch_rows": 4_000})
+    features.run(config, tiny_raw_dir, tmp_path)
+    written = pq.ParquetFile(tmp_path / "user_history.parquet")
+    sizes = [written.metadata.row_group(i).num_rows for i in range(written.num_row_groups)]
+    whole = features.build_feature_tables(tiny_raw, tiny_params.features)["user_history"]
+    assert sizes == [4_000] * (whole.num_rows // 4_000) + [whole.num_rows % 4_000] * bool(
+        whole.num_rows % 4_000
+    )
+    assert len(sizes) > 3
+    assert written.read().equals(whole)
+    for name in ("user_profile", "item_profile", "user_stats", "item_stats"):  # the rest unchanged
+        assert pq.read_table(tmp_path / f"{name}.parquet").equals(
+            features.build_feature_tables(tiny_raw, tiny_params.features)[name]
+        )

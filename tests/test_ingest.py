@@ -161,3 +161,17 @@ def test_data_until_keeps_what_was_known_before_the_day(tiny_params, tmp_path):
     with pytest.raises(DataContractError, match=r"data\.until: .* keeps no events"):
         ingest.run(before_anything, tiny_params.seed, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_events_are_written_batch_rows_at_a_time(tiny_raw, tmp_path):
+    """The events go to Arrow and disk a batch at a time (a row group each), never as a second whole copy;
+    the file reads back as the same frame."""
+    tables = {name: tiny_raw[name] for name in ("users", "items", "events")}
+    ingest.write_raw_tables(tables, tmp_path, batch_rows=7_000)
+    events = pq.ParquetFile(tmp_path / "events.parquet")
+    sizes = [events.metadata.row_group(i).num_rows for i in range(events.num_row_groups)]
+    n = len(tables["events"])
+    assert sizes == [7_000] * (n // 7_000) + [n % 7_000] * bool(n % 7_000) and len(sizes) > 3
+    back = read_raw_tables(tmp_path)
+    for name, df in tables.items():
+        pd.testing.assert_frame_equal(back[name], df)

@@ -414,3 +414,62 @@ def test_pruned_chunks_give_the_same_rows_as_one_unpruned_feast_join(
         if column in ("hist_item_ids", "hist_categories"):
             left, right = [list(v) for v in left], [list(v) for v in right]
         assert left == right, column
+
+
+def test_training_sets_are_joined_and_written_a_batch_at_a_time(handmade_run):
+    """Each batch of ``call_rows`` entity rows (3 here) is joined, filled and written before the next:
+    the files hold row groups of at most a batch, never one group of the whole set."""
+    _, frames, out, *_ = handmade_run
+    for name in frames:
+        written = pq.ParquetFile(out["output_dir"] / f"{name}.parquet")
+        sizes = [written.metadata.row_group(i).num_rows for i in range(written.num_row_groups)]
+        assert max(sizes) <= handmade_training_config().call_rows and sum(sizes) == len(frames[name]), name
+    ranking = sum(
+        pq.ParquetFile(out["output_dir"] / f"ranking_{s}.parquet").num_row_groups
+        for s in training_data.SPLITS
+    )
+    assert ranking >= len(HANDMADE_EVENTS) / handmade_training_config().call_rows
+
+
+def test_batches_hold_at_most_call_rows_and_join_like_one_batch(handmade_run):
+    """The same rows whatever the batch size: batches of 2 entity rows against one batch of them all."""
+    _, _, out, feast_cfg, features_dir = handmade_run
+    store = feature_store.open_feature_store(feast_cfg)
+    build = functools.partial(feature_store.feature_repo, feast_cfg, FEATURES)
+    sources = {n: feature_store.read_feature_table(features_dir, n) for n in FEATURE_TABLE_KEYS}
+    ranking = training_set.entity_frames(
+        pd.read_parquet(out["output_dir"].parent / "data/raw/events.parquet")
+    )["ranking"]
+    stats = point_in_time.JoinStats()
+    small = list(point_in_time.historical_batches(store, ranking, "ranking", sources, build, 2, 2, stats))
+    assert [b.num_rows for b in small] == [2] * (len(ranking) // 2) + [1] * (len(ranking) % 2)
+    one = list(point_in_time.historical_batches(store, ranking, "ranking", sources, build, 2, 10**6, stats))
+    assert len(one) == 1 and pa.concat_tables(small).equals(one[0])
+    assert pa.concat_tables(small).schema == point_in_time.training_schema(build(features_dir))
+
+
+def test_duckdb_memory_limit_and_spill_dir_reach_the_offline_store(handmade_run, tmp_path):
+    """The step's DuckDB settings land on the connection Feast's DuckDB store joins on (ibis's default
+    backend: feast/infra/offline_stores/duckdb.py reads the sources with ibis.read_parquet)."""
+    import ibis
+
+    con = ibis.get_backend()
+    before = point_in_time.duckdb_settings()
+    assert SHIPPED.training_set.duckdb_memory_limit == "4GB"
+    assert before["memory_limit"] in ("3.7 GiB", "4.0 GB")  # the step (handmade_run) applied params'
+    try:
+        point_in_time.configure_duckdb("300MB", tmp_path / "spill")
+        settings = point_in_time.duckdb_settings()
+        assert settings["memory_limit"] in ("286.1 MiB", "300.0 MB")  # DuckDB prints it in its own units
+        assert settings["temp_directory"] == str((tmp_path / "spill").resolve())
+        assert (tmp_path / "spill").is_dir()
+        # the connection Feast uses is the one configured (a read through it sees the same limit)
+        assert con.raw_sql("SELECT current_setting('memory_limit')").fetchone()[0] == settings["memory_limit"]
+    finally:
+        for name in ("memory_limit", "temp_directory"):
+            con.raw_sql(f"SET {name} = '{before[name].replace(' ', '')}'")
+
+
+def test_duckdb_memory_limit_is_checked_at_load():
+    with pytest.raises(ConfigError, match="duckdb_memory_limit"):
+        load_params(REPO_ROOT / "params.yaml", overrides={"training_set.duckdb_memory_limit": "lots"})

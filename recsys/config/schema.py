@@ -233,6 +233,8 @@ class FeaturesConfig(Section):
 
     history_length: int = Field(gt=0, le=512)
     stats_windows_days: list[int] = Field(min_length=1)
+    # rows of the history table built and written at a time (a row group each): memory follows it
+    batch_rows: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _windows_positive_and_unique(self) -> FeaturesConfig:
@@ -293,8 +295,13 @@ class TrainingSetConfig(Section):
     # candidate (entity row, feature row) pairs per time chunk of one view's point-in-time join: each
     # chunk reads only the feature rows it can use (recsys/point_in_time.py)
     chunk_rows: int = Field(gt=0)
-    # entity rows per get_historical_features call: the chunks of a call share it (partitioned keys)
+    # entity rows per get_historical_features call: the chunks of a call share it (partitioned keys).
+    # Also the step's batch: a batch is joined, filled and written (one row group) before the next
     call_rows: int = Field(gt=0)
+    # DuckDB offline store: memory limit (DuckDB syntax, "4GB"; null: DuckDB's 80% of RAM) and the
+    # folder a join spills to beyond it (null: DuckDB's default, <database>.tmp / the working directory)
+    duckdb_memory_limit: str | None = Field(pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    duckdb_spill_dir: Path | None
 
     @model_validator(mode="after")
     def _consistent_splits(self) -> TrainingSetConfig:
