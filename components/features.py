@@ -46,6 +46,10 @@ TRAILING_NS = 1_000_000_000  # the trailing history row sits one second after th
 
 def run(features: FeaturesConfig, raw_dir: str | Path, features_dir: str | Path) -> dict[str, Path]:
     """Read the raw tables from ``raw_dir`` and write every feature table to ``features_dir``."""
+    if features.engine == "spark":  # the same tables on Spark (README "Spark")
+        from recsys.spark_features import run_configured
+
+        return {name: Path(path) for name, path in run_configured(features, raw_dir, features_dir).items()}
     started = time.perf_counter()
     raw = read_raw_tables(raw_dir)
     small = _small_tables(raw, features)  # everything but the history: a row per entity or active day

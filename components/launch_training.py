@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from recsys.config import PipelineConfig
 from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH, harden
 from recsys.kube_namespace import SERVICE_ACCOUNT_NAMESPACE, own_namespace, pod_namespace
 from recsys.step_contract import STEPS
+from recsys.task_pod import custom_objects_api, task_pod_owner
 
 CONTRACT = STEPS["train"]
 
@@ -262,7 +262,7 @@ def run_pytorch_job(
     shutil.copytree(training_dir, workdir / "training_sets")
     owner = task_pod_owner(namespace, core_api)
     manifest = pytorch_job_manifest(name, namespace, kind, cfg, str(workdir), owner=owner)
-    api = api or _custom_objects_api()
+    api = api or custom_objects_api()
     api.create_namespaced_custom_object(
         PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, manifest
     )
@@ -290,64 +290,6 @@ def run_pytorch_job(
     shutil.copyfile(workdir / "metrics.json", metrics_file)
     shutil.copyfile(workdir / "curves.png", plot_file)
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-def task_pod_owner(namespace: str, core_api: Any = None) -> dict[str, Any] | None:
-    """An ownerReference to this task's own Pod, or None (logged) when it cannot be known.
-
-    Why: a PyTorchJob outlives the task that created it (a deleted run, an evicted or retried pod), and
-    an orphan keeps its GPUs; owned by the pod, the garbage collector deletes it, and its pods, with the
-    pod. The name and uid come from the KFP launcher's downward-API env (``KFP_POD_NAME``,
-    ``KFP_POD_UID``), else the pod is read by its ``HOSTNAME`` (RBAC: ``get`` on pods). Not a controller
-    reference, and ``blockOwnerDeletion`` false: setting it true needs ``update`` on pods/finalizers
-    (OwnerReferencesPermissionEnforcement), and nothing should hold back a pod's deletion.
-    """
-    name, uid = os.environ.get("KFP_POD_NAME") or os.environ.get("HOSTNAME"), os.environ.get("KFP_POD_UID")
-    if not name:
-        log.warning("PyTorchJob without an owner: no KFP_POD_NAME or HOSTNAME names this task's pod")
-        return None
-    if not uid:
-        try:
-            pod = (core_api or _core_v1_api()).read_namespaced_pod(name, namespace)
-        except Exception as error:  # RBAC (403), no such pod, no cluster: the owner is a convenience
-            log.warning(
-                "PyTorchJob without an owner: cannot read pod %s/%s (%s: %s); it will not be deleted "
-                "with the run's pod (ttlSecondsAfterFinished still removes it a week after it ends)",
-                namespace, name, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
-            )  # fmt: skip
-            return None
-        name, uid = pod.metadata.name, pod.metadata.uid
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "name": name,
-        "uid": uid,
-        "controller": False,
-        "blockOwnerDeletion": False,
-    }
-
-
-def _load_kube_config() -> None:
-    from kubernetes import config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-
-
-def _custom_objects_api() -> Any:
-    from kubernetes import client
-
-    _load_kube_config()
-    return client.CustomObjectsApi()
-
-
-def _core_v1_api() -> Any:
-    from kubernetes import client
-
-    _load_kube_config()
-    return client.CoreV1Api()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@
 - Core kinds (ServiceAccount, Role, NetworkPolicy, Namespace, ...) against the Kubernetes openAPI
   schemas of :data:`KUBERNETES_VERSION` with ``kubernetes-validate`` (strict: an unknown field fails).
 - Custom resources against the openAPI schema of their CRD, shipped in ``manifests/crds/`` (see its
-  README for sources and licences): KServe's ``InferenceService`` and the Kubeflow Training Operator's
-  ``PyTorchJob``. Like ``kubectl``'s strict field validation, an unknown field fails wherever the CRD
-  does not preserve unknown fields.
+  README for sources and licences): KServe's ``InferenceService``, the Kubeflow Training Operator's
+  ``PyTorchJob``, the Kubeflow Spark Operator's ``SparkApplication``, ... Like ``kubectl``'s strict
+  field validation, an unknown field fails wherever the CRD does not preserve unknown fields.
 
 The shipped CRD schemas are reduced by :func:`reduce_crd` (descriptions dropped, every repeated subtree
 stored once under ``$defs`` and referenced), which validates exactly as the upstream schema does.
@@ -44,6 +44,7 @@ CUSTOM_RESOURCES = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.json",
     ("argoproj.io/v1alpha1", "Application"): "argoproj.io_applications.json",
     ("kubeflow.org/v1beta1", "Experiment"): "kubeflow.org_experiments.json",
+    ("sparkoperator.k8s.io/v1beta2", "SparkApplication"): "sparkoperator.k8s.io_sparkapplications.json",
 }
 _MIN_SHARED_BYTES = 200  # smaller repeated subtrees stay inline
 # keywords whose value maps names to schemas: the map itself is never shared, its schemas are

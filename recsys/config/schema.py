@@ -228,6 +228,36 @@ class DataConfig(Section):
 # features
 
 
+SPARK_MEMORY = r"^[0-9]+([kmgtp]b?)?$"  # Spark's JVM memory strings: 512m, 4g (JavaUtils.byteStringAs)
+
+
+class SparkApplicationConfig(Section):
+    """``features.engine: spark`` on a cluster: the Kubeflow Spark Operator ``SparkApplication`` the
+    features task creates and waits for (recsys/spark_application.py)."""
+
+    image: str = Field(min_length=1)  # a Spark 4 Python image with this project installed (spark_features)
+    # recsys/spark_features.py inside that image, as spark-submit names it (local:// = in the image)
+    main_application_file: str = Field(pattern=r"^local:///\S+\.py$")
+    spark_version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    service_account: str = Field(pattern=DNS_SUBDOMAIN)  # the driver's: it creates the executor pods
+    driver_cores: int = Field(ge=1)
+    driver_memory: str = Field(pattern=SPARK_MEMORY)
+    executor_instances: int = Field(ge=1)
+    executor_cores: int = Field(ge=1)
+    executor_memory: str = Field(pattern=SPARK_MEMORY)
+    timeout_s: int = Field(gt=0)  # the task's wait for COMPLETED / FAILED
+
+
+class SparkFeaturesConfig(Section):
+    """The Spark session of ``features.engine: spark`` (recsys/spark_features.py)."""
+
+    master: str = Field(min_length=1)  # local[*] on one machine; a cluster's SparkApplication sets its own
+    driver_memory: str = Field(pattern=SPARK_MEMORY)
+    shuffle_partitions: int = Field(ge=1)
+    conf: dict[str, str]  # any other spark.* setting, e.g. spark.hadoop.fs.s3a.* for s3a:// paths
+    application: SparkApplicationConfig
+
+
 class FeaturesConfig(Section):
     """Feature tables computed from the raw tables for Feast file sources."""
 
@@ -235,6 +265,9 @@ class FeaturesConfig(Section):
     stats_windows_days: list[int] = Field(min_length=1)
     # rows of the history table built and written at a time (a row group each): memory follows it
     batch_rows: int = Field(gt=0)
+    # local: this process (components/features.py); spark: the same tables on Spark (recsys/spark_features.py)
+    engine: Literal["local", "spark"]
+    spark: SparkFeaturesConfig | None  # required by engine: spark
 
     @model_validator(mode="after")
     def _windows_positive_and_unique(self) -> FeaturesConfig:
@@ -242,6 +275,8 @@ class FeaturesConfig(Section):
             raise ValueError("stats_windows_days: every window must be a positive number of days")
         if len(set(self.stats_windows_days)) != len(self.stats_windows_days):
             raise ValueError("stats_windows_days: windows must be unique")
+        if self.engine == "spark" and self.spark is None:
+            raise ValueError("spark: engine is spark but the features.spark section is missing")
         return self
 
 
