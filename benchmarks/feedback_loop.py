@@ -2,21 +2,12 @@
 
 ``python -m benchmarks.feedback_loop --days 4 --always_promote [--exploration epsilon_greedy]`` builds the
 tiny pipeline in a temporary folder with the real steps (ingest, features, Feast training sets + online
-store, every model, evaluate, export, index, bundle), then each day:
-
-1. **serve**: ``python -m serving`` on loopback for the promoted bundle (``served``) and one for the day-0
-   bundle that never retrains (``frozen``), both on the same (refreshed) Feast online store;
-2. **simulate + log**: components/simulate.py's day (same arrivals and click draws for ``served``,
-   ``frozen``, ``popular``, ``random`` and ``oracle``); ``served``'s impressions and clicks are appended
-   to ``data/raw`` (raw contract) and to ``data/raw/feedback.parquet`` with the bundle version;
-3. **retrain** (not after the last day): features -> training_set (re-materialises the online store) ->
-   train every model (``--epochs``) -> evaluate -> export -> build_index -> bundle. Skipped: ingest (the
-   raw data is the generated period plus the logged feedback), the validate, search and OPE steps;
-4. **gate + promote + deploy**: the gate step compares the new bundle with the served one; passed, the
-   new bundle is served the next day (promote + deploy = a pointer flip and a server restart), else the
-   served bundle stays; ``--always_promote`` promotes every retrain and records the gate's verdict
-   (the gate compares evaluation metrics on each run's own, newer test window, and the first window of
-   logged feedback is harder to rank than the generated one, so it rejects the first retrain).
+store, every model, evaluate, export, index, bundle), then runs ``python -m components.simulate --days``'s
+loop there (components/simulate.py's ``run_days``: each day serve the promote store's current version and
+the day-0 one (``frozen``) on loopback, simulate and log the day, retrain with dvc.yaml's commands, gate,
+promote, restart). ``--always_promote`` promotes every retrain and records the gate's verdict (the gate
+compares evaluation metrics on each run's own, newer test window, and the first window of logged feedback
+is harder to rank than the generated one, so it rejects the first retrain).
 
 Results: benchmarks/results/feedback_loop[_<exploration>].{json,md,png}.
 """
@@ -30,26 +21,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from components import (
-    build_index,
-    bundle,
-    export,
-    features,
-    gate,
-    ingest,
-    simulate,
-    training_set,
-)
+from components import build_index, bundle, export, features, ingest, simulate, training_set
 from recsys import artifact_layout as layout
 from recsys.config import load_params
-from recsys.contracts import read_raw_tables
 from recsys.step_contract import STEPS
-from serving.local_server import free_port, start_server, stop_server
-from sources.synthetic import DAY_S, world
+from sources.synthetic import world
 from tests.conftest import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +40,9 @@ POLICIES = ("served", "frozen", "popular", "random", "oracle")
 log = logging.getLogger("feedback_loop")
 
 
-def build(params, first: bool) -> Path:
-    """The steps in the current folder; ``first`` adds the ingest. Returns the new bundle's folder."""
-    if first:
-        ingest.run(params.data, params.seed, layout.RAW_DIR)
+def build(params) -> Path:
+    """Day 0's pipeline in the current folder, in-process (ingest to bundle); returns the bundle folder."""
+    ingest.run(params.data, params.seed, layout.RAW_DIR)
     paths = {step: STEPS[step].reads | STEPS[step].writes for step in STEPS}
     features.run(params.features, **paths["features"])
     training_set.run(
@@ -70,80 +51,54 @@ def build(params, first: bool) -> Path:
     train_and_evaluate(params)
     export.run(STEPS["export"].scope(params), **paths["export"])
     build_index.run(params.index, params.seed, **paths["build_index"])
-    out = Path("bundles") / f"bundle-{time.time_ns()}"
-    bundle.run("params.yaml", layout.EVALUATION, out, layout.bundle_members())
-    return out.resolve()
+    bundle.run("params.yaml", layout.EVALUATION, layout.BUNDLE_DIR, layout.bundle_members())
+    return layout.BUNDLE_DIR.resolve()
 
 
-def serving_params(root: Path, exploration: str, epsilon: float) -> Path:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["feast"]["repo_path"] = str(root / "feature_repo")
-    raw["serving"]["feast_timeout_s"] = 10.0
-    raw["serving"]["exploration"] |= {"policy": exploration, "epsilon": epsilon, "seed": 0}
-    path = root / "serving_params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def one_day(sim, params_file: Path, served: Path, frozen: Path, start: int, args) -> simulate.Day:
-    """Both servers up, the day simulated, the feedback appended to data/raw, both servers down."""
-    ports = {"served": free_port(), "frozen": free_port()}
-    processes = {}
-    try:
-        for name, bundle_dir in (("served", served), ("frozen", frozen)):
-            processes[name] = start_server(bundle_dir, params_file, ports[name])
-        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        traffic = simulate.Traffic(start, args.requests, args.list_size, args.seed)
-        return simulate.run_day(sim, layout.RAW_DIR, layout.RAW_DIR, urls, traffic)
-    finally:
-        for process in processes.values():
-            stop_server(process)
-
-
-def run_loop(args) -> dict:
+@contextmanager
+def tiny_workdir(preset: str, epochs: int, keep: bool = False) -> Iterator:
+    """A temporary working folder with the project's params (``preset``, ``epochs``) and Feast repo, made
+    the current directory; yields the loaded params. Removed afterwards unless ``keep``."""
     work = Path(tempfile.mkdtemp(prefix="feedback-loop-"))
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
     shutil.copytree(ROOT / "feature_repo", work / "feature_repo", ignore=shutil.ignore_patterns("data"))
     previous = Path.cwd()
     os.chdir(work)
     try:
-        overrides = {
-            "data.synthetic.preset": args.preset,
-            "training.epochs": args.epochs,
-            "index.tune_queries": 200,
-        }
-        params = load_params("params.yaml", overrides=overrides)
+        overrides = {"data.synthetic.preset": preset, "training.epochs": epochs, "index.tune_queries": 200}
         raw = yaml.safe_load(Path("params.yaml").read_text())
-        raw["data"]["synthetic"]["preset"] = args.preset
+        for dotted, value in overrides.items():  # in the file too: the loop's steps read it
+            section, _, key = dotted.rpartition(".")
+            node = raw
+            for part in section.split("."):
+                node = node[part]
+            node[key] = value
         Path("params.yaml").write_text(yaml.safe_dump(raw))
-        sim = world(params.data.synthetic, params.seed)
-        t0 = time.perf_counter()
-        frozen = served = build(params, first=True)
-        first_day = simulate.first_day_start(read_raw_tables(layout.RAW_DIR)["events"])
-        params_file = serving_params(work, args.exploration, args.epsilon)
-        days = []
-        for day in range(args.days):
-            result = one_day(sim, params_file, served, frozen, first_day + day * DAY_S, args)
-            row = {"day": day, "served_version": result.versions["served"], "metrics": result.metrics}
-            log.info("day %d: %s", day, {k: round(v["ctr"], 4) for k, v in result.metrics.items()})
-            if day < args.days - 1:
-                candidate = build(params, first=False)
-                decision = gate.run(
-                    params.gate,
-                    metrics_file=layout.EVALUATION,
-                    output=layout.GATE_DECISION,
-                    deployed_bundle=str(served),
-                )
-                row["gate_passed"] = bool(decision["passed"])
-                row["promoted"] = bool(decision["passed"] or args.always_promote)
-                if row["promoted"]:
-                    served = candidate
-            row["elapsed_s"] = round(time.perf_counter() - t0, 1)
-            days.append(row)
+        yield load_params("params.yaml")
     finally:
         os.chdir(previous)
-        if not args.keep:
+        if keep:
+            log.info("working folder kept: %s", work)
+        else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_loop(args) -> dict:
+    """Day 0 built here, then components/simulate.py's loop (subprocess steps) for ``args.days`` days."""
+    with tiny_workdir(args.preset, args.epochs, args.keep) as params:
+        sim = world(params.data.synthetic, params.seed)
+        t0 = time.perf_counter()
+        build(params)
+        exploration = {"policy": args.exploration, "epsilon": args.epsilon, "seed": 0}
+        traffic = simulate.Traffic(0, args.requests, args.list_size, args.seed)
+
+        def report_day(row: dict) -> None:
+            row["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            log.info("day %d: %s", row["day"], {k: round(v["ctr"], 4) for k, v in row["metrics"].items()})
+
+        days = simulate.run_days(
+            Path.cwd(), sim, args.days, traffic, exploration, args.always_promote, on_day=report_day
+        )
     return {
         "preset": args.preset,
         "days": args.days,

@@ -24,8 +24,12 @@ judges (``gate.ope``). A log without propensities or candidates, or one served w
 (propensity 1 everywhere) that the challenger would not reproduce, has no support for the challenger:
 refused, naming the key.
 
-``python -m components.ope --challenger module:function`` takes the challenger as a callable
-``(user_ids, candidate_id_arrays) -> score_arrays``; params are read as a whole params.yaml (this tool is
+The challenger is a bundle (``--challenger-bundle DIR``: started as ``python -m serving`` on loopback for
+the scoring, request log off), a running server (``--challenger-url URL``: a canary pod, say), both
+scored through the server's ``ranking`` endpoint (recsys/ranking_client.py), so the logged candidates get
+the very scores the challenger would serve with; ``--challenger-ranker`` picks one of its rankers (default:
+its ``serving.default_ranker``). ``--challenger module:function`` takes any callable
+``(user_ids, candidate_id_arrays) -> score_arrays``. Params are read as a whole params.yaml (this tool is
 not a DAG step: components.gate reads its output when ``gate.ope.enabled``).
 """
 
@@ -36,6 +40,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +55,7 @@ from recsys.artifact_io import write_json
 from recsys.config import ExplorationConfig, load_params
 from recsys.config.loading import DEFAULT_PARAMS
 from recsys.exploration import prefix_probabilities
+from recsys.ranking_client import RankingClientError, bundle_server
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +298,17 @@ def _challenger(spec: str) -> Challenger:
         raise OPEError(f"--challenger {spec}: {exc}") from exc
 
 
+def server_challenger(url: str, ranker: str | None = None) -> Challenger:
+    """The challenger as the server at ``url`` ranks: its ``ranking`` endpoint's logits (``ranker``: the
+    server's default when None)."""
+    from recsys.ranking_client import ranking_scores
+
+    def score(user_ids: Sequence[int | None], candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return ranking_scores(url, user_ids, candidates, ranker)
+
+    return score
+
+
 def run(
     params_file: str | Path,
     challenger: Challenger,
@@ -342,21 +359,36 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.ope", description=__doc__)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="the project configuration file")
-    parser.add_argument("--challenger", required=True, help="module:function scoring the logged candidates")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--challenger-bundle", type=Path, help="a bundle folder, served on loopback")
+    which.add_argument("--challenger-url", help="a running model server (its ranking endpoint scores)")
+    which.add_argument("--challenger", help="module:function scoring the logged candidates")
+    parser.add_argument("--challenger-ranker", default=None, help="default: the challenger's default ranker")
+    parser.add_argument(
+        "--challenger-params", type=Path, default=None, help="its server's params (default: --params)"
+    )
     parser.add_argument("--raw-dir", type=Path, default=layout.RAW_DIR, help=f"default: {layout.RAW_DIR}")
     parser.add_argument("--request-log", default=None, help="default: serving.request_log.uri")
     parser.add_argument("--output", type=Path, default=OPE_REPORT, help=f"default: {OPE_REPORT}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        run(
-            args.params,
-            _challenger(args.challenger),
-            raw_dir=args.raw_dir,
-            output=args.output,
-            request_log_uri=args.request_log,
-        )
-    except OPEError as exc:
+        with ExitStack() as stack:
+            if args.challenger:
+                challenger = _challenger(args.challenger)
+            else:
+                url = args.challenger_url or stack.enter_context(
+                    bundle_server(args.challenger_bundle, args.challenger_params or Path(args.params))
+                )
+                challenger = server_challenger(url, args.challenger_ranker)
+            run(
+                args.params,
+                challenger,
+                raw_dir=args.raw_dir,
+                output=args.output,
+                request_log_uri=args.request_log,
+            )
+    except (OPEError, RankingClientError) as exc:
         print(f"ope: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,25 +28,50 @@ times examination, free of the click noise), catalogue coverage (share of the ex
 least once) and concentration (Gini of impressions over the existing items, share of impressions on the
 10% most-shown items).
 
-The multi-day loop (serve, log, retrain, bundle, restart) drives servers and other steps, which a step
-may not import (tests/test_layers.py): it is benchmarks/feedback_loop.py, built on :func:`simulate_day`.
+``--days N`` runs the loop for N days in a built project folder (``--workdir``, default the current one:
+``data/raw``, ``artifacts/bundle``, its Feast repo and params.yaml), each day (:func:`run_days`):
+
+1. **serve**: the promote store's current version (``<workdir>/promoted``, a ``file://`` store written
+   by ``python -m components.promote``; day 0 promotes the folder's bundle) as ``served`` and the day-0
+   version as ``frozen``, each ``python -m serving`` on loopback (``--exploration`` sets the served
+   one's ``serving.exploration``; its request log goes to ``<workdir>/artifacts/request_log``);
+2. **log**: the day above, its feedback appended to ``data/raw`` tagged with the served version;
+3. **retrain** (not after the last day): dvc.yaml's own commands for ``features``, ``training_set``,
+   ``train``, ``evaluate``, ``export``, ``build_index`` and ``bundle``, run as subprocesses in the folder
+   (ingest, validation and search are skipped: the raw data is the generated period plus the feedback);
+4. **gate, promote, deploy**: ``python -m components.gate`` against the promote store; passed (or
+   ``--always_promote``), ``python -m components.promote`` makes the new bundle current, and the next
+   day's server is started on it (locally, deploying is restarting the loopback server on the store's
+   current version: what the cluster's rollout reads too).
+
+Other steps and the server run as subprocesses: a step never imports another (tests/test_layers.py).
+benchmarks/feedback_loop.py runs this loop on the tiny preset and plots it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from recsys import artifact_layout as layout
 from recsys.artifact_io import write_json, write_parquet, write_tables
 from recsys.config import ConfigError, load_params
 from recsys.contracts import RAW_COLUMNS, DataContractError, check_raw_table, read_raw_tables
+from recsys.object_store import POINTER
+from recsys.ranking_client import RankingClientError, bundle_server
 from sources.synthetic import DAY_S, HISTORY_DEPTH, SECOND_NS, World, world
 
 log = logging.getLogger(__name__)
@@ -285,10 +310,133 @@ def run_day(
     return day
 
 
+def serving_params(params_file: Path, out: Path, **serving: Any) -> Path:
+    """``params_file`` for a loopback server, written to ``out``: Feast's repo as an absolute path (the
+    server runs from the checkout), a patient online-store timeout (a shared CI machine), and the
+    ``serving`` section's keys given (a section's dict is merged into it)."""
+    raw = yaml.safe_load(Path(params_file).read_text())
+    raw["feast"]["repo_path"] = str((Path(params_file).parent / raw["feast"]["repo_path"]).resolve())
+    raw["serving"]["feast_timeout_s"] = 10.0
+    for key, value in serving.items():
+        current = raw["serving"].get(key)
+        raw["serving"][key] = current | value if isinstance(current, dict) else value
+    Path(out).write_text(yaml.safe_dump(raw))
+    return Path(out)
+
+
 def first_day_start(events: pd.DataFrame) -> int:
     """The simulation's first day: midnight after the last event of the raw data."""
     last_s = int(events["event_timestamp"].max().timestamp())
     return (last_s // DAY_S + 1) * DAY_S
+
+
+# ---- the multi-day loop ---------------------------------------------------------------------------
+
+RETRAIN_STAGES = ("features", "training_set", "train", "evaluate", "export", "build_index", "bundle")
+PROMOTE_STORE = "promoted"  # under the working folder: the loop's promote store (file://)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LoopError(RuntimeError):
+    """A step of the loop failed: names the step and ends with its output's tail."""
+
+
+def stage_commands(
+    stages: tuple[str, ...] = RETRAIN_STAGES, dvc_file: Path = ROOT / "dvc.yaml"
+) -> list[list[str]]:
+    """The ``cmd`` of each of dvc.yaml's ``stages``, as argv: the loop retrains as ``dvc repro`` would."""
+    declared = yaml.safe_load(Path(dvc_file).read_text())["stages"]
+    missing = [s for s in stages if s not in declared]
+    if missing:
+        raise LoopError(f"{dvc_file}: no stage(s) {missing}")
+    return [shlex.split(str(declared[s]["cmd"])) for s in stages]
+
+
+def run_step(argv: list[str], workdir: Path) -> str:
+    """``python -m ...`` in ``workdir`` with this interpreter and the checkout importable; its stdout."""
+    if argv[:2] != ["python", "-m"]:
+        raise LoopError(f"{argv}: expected a 'python -m <module>' command")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "FEAST_USAGE": "False"}
+    done = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=workdir, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise LoopError(
+            f"{' '.join(argv)} exited with {done.returncode}: {(done.stdout + done.stderr)[-3000:]}"
+        )
+    return done.stdout
+
+
+def promote(workdir: Path) -> tuple[str, Path]:
+    """``python -m components.promote`` of the folder's bundle into the loop's store: its version, folder."""
+    store = (workdir / PROMOTE_STORE).resolve()
+    store.mkdir(exist_ok=True)
+    run_step(["python", "-m", "components.promote", "--uri", store.as_uri()], workdir)
+    version = str(json.loads((store / POINTER).read_text())["version"])
+    return version, store / version
+
+
+def run_days(
+    workdir: Path,
+    sim: World,
+    days: int,
+    traffic: Traffic,
+    exploration: dict[str, Any] | None = None,
+    always_promote: bool = False,
+    on_day: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``days`` days of serve, log, retrain, gate, promote and deploy in the built project ``workdir``
+    (module docstring); per day its served version, every policy's metrics and the gate's verdict."""
+    workdir = Path(workdir).resolve()
+    raw_dir = workdir / layout.RAW_DIR
+    version, served = promote(workdir)
+    frozen = served
+    params = {
+        name: serving_params(workdir / "params.yaml", workdir / f"serving-{name}.yaml", exploration=changes)
+        for name, changes in (("served", exploration or {}), ("frozen", {}))
+    }
+    start = first_day_start(read_raw_tables(raw_dir)["events"])
+    out = []
+    for day in range(days):
+        with (
+            bundle_server(
+                served, params["served"], request_log=str(workdir / "artifacts" / "request_log")
+            ) as url,
+            bundle_server(frozen, params["frozen"]) as frozen_url,
+        ):
+            today = replace(traffic, day_start_s=start + day * DAY_S)
+            result = run_day(sim, raw_dir, raw_dir, {"served": url, "frozen": frozen_url}, today)
+        row: dict[str, Any] = {"day": day, "served_version": version, "metrics": result.metrics}
+        if result.versions["served"] != version:
+            raise LoopError(f"day {day}: answered by {result.versions['served']!r}, {version!r} was deployed")
+        if day < days - 1:
+            for argv in stage_commands():
+                run_step(argv, workdir)
+            store = (workdir / PROMOTE_STORE).resolve().as_uri()
+            run_step(["python", "-m", "components.gate", "--deployed-bundle", store], workdir)
+            decision = json.loads((workdir / layout.GATE_DECISION).read_text())
+            row["gate_passed"] = bool(decision["passed"])
+            row["promoted"] = row["gate_passed"] or always_promote
+            if row["promoted"]:
+                version, served = promote(workdir)
+            row["next_version"] = version
+        out.append(row)
+        if on_day is not None:
+            on_day(row)
+    return out
+
+
+def _log_metrics(metrics: dict[str, dict[str, float]], prefix: str = "") -> None:
+    for name, m in metrics.items():
+        log.info(
+            "simulate: %s%-8s ctr=%.4f coverage=%.3f gini=%.3f top10=%.3f",
+            prefix,
+            name,
+            m["ctr"],
+            m["coverage"],
+            m["gini"],
+            m["top10_share"],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--params", default="params.yaml", help="the project configuration (data.synthetic, seed)"
+        "--params", default=None, help="the project configuration (default: <workdir>/params.yaml)"
     )
     parser.add_argument("--preset", default=None, help="override data.synthetic.preset (e.g. tiny)")
     parser.add_argument(
@@ -307,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out_raw_dir",
         type=Path,
-        required=True,
-        help="where the raw tables with the day's feedback appended go (may equal --raw_dir)",
+        default=None,
+        help="one day: where the raw tables with the day's feedback appended go (may equal --raw_dir)",
     )
-    parser.add_argument("--url", required=True, help="the running server answering as 'served'")
+    parser.add_argument("--url", default=None, help="one day: the running server answering as 'served'")
     parser.add_argument("--frozen_url", default=None, help="a server that is never retrained ('frozen')")
     parser.add_argument("--requests", type=int, default=2000, help="arrivals in the day (default 2000)")
     parser.add_argument("--list_size", type=int, default=10, help="items served per request (default 10)")
@@ -318,37 +466,55 @@ def main(argv: list[str] | None = None) -> int:
         "--day", type=int, default=0, help="day index after the raw data's last day (default 0)"
     )
     parser.add_argument("--seed", type=int, default=0, help="arrivals and click draws (default 0)")
-    parser.add_argument("--report", type=Path, default=None, help="the day's metrics as JSON")
+    parser.add_argument("--report", type=Path, default=None, help="the day's (or days') metrics as JSON")
+    loop = parser.add_argument_group("the loop (--days N: serve, log, retrain, gate, promote, deploy)")
+    loop.add_argument("--days", type=int, default=None, help="run the loop for this many days")
+    loop.add_argument("--workdir", type=Path, default=Path("."), help="the built project folder (default .)")
+    loop.add_argument("--exploration", default=None, help="the served server's serving.exploration.policy")
+    loop.add_argument("--epsilon", type=float, default=None, help="its serving.exploration.epsilon")
+    loop.add_argument("--always_promote", action="store_true", help="promote every retrain, gate or not")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if args.days is None and (args.url is None or args.out_raw_dir is None):
+            raise ConfigError("--url and --out_raw_dir: both needed for one day (or --days N for the loop)")
+        if args.days is not None and args.days < 1:
+            raise ConfigError(f"--days: at least 1, got {args.days}")
+        params_file = args.params or (args.workdir / "params.yaml" if args.days else "params.yaml")
         overrides = {"data.synthetic.preset": args.preset} if args.preset else None
-        params = load_params(args.params, overrides=overrides)
+        params = load_params(params_file, overrides=overrides)
         if params.data.source != "synthetic":
             raise ConfigError(
                 f"data.source: the simulator needs the synthetic source, not {params.data.source!r}"
             )
         sim = world(params.data.synthetic, params.seed)
+        if args.days is not None:
+            exploration = {"policy": args.exploration} if args.exploration else {}
+            exploration |= {"epsilon": args.epsilon} if args.epsilon is not None else {}
+            traffic = Traffic(0, args.requests, args.list_size, args.seed)
+            rows = run_days(
+                args.workdir,
+                sim,
+                args.days,
+                traffic,
+                exploration,
+                args.always_promote,
+                on_day=lambda row: _log_metrics(row["metrics"], f"day {row['day']} "),
+            )
+            if args.report:
+                write_json({"days": rows}, args.report)
+            return 0
         start = first_day_start(read_raw_tables(args.raw_dir)["events"]) + args.day * DAY_S
         urls = {"served": args.url} | ({"frozen": args.frozen_url} if args.frozen_url else {})
         traffic = Traffic(start, args.requests, args.list_size, args.seed)
         day = run_day(sim, args.raw_dir, args.out_raw_dir, urls, traffic)
-    except (ConfigError, DataContractError) as exc:
+    except (ConfigError, DataContractError, LoopError, RankingClientError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 1
-    report = {"day": args.day, "versions": day.versions, "metrics": day.metrics}
-    for name, m in day.metrics.items():
-        log.info(
-            "simulate: %-8s ctr=%.4f coverage=%.3f gini=%.3f top10=%.3f",
-            name,
-            m["ctr"],
-            m["coverage"],
-            m["gini"],
-            m["top10_share"],
-        )
+    _log_metrics(day.metrics)
     if args.report:
-        write_json(report, args.report)
+        write_json({"day": args.day, "versions": day.versions, "metrics": day.metrics}, args.report)
     return 0
 
 

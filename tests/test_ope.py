@@ -8,6 +8,7 @@ import itertools
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -297,13 +298,18 @@ def _write_log(folder, logs: ope.LoggedRequests, now: datetime) -> pd.DataFrame:
     return pd.DataFrame(events, columns=["user_id", "item_id", "event_timestamp", "label"])
 
 
-def test_the_cli_estimates_from_the_request_log_as_estimate_does(tmp_path, capsys):
-    now = datetime.now(UTC)
-    logs = simulate(300, np.random.default_rng(2))
-    events = _write_log(tmp_path / "log", logs, now)
+def _logged_project(tmp_path: Path, requests: int, seed: int) -> tuple[ope.LoggedRequests, Path]:
+    """A request log of ``requests`` softmax-logged answers and the raw events their clicks are in, under
+    ``tmp_path`` (``log/``, ``raw/``), with params whose exploration logged them."""
+    logs = simulate(requests, np.random.default_rng(seed))
+    events = _write_log(tmp_path / "log", logs, datetime.now(UTC))
     (tmp_path / "raw").mkdir()
     events.to_parquet(tmp_path / "raw" / "events.parquet")
-    params = write_params(tmp_path / "params.yaml", {"serving.exploration": POLICY.model_dump()})
+    return logs, write_params(tmp_path / "params.yaml", {"serving.exploration": POLICY.model_dump()})
+
+
+def test_the_cli_estimates_from_the_request_log_as_estimate_does(tmp_path, capsys):
+    logs, params = _logged_project(tmp_path, 300, 2)
     common = [
         "--params",
         str(params),
@@ -352,3 +358,17 @@ def test_the_cli_refuses_a_log_without_propensities_naming_the_column(tmp_path, 
     log.flush()
     assert ope.main([*argv, "--challenger", "tests.test_ope:challenger"]) == 2
     assert "serving.exploration.policy: none" in capsys.readouterr().err
+
+
+def test_the_cli_names_an_unreachable_challenger_server(tmp_path, capsys):
+    from recsys.local_process import free_port
+
+    _, params = _logged_project(tmp_path, 120, 3)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = ["--params", str(params), "--request-log", str(tmp_path / "log")]
+    argv += ["--raw-dir", str(tmp_path / "raw")]
+    assert ope.main([*argv, "--challenger-url", url, "--output", str(tmp_path / "ope.json")]) == 2
+    assert f"{url}/v1/models/ranking:predict" in capsys.readouterr().err
+    assert not (tmp_path / "ope.json").exists()
+    with pytest.raises(SystemExit):  # one challenger at a time
+        ope.main([*argv, "--challenger-url", url, "--challenger", "tests.test_ope:challenger"])
