@@ -8,12 +8,13 @@ the same command line (the benchmark's KServe-native multi-process variant).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from recsys.local_process import NotReadyError, stop_process, wait_ready
+from recsys.local_process import free_port as free_port  # re-exported: tests and benchmarks import it here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,6 @@ def start_server(
 
     Its request log goes to a temporary folder unless ``extra`` names one: a server started for a test or
     a benchmark must not add its traffic to the log the monitor reads (``serving.request_log.uri``)."""
-    import httpx
 
     extra = list(extra or [])
     if module == "serving" and not {"--request_log", "--request-log"} & set(extra):
@@ -57,30 +57,17 @@ def start_server(
         stderr=subprocess.STDOUT,
         env={**os.environ, "FEAST_USAGE": "False"},
     )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"serving exited with {process.returncode}; log: {Path(log.name).read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_server(process)
-    raise TimeoutError(f"serving not ready after {timeout_s}s; log: {log.name}")
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}/v2/health/ready", log.name, timeout_s, "serving")
+    except NotReadyError:
+        stop_server(process)
+        raise
+    return process
 
 
 def stop_server(process: subprocess.Popen) -> None:
     """Terminate, then kill after 30 s: a hung server must not outlive the test or benchmark."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process)
 
 
 def server_memory_mb(process: subprocess.Popen) -> dict[str, float]:
@@ -125,10 +112,3 @@ def worker_requests(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     pattern = r'^recsys_worker_requests_total\{worker="(\d+)"\} (\S+)$'
     return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
-
-
-def free_port() -> int:
-    """A loopback port free now, so that parallel servers (and runs) never collide on a fixed one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

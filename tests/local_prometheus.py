@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from recsys.local_process import stop_process, wait_ready
+
 
 def prometheus_binary() -> str | None:
     """Prometheus from PATH, else Debian's /usr/bin/prometheus; None when not installed."""
@@ -53,25 +55,10 @@ def running_prometheus(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = (folder / "prometheus.log").read_text()[-2000:]
-                raise RuntimeError(f"prometheus not ready (exit code {process.returncode}): {tail}")
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(process, f"{url}/-/ready", folder / "prometheus.log", 60, "prometheus")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=20)
         log.close()
 
 
