@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.train_throughput import PARAMS_FILE, RESULTS_DIR, _cpu_name, make_training_frame
+from benchmarks.child_runs import add_child_option, child_or_parent, cpu_run_header, peak_rss_mib, run_child
+from benchmarks.train_throughput import PARAMS_FILE, RESULTS_DIR, make_training_frame
 
 KIND = "multi_tower"
 
@@ -58,18 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the models and training config")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one run, in its own process
+    add_child_option(parser)
     args = parser.parse_args(argv)
-    if args.child is not None:
-        print(json.dumps(child_run(json.loads(args.child))), flush=True)
-        return 0
-
-    results = run(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "streaming_loader.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out_dir / "streaming_loader.md").write_text(markdown_table(results))
-    print(markdown_table(results))
-    return 0
+    return child_or_parent(args, "streaming_loader", child_run, run, markdown_table)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,14 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "prepare_rows": args.prepare_rows,
                         "seed_offset": offset,
                     }
-                    out = subprocess.run(
-                        [sys.executable, "-m", "benchmarks.streaming_loader", "--child", json.dumps(spec)],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                        cwd=Path(__file__).resolve().parents[1],
-                    )
-                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    result = run_child("benchmarks.streaming_loader", spec)
                     runs.setdefault(f"{name} {mode}", []).append(result)
                     print(f"{name} {mode} seed+{offset}: {result}", flush=True)
             path.unlink()
@@ -136,16 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_auc_seed_range": round(max(memory["valid_aucs"]) - min(memory["valid_aucs"]), 4),
         }
     return {
-        "benchmark": "streaming_loader",
-        "model": KIND,
-        "device": "cpu",
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "base_rows": args.rows,
-        "row_group_rows": args.row_group,
-        "valid_rows": args.valid_rows,
-        "epochs": args.epochs,
+        **cpu_run_header("streaming_loader", KIND, args),
         "seeds": args.seeds,
         "stream_workers": args.workers,
         "prepare_rows": args.prepare_rows,
@@ -185,8 +157,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         "end_to_end_samples_per_s": round(rows / (prepared + trained)),
         "input_seconds": round(prepared, 2),
         "valid_auc": round(history[-1]["valid_auc"], 4),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        **peak_rss_mib(),
     }
 
 

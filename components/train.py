@@ -9,6 +9,11 @@ With ``training.refit`` (the default) the epochs are chosen by early stopping on
 then the model is trained afresh on train + validation for that many epochs, and that model is saved:
 the deployed model knows the most recent window, and the test window stays unseen.
 
+When ``training.loader`` streams a split (models/streaming.py), no frame of its rows is built: the
+encoder is fitted one Parquet row group at a time (the same encoder as the in-memory fit), batches come
+from the row groups, and the refit streams the train and valid files as one split. Validation is read
+with only the encoded columns and kept in memory.
+
 Several ``--model`` values train side by side, ``--jobs`` at a time, each in its own process (the local
 DAG's one ``train`` stage; Kubeflow runs one task per model instead).
 """
@@ -28,11 +33,11 @@ from typing import Any
 import pandas as pd
 
 from models.registry import TASK_OF
+from models.streaming import choose_mode, parquet_rows
 from recsys import artifact_layout as layout
 from recsys.artifact_io import staged_path, write_json
 from recsys.gpu_pods import GpuUnavailableError, require_gpus  # noqa: F401  (the CLI checks; tests use it)
 from recsys.step_contract import STEPS, StepParams
-from recsys.training_data import read_split
 
 CONTRACT = STEPS["train"]
 
@@ -51,32 +56,34 @@ def run(
     """Fit model ``kind``; writes ``model.safetensors``, ``config.json``, ``history.csv`` and its metrics."""
     import torch
 
-    from models import fit, initial_model, save_model, write_history_csv
-    from models.trainer import train_input
+    from models import fit, save_model, write_history_csv
 
     if kind not in TASK_OF:
         raise ValueError(f"--model: unknown model '{kind}'; expected one of {sorted(TASK_OF)}")
     model_dir, metrics_file, plot_file = Path(model_dir), Path(metrics_file), Path(plot_file)
-    train_df, valid_df = (read_split(training_dir, TASK_OF[kind], s) for s in ("train", "valid"))
-
-    encoder, model, training = initial_model(kind, params.models, params.training, train_df)
-    # training.loader: the encoded split in memory, or the Parquet file streamed in row groups
-    train_path = Path(training_dir) / f"{TASK_OF[kind]}_train.parquet"
-    train, valid = train_input(train_path, encoder, training, train_df), encoder.encode(valid_df)
+    paths = [split_path(training_dir, TASK_OF[kind], s) for s in ("train", "valid")]
+    rows = [parquet_rows(p) for p in paths]
+    loader = params.training.for_model(kind).loader
+    # training.loader: the encoded split in memory, or the Parquet file streamed in row groups (then the
+    # encoder is fitted one row group at a time too, and no frame of the training rows is ever built)
+    stream = choose_mode(loader, rows[0]) == "stream"
+    encoder, model, training, train = _start(kind, params, paths[:1], stream)
+    valid = encoder.encode(_read_encoded_columns(paths[1], encoder))
 
     started = time.perf_counter()
     result = fit(model, train, valid, training, checkpoint_dir=checkpoint_dir)
     seconds = time.perf_counter() - started
     epochs = len(result.history)
+    del train, valid  # the refit starts afresh: the first run's tensors are not needed any more
     refit = None
     if training.refit:
-        encoder, model, refit = _refit(
-            kind, params, train_df, valid_df, result.best_epoch or epochs, checkpoint_dir
-        )
+        stream = choose_mode(loader, sum(rows)) == "stream"
+        best = result.best_epoch or epochs
+        encoder, model, refit = _refit(kind, params, paths, stream, best, checkpoint_dir)
     metrics = {
         "model": kind,
-        "train_rows": len(train_df),
-        "valid_rows": len(valid_df),
+        "train_rows": rows[0],
+        "valid_rows": rows[1],
         "epochs": epochs,
         "best_epoch": result.best_epoch,
         "early_stopping_metric": result.metric,
@@ -84,7 +91,7 @@ def run(
         "stopped_early": result.stopped_early,
         "device": str(result.device),
         "train_seconds": round(seconds, 2),
-        "train_samples_per_s": round(len(train_df) * epochs / seconds, 1) if seconds > 0 else None,
+        "train_samples_per_s": round(rows[0] * epochs / seconds, 1) if seconds > 0 else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "world_size": result.world_size,  # processes that trained (torchrun: components/launch_training.py)
         "refit": refit,  # the saved model: trained afresh on train + valid (None: the early-stopped one)
@@ -99,32 +106,68 @@ def run(
     return metrics
 
 
+def _start(kind: str, params: StepParams, paths: list[Path], stream: bool) -> tuple[Any, Any, Any, Any]:
+    """(encoder, model, training config, what ``fit`` trains on) for the rows of the Parquet ``paths``
+    together: with ``stream``, the encoder fitted row group by row group and the files themselves
+    (:class:`~models.streaming.ParquetSplit`); else the rows read into one frame, fitted and encoded."""
+    from models import initial_model
+    from models.registry import initial_model_streamed
+    from models.streaming import ParquetSplit
+
+    if stream:
+        encoder, model, training = initial_model_streamed(kind, params.models, params.training, paths)
+        return encoder, model, training, ParquetSplit(tuple(paths), encoder)
+    frames = [pd.read_parquet(p) for p in paths]
+    rows = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    del frames
+    encoder, model, training = initial_model(kind, params.models, params.training, rows)
+    return encoder, model, training, encoder.encode(rows)
+
+
 def _refit(
     kind: str,
     params: StepParams,
-    train_df: pd.DataFrame,
-    valid_df: pd.DataFrame,
+    paths: list[Path],
+    stream: bool,
     epochs: int,
     checkpoint_dir: str | Path | None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Model ``kind`` trained from scratch on train + valid for ``epochs`` (the early-stopped run's best
     epoch count), with the same seed and settings: what a scheduled run deploys learns from the most recent
-    window too. The encoder is refitted, so ids first seen in the validation window get embeddings."""
-    from models import fit, initial_model
+    window too. The encoder is refitted, so ids first seen in the validation window get embeddings. With
+    ``stream`` both files are streamed as one split (no concatenated frame)."""
+    from models import fit
 
-    rows = pd.concat([train_df, valid_df], ignore_index=True)
-    encoder, model, training = initial_model(kind, params.models, params.training, rows)
+    encoder, model, training, rows = _start(kind, params, paths, stream)
+    n_rows = sum(parquet_rows(p) for p in paths)
     started = time.perf_counter()
     fit(
         model,
-        encoder.encode(rows),
+        rows,
         None,
         training.model_copy(update={"epochs": epochs}),
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "refit",
     )
     seconds = time.perf_counter() - started
-    log.info("refit %s on %d rows for %d epoch(s) in %.1f s", kind, len(rows), epochs, seconds)
-    return encoder, model, {"rows": len(rows), "epochs": epochs, "seconds": round(seconds, 2)}
+    log.info("refit %s on %d rows for %d epoch(s) in %.1f s", kind, n_rows, epochs, seconds)
+    summary = {"rows": n_rows, "epochs": epochs, "seconds": round(seconds, 2), "streamed": stream}
+    return encoder, model, summary
+
+
+def split_path(training_dir: str | Path, training_set: str, split: str) -> Path:
+    """The Parquet file of one split; a missing file names the step that makes it."""
+    path = Path(training_dir) / f"{training_set}_{split}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: training set not found (run the training_set step first)")
+    return path
+
+
+def _read_encoded_columns(path: Path, encoder: Any) -> pd.DataFrame:
+    """The split at ``path`` with only the columns encoding reads (features, label, group)."""
+    import pyarrow.parquet as pq
+
+    wanted = {*encoder.spec.names, encoder.label_column, encoder.group_column}
+    return pd.read_parquet(path, columns=[c for c in pq.ParquetFile(path).schema_arrow.names if c in wanted])
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path, title: str) -> Path:

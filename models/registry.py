@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,5 +108,26 @@ def initial_model(
     encoder = FeatureEncoder.fit(models.features, train_df)
     training = training.for_model(kind)
     fitted = model_class(kind).fitted_inputs(encoder, train_df)
+    torch.manual_seed(training.seed)
+    return encoder, build_model(kind, models.model(kind), encoder, **fitted), training
+
+
+def initial_model_streamed(
+    kind: str, models: ModelsSection, training: TrainingConfig, paths: Sequence[str | Path]
+) -> tuple[FeatureEncoder, RecModel, TrainingConfig]:
+    """:func:`initial_model` for a split left in the Parquet files ``paths`` (the streaming loader):
+    the encoder is fitted one row group at a time (``FeatureEncoder.fit_parquet``: the same encoder as
+    the in-memory fit of those rows) and the model's fitted inputs, counts per id (the two-tower's log-Q
+    item frequencies), are summed over the row groups, so memory does not grow with the rows."""
+    import torch
+
+    from models.encoding import iter_row_groups
+
+    encoder = FeatureEncoder.fit_parquet(models.features, paths)
+    training = training.for_model(kind)
+    fitted: dict[str, np.ndarray] = {}
+    for part in iter_row_groups(paths, [*models.features.names, encoder.label_column]):
+        for name, value in model_class(kind).fitted_inputs(encoder, part).items():
+            fitted[name] = value if name not in fitted else fitted[name] + value
     torch.manual_seed(training.seed)
     return encoder, build_model(kind, models.model(kind), encoder, **fitted), training

@@ -3,7 +3,8 @@
 The in-memory path (models/trainer.py) encodes the whole split once and slices it; this one keeps only
 the row groups in flight and a bounded shuffle buffer, so memory does not grow with the split:
 
-- every epoch the file's row groups are permuted with the seed (``seed * 100_003 + epoch``, the
+- a split is one file or several read as one (the refit's train + valid): their row groups are pooled;
+- every epoch the split's row groups are permuted with the seed (``seed * 100_003 + epoch``, the
   in-memory path's epoch seed), then dealt round-robin to ``world_size * workers`` shards: DDP rank
   ``r``'s DataLoader worker ``w`` reads shard ``r * workers + w`` (disjoint, and together complete);
 - each row group is read with only the columns the encoder declares and encoded by
@@ -43,14 +44,27 @@ CHUNK_ROWS = 8192  # rows a worker hands over at once (whole batches; at least o
 
 @dataclass(frozen=True)
 class ParquetSplit:
-    """A training split left on disk: what ``fit`` streams instead of an encoded mapping."""
+    """A training split left on disk: what ``fit`` streams instead of an encoded mapping. ``path``: one
+    Parquet file, or several read as one split (the refit's train + valid) without concatenating them."""
 
-    path: Path
+    path: Path | tuple[Path, ...]
     encoder: FeatureEncoder
 
     @property
+    def paths(self) -> tuple[Path, ...]:
+        return (Path(self.path),) if isinstance(self.path, str | Path) else tuple(map(Path, self.path))
+
+    @property
     def num_rows(self) -> int:
-        return parquet_rows(self.path)
+        return sum(parquet_rows(p) for p in self.paths)
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(file index, row group, rows) of every row group, in file order (from the footers)."""
+        out = []
+        for index, path in enumerate(self.paths):
+            metadata = pq.ParquetFile(path).metadata
+            out += [(index, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+        return out
 
 
 def parquet_rows(path: str | Path) -> int:
@@ -103,8 +117,8 @@ class ParquetStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.workers = max(workers, 1)  # the main process is the one reader when there are no workers
         self.with_row_index = with_row_index
-        metadata = pq.ParquetFile(split.path).metadata
-        self.group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self.pieces = [(index, group) for index, group, _ in split.pieces()]
+        self.group_rows = [rows for _, _, rows in split.pieces()]
         self.group_starts = [sum(self.group_rows[:i]) for i in range(len(self.group_rows))]
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -136,12 +150,11 @@ class ParquetStream(IterableDataset):
         generator = torch.Generator().manual_seed(
             ((self.seed * EPOCH_SEED + epoch) * 1_000 + self.rank) * 1_000 + worker
         )
-        file = pq.ParquetFile(self.split.path)
-        columns = encoded_columns(self.split.encoder, file.schema_arrow.names)
+        reader = _GroupReader(self.split)
         buffer: list[Batch] = []
         buffered = 0
         for group in self.shard_groups(epoch, self.rank, worker):
-            part = _encoded_group(self.split.encoder, file, group, columns, self.keys)
+            part = reader.encoded(*self.pieces[group], self.keys)
             if self.with_row_index:
                 start = self.group_starts[group]
                 part[ROW_INDEX_KEY] = torch.arange(start, start + self.group_rows[group])
@@ -172,25 +185,34 @@ def stream_loader(dataset: ParquetStream, workers: int, prefetch: int, pin_memor
 def sample_rows(split: ParquetSplit, keys: Sequence[str], max_rows: int, seed: int) -> Batch:
     """Whole row groups in a seeded order, encoded, until ``max_rows`` rows (at least one row group):
     what a streamed model's one-off ``prepare`` sees instead of the whole split."""
-    file = pq.ParquetFile(split.path)
-    columns = encoded_columns(split.encoder, file.schema_arrow.names)
-    order = torch.randperm(file.num_row_groups, generator=torch.Generator().manual_seed(seed)).tolist()
+    pieces = split.pieces()
+    reader = _GroupReader(split)
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
     parts: list[Batch] = []
     rows = 0
-    for group in order:
+    for piece in order:
         if rows >= max_rows:
             break
-        parts.append(_encoded_group(split.encoder, file, group, columns, keys))
-        rows += file.metadata.row_group(group).num_rows
+        index, group, group_rows = pieces[piece]
+        parts.append(reader.encoded(index, group, keys))
+        rows += group_rows
     return _concatenated(parts)
 
 
-def _encoded_group(
-    encoder: FeatureEncoder, file: pq.ParquetFile, group: int, columns: list[str], keys: Sequence[str]
-) -> Batch:
-    """Row group ``group`` of ``file``, read with ``columns`` only and encoded, keeping ``keys``."""
-    encoded = encoder.encode(file.read_row_group(group, columns=columns))
-    return {k: encoded[k] for k in keys}
+class _GroupReader:
+    """Row groups of a split's files, read with the encoded columns only and encoded (files opened once)."""
+
+    def __init__(self, split: ParquetSplit) -> None:
+        self.split = split
+        self.files: dict[int, tuple[pq.ParquetFile, list[str]]] = {}
+
+    def encoded(self, index: int, group: int, keys: Sequence[str]) -> Batch:
+        if index not in self.files:
+            file = pq.ParquetFile(self.split.paths[index])
+            self.files[index] = (file, encoded_columns(self.split.encoder, file.schema_arrow.names))
+        file, columns = self.files[index]
+        encoded = self.split.encoder.encode(file.read_row_group(group, columns=columns))
+        return {k: encoded[k] for k in keys}
 
 
 def _concatenated(parts: list[Batch]) -> Batch:

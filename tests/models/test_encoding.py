@@ -155,3 +155,88 @@ def test_non_finite_dense_values_encode_as_zero_before_the_transform():
     zero = encoder.encode(pd.DataFrame({"price": [0.0, 0.0, 3.0], "ctr": [0.0, 0.3, 0.0]}))["dense"].numpy()
     assert np.isfinite(dense).all() and np.array_equal(dense, zero)
     assert raw["price"].isna().iloc[0]  # the caller's frame is left as it was
+
+
+def _write_row_groups(frame: pd.DataFrame, path, rows: int) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=rows)
+
+
+def test_a_fit_streamed_by_row_group_is_the_in_memory_fit_of_the_same_rows(tmp_path, models_config):
+    """Two files in row groups of 37 rows: the same vocabularies (min_count counted over all row groups,
+    missing strings never in a vocabulary, hashed features without one), kinds and dense statistics."""
+    train, valid = make_frame(n_rows=600, seed=1), make_frame(n_rows=250, seed=2)
+    for part in (train, valid):  # strings reaching min_count only across row groups, and missing ones
+        part["brand"] = [None if i % 11 == 0 else f"b{i % 9}" for i in range(len(part))]
+    changes = {"item_id": {"min_count": 11}, "brand": {"min_count": 2}, "zip_prefix": {"hash_buckets": 5}}
+    declared = models_config.features.model_dump()
+    for feature in declared["sparse"]:
+        feature.update(changes.get(feature["name"], {}))
+    spec = FeatureSpec.model_validate(declared)
+    paths = [tmp_path / "train.parquet", tmp_path / "valid.parquet"]
+    _write_row_groups(train, paths[0], 37)
+    _write_row_groups(valid, paths[1], 37)
+
+    streamed = FeatureEncoder.fit_parquet(spec, paths)
+    whole = FeatureEncoder.fit(spec, pd.concat([train, valid], ignore_index=True))
+    assert streamed.value_kinds == whole.value_kinds
+    for name, vocab in whole.vocabs.items():
+        if vocab is None:
+            assert streamed.vocabs[name] is None, name
+        else:
+            assert vocab.dtype == streamed.vocabs[name].dtype and (vocab == streamed.vocabs[name]).all(), name
+    assert whole.vocabs["zip_prefix"] is None
+    assert "" not in whole.vocabs["brand"] and len(whole.vocabs["brand"]) == 9
+    # min_count=11 dropped some items: the row-group counts were summed, not judged per row group
+    counts = pd.concat([train, valid])["item_id"].value_counts()
+    assert sorted(whole.vocabs["item_id"].tolist()) == sorted(counts[counts >= 11].index.tolist())
+    assert 0 < len(whole.vocabs["item_id"]) < len(counts)
+    for name, (mean, std) in whole.dense_stats.items():
+        assert np.allclose(streamed.dense_stats[name], (mean, std), rtol=1e-12, atol=0), name
+    both = pd.concat([train, valid], ignore_index=True)
+    a, b = whole.encode(both), streamed.encode(both)
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-6, atol=1e-6), key
+
+
+def test_the_in_memory_fit_keeps_numpys_mean_and_std_exactly(models_config):
+    frame = make_frame(n_rows=500, seed=4)
+    encoder = FeatureEncoder.fit(models_config.features, frame)
+    for feature in models_config.features.dense:
+        values = frame[feature.name].to_numpy().astype(np.float64)
+        if feature.transform == "log1p":
+            values = np.log1p(np.maximum(values, 0.0))
+        assert encoder.dense_stats[feature.name] == (float(values.mean()), float(values.std())), feature.name
+
+
+def test_a_streamed_fit_rejects_a_sparse_column_whose_kind_changes_between_files(tmp_path):
+    import pytest
+
+    spec = FeatureSpec(sparse=[sparse_feature("brand")], sequence=[], dense=[])
+    _write_row_groups(pd.DataFrame({"brand": [1, 2]}), tmp_path / "a.parquet", 1)
+    _write_row_groups(pd.DataFrame({"brand": ["x", "y"]}), tmp_path / "b.parquet", 1)
+    with pytest.raises(ValueError, match="sparse feature 'brand': str values after int"):
+        FeatureEncoder.fit_parquet(spec, [tmp_path / "a.parquet", tmp_path / "b.parquet"])
+
+
+def test_arrow_string_columns_get_the_ids_of_the_object_path(models_config):
+    """Row groups read from Parquet are looked up by Arrow (no Python strings): same ids as pandas
+    object columns, with nulls, "" and unseen values (flat and in sequences) all OOV."""
+    train, other = make_frame(n_rows=400, seed=1), make_frame(n_rows=900, seed=2, n_categories=12)
+    other["category"] = [
+        None if i % 13 == 0 else "" if i % 17 == 0 else c for i, c in enumerate(other["category"])
+    ]
+    other["hist_categories"] = [
+        [None if j == 1 else c for j, c in enumerate(h)] if i % 5 == 0 else h
+        for i, h in enumerate(other["hist_categories"])
+    ]
+    encoder = FeatureEncoder.fit(models_config.features, train)
+    table = pa.Table.from_pandas(other, preserve_index=False)
+    assert pa.types.is_string(table.column("category").type)
+    from_arrow, from_pandas = encoder.encode(table), encoder.encode(other)
+    for key in from_pandas:
+        assert torch.equal(from_arrow[key], from_pandas[key]), key
+    oov = from_arrow["category"] == OOV_ID
+    assert oov[::13].all() and 0 < int(oov.sum()) < len(other)
+    assert (from_arrow["hist_categories"] == OOV_ID).any()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -228,3 +229,76 @@ def test_the_train_step_streams_the_split_the_loader_setting_picks(tmp_path, mon
         )
         assert metrics["train_rows"] == 700
     assert seen == [ParquetSplit, dict]
+
+
+def test_a_split_of_two_files_streams_every_row_of_both_once(tmp_path, models_config):
+    """The streamed refit's input: train + valid read as one split, rows numbered across the files."""
+    first, second = make_frame(n_rows=430, seed=0), make_frame(n_rows=270, seed=1)
+    _write(first, tmp_path / "a.parquet")
+    _write(second, tmp_path / "b.parquet")
+    both = pa.concat_tables([pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")])
+    encoder = FeatureEncoder.fit(models_config.features, both)
+    split = ParquetSplit((tmp_path / "a.parquet", tmp_path / "b.parquet"), encoder)
+    assert split.num_rows == 700
+    dataset = _stream(split, first, workers=2)
+    dataset.set_epoch(1)
+    rows: dict[int, float] = {}
+    for batch in stream_loader(dataset, 2, prefetch=2, pin_memory=False):
+        rows.update(zip(batch[ROW_INDEX_KEY].tolist(), batch["label"].tolist(), strict=True))
+    assert sorted(rows) == list(range(700))
+    labels = encoder.encode(both)["label"].tolist()
+    assert [rows[i] for i in range(700)] == labels
+
+
+def test_the_streamed_train_step_fits_and_refits_without_a_frame_of_the_rows(tmp_path, monkeypatch):
+    """training.loader streaming: the encoder is fitted row group by row group (the in-memory fit's
+    encoder), the refit streams train + valid as one split, and no whole split is read into pandas."""
+    import models
+    from components import train as train_step
+    from models.serialization import load_model
+
+    frames = {}
+    for split_name, seed, n in (("train", 0, 700), ("valid", 1, 300)):
+        frames[split_name] = make_frame(n_rows=n, seed=seed, label="history_match")
+        _write(frames[split_name], tmp_path / f"ranking_{split_name}.parquet")
+    changes = {"training.epochs": 1, "training.device": "cpu", "training.refit": True}
+    params_file = write_params(tmp_path / "params.yaml", changes | {"training.loader.mode": "stream"})
+    params = train_step.CONTRACT.load(params_file)
+    seen = []
+    real_fit, real_read = models.fit, pd.read_parquet
+
+    def spy(model, train, *args, **kwargs):
+        seen.append(train.paths if isinstance(train, ParquetSplit) else type(train))
+        return real_fit(model, train, *args, **kwargs)
+
+    def read_parquet(path, *args, **kwargs):
+        assert Path(path).name != "ranking_train.parquet", f"{path} read whole"
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr("models.fit", spy)
+    monkeypatch.setattr(pd, "read_parquet", read_parquet)
+    metrics = train_step.run(
+        "dlrm", params, tmp_path, tmp_path / "model", tmp_path / "metrics.json", tmp_path / "curves.png"
+    )
+    train_file, valid_file = tmp_path / "ranking_train.parquet", tmp_path / "ranking_valid.parquet"
+    assert seen == [(train_file,), (train_file, valid_file)]
+    assert metrics["train_rows"] == 700 and metrics["refit"]["rows"] == 1_000 and metrics["refit"]["streamed"]
+    _, saved = load_model(tmp_path / "model")
+    whole = FeatureEncoder.fit(params.models.features, pd.concat(frames.values(), ignore_index=True))
+    for name, vocab in whole.vocabs.items():
+        assert (vocab is None and saved.vocabs[name] is None) or list(vocab) == list(saved.vocabs[name]), name
+    for name, stats in whole.dense_stats.items():
+        assert saved.dense_stats[name] == pytest.approx(stats, rel=1e-12), name
+
+
+def test_the_two_towers_streamed_item_counts_are_the_in_memory_ones(tmp_path, models_config):
+    from models.registry import initial_model, initial_model_streamed
+
+    training = shipped_params().training
+    frames = [make_frame(n_rows=n, seed=s) for n, s in ((430, 0), (270, 1))]
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    for frame, path in zip(frames, paths, strict=True):
+        _write(frame, path)
+    _, streamed, _ = initial_model_streamed("two_tower", models_config, training, paths)
+    _, whole, _ = initial_model("two_tower", models_config, training, pd.concat(frames))
+    assert (streamed.item_counts == whole.item_counts).all() and int(whole.item_counts.sum()) == 700
