@@ -242,3 +242,17 @@ def small_serving_bundle(params, directory: Path) -> Path:
     ]
     catalogue = item_catalogue(train, item_cols)
     return build_serving_bundle(train, catalogue, params, directory / "bundle", directory / "work")
+
+
+@pytest.fixture(scope="module")
+def production_isvc() -> dict[str, Any]:
+    """The InferenceService as the operator applied it: the production overlay, generation 3 (the rollout
+    and guardrail tests patch it on their simulated clusters)."""
+    from recsys.manifest_schemas import render_kustomization
+
+    try:
+        objects = render_kustomization(REPO_ROOT / "manifests" / "overlays" / "production")
+    except FileNotFoundError:
+        pytest.skip("kubectl not installed (renders the production overlay)")
+    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
+    return isvc | {"metadata": isvc["metadata"] | {"generation": 3}}

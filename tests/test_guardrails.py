@@ -21,10 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from components import deploy
 from recsys import guardrails
 from recsys import isvc_rollout as rollout
-from recsys.manifest_schemas import render_kustomization
 from recsys.request_records import records_table
 from serving.local_server import free_port
-from tests.conftest import REPO_ROOT, revalidated
+from tests.conftest import revalidated
 from tests.local_prometheus import prometheus_binary, running_prometheus, wait_for_scrapes
 from tests.test_rollout import (
     CANARY,
@@ -275,17 +274,6 @@ def test_the_promql_on_a_real_prometheus_tells_a_bad_canary_from_its_champion(tm
 
 # ------------------------------------------------------------------------------------------------
 # the soak on the simulated cluster
-
-
-@pytest.fixture(scope="module")
-def production_isvc() -> dict[str, Any]:
-    """The production overlay's InferenceService, generation 3 (as tests/test_rollout.py's)."""
-    try:
-        objects = render_kustomization(REPO_ROOT / "manifests" / "overlays" / "production")
-    except FileNotFoundError:
-        pytest.skip("kubectl not installed (renders the production overlay)")
-    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
-    return isvc | {"metadata": isvc["metadata"] | {"generation": 3}}
 
 
 @pytest.fixture(params=VERSIONS)

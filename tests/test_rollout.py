@@ -30,7 +30,7 @@ from components import deploy
 from recsys import isvc_rollout as rollout
 from recsys import kube_namespace
 from recsys.config import load_params
-from recsys.manifest_schemas import custom_resource_errors, render_kustomization
+from recsys.manifest_schemas import custom_resource_errors
 from tests.conftest import REPO_ROOT, revalidated
 
 PARAMS = load_params(REPO_ROOT / "params.yaml")
@@ -47,17 +47,6 @@ Frame = tuple[dict[str, Any], dict[str, Any] | None]  # (InferenceService status
 
 # ------------------------------------------------------------------------------------------------
 # the fixtures: KServe's status per version, Knative's and Kubernetes' objects
-
-
-@pytest.fixture(scope="module")
-def production_isvc() -> dict[str, Any]:
-    """The InferenceService as the operator applied it: the production overlay, generation 3."""
-    try:
-        objects = render_kustomization(REPO_ROOT / "manifests" / "overlays" / "production")
-    except FileNotFoundError:
-        pytest.skip("kubectl not installed (renders the production overlay)")
-    (isvc,) = [o for o in objects if o["kind"] == "InferenceService"]
-    return isvc | {"metadata": isvc["metadata"] | {"generation": 3}}
 
 
 @cache
