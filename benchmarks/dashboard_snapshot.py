@@ -31,7 +31,6 @@ import logging
 import math
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -49,6 +48,7 @@ import yaml
 from recsys import artifact_layout as layout
 from serving.load_client import run_load
 from serving.local_server import free_port, start_server, stop_server
+from tests.local_prometheus import prometheus_binary, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the monitor's INFO logging: no line per scrape
     _require_artifacts()
-    prometheus = _prometheus_binary()
+    _prometheus_binary()  # fail before building anything when it is not installed
     dashboard = json.loads(DASHBOARD.read_text())
     with tempfile.TemporaryDirectory(prefix="dashboard-snapshot-") as scratch:
-        run = _record(Path(scratch), Path(args.params), prometheus, args, dashboard)
+        run = _record(Path(scratch), Path(args.params), args, dashboard)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(_summary(run), indent=2) + "\n")
@@ -110,9 +110,7 @@ def _require_artifacts() -> None:
 
 def _prometheus_binary() -> str:
     """Prometheus from PATH (Debian's package installs /usr/bin/prometheus)."""
-    found = shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
-    )
+    found = prometheus_binary()
     if found is None:
         raise SystemExit("prometheus not found: `apt-get install prometheus` (only the binary is used)")
     return found
@@ -122,7 +120,7 @@ def _prometheus_binary() -> str:
 
 
 def _record(
-    scratch: Path, params_file: Path, prometheus: str, args: argparse.Namespace, dashboard: dict[str, Any]
+    scratch: Path, params_file: Path, args: argparse.Namespace, dashboard: dict[str, Any]
 ) -> dict[str, Any]:
     """Serve, scrape and drive the phases; the panels' query results and the run's timeline."""
     store = _outage_store(scratch / "feast")
@@ -133,14 +131,14 @@ def _record(
     try:
         with _textfile_exporter(prom_file) as textfile_port:
             prom_port = free_port()
-            prom = _start_prometheus(prometheus, scratch / "prometheus", prom_port, port, textfile_port)
-            try:
+            targets = {"recsys-serving": f"127.0.0.1:{port}", "recsys-monitor": f"127.0.0.1:{textfile_port}"}
+            with running_prometheus(
+                scratch / "prometheus", prom_port, targets, SCRAPE_S, honor_labels={"recsys-monitor"}
+            ):
                 driver = Driver(port, _traffic(args.feature, args.value))
                 timeline = _phases(driver, store, log_dir, prom_file, scratch, args)
                 panels = _query_panels(dashboard, prom_port, timeline["start"], timeline["end"])
                 version = _prometheus_version(prom_port)
-            finally:
-                stop_server(prom)
     finally:
         stop_server(server)
     return {
@@ -220,53 +218,6 @@ def _textfile_exporter(prom_file: Path) -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def _start_prometheus(
-    binary: str, folder: Path, port: int, server_port: int, textfile_port: int
-) -> subprocess.Popen:
-    """Prometheus on 127.0.0.1:``port`` with its own config and storage, scraping the server (job
-    ``recsys-serving``) and the textfile (job ``recsys-monitor``) every ``SCRAPE_S``; returned once ready."""
-    folder.mkdir(parents=True)
-    config = {
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s"},
-        "scrape_configs": [
-            {"job_name": "recsys-serving", "static_configs": [{"targets": [f"127.0.0.1:{server_port}"]}]},
-            {
-                "job_name": "recsys-monitor",
-                "honor_labels": True,
-                "static_configs": [{"targets": [f"127.0.0.1:{textfile_port}"]}],
-            },
-        ],
-    }
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(folder / "prometheus.log", "w")  # noqa: SIM115 (lives with the process)
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={folder / 'prometheus.yml'}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while process.poll() is None and time.monotonic() < deadline:
-        if _answers(f"http://127.0.0.1:{port}/-/ready"):
-            return process
-        time.sleep(0.3)
-    stop_server(process)
-    tail = (folder / "prometheus.log").read_text()[-2000:]
-    raise RuntimeError(f"prometheus not ready in 60 s (exit code {process.returncode}): {tail}")
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _prometheus_version(port: int) -> str:

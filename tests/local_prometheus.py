@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,10 +25,15 @@ def prometheus_binary() -> str | None:
 
 @contextmanager
 def running_prometheus(
-    folder: Path, port: int, targets: dict[str, str], scrape_s: float = 1.0
+    folder: Path,
+    port: int,
+    targets: dict[str, str],
+    scrape_s: float = 1.0,
+    honor_labels: Collection[str] = (),
 ) -> Iterator[str]:
     """Prometheus on 127.0.0.1:``port`` scraping ``targets`` (job name -> host:port) every ``scrape_s``,
-    storage in ``folder``; yields its base URL once ready and stops it on exit."""
+    storage in ``folder``; yields its base URL once ready and stops it on exit. The jobs in
+    ``honor_labels`` keep their samples' own labels (a textfile exporter's ``job``/``instance``)."""
     binary = prometheus_binary()
     if binary is None:
         raise FileNotFoundError("prometheus not installed (`apt-get install prometheus`)")
@@ -37,7 +42,9 @@ def running_prometheus(
     config = {
         "global": {"scrape_interval": every, "scrape_timeout": every},
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
+            {"job_name": job, "static_configs": [{"targets": [target]}]}
+            | ({"honor_labels": True} if job in honor_labels else {})
+            for job, target in targets.items()
         ],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
