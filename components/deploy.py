@@ -492,6 +492,15 @@ class _Guard:
         self.config, self.canary, self.champion, self.query = config, canary, champion, query
         self.since = datetime.now(UTC)  # the request log rows that count: those of this rollout
         self.last: float | None = None
+        self.clicks = self._click_reader(config)
+
+    @staticmethod
+    def _click_reader(config: guardrails.GuardrailsConfig) -> guardrails.ParquetObjects | None:
+        """One reader of the click feedback for the whole soak: each evaluation reads new files only."""
+        uri = config.ctr.clicks_uri
+        if not config.ctr.request_log_uri or not uri or (uri.endswith(".parquet") and "://" not in uri):
+            return None
+        return guardrails.ParquetObjects(uri)
 
     def judge(self, now: float, final: bool) -> rollout.Decision | None:
         """``rollback`` on a breach (or no Prometheus), ``promote`` at the end when every guardrail passed
@@ -500,7 +509,9 @@ class _Guard:
             return None
         self.last = now
         try:
-            verdict = guardrails.evaluate(self.config, self.canary, self.champion, self.since, self.query)
+            verdict = guardrails.evaluate(
+                self.config, self.canary, self.champion, self.since, self.query, self.clicks
+            )
         except guardrails.GuardrailUnavailable as exc:
             return rollout.Decision("rollback", f"GuardrailUnavailable: {exc} (deploy.guardrails)")
         reason = f"canary {self.canary} vs champion {self.champion}: {verdict.reason()}"

@@ -26,7 +26,6 @@ Prometheus JSON -> values, values -> :class:`Verdict`.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,11 +33,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from recsys.config.schema import GuardrailsConfig
 from recsys.object_store import ObjectStoreError
-from recsys.request_records import read_request_log, served_slots, store_for
+from recsys.request_records import ParquetObjects, read_request_log, served_slots
 
 Status = Literal["pass", "breach", "insufficient"]
 METRICS = ("answers", "error_rate", "p99_latency_s", "empty_rate")
@@ -187,16 +185,13 @@ def measure(config: GuardrailsConfig, version: str, query: Query) -> dict[str, f
 # served CTR: the request log joined with the click feedback
 
 
-def read_clicks(uri: str) -> pd.DataFrame:
-    """Every Parquet file under ``uri`` (a file, folder or s3:// prefix) as click-feedback rows."""
-    frames = []
+def read_clicks(uri: str, objects: ParquetObjects | None = None) -> pd.DataFrame:
+    """Every Parquet file under ``uri`` (a file, folder or s3:// prefix) as click-feedback rows; with
+    ``objects`` (a reader kept across calls, for the same ``uri``) files read before are not read again."""
     if uri.endswith(".parquet") and "://" not in uri:
-        frames.append(pd.read_parquet(uri))
+        frames = [pd.read_parquet(uri)]
     else:
-        store = store_for(uri)
-        for key in store.keys(""):
-            if key.endswith(".parquet") and (data := store.get_bytes(key)) is not None:
-                frames.append(pq.read_table(io.BytesIO(data)).to_pandas())
+        frames = [table.to_pandas() for table in (objects or ParquetObjects(uri)).tables()]
     if not frames:
         return pd.DataFrame({name: pd.Series(dtype="object") for name in CLICK_COLUMNS})
     clicks = pd.concat(frames, ignore_index=True)
@@ -232,12 +227,16 @@ def served_ctr(
 
 
 def measure_ctr(
-    config: GuardrailsConfig, versions: list[str], since: datetime
+    config: GuardrailsConfig,
+    versions: list[str],
+    since: datetime,
+    clicks_objects: ParquetObjects | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`served_ctr` over the request log rows from ``since`` on."""
+    """:func:`served_ctr` over the request log rows from ``since`` on (``clicks_objects``: see
+    :func:`read_clicks`)."""
     try:
         log = read_request_log(config.ctr.request_log_uri, since=since).to_pandas()
-        clicks = read_clicks(config.ctr.clicks_uri)
+        clicks = read_clicks(config.ctr.clicks_uri, clicks_objects)
     except (OSError, ValueError, ObjectStoreError) as exc:
         raise GuardrailUnavailable(f"served CTR: {type(exc).__name__}: {exc}") from exc
     return served_ctr(log, clicks, versions)
@@ -311,15 +310,19 @@ def evaluate(
     champion: str,
     since: datetime,
     query: Query | None = None,
+    clicks_objects: ParquetObjects | None = None,
 ) -> Verdict:
-    """Measure both versions (Prometheus; the CTR when ``ctr.request_log_uri`` is set) and decide."""
+    """Measure both versions (Prometheus; the CTR when ``ctr.request_log_uri`` is set) and decide.
+    ``clicks_objects``, kept by the caller across evaluations, reads each click file once."""
     if query is None:
 
         def query(text: str) -> Mapping[str, Any]:
             return query_prometheus(config.prometheus_url, text, config.query_timeout_s)
 
     values = {version: measure(config, version, query) for version in (canary, champion)}
-    ctr = measure_ctr(config, [canary, champion], since) if config.ctr.request_log_uri else None
+    ctr = None
+    if config.ctr.request_log_uri:
+        ctr = measure_ctr(config, [canary, champion], since, clicks_objects)
     if ctr is not None:
         ctr = {canary: ctr[canary], champion: ctr[champion]}
     return decide(config, values[canary], values[champion], ctr)

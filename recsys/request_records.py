@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,18 +69,43 @@ def records_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
 
 
+class ParquetObjects:
+    """The Parquet objects under a store prefix (``s3://``, ``file://`` or a folder), each read once.
+
+    The request log and the click feedback are written as new objects, never rewritten, so a reader
+    polled again (the guardrails during a soak) reads only the objects that appeared since its last call
+    instead of the whole history each time.
+    """
+
+    def __init__(self, uri: str, schema: pa.Schema | None = None) -> None:
+        self.uri, self.schema = uri, schema
+        self._store: ObjectStore | None = None  # opened at the first read: its errors are a read's errors
+        self._read: dict[str, pa.Table] = {}
+
+    def tables(self, prefix: str = "", keep: Callable[[str], bool] = lambda key: True) -> list[pa.Table]:
+        """Every ``.parquet`` object under ``prefix`` whose key ``keep`` accepts, in key order."""
+        if self._store is None:
+            self._store = store_for(self.uri)
+        out = []
+        for key in sorted(self._store.keys(prefix)):
+            if not key.endswith(SUFFIX) or not keep(key):
+                continue
+            if key not in self._read:
+                data = self._store.get_bytes(key)
+                if data is None:  # deleted between the listing and the read
+                    continue
+                self._read[key] = pq.read_table(io.BytesIO(data), schema=self.schema)
+            out.append(self._read[key])
+        return out
+
+
 def read_request_log(uri: str, since: datetime | None = None) -> pa.Table:
     """Every row under ``uri`` (from ``since`` on, when given) as RECORD_SCHEMA's table; empty when
     nothing was logged. Day partitions before ``since`` are not read."""
-    store = store_for(uri)
     first = f"{PARTITION}{since:%Y-%m-%d}" if since is not None else ""
-    tables = [RECORD_SCHEMA.empty_table()]
-    for key in store.keys(PARTITION):
-        if key.endswith(SUFFIX) and key.split("/", 1)[0] >= first:
-            data = store.get_bytes(key)
-            if data is not None:
-                tables.append(pq.read_table(io.BytesIO(data), schema=RECORD_SCHEMA))
-    table = pa.concat_tables(tables)
+    objects = ParquetObjects(uri, schema=RECORD_SCHEMA)
+    tables = objects.tables(PARTITION, keep=lambda key: key.split("/", 1)[0] >= first)
+    table = pa.concat_tables([RECORD_SCHEMA.empty_table(), *tables])
     if since is not None:
         table = table.filter(
             pc.greater_equal(table["time"], pa.scalar(since, RECORD_SCHEMA.field("time").type))

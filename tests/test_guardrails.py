@@ -159,6 +159,38 @@ def test_served_ctr_joins_the_request_log_with_clicks_on_request_user_and_item(t
         guardrails.measure_ctr(broken, [CANARY_V, CHAMPION_V], since)
 
 
+def test_a_kept_click_reader_reads_each_feedback_file_once(tmp_path):
+    """The soak evaluates every interval_s: a reader kept across evaluations reads new click files only,
+    and the CTR still counts every click, old files and new."""
+    now = datetime.now(UTC).timestamp()
+    day = tmp_path / "log" / f"date={datetime.now(UTC):%Y-%m-%d}"
+    day.mkdir(parents=True)
+    rows = [_row("r1", 1, [10, 11], CANARY_V, now), _row("r2", 1, [10, 11], CHAMPION_V, now)]
+    pq.write_table(records_table(rows), day / "part-000001.parquet")
+    feedback = tmp_path / "clicks"
+    feedback.mkdir()
+
+    def click(name: str, request_id: str, item: int) -> None:
+        frame = pd.DataFrame({"request_id": [request_id], "user_id": [1], "item_id": [item], "label": [1]})
+        frame.to_parquet(feedback / f"{name}.parquet")
+
+    cfg = config(ctr={"request_log_uri": str(tmp_path / "log"), "clicks_uri": str(feedback)})
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    reader = guardrails.ParquetObjects(str(feedback))
+    click("a", "r1", 10)
+    first = guardrails.measure_ctr(cfg, [CANARY_V, CHAMPION_V], since, reader)
+    read_keys: list[str] = []
+    get_bytes = reader._store.get_bytes
+    reader._store.get_bytes = lambda key: read_keys.append(key) or get_bytes(key)
+    click("b", "r2", 11)
+    click("c", "r1", 11)
+    second = guardrails.measure_ctr(cfg, [CANARY_V, CHAMPION_V], since, reader)
+    assert read_keys == ["b.parquet", "c.parquet"]  # a.parquet was not read again
+    assert (first[CANARY_V]["clicks"], first[CHAMPION_V]["clicks"]) == (1.0, 0.0)
+    assert (second[CANARY_V]["clicks"], second[CHAMPION_V]["clicks"]) == (2.0, 1.0)
+    assert second == guardrails.measure_ctr(cfg, [CANARY_V, CHAMPION_V], since)  # a fresh read agrees
+
+
 def _row(request_id: str, user: int, items: list[int], version: str, t: float) -> dict[str, Any]:
     return {
         "request_id": request_id,
