@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -9,6 +11,7 @@ import pytest
 
 from components import features
 from recsys.contracts import DataContractError, stats_features
+from recsys.event_partitions import partition_events
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +125,68 @@ def test_history_is_built_and_written_batch_rows_at_a_time(tiny_raw_dir, tiny_ra
         assert pq.read_table(tmp_path / f"{name}.parquet").equals(
             features.build_feature_tables(tiny_raw, tiny_params.features)[name]
         )
+
+
+def _copy_raw(tiny_raw_dir, tiny_raw, target, events: pd.DataFrame | None = None, row_group_size=None):
+    target.mkdir()
+    for name in ("users", "items"):
+        (target / f"{name}.parquet").write_bytes((tiny_raw_dir / f"{name}.parquet").read_bytes())
+    events = tiny_raw["events"] if events is None else events
+    pa.parquet.write_table(
+        pa.Table.from_pandas(events, preserve_index=False),
+        target / "events.parquet",
+        row_group_size=row_group_size,
+    )
+    return target
+
+
+def test_tables_do_not_depend_on_the_events_order_row_groups_or_partitions(
+    tiny_raw_dir, tiny_raw, tiny_params, tmp_path, monkeypatch
+):
+    """Events shuffled over many row groups, split into several user and item ranges (spill files that
+    are gone afterwards): every table equals, row for row, the one computed over all events at once."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    shuffled = tiny_raw["events"].sample(frac=1.0, random_state=7)
+    raw = _copy_raw(tiny_raw_dir, tiny_raw, tmp_path / "raw", shuffled, row_group_size=2_500)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spilled = {}
+
+    def spy(events, edges, spill_dir):
+        parts = partition_events(events, edges, spill_dir)
+        spilled.update({key: len(p) for key, p in parts.items()}, files=len(list(Path(spill_dir).iterdir())))
+        return parts
+
+    monkeypatch.setattr(features, "partition_events", spy)
+    config = tiny_params.features.model_copy(update={"batch_rows": 5_000})
+    features.run(config, raw, tmp_path / "out")
+    assert spilled["user_id"] >= 5 and spilled["item_id"] >= 5
+    assert spilled["files"] == spilled["user_id"] + spilled["item_id"]
+    assert not list((tmp_path / "tmp").iterdir())  # the spill folder is removed
+    whole = features.build_feature_tables(tiny_raw, tiny_params.features)
+    for name, table in whole.items():
+        assert pq.read_table(tmp_path / "out" / f"{name}.parquet").equals(table), name
+    for name in ("user_history", "user_stats", "item_stats"):  # row groups of batch_rows rows
+        written = pq.ParquetFile(tmp_path / "out" / f"{name}.parquet").metadata
+        sizes = [written.row_group(i).num_rows for i in range(written.num_row_groups)]
+        assert all(size == 5_000 for size in sizes[:-1]) and 0 < sizes[-1] <= 5_000, (name, sizes)
+
+
+def test_a_bad_row_late_in_the_events_writes_nothing_and_leaves_no_spill(
+    tiny_raw_dir, tiny_raw, tiny_params, tmp_path, monkeypatch
+):
+    import tempfile
+
+    events = tiny_raw["events"].copy()
+    events.loc[len(events) - 10, "label"] = 3  # in the last row group: found while partitioning
+    raw = _copy_raw(tiny_raw_dir, tiny_raw, tmp_path / "raw", events, row_group_size=5_000)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    config = tiny_params.features.model_copy(update={"batch_rows": 5_000})
+    with pytest.raises(DataContractError, match=r"events\.parquet: column 'label' .* found \[3\]"):
+        features.run(config, raw, tmp_path / "out")
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -263,7 +263,8 @@ class FeaturesConfig(Section):
 
     history_length: int = Field(gt=0, le=512)
     stats_windows_days: list[int] = Field(min_length=1)
-    # rows of the history table built and written at a time (a row group each): memory follows it
+    # events per user / item key range computed at a time (recsys/event_partitions.py) and rows per row
+    # group of the history and statistics tables: memory follows it, not the number of events
     batch_rows: int = Field(gt=0)
     # local: this process (components/features.py); spark: the same tables on Spark (recsys/spark_features.py)
     engine: Literal["local", "spark"]
