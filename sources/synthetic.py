@@ -19,17 +19,22 @@ Each signal is planted so a good model can find it and a weak one cannot:
 
 Generation is vectorised: users are sorted by activity so that "the s-th event of every user who has at
 least s+1 events" is a prefix of that order, and one numpy step handles all of them. There is no per-event
-Python loop; the loop runs over event *positions* (at most ``max_events_per_user`` steps).
+Python loop; the loop runs over event *positions* (at most ``max_events_per_user`` steps). The users are
+cut, in that order, into blocks of at most ``EVENTS_PER_BLOCK`` events, generated one after the other
+(:func:`event_blocks`, what ingest streams): a block's events depend only on its users, the catalogue and
+the block's own random stream, so memory follows the block while the tables grow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from recsys.config import DataConfig, SyntheticSizes, SyntheticSource
+from sources.stream import RawStream
 
 NAME = "synthetic"
 SECOND_NS = 1_000_000_000
@@ -42,6 +47,12 @@ GENDERS = np.array(["F", "M"])
 N_OCCUPATIONS = 21
 N_ZIP_PREFIXES = 50
 HISTORY_DEPTH = 3  # clicks that shape the next impression and its click probability
+# Events per generated block (users cut in activity order, a user never split). A constant, not a memory
+# setting: the data depend on the seed and this only. Every shipped preset but `large` is one block, the
+# unblocked generator's data byte for byte; memory follows the block, not the dataset.
+EVENTS_PER_BLOCK = 1_000_000
+USERS_PER_BLOCK = 200_000  # and at most this many users (the tail of one-event users; per-user state)
+TASTE_ROWS = 16_384  # users whose tastes are drawn at a time (any value gives the same tastes)
 
 
 def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
@@ -49,11 +60,55 @@ def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     return generate(data.synthetic, seed)
 
 
+def stream(data: DataConfig, seed: int) -> RawStream:
+    """The source table's streamer: the same tables as :func:`read`, the events a block at a time."""
+    generated = _world(data.synthetic, seed)
+    return RawStream(generated.user_table, generated.item_table, event_blocks(generated, seed))
+
+
 def generate(cfg: SyntheticSource, seed: int) -> dict[str, pd.DataFrame]:
     """Return the raw ``users``, ``items`` and ``events`` tables; the same ``seed`` gives the same data."""
-    world = _world(cfg, seed)
-    events = _events(world.rng, cfg.sizes(), cfg, world.users, world.items, world.end_s)
-    return {"users": world.user_table, "items": world.item_table, "events": events}
+    generated = _world(cfg, seed)
+    blocks = list(event_blocks(generated, seed))
+    events = blocks[0] if len(blocks) == 1 else pd.concat(blocks, ignore_index=True)
+    return {"users": generated.user_table, "items": generated.item_table, "events": events}
+
+
+def event_blocks(
+    generated: World, seed: int, block_events: int = EVENTS_PER_BLOCK, block_users: int = USERS_PER_BLOCK
+) -> Iterator[pd.DataFrame]:
+    """The events in user blocks of at most ``block_events`` events and ``block_users`` users (users in
+    activity order, a user never split), each block in time order (ties by user). Block 0 continues
+    ``generated.rng``, so a dataset of one block is exactly the unblocked generator's; block k > 0 draws
+    from its own stream spawned from ``seed``. The data depend on the seed and the block limits only (the
+    module's constants; tests pass small ones), and ``generated.rng`` is consumed."""
+    users = generated.users
+    order = np.argsort(-users.n_events, kind="stable")
+    order = order[users.n_events[order] > 0]  # the idle users draw nothing
+    bounds = _block_bounds(users.n_events[order], block_events, block_users)
+    streams = np.random.SeedSequence(seed).spawn(max(len(bounds) - 1, 0))
+    cfg = generated.cfg
+    for block, (first, stop) in enumerate(bounds):
+        rng = generated.rng if block == 0 else np.random.default_rng(streams[block - 1])
+        yield _events(rng, cfg.sizes(), cfg, users, generated.items, generated.end_s, order[first:stop])
+
+
+def _block_bounds(
+    counts: np.ndarray, block_events: int, block_users: int = USERS_PER_BLOCK
+) -> list[tuple[int, int]]:
+    """Cut users (their event ``counts`` in order) into runs of at most ``block_events`` events and
+    ``block_users`` users; a user with more events than ``block_events`` is a block alone."""
+    if block_events <= 0 or block_users <= 0:
+        raise ValueError(f"blocks must be positive, got {block_events} events and {block_users} users")
+    ends = np.cumsum(counts)
+    bounds, first = [], 0
+    while first < len(counts):
+        before = int(ends[first - 1]) if first else 0
+        stop = int(np.searchsorted(ends, before + block_events, side="right"))
+        stop = min(max(stop, first + 1), first + block_users)
+        bounds.append((first, stop))
+        first = stop
+    return bounds
 
 
 @dataclass
@@ -111,7 +166,6 @@ def _world(cfg: SyntheticSource, seed: int) -> World:
 @dataclass
 class _UserWorld:
     taste: np.ndarray  # [n_users, C] float32 rows summing to 1
-    taste_cdf: np.ndarray  # [n_users, C] cumulative
     price_sensitivity: np.ndarray  # [n_users]
     first_event_s: np.ndarray  # [n_users] earliest possible event time (signup or period start)
     n_events: np.ndarray  # [n_users] events per user
@@ -151,11 +205,14 @@ def _users(
     group = gender_idx * len(AGE_BUCKETS) + age_idx
     group_taste = rng.gamma(0.3, size=(2 * len(AGE_BUCKETS), n_cat))
     group_taste /= group_taste.sum(axis=1, keepdims=True)
-    own_taste = rng.gamma(cfg.taste_concentration, size=(n, n_cat)) + 1e-9
-    own_taste /= own_taste.sum(axis=1, keepdims=True)
-    taste = (0.65 * own_taste + 0.35 * group_taste[group]).astype(np.float32)
-    taste_cdf = np.cumsum(taste, axis=1)
-    taste_cdf[:, -1] = 1.0
+    # row blocks of users: the same draws in the same order as one (n, n_cat) draw, the same rows, but
+    # float64 temporaries of a block instead of the population (they were the peak at a million users)
+    taste = np.empty((n, n_cat), dtype=np.float32)
+    for first in range(0, n, TASTE_ROWS):
+        rows = min(TASTE_ROWS, n - first)
+        own_taste = rng.gamma(cfg.taste_concentration, size=(rows, n_cat)) + 1e-9
+        own_taste /= own_taste.sum(axis=1, keepdims=True)
+        taste[first : first + rows] = 0.65 * own_taste + 0.35 * group_taste[group[first : first + rows]]
 
     sensitivity = AGE_PRICE_SENSITIVITY[age_idx] * rng.lognormal(0.0, 0.2, n)
     n_events = _events_per_user(rng, sizes)
@@ -163,16 +220,15 @@ def _users(
     users = pd.DataFrame(
         {
             "user_id": np.arange(1, n + 1, dtype=np.int64),
-            "gender": GENDERS[gender_idx].astype(object),
+            "gender": _labels("{}", GENDERS)[gender_idx],
             "age_bucket": AGE_BUCKETS[age_idx].astype(np.int64),
-            "occupation": np.char.add("occ_", occupation.astype(str)).astype(object),
-            "zip_prefix": np.char.add("z", np.char.zfill(zip_prefix.astype(str), 2)).astype(object),
+            "occupation": _labels("occ_{}", range(N_OCCUPATIONS))[occupation],
+            "zip_prefix": _labels("z{:02d}", range(N_ZIP_PREFIXES))[zip_prefix],
             "signup_timestamp": _to_utc(signup_s),
         }
     )
     world = _UserWorld(
         taste=taste,
-        taste_cdf=taste_cdf,
         price_sensitivity=sensitivity.astype(np.float32),
         first_event_s=np.maximum(signup_s + 1, start_s),
         n_events=n_events,
@@ -232,8 +288,8 @@ def _items(
     items = pd.DataFrame(
         {
             "item_id": np.arange(1, n + 1, dtype=np.int64),
-            "category": np.char.add("cat_", np.char.zfill(category.astype(str), 2)).astype(object),
-            "brand": np.char.add("brand_", brand.astype(str)).astype(object),
+            "category": _labels("cat_{:02d}", range(n_cat))[category],
+            "brand": _labels("brand_{}", range(sizes.n_brands))[brand],
             "price": price.astype(np.float64),
             "created_timestamp": _to_utc(created_s),
         }
@@ -259,25 +315,27 @@ def _events(
     users: _UserWorld,
     items: _ItemWorld,
     end_s: int,
+    block: np.ndarray,
 ) -> pd.DataFrame:
+    """The events of the users ``block`` (indices in descending activity order), in time order."""
     n_cat = sizes.n_categories
-    # users by activity, descending: at position s the active users are a prefix of this order
-    order = np.argsort(-users.n_events, kind="stable")
-    counts = users.n_events[order]
+    # at position s the block's active users are a prefix of ``block`` (sorted by activity, descending)
+    counts = users.n_events[block]
     offsets = np.concatenate([[0], np.cumsum(counts)])
     total = int(offsets[-1])
     active_at = np.searchsorted(-counts, -np.arange(counts.max() if total else 0), side="left")
 
-    ts = _event_times(rng, counts, users.first_event_s[order], end_s)
+    ts = _event_times(rng, counts, users.first_event_s[block], end_s)
     item_out = np.empty(total, dtype=np.int64)
     label_out = np.empty(total, dtype=np.int8)
-    recent = np.full((len(order), HISTORY_DEPTH), -1, dtype=np.int64)  # last clicked categories
+    recent = np.full((len(block), HISTORY_DEPTH), -1, dtype=np.int64)  # last clicked categories
+    taste_cdf = _taste_cdf(users.taste[block])  # the block's rows only: row i is user block[i]
 
     for position, n_active in enumerate(active_at):
         slot = offsets[:n_active] + position
-        who = order[:n_active]
+        who = block[:n_active]
         last = recent[:n_active]
-        category = _impression_category(rng, cfg, users.taste_cdf[who], last, items.successors, n_cat)
+        category = _impression_category(rng, cfg, taste_cdf[:n_active], last, items.successors, n_cat)
         item = _pick_items(rng, items, category, ts[slot])
         logit = _click_logit(cfg, users, items, who, item, category, last)
         clicked = rng.random(n_active) < 1.0 / (1.0 + np.exp(-logit))
@@ -286,21 +344,29 @@ def _events(
         shifted = np.concatenate([category[:, None], last[:, :-1]], axis=1)
         recent[:n_active] = np.where(clicked[:, None], shifted, last)
 
-    user_ids = np.repeat(order + 1, counts).astype(np.int64)
-    # time order (ties by user), applied to each column before the frame exists: one copy at a time
+    del recent, taste_cdf
+    user_ids = np.repeat((block + 1).astype(np.int64), counts)
+    # time order (ties by user), applied to one column at a time, each source array dropped once moved: the
+    # frame takes the sorted arrays as they are (no consolidated copy)
     by_time = np.lexsort((user_ids, ts))
-    del recent
+    columns: dict[str, object] = {"user_id": user_ids[by_time]}
+    del user_ids
+    columns["item_id"] = item_out[by_time]
+    del item_out
+    columns["event_timestamp"] = _to_utc(ts[by_time])
+    del ts
     label = label_out[by_time]
-    event_type = np.array(["impression", "click"], dtype=object)[label]  # two shared str objects
-    return pd.DataFrame(
-        {
-            "user_id": user_ids[by_time],
-            "item_id": item_out[by_time],
-            "event_timestamp": _to_utc(ts[by_time]),
-            "label": label.astype(np.int64),
-            "event_type": event_type,
-        }
-    )
+    columns["label"] = label.astype(np.int64)
+    columns["event_type"] = np.array(["impression", "click"], dtype=object)[label]  # two shared objects
+    return pd.DataFrame(columns, copy=False)
+
+
+def _taste_cdf(taste: np.ndarray) -> np.ndarray:
+    """Cumulative tastes per row (float32, the last column exactly 1): what a category is drawn from.
+    Accumulated in place: ``taste`` is the caller's own copy of the rows."""
+    cdf = np.cumsum(taste, axis=1, out=taste)
+    cdf[:, -1] = 1.0
+    return cdf
 
 
 def _event_times(rng: np.random.Generator, counts: np.ndarray, first_s: np.ndarray, end_s: int) -> np.ndarray:
@@ -372,6 +438,12 @@ def _click_logit(
         + 0.15 * items.log_popularity[item].clip(-8.0, 0.0)
         - price_penalty
     )
+
+
+def _labels(template: str, values: Iterable[object]) -> np.ndarray:
+    """One string object per value, to index with a code array: a million rows share a few dozen str
+    objects instead of a fixed-width unicode copy and a str each."""
+    return np.array([template.format(value) for value in values], dtype=object)
 
 
 def _to_utc(seconds: np.ndarray) -> pd.Series:

@@ -74,14 +74,14 @@ def test_failed_ingest_keeps_previous_tables_and_leaves_no_partial_file(
 def test_source_with_dangling_reference_is_rejected_before_writing(tiny_params, tmp_path, monkeypatch):
     from sources import synthetic
 
-    real = synthetic.generate
+    real = synthetic._world
 
     def broken(cfg, seed):
-        tables = real(cfg, seed)
-        tables["items"] = tables["items"].iloc[1:]
-        return tables
+        generated = real(cfg, seed)
+        generated.item_table = generated.item_table.iloc[1:]
+        return generated
 
-    monkeypatch.setattr(synthetic, "generate", broken)
+    monkeypatch.setattr(synthetic, "_world", broken)
     with pytest.raises(DataContractError, match="missing from table 'items'"):
         ingest.run(tiny_params.data, tiny_params.seed, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -167,7 +167,9 @@ def test_events_are_written_batch_rows_at_a_time(tiny_raw, tmp_path):
     """The events go to Arrow and disk a batch at a time (a row group each), never as a second whole copy;
     the file reads back as the same frame."""
     tables = {name: tiny_raw[name] for name in ("users", "items", "events")}
-    ingest.write_raw_tables(tables, tmp_path, batch_rows=7_000)
+    ingest.write_raw_tables(
+        {"users": tables["users"], "items": tables["items"]}, [tables["events"]], tmp_path, 7_000
+    )
     events = pq.ParquetFile(tmp_path / "events.parquet")
     sizes = [events.metadata.row_group(i).num_rows for i in range(events.num_row_groups)]
     n = len(tables["events"])
