@@ -52,6 +52,7 @@ AUC_MARGIN = 0.02
 RECALL_LIFT = 1.3
 BEST_RECALL_LIFT = 1.15  # over the best retrieval baseline
 BEST_AUC_MARGIN = 0.005  # over the best ranking baseline
+BLEND = "two_tower_blend"  # components/evaluate.py's name for the two-tower blended with recent popularity
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="*", default=[], help="retrain with each training.seed; bars per seed"
     )
+    parser.add_argument(
+        "--retrieval-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="only retrain the two-tower with each training.seed on the work directory's training sets "
+        "and evaluate retrieval (blend included); writes <workdir>/retrieval_seeds.json",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="with --report: add these retrieval_seeds.json files to that report and rewrite the results",
+    )
+    parser.add_argument("--report", type=Path, default=None, help="a results JSON written by a full run")
+    parser.add_argument(
+        "--retrieval-from",
+        type=Path,
+        default=None,
+        help="with --report: the retrieval evaluation (JSON) of a later run of the same training sets and "
+        "two-tower seed (--base-seed), replacing the report's; its ranking numbers stay the report's",
+    )
+    parser.add_argument("--base-seed", type=int, default=None, help="the training seed of --retrieval-from")
+    parser.add_argument(
+        "--index-metrics", type=Path, default=None, help="with --report: that run's metrics/index.json"
+    )
     args = parser.parse_args(argv)
+    if args.retrieval_seeds:
+        return retrieval_seeds(args)
+    if args.report is not None:
+        report = json.loads(args.report.read_text())
+        if args.retrieval_from is not None:
+            report["evaluation"]["retrieval"] = json.loads(args.retrieval_from.read_text())
+            report["retrieval_rerun"] = True
+            report["training_seed"] = args.base_seed
+            retrieval_bars(report)
+        if args.index_metrics is not None:
+            report["index"] = json.loads(args.index_metrics.read_text())
+        merge_retrieval_seeds(report, [json.loads(p.read_text()) for p in args.merge])
+        write_results(report, args.results, args.source)
+        print(json.dumps(report["retrieval_margins_over_seeds"], indent=1))
+        return 0
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +197,117 @@ def main(argv: list[str] | None = None) -> int:
     write_results(report, args.results, args.source)
     print(json.dumps(report["bars"], indent=1))
     return 0
+
+
+def retrieval_seeds(args: argparse.Namespace) -> int:
+    """Retrain the two-tower with each of ``args.retrieval_seeds`` on the work directory's training sets
+    (made by an earlier full run) and evaluate retrieval only, the blend chosen on validation included."""
+    workdir = args.workdir.resolve()
+    params_file = workdir / "params.yaml"
+    overrides = yaml.safe_load(args.overrides.read_text()) if args.overrides else {}
+    cuts = {
+        k: yaml.safe_load(params_file.read_text())["training_set"][k] for k in ("valid_start", "test_start")
+    }
+    out: dict[str, Any] = {}
+    for seed in args.retrieval_seeds:
+        write_params(
+            args.params,
+            params_file,
+            workdir,
+            args.source,
+            args.dataset.resolve(),
+            cuts,
+            overrides | {"training.seed": seed},
+        )
+        started = time.perf_counter()
+        step(workdir, "train", "--model", "two_tower")
+        out[str(seed)] = retrieval_summary(evaluate_retrieval_only(workdir))
+        out[str(seed)]["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(out[str(seed)], indent=1), flush=True)
+    (workdir / "retrieval_seeds.json").write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+def evaluate_retrieval_only(workdir: Path) -> dict[str, Any]:
+    """The evaluate step's retrieval report (models, baselines, blend) for the work directory's models."""
+    from components.evaluate import BlendSource, evaluate_retrieval, retrieval_task
+    from models.registry import RETRIEVAL_MODEL
+    from recsys.catalogue import item_catalogue
+    from recsys.step_contract import STEPS
+    from recsys.training_data import read_split, test_start_of
+
+    params = STEPS["evaluate"].load(workdir / "params.yaml")
+    cfg, training_dir, features_dir = (
+        params.evaluation,
+        workdir / layout.TRAINING_DIR,
+        workdir / layout.FEATURES_DIR,
+    )
+    ttl = params.feast.ttl_days.item_stats
+    catalogue = item_catalogue(features_dir, test_start_of(training_dir), ttl)
+    ranking_test = read_split(training_dir, "ranking", "test")
+    task = retrieval_task(training_dir, ranking_test, catalogue, cfg.ks, cfg.exclude_seen)
+    return evaluate_retrieval(
+        layout.model_dir(RETRIEVAL_MODEL, workdir / layout.MODELS_DIR),
+        training_dir,
+        task,
+        cfg,
+        refit=params.training.refit,
+        seed=params.training.seed,
+        blend=BlendSource(features_dir, params.training, ttl) if cfg.blend_shares else None,
+    )
+
+
+def retrieval_summary(retrieval: dict[str, Any]) -> dict[str, Any]:
+    """Recall@50 of the two-tower, its blend and the best baseline, the blend's share and the ratios."""
+    best = retrieval["best_baseline"]
+    recall = {name: retrieval[name]["recall@50"] for name in ("two_tower", BLEND, best) if name in retrieval}
+    summary: dict[str, Any] = {"best_baseline": best, "recall@50": recall}
+    if BLEND in retrieval:
+        summary["share"] = retrieval["blend"]["share"]
+        summary["valid_recall@50"] = retrieval["blend"]["valid_recall"]
+    for name in ("two_tower", BLEND):
+        if name in recall:
+            summary[f"{name} / best baseline"] = recall[name] / recall[best] if recall[best] > 0 else None
+    return summary
+
+
+def retrieval_bars(report: dict[str, Any]) -> None:
+    """The report's retrieval bars and margin recomputed from its (replaced) retrieval evaluation."""
+    retrieval = report["evaluation"]["retrieval"]
+    best = retrieval["best_baseline"]
+    tt, best_recall = retrieval["two_tower"]["recall@50"], retrieval[best]["recall@50"]
+    ratio = tt / best_recall if best_recall > 0 else float("inf")
+    report["margins"]["two_tower recall@50 / best baseline"] = round(ratio, 4)
+    report["best_baselines"]["retrieval"] = best
+    report["bars"][f"two_tower recall@50 >= {BEST_RECALL_LIFT} x best baseline"] = _bar(
+        tt, BEST_RECALL_LIFT * best_recall, ratio >= BEST_RECALL_LIFT
+    )
+    pop = retrieval["popularity"]["recall@50"]
+    report["bars"][f"two_tower recall@50 >= {RECALL_LIFT} x popularity"] = _bar(
+        tt, RECALL_LIFT * pop, tt >= RECALL_LIFT * pop
+    )
+    if BLEND in retrieval:
+        blend = retrieval[BLEND]["recall@50"]
+        report["bars"][f"{BLEND} recall@50 >= {BEST_RECALL_LIFT} x best baseline"] = _bar(
+            blend, BEST_RECALL_LIFT * best_recall, blend >= BEST_RECALL_LIFT * best_recall
+        )
+
+
+def merge_retrieval_seeds(report: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """``report`` (a full run) with the retrieval of more two-tower seeds, and each ratio to the best
+    baseline as mean +- sd over all the seeds (the full run's first)."""
+    seed = str(report.get("training_seed", "base"))
+    per_seed = {seed: retrieval_summary(report["evaluation"]["retrieval"])}
+    for run in runs:
+        per_seed.update(run)
+    report["retrieval_per_seed"] = per_seed
+    ratios = {
+        name: {s: {name: r[name]} for s, r in per_seed.items() if r.get(name) is not None}
+        for name in ("two_tower / best baseline", f"{BLEND} / best baseline")
+    }
+    report["retrieval_margins_over_seeds"] = {
+        name: margins_over_seeds(values)[name] for name, values in ratios.items() if values
+    }
 
 
 def write_params(
@@ -226,6 +380,11 @@ def summarise(
         BEST_RECALL_LIFT * retrieval[best_retrieval]["recall@50"],
         margins["two_tower recall@50 / best baseline"] >= BEST_RECALL_LIFT,
     )
+    if BLEND in retrieval:  # what recommend serves: the two-tower blended with recent popularity
+        blend, best_recall = retrieval[BLEND]["recall@50"], retrieval[best_retrieval]["recall@50"]
+        bars[f"{BLEND} recall@50 >= {BEST_RECALL_LIFT} x best baseline"] = _bar(
+            blend, BEST_RECALL_LIFT * best_recall, blend >= BEST_RECALL_LIFT * best_recall
+        )
     best_ranking = ranking["best_baseline"]
     for kind in RANKERS:
         bars[f"{kind} auc >= best baseline + {BEST_AUC_MARGIN}"] = _bar(
@@ -256,6 +415,7 @@ def summarise(
     return {
         "dataset": {"name": meta.name, "source": source, "path": str(dataset), "licence": meta.licence},
         "split": {k: params["training_set"][k] for k in ("valid_start", "test_start")},
+        "training_seed": params["training"]["seed"],
         "positive_rating": params["data"][source]["positive_rating"],
         "best_baselines": {"retrieval": best_retrieval, "ranking": best_ranking},
         "margins": margins,
@@ -311,6 +471,9 @@ def _bar(value: float, threshold: float, passed: bool) -> dict[str, Any]:
 def write_results(report: dict[str, Any], results: Path, source: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     stem = "real_data_quality" if source == "movietweetings" else f"real_data_quality_{source}"
+    blend = report.get("evaluation", {}).get("retrieval", {}).get("blend", {})
+    if isinstance(blend.get("popular_item_ids"), list):  # the dataset's item ids: their count is enough
+        blend["popular_item_ids"] = len(blend["popular_item_ids"])
     (results / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (results / f"{stem}.md").write_text(markdown(report))
 
@@ -350,11 +513,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"## Retrieval (full catalogue, {retrieval['users']} test users)",
         "",
+        *(
+            [
+                "Re-run with the retrieval blend (`--retrieval-seeds`, same training sets and two-tower "
+                f"seed {report.get('training_seed')}); the ranking section above is the earlier full run's.",
+                "",
+            ]
+            if report.get("retrieval_rerun")
+            else []
+        ),
         "| model | " + " | ".join(k for k in retrieval["two_tower"]) + " |",
         "|---|" + "---:|" * len(retrieval["two_tower"]),
     ]
     metrics = list(retrieval["two_tower"])
-    for name in ("two_tower", "popularity", "recent_popularity", "item_knn", "ease"):
+    for name in ("two_tower", BLEND, "popularity", "recent_popularity", "item_knn", "ease"):
         if name in retrieval and metrics[0] in retrieval[name]:
             lines.append(f"| {name} | " + " | ".join(f"{retrieval[name][m]:.4f}" for m in metrics) + " |")
         elif name in retrieval:
@@ -365,6 +537,26 @@ def markdown(report: dict[str, Any]) -> str:
             f"Best retrieval baseline: {retrieval['best_baseline']}; best ranking baseline: "
             f"{ranking['best_baseline']}.",
         ]
+    if "blend" in retrieval:
+        blend, best = retrieval["blend"], retrieval["best_baseline"]
+        valid = ", ".join(f"{share}: {value:.4f}" for share, value in blend["valid_recall"].items())
+        lines += [
+            "",
+            f"{BLEND}: the two-tower's list with a share {blend['share']:g} of every prefix given to recent "
+            f"popularity (window {blend['window_days']} days; None = all time), the share chosen on "
+            f"validation recall@50 with a two-tower fitted on {blend['two_tower_fitted_on']} ({valid}); "
+            "what `recommend` serves (the bundle's retrieval_blend.json).",
+        ]
+        intervals = retrieval["intervals"]
+        lines += ["", "| recall@50, bootstrap interval over users | value | low | high |"]
+        lines += ["|---|---:|---:|---:|"]
+        for name, interval in intervals["mean"].items():
+            lines.append(
+                f"| {name} | {interval['value']:.4f} | {interval['low']:.4f} | {interval['high']:.4f} |"
+            )
+        for name, interval in intervals.get(f"difference_to_{best}", {}).items():
+            cells = f"{interval['value']:.4f} | {interval['low']:.4f} | {interval['high']:.4f}"
+            lines.append(f"| {name} - {best} | {cells} |")
     lines += [
         "",
         "## Quality bars (issue 22: the best baselines; issue 16: the earlier ones)",
@@ -408,6 +600,48 @@ def markdown(report: dict[str, Any]) -> str:
         for name, m in report["margins_over_seeds"].items():
             cells = [f"{m[k]:.4f}" for k in ("mean", "sd", "min", "max")] + [str(m["seeds"])]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("retrieval_per_seed"):
+        lines += [
+            "",
+            "## Retrieval per two-tower training seed (same training sets; `--retrieval-seeds`)",
+            "",
+            f"| seed | two_tower | {BLEND} | share | best baseline | two_tower / best | {BLEND} / best |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for seed, run in report["retrieval_per_seed"].items():
+            recall, best = run["recall@50"], run["best_baseline"]
+            cells = [
+                seed,
+                f"{recall['two_tower']:.4f}",
+                _fmt(recall.get(BLEND)),
+                f"{run.get('share', 0):g}",
+                f"{best} {recall[best]:.4f}",
+                _fmt(run.get("two_tower / best baseline")),
+                _fmt(run.get(f"{BLEND} / best baseline")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "| ratio to the best baseline (recall@50) | mean | sd | min | max | seeds |"]
+        lines += ["|---|---:|---:|---:|---:|---:|"]
+        for name, m in report["retrieval_margins_over_seeds"].items():
+            cells = [f"{m[k]:.4f}" for k in ("mean", "sd", "min", "max")] + [str(m["seeds"])]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("index"):
+        index = report["index"]
+        fallback = index.get("fallback")
+        lines += ["", "## Index (build_index)", ""]
+        text = (
+            f"{index['type']} over {index['count']:,} items (d={index['dim']}), recall@{index['k']} "
+            f"{index['recall_at_k']:.4f} against exact search (ties with the K-th score counted), "
+            f"{index['memory_bytes']:,} bytes, {index['qps_single_query']} queries/s one at a time, "
+            f"{index['qps_batched']} batched"
+        )
+        if fallback:
+            best = max(fallback["curve"], key=lambda point: point["recall"])
+            text += (
+                f"; the tuned {fallback['from']} reached only {best['recall']:.4f} (at {best['value']}), "
+                "so the step fell back to exact search (index.flat_fallback_max_items)"
+            )
+        lines.append(text + ".")
     lines += ["", "## Steps (seconds)", ""]
     if not report.get("data_steps_run", True):
         lines += ["Training sets reused from the work directory's earlier run (`--skip-data`).", ""]

@@ -6,6 +6,12 @@ breaks the moment an embedding is not exactly normalised, so one is refused on l
 index's search parameter (HNSW ``efSearch``, IVF ``nprobe``) is raised until recall@K against exact search
 on real query vectors (validation-split user embeddings) reaches ``index.recall_target``; the tuned value
 travels with the index in a JSON sidecar so serving searches exactly as it was measured.
+
+Recall counts ties: a returned item whose exact score equals the K-th exact score is a correct answer
+(items with coinciding vectors, e.g. cold items sharing their category's embedding, are interchangeable).
+Many coinciding vectors still break an HNSW graph (their neighbour lists fill with copies of one point):
+when the approximate index cannot reach the target, the step falls back to exact search (``flat``) up
+to ``index.flat_fallback_max_items`` items, and says so in its metrics (``fallback``); above it, it fails.
 """
 
 from __future__ import annotations
@@ -109,9 +115,26 @@ def run(
 
     started = time.perf_counter()
     ceiling = config.ef_search_max if index_type == "hnsw" else None
-    tuned = tune_search_param(
-        index, index_type, items, tune_q, exact_tune, config.recall_target, ceiling, config.tune_margin_sigmas
-    )
+    fallback = None
+    try:
+        tuned = tune_search_param(
+            index,
+            index_type,
+            items,
+            tune_q,
+            exact_tune,
+            config.recall_target,
+            ceiling,
+            config.tune_margin_sigmas,
+        )
+    except RecallTargetError as exc:
+        if len(items) > config.flat_fallback_max_items:
+            raise
+        log.warning("build_index: %s; falling back to exact search (flat)", exc)
+        fallback = {"from": index_type, "reason": str(exc), "curve": exc.curve}
+        index_type = "flat"
+        index = build_index(items, index_type, config, seed)
+        tuned = tune_search_param(index, index_type, items, tune_q, exact_tune, config.recall_target)
     tune_seconds = time.perf_counter() - started
     holdout_recall = None
     if len(holdout_q):
@@ -140,6 +163,10 @@ def run(
         "recall_at_k": tuned.recall,
         "recall_at_k_holdout": holdout_recall,
         "search_param": meta["search_param"],
+        # the approximate index that missed the target, when exact search replaced it (else None)
+        "fallback": None
+        if fallback is None
+        else fallback | {"curve": [{"value": v, "recall": r} for v, r in sorted(fallback["curve"].items())]},
         "tuning_curve": [{"value": v, "recall": r} for v, r in sorted(tuned.curve.items())],
         "qps_single_query": qps_single,
         "qps_batched": qps_batched,

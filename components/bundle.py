@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from recsys import artifact_layout as layout
 from recsys.artifact_io import read_json
 from recsys.bundle_assembly import assemble_bundle
+from recsys.bundle_blend import BLEND_MEMBER, blend_of_metrics, write_blend
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 from recsys.step_contract import STEPS
 
@@ -38,9 +40,16 @@ def run(
     files: Mapping[str, str | Path],
 ) -> Path:
     """Assemble ``files`` (bundle member name -> file) with the evaluation metrics of ``metrics_file`` and
-    the params file's text (the whole configuration the run was built with)."""
+    the params file's text (the whole configuration the run was built with). When the evaluate step chose
+    a retrieval blend (``retrieval.blend``), it joins the bundle as ``retrieval_blend.json``."""
     metrics = read_json(Path(metrics_file), BundleIntegrityError, "evaluation metrics not found")
-    return assemble_bundle(files, Path(out_dir), params_text=Path(params_path).read_text(), metrics=metrics)
+    params_text = Path(params_path).read_text()
+    blend = blend_of_metrics(metrics)
+    if blend is None:
+        return assemble_bundle(files, Path(out_dir), params_text=params_text, metrics=metrics)
+    with tempfile.TemporaryDirectory() as scratch:
+        members = {**files, BLEND_MEMBER: write_blend(blend, Path(scratch) / BLEND_MEMBER)}
+        return assemble_bundle(members, Path(out_dir), params_text=params_text, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from recsys.training_data import MANIFEST, read_split, test_start_of
 CONTRACT = STEPS["evaluate"]
 
 RETRIEVAL_BASELINES = ("popularity", "recent_popularity", "item_knn", "ease")
+BLEND = "two_tower_blend"  # the two-tower blended with recent popularity (models/blend.py)
 RANKING_BASELINES = ("item_ctr_baseline", "logistic_regression_baseline", "gbdt_baseline")
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,15 @@ def run(
         "fitted_on": "train+valid" if refit else "train",
     }
     task = retrieval_task(training_dir, ranking_test, catalogue, cfg.ks, cfg.exclude_seen)
+    blend = BlendSource(features_dir, params.training, params.feast.ttl_days.item_stats)
     report["retrieval"] = evaluate_retrieval(
-        layout.model_dir(RETRIEVAL_MODEL, models_dir), training_dir, task, cfg, refit=refit, seed=seed
+        layout.model_dir(RETRIEVAL_MODEL, models_dir),
+        training_dir,
+        task,
+        cfg,
+        refit=refit,
+        seed=seed,
+        blend=blend if cfg.blend_shares else None,
     )
     report["ranking"] = evaluate_rankers(
         models_dir, training_dir, ranking_test, params.training.eval_batch_size, cfg, refit=refit, seed=seed
@@ -156,17 +164,27 @@ def evaluate_retrieval(
     *,
     refit: bool,
     seed: int,
+    blend: BlendSource | None = None,
 ) -> dict[str, Any]:
     """The two-tower and every retrieval baseline on ``task``, the best baseline at ``headline_k``, the
     two-tower's lift over it and over popularity, bootstrap intervals, and the users with and without
-    clicks before the test window separately."""
+    clicks before the test window separately. With ``blend``, also the two-tower blended with recent
+    popularity at the share chosen on validation (``two_tower_blend``), and what serving needs to apply
+    it (``blend``: the share and the popularity list, refitted like the models)."""
     from models import retrieval_metrics
+    from models.blend import blend_topk
     from models.bootstrap import user_mean_intervals
     from models.metrics import per_user_retrieval_metrics
 
     topk = {RETRIEVAL_MODEL: two_tower_topk(model_dir, task)}
     baselines, settings = retrieval_baselines(training_dir, task, cfg, refit=refit)
     topk.update(baselines)
+    served = None
+    if blend is not None:
+        window = settings["recent_popularity"]["window_days"]
+        served = choose_blend(model_dir, training_dir, blend, cfg, window, refit=refit)
+        topk[BLEND] = blend_topk(topk[RETRIEVAL_MODEL], topk["recent_popularity"], served["share"])
+        served["popular_item_ids"] = served_popular_list(training_dir, task, window, cfg.blend_popular_items)
     out: dict[str, Any] = {
         name: retrieval_metrics(ranked, task.relevant, task.ks) for name, ranked in topk.items()
     }
@@ -174,6 +192,10 @@ def evaluate_retrieval(
         out[name] = out.get(name, {}) | chosen
     metric = f"recall@{cfg.headline_k}"
     best = max(baselines, key=lambda name: out[name][metric])
+    if served is not None:
+        out[BLEND] |= {"share": served["share"], f"valid_recall@{cfg.headline_k}": served["valid_recall"]}
+        out[BLEND]["lift_over_best_baseline"] = _ratio(out[BLEND][metric], out[best][metric])
+        out["blend"] = served
     out["best_baseline"] = best
     out["lift_over_best_baseline"] = {
         f"recall@{k}": _ratio(out[RETRIEVAL_MODEL][f"recall@{k}"], out[best][f"recall@{k}"]) for k in task.ks
@@ -184,7 +206,7 @@ def evaluate_retrieval(
     }
     per_user = {
         name: per_user_retrieval_metrics(topk[name], task.relevant, [cfg.headline_k])[metric]
-        for name in (RETRIEVAL_MODEL, best)
+        for name in (RETRIEVAL_MODEL, best, *([BLEND] if BLEND in topk else []))
     }
     out["intervals"] = {
         "metric": metric,
@@ -204,6 +226,113 @@ def evaluate_retrieval(
     out["users"] = len(task.users)
     out["exclude_seen"] = task.exclude is not None
     return out
+
+
+@dataclass(frozen=True)
+class BlendSource:
+    """What choosing the blend on validation needs besides the evaluation section: the item features (the
+    validation catalogue), the training section (to train the two-tower's train-only twin when the
+    evaluated one was refitted on train + valid) and the item statistics' TTL."""
+
+    features_dir: Path
+    training: Any  # models.config.TrainingConfig
+    stats_ttl_days: float
+
+
+def choose_blend(
+    model_dir: Path,
+    training_dir: Path,
+    source: BlendSource,
+    cfg: EvaluationConfig,
+    window_days: int | None,
+    *,
+    refit: bool,
+) -> dict[str, Any]:
+    """The share of retrieval slots given to recent popularity (``evaluation.blend_shares``) with the best
+    validation recall@headline_k: the two-tower trained on the train split only (the saved one when it was
+    not refitted, else its train-only twin, :func:`train_only_two_tower`) ranks the validation catalogue
+    for every validation user, the recent-popularity list (the chosen window, counted on train at the
+    validation start) fills the share, both without the user's train clicks when ``exclude_seen``."""
+    from models import full_catalogue_topk, load_model
+    from models.blend import choose_share
+    from models.retrieval_baselines import history_sets, popularity_scores
+
+    train, valid = (read_split(training_dir, "retrieval", s) for s in ("train", "valid"))
+    valid_start = pd.Timestamp(read_json(training_dir / MANIFEST)["valid_start"])
+    catalogue = item_catalogue(source.features_dir, valid_start, source.stats_ttl_days)
+    items = catalogue["item_id"].to_numpy()
+    ranking_valid = read_split(training_dir, "ranking", "valid")
+    first_rows = ranking_valid.sort_values([TIMESTAMP, "row_id"]).drop_duplicates("user_id")
+    users = first_rows[first_rows["user_id"].isin(valid["user_id"])].reset_index(drop=True)
+    user_ids = users["user_id"].to_numpy()
+    relevant = history_sets(valid, user_ids, items)
+    exclude = history_sets(train, user_ids, items) if cfg.exclude_seen else None
+    k = min(cfg.headline_k, len(items))
+
+    model, encoder = (
+        train_only_two_tower(model_dir, train, source.training) if refit else load_model(model_dir)
+    )
+    user_emb = model.user_embeddings(encoder.encode(users, features=model.user_feature_names()))
+    item_emb = model.item_embeddings(encoder.encode(catalogue, features=model.item_feature_names()))
+    model_topk = full_catalogue_topk(user_emb, item_emb, k, exclude)
+    window = None if window_days is None else pd.Timedelta(days=window_days)
+    popularity = torch.from_numpy(popularity_scores(train, items, valid_start, window))
+    popular_topk = full_catalogue_topk(torch.ones(len(users), 1), popularity[:, None], k, exclude)
+    choice = choose_share(model_topk, popular_topk, relevant, cfg.blend_shares, k)
+    log.info(
+        "evaluate: blend share %g chosen on validation (recall@%d %s)", choice.share, k, choice.valid_recall
+    )
+    return {
+        "share": choice.share,
+        "window_days": window_days,
+        "valid_users": len(users),
+        "valid_recall": choice.valid_recall,
+        "two_tower_fitted_on": "train (twin of the refitted model)" if refit else "train",
+    }
+
+
+def train_only_two_tower(model_dir: Path, train: pd.DataFrame, training: Any) -> tuple[Any, Any]:
+    """The saved two-tower's train-only twin: the same architecture, features and training settings,
+    trained from its seed on the train split for the epochs its refit used (the early-stopped count), so
+    the validation split it is scored on was never trained on; the refitted model has seen it."""
+    from models import FeatureEncoder, build_model, fit, model_class
+
+    config = json.loads((model_dir / layout.MODEL_CONFIG).read_text())
+    refit = (config.get("extra", {}).get("training") or {}).get("refit") or {}
+    if "epochs" not in refit:
+        raise ValueError(
+            f"{model_dir}: the two-tower records no refit epochs; it cannot be re-trained on train"
+        )
+    kind = config["kind"]
+    spec = FeatureEncoder.from_dict(config["features"]).spec
+    encoder = FeatureEncoder.fit(spec, train)
+    settings = training.for_model(kind)
+    fitted = model_class(kind).fitted_inputs(encoder, train)
+    torch.manual_seed(settings.seed)
+    model = build_model(kind, config["model_config"], encoder, **fitted)
+    fit(
+        model,
+        encoder.encode(train),
+        None,
+        settings.model_copy(update={"epochs": int(refit["epochs"])}),
+        progress=False,
+    )
+    return model.eval(), encoder
+
+
+def served_popular_list(
+    training_dir: Path, task: RetrievalTask, window_days: int | None, n: int
+) -> list[int]:
+    """Item ids of the ``n`` most popular catalogue items in the chosen window before the test start,
+    counted on train + valid (what the models were refitted on): the list serving blends in."""
+    from models.retrieval_baselines import popularity_scores
+
+    clicks = pd.concat([read_split(training_dir, "retrieval", s) for s in ("train", "valid")])
+    items = task.catalogue["item_id"].to_numpy()
+    window = None if window_days is None else pd.Timedelta(days=window_days)
+    scores = popularity_scores(clicks, items, test_start_of(training_dir), window)
+    order = np.argsort(-scores, kind="stable")[:n]
+    return items[order[scores[order] > 0]].astype(np.int64).tolist()
 
 
 def user_segments(per_user: dict[str, np.ndarray], history: ItemSets) -> dict[str, dict[str, Any]]:

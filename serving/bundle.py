@@ -9,7 +9,7 @@ start-up; serving a model whose index drifted from it would return plausible but
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from models import FeatureEncoder, RecModel, load_model
 from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.ann_index import load_index
+from recsys.bundle_blend import BLEND_MEMBER, read_blend
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 
 
@@ -38,6 +39,11 @@ class ServingBundle:
     catalogue: np.ndarray  # int64 item ids in the index
     popular_ids: np.ndarray  # int64, most popular first
     popular_scores: np.ndarray  # float32
+    # retrieval blend (recsys/bundle_blend.py): this share of the slots goes to blend_ids, most popular
+    # first (only catalogue items), scored by the two-tower with blend_vectors [len(blend_ids), d]
+    blend_share: float = 0.0
+    blend_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    blend_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
     @property
     def user_features(self) -> list[str]:
@@ -100,13 +106,23 @@ def load_bundle(
             f"it holds {sorted(rankers) or 'no ranker'}"
         )
     index, _ = load_index(bundle_dir / layout.INDEX, expected_dim=int(two_tower.output_dim))  # type: ignore[arg-type]
-    catalogue = load_file(str(bundle_dir / layout.ITEM_EMBEDDINGS))["item_ids"].astype(np.int64)
+    tensors = load_file(str(bundle_dir / layout.ITEM_EMBEDDINGS))
+    catalogue = tensors["item_ids"].astype(np.int64)
     if len(catalogue) != index.ntotal:
         raise BundleIntegrityError(
             f"{bundle_dir}: '{layout.ITEM_EMBEDDINGS}' has {len(catalogue)} items, "
             f"'{layout.INDEX}' {index.ntotal}"
         )
     popular_ids, popular_scores = _popular_items(bundle_dir / layout.POPULAR_ITEMS)
+    share, blend_ids, blend_vectors = 0.0, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    if BLEND_MEMBER in files:
+        blend = read_blend(bundle_dir / BLEND_MEMBER)
+        rows = _rows_of(catalogue, blend.item_ids)
+        share, blend_ids = blend.share, blend.item_ids[rows >= 0]
+        blend_vectors = np.ascontiguousarray(tensors["embeddings"][rows[rows >= 0]], dtype=np.float32)
+        if share > 0 and not len(blend_ids):
+            raise BundleIntegrityError(f"{bundle_dir}: '{BLEND_MEMBER}' lists no item of the catalogue")
+    del tensors
     return ServingBundle(
         path=bundle_dir,
         version=str(manifest["version"]),
@@ -118,7 +134,18 @@ def load_bundle(
         catalogue=catalogue,
         popular_ids=popular_ids,
         popular_scores=popular_scores,
+        blend_share=share,
+        blend_ids=blend_ids,
+        blend_vectors=blend_vectors,
     )
+
+
+def _rows_of(catalogue: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row of each of ``ids`` in ``catalogue`` (-1 where absent)."""
+    order = np.argsort(catalogue, kind="stable")
+    at = np.clip(np.searchsorted(catalogue[order], ids), 0, max(len(catalogue) - 1, 0))
+    found = len(catalogue) > 0 and catalogue[order][at] == ids
+    return np.where(found, order[at], -1)
 
 
 def _load_models(

@@ -27,6 +27,7 @@ import torch
 from prometheus_client import Counter
 
 from models import FeatureEncoder
+from models.blend import blend_lists
 from recsys.ann_index import search
 from recsys.config import ServingConfig
 from serving.bundle import ServingBundle
@@ -188,19 +189,30 @@ class Recommender:
         exclude: Sequence[set[int]] | None = None,
         served: Served | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-``k[i]`` catalogue items of each user by inner product, leaving out ``exclude[i]``."""
+        """Top-``k[i]`` catalogue items of each user by inner product, leaving out ``exclude[i]``.
+
+        When the bundle carries a retrieval blend (share > 0), that share of every prefix of the list is
+        the popular items instead (models/blend.py, as the evaluate step measured it); they are scored by
+        the two-tower too, so the scores are the model's but the order is the blend's."""
         served = served or self._served
+        bundle = served.bundle
         vectors = self.user_vectors(users, served)
         exclude = exclude or [set() for _ in range(len(users))]
         width = max(k) + max(len(e) for e in exclude)
-        ids, scores = search(served.bundle.index, vectors, width)
+        ids, scores = search(bundle.index, vectors, width)
         out = []
         for row in range(len(users)):
             keep = ids[row] >= 0
-            if exclude[row]:
-                keep &= ~np.isin(ids[row], np.fromiter(exclude[row], dtype=np.int64))
+            excluded = np.fromiter(exclude[row], dtype=np.int64) if exclude[row] else None
+            if excluded is not None:
+                keep &= ~np.isin(ids[row], excluded)
             chosen = np.flatnonzero(keep)[: k[row]]
-            out.append((ids[row][chosen], scores[row][chosen]))
+            if bundle.blend_share > 0:
+                out.append(
+                    _blended(bundle, ids[row][chosen], scores[row][chosen], vectors[row], excluded, k[row])
+                )
+            else:
+                out.append((ids[row][chosen], scores[row][chosen]))
         return out
 
     # ---- ranking --------------------------------------------------------------------------------
@@ -326,6 +338,31 @@ class Recommender:
 
     def _table(self, columns: dict[str, list[Any]]) -> pa.Table:
         return pa.table({name: pa.array(values, type=self._types[name]) for name, values in columns.items()})
+
+
+def _blended(
+    bundle: ServingBundle,
+    model_ids: np.ndarray,
+    model_scores: np.ndarray,
+    user_vector: np.ndarray,
+    excluded: np.ndarray | None,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``model_ids`` (ANN order) blended with the bundle's popular items not in ``excluded``, at the
+    bundle's share; each item's two-tower score (popular ones: their embedding . the user's vector)."""
+    popular = bundle.blend_ids
+    keep = np.ones(len(popular), dtype=bool) if excluded is None else ~np.isin(popular, excluded)
+    items = np.asarray(
+        blend_lists(model_ids.tolist(), popular[keep].tolist(), bundle.blend_share, k), dtype=np.int64
+    )
+    score_of = dict(zip(model_ids.tolist(), model_scores.astype(np.float32).tolist(), strict=True))
+    popular_scores = bundle.blend_vectors[keep] @ user_vector.astype(np.float32)
+    score_of.update(
+        (item, score)
+        for item, score in zip(popular[keep].tolist(), popular_scores.tolist(), strict=True)
+        if item not in score_of
+    )
+    return items, np.asarray([score_of[i] for i in items.tolist()], dtype=np.float32)
 
 
 def _popular(bundle: ServingBundle, user_id: int, n: int, exclude: set[int], degraded: bool) -> Result:

@@ -352,3 +352,62 @@ def test_cli_reads_the_artifact_layout_by_default(tmp_path, exported, monkeypatc
 
 def _read(path):
     return load_file(str(path))
+
+
+def _coinciding_catalogue(tmp_path):
+    """4,280 items of which 4,000 share 20 vectors (cold items taking their category's embedding, as on
+    Ciao), and 300 validation users: an HNSW graph over it misses about half the exact top 50."""
+    rng = np.random.default_rng(3)
+    distinct = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors = distinct[np.concatenate([rng.integers(0, 20, 4000), np.arange(20, 300)])]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.standard_normal((300, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ids = np.arange(len(vectors), dtype=np.int64) * 7 + 5
+    item_file = _write_embeddings(tmp_path / "item_embeddings.safetensors", ids, vectors)
+    query_file = _write_embeddings(
+        tmp_path / "user_embeddings_valid.safetensors", np.arange(300), queries, "user_ids"
+    )
+    return item_file, query_file
+
+
+def test_coinciding_vectors_fall_back_to_exact_search(tmp_path):
+    item_file, query_file = _coinciding_catalogue(tmp_path)
+    config = _index(type="hnsw", hnsw_m=8, hnsw_ef_construction=32, k=50, ef_search_max=256, tune_queries=150)
+    paths = {
+        "item_embeddings": item_file,
+        "query_embeddings": query_file,
+        "output": tmp_path / "items.faiss",
+        "metrics_file": tmp_path / "index.json",
+    }
+    with pytest.raises(bi.RecallTargetError, match="not reachable with hnsw"):
+        bi.run(config.model_copy(update={"flat_fallback_max_items": 0}), seed=0, **paths)
+    with pytest.raises(bi.RecallTargetError):  # more items than the fallback allows
+        bi.run(config.model_copy(update={"flat_fallback_max_items": 4279}), seed=0, **paths)
+
+    metrics = bi.run(config.model_copy(update={"flat_fallback_max_items": 4280}), seed=0, **paths)
+    assert metrics["type"] == "flat" and metrics["faiss_class"] == "IndexFlatIP"
+    assert metrics["recall_at_k"] == 1.0 and metrics["recall_at_k_holdout"] == 1.0
+    assert metrics["fallback"]["from"] == "hnsw" and "not reachable" in metrics["fallback"]["reason"]
+    assert max(point["recall"] for point in metrics["fallback"]["curve"]) < config.recall_target
+    assert json.loads((tmp_path / "index.json").read_text())["fallback"]["from"] == "hnsw"
+    index, meta = ann_index.load_index(tmp_path / "items.faiss")
+    assert meta["type"] == "flat" and meta["search_param"] is None
+    # what serving gets back is the exact top 50, ties with the 50th score counted
+    items = bi.read_embeddings(item_file, "item_ids")
+    queries = _read(query_file)["embeddings"]
+    found, _ = ann_index.search(index, queries, 50)
+    assert bi.recall_at_k(found, queries, items, exact_top_k(items, queries, 50)[1]) == 1.0
+
+
+def test_approximate_index_reaching_its_target_records_no_fallback(tmp_path, exported):
+    item_file, query_file = exported
+    metrics = bi.run(
+        _index(type="hnsw", hnsw_m=16, hnsw_ef_construction=64, tune_queries=200),
+        seed=0,
+        item_embeddings=item_file,
+        query_embeddings=query_file,
+        output=tmp_path / "items.faiss",
+        metrics_file=tmp_path / "index.json",
+    )
+    assert metrics["type"] == "hnsw" and metrics["fallback"] is None

@@ -95,6 +95,57 @@ def test_evaluation_reports_models_next_to_baselines(tiny_pipeline):
         assert ranking[kind]["auc"] > 0.6, kind
 
 
+def test_the_blend_is_chosen_on_validation_evaluated_on_test_and_bundled(tiny_pipeline):
+    """Two-tower candidates blended with recent popularity: the share chosen on validation recall@50 among
+    evaluation.blend_shares, the blend scored on test next to the models with its interval, and the
+    share and the popular list (refitted on train + valid) in the bundle, where serving loads them."""
+    from components.evaluate import BLEND
+    from recsys.bundle_blend import BLEND_MEMBER, read_blend
+    from recsys.config import load_params
+    from serving.bundle import load_bundle
+
+    params = load_params(tiny_pipeline / "params.yaml")
+    retrieval = json.loads((tiny_pipeline / layout.EVALUATION).read_text())["retrieval"]
+    blend = retrieval["blend"]
+    shares = {f"{s:g}" for s in params.evaluation.blend_shares}
+    assert set(blend["valid_recall"]) == shares and f"{blend['share']:g}" in shares
+    assert blend["valid_recall"][f"{blend['share']:g}"] == max(blend["valid_recall"].values())
+    assert blend["window_days"] == retrieval["recent_popularity"]["window_days"]
+    assert blend["two_tower_fitted_on"].startswith("train (twin")  # the refitted model saw validation
+    for k in (10, 50, 100):
+        assert 0 <= retrieval[BLEND][f"recall@{k}"] <= 1
+    if blend["share"] == 0:
+        assert retrieval[BLEND]["recall@50"] == retrieval["two_tower"]["recall@50"]
+    if blend["share"] == 1:
+        assert retrieval[BLEND]["recall@50"] == retrieval["recent_popularity"]["recall@50"]
+    interval = retrieval["intervals"]["mean"][BLEND]
+    assert interval["low"] <= retrieval[BLEND]["recall@50"] <= interval["high"]
+    popular = blend["popular_item_ids"]
+    assert 0 < len(popular) <= params.evaluation.blend_popular_items and len(set(popular)) == len(popular)
+    bundle_dir = tiny_pipeline / layout.BUNDLE_DIR
+    assert read_blend(bundle_dir / BLEND_MEMBER).item_ids.tolist() == popular
+    served = load_bundle(bundle_dir, params.serving.default_ranker)
+    assert served.blend_share == blend["share"]
+    assert set(served.blend_ids.tolist()) <= set(served.catalogue.tolist())
+
+
+def test_the_blend_is_chosen_with_a_two_tower_that_never_saw_the_validation_window(tiny_pipeline):
+    from components.evaluate import train_only_two_tower
+    from models.batch import OOV_ID
+    from recsys.config import load_params
+    from recsys.training_data import read_split
+
+    params = load_params(tiny_pipeline / "params.yaml")
+    training_dir = tiny_pipeline / layout.TRAINING_DIR
+    train, valid = (read_split(training_dir, "retrieval", s) for s in ("train", "valid"))
+    model, encoder = train_only_two_tower(
+        tiny_pipeline / layout.model_dir("two_tower"), train, params.training
+    )
+    only_in_valid = np.setdiff1d(valid["item_id"].unique(), train["item_id"].unique())
+    assert len(only_in_valid) and (encoder.encode_ids("item_id", only_in_valid) == OOV_ID).all()
+    assert not model.training
+
+
 def test_exported_embeddings_equal_the_item_tower_and_are_unit_norm(tiny_pipeline):
     from models import load_model
     from recsys.catalogue import item_catalogue

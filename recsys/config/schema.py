@@ -405,9 +405,15 @@ class EvaluationConfig(Section):
     head_item_share: float = Field(gt=0, lt=1)
     bootstrap_samples: int = Field(ge=10)  # user resamples behind each confidence interval
     confidence: float = Field(gt=0, lt=1)  # of the intervals (percentile bootstrap)
+    # shares of the retrieval slots given to recent popularity (models/blend.py), one chosen on validation
+    # recall@headline_k and served; 0 = the two-tower alone, 1 = popularity alone; [] = no blend
+    blend_shares: list[float]
+    blend_popular_items: int = Field(gt=0)  # length of the popularity list the bundle carries for it
 
     @model_validator(mode="after")
     def _positive_ks(self) -> EvaluationConfig:
+        if any(not 0.0 <= share <= 1.0 for share in self.blend_shares):
+            raise ValueError(f"blend_shares: every share must lie in [0, 1], got {self.blend_shares}")
         if any(k <= 0 for k in self.ks):
             raise ValueError("ks: every K must be positive")
         if self.headline_k not in self.ks:
@@ -494,6 +500,8 @@ class IndexConfig(Section):
     hnsw_m: int = Field(ge=4, le=256)
     hnsw_ef_construction: int = Field(gt=0)
     ef_search_max: int = Field(gt=0)
+    # an approximate index missing recall_target is replaced by exact search up to this many items (0: never)
+    flat_fallback_max_items: int = Field(ge=0)
     ivf_nlist: int | None = Field(gt=0)
     ivf_train_per_list: int = Field(ge=39)
     pq_m: int | None = Field(gt=0)
