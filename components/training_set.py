@@ -10,6 +10,10 @@ whichever offline store (DuckDB locally, Spark on a cluster) ran the join.
 Splits are by time (train < valid < test, cut points from params), written atomically with a manifest
 that the validation step reads. The join, the defaults and the split run in Arrow on batches of
 ``training_set.call_rows`` entity rows, each written (a row group per split) before the next is built.
+Nothing event-sized is held whole: the events are checked a record batch at a time, and DuckDB (its own
+connection, ``training_set.duckdb_memory_limit``, spilling to ``duckdb_spill_dir``) writes time-ordered
+copies of the entity rows and of every feature table to a scratch folder, which the batches and the
+join's sweep (recsys.as_of_rows) read a record batch at a time.
 Afterwards the online store is backfilled with ``materialize(start,
 end)`` up to the end of the data, so serving reads the latest features.
 The join itself is recsys.point_in_time's (its docstring says how it is posed to stay linear); the
@@ -22,7 +26,9 @@ import argparse
 import functools
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from recsys.artifact_io import staged_parquet_writers, write_json, write_text
+from recsys.as_of_rows import duckdb_connection, time_sorted_copy
 from recsys.config import FeastConfig, FeaturesConfig, TrainingSetConfig
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
@@ -44,9 +52,9 @@ from recsys.contracts import (
 )
 from recsys.feature_store import (
     feature_repo,
+    feature_table_path,
     materialize_online_store,
     open_feature_store,
-    read_feature_table,
     registered_repo,
 )
 from recsys.point_in_time import (
@@ -60,6 +68,7 @@ from recsys.step_contract import STEPS
 from recsys.training_data import MANIFEST, SPLITS
 
 CONTRACT = STEPS["training_set"]
+ENTITY_BATCH_ROWS = 1 << 20  # event rows read (contract check) and sorted rows written at a time
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +102,42 @@ def run(
     started = time.perf_counter()
     features_dir = Path(features_dir).resolve()
     output_dir = Path(output_dir)
-    events = _read_events(Path(raw_dir) / "events.parquet")
+    events_path = Path(raw_dir) / "events.parquet"
+    first_event, last_event = _check_events(events_path)
     store = open_feature_store(feast)
     build_repo = functools.partial(feature_repo, feast, features)
     repo = build_repo(features_dir)
     store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
-    cuts = split_cuts(events[TIMESTAMP], config)
-    sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    cuts = split_cuts(pd.Series([first_event, last_event]), config)
+    tables = {name: feature_table_path(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    if config.duckdb_spill_dir is not None:
+        Path(config.duckdb_spill_dir).mkdir(parents=True, exist_ok=True)
+    sorting = tempfile.TemporaryDirectory(prefix="training-set-", dir=config.duckdb_spill_dir)
+    scratch = Path(sorting.name)
+    t0 = time.perf_counter()
+    con = duckdb_connection(config.duckdb_memory_limit, config.duckdb_spill_dir)
+    try:  # time-ordered copies on disk: the join sweeps them, nothing is held whole
+        entity_path = sorted_entity_rows(con, events_path, scratch / "entity_rows.parquet")
+        sources = {
+            name: time_sorted_copy(con, path, scratch / f"{name}.parquet", FEATURE_TABLE_KEYS[name])
+            for name, path in tables.items()
+        }
+    finally:
+        con.close()
     configure_duckdb(config.duckdb_memory_limit, config.duckdb_spill_dir)
 
     report: dict[str, Any] = {"sets": {}, "seconds": {}, "view_seconds": {}, "defaulted_rows": {}}
+    report["seconds"]["sort"] = round(time.perf_counter() - t0, 2)
     entity_rows: dict[str, int] = {}  # counted before the join: the validation gate compares with them
-    frames = entity_frames(events)
-    event_span = f"{events[TIMESTAMP].min()} .. {events[TIMESTAMP].max()}"
-    del events
+    event_span = f"{first_event} .. {last_event}"
     schema = training_schema(repo)
-    names = [f"{name}_{split}" for name in frames for split in SPLITS]
+    sets = ("retrieval", "ranking")
+    names = [f"{name}_{split}" for name in sets for split in SPLITS]
     summaries = {name: SplitSummary() for name in names}
-    with staged_parquet_writers(output_dir, dict.fromkeys(names, schema)) as writers:
-        for name in list(frames):
-            entity_df = frames.pop(name)
-            entity_split = cuts.split_of(entity_df[TIMESTAMP])
-            entity_rows |= {f"{name}_{s}": int((entity_split == s).sum()) for s in SPLITS}
-            del entity_split
+    with sorting, staged_parquet_writers(output_dir, dict.fromkeys(names, schema)) as writers:
+        for name in sets:
+            counts = dict.fromkeys(SPLITS, 0)
+            entity_df = _counted(entity_batches(entity_path, name, config.call_rows), cuts, counts)
             t0 = time.perf_counter()
             stats = JoinStats()
             batches = historical_batches(
@@ -131,6 +153,7 @@ def run(
             report["seconds"][name] = round(time.perf_counter() - t0, 2)
             report["view_seconds"][name] = stats.seconds
             report["defaulted_rows"][name] = stats.defaulted_rows
+            entity_rows |= {f"{name}_{s}": n for s, n in counts.items()}
             for split_name in SPLITS:
                 if not summaries[f"{name}_{split_name}"].rows:
                     raise DataContractError(
@@ -138,7 +161,6 @@ def run(
                         f"points (valid_start={cuts.valid_start}, test_start={cuts.test_start}) against "
                         f"the event times {event_span}"
                     )
-            del entity_df
     report["sets"] = {name: summaries[name].describe() for name in names}
     manifest = {
         "valid_start": cuts.valid_start.isoformat(),
@@ -151,7 +173,7 @@ def run(
 
     if feast.materialize:
         t0 = time.perf_counter()
-        start, end = materialize_online_store(store, sources, build_repo)
+        start, end = materialize_online_store(store, tables, build_repo)
         report["seconds"]["materialize"] = round(time.perf_counter() - t0, 2)
         report["materialized"] = {"start": start.isoformat(), "end": end.isoformat()}
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
@@ -176,6 +198,52 @@ def entity_frames(events: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"retrieval": retrieval, "ranking": ranking}
 
 
+def sorted_entity_rows(con: Any, events_path: Path, target: Path) -> Path:
+    """The events' entity columns written to ``target`` in :func:`entity_frames`'s order (time, user,
+    item, then file order: pandas' stable sort), by DuckDB's external sort under its memory limit."""
+    con.execute(
+        f"COPY (SELECT user_id, item_id, {TIMESTAMP}, CAST(label AS BIGINT) AS label "
+        f"FROM read_parquet(?, file_row_number = true) "
+        f"ORDER BY {TIMESTAMP}, user_id, item_id, file_row_number) TO '{target}' "
+        f"(FORMAT parquet, ROW_GROUP_SIZE {ENTITY_BATCH_ROWS})",
+        [str(events_path)],
+    )
+    return target
+
+
+def entity_batches(path: Path, name: str, call_rows: int) -> Iterator[pd.DataFrame]:
+    """The entity frame of training set ``name`` (as :func:`entity_frames` builds it) from the sorted
+    entity rows, in frames of ``call_rows`` rows (the last shorter): ``row_id`` counts the events in time
+    order, retrieval keeps the positives with their ``row_id``."""
+    pending: list[pd.DataFrame] = []
+    held, row_id = 0, 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=min(call_rows, ENTITY_BATCH_ROWS)):
+        frame = batch.to_pandas()
+        frame.insert(0, "row_id", np.arange(row_id, row_id + len(frame), dtype=np.int64))
+        row_id += len(frame)
+        if name == "retrieval":
+            frame = frame[frame["label"] == 1].reset_index(drop=True)
+        pending.append(frame)
+        held += len(frame)
+        while held >= call_rows:
+            whole = pd.concat(pending, ignore_index=True)
+            yield whole.iloc[:call_rows].reset_index(drop=True)
+            pending, held = [whole.iloc[call_rows:]], held - call_rows
+    if held:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def _counted(
+    frames: Iterator[pd.DataFrame], cuts: SplitCuts, counts: dict[str, int]
+) -> Iterator[pd.DataFrame]:
+    """``frames`` unchanged, their rows per split added to ``counts`` before the join sees them."""
+    for frame in frames:
+        split = cuts.split_of(frame[TIMESTAMP])
+        for name in counts:
+            counts[name] += int((split == name).sum())
+        yield frame
+
+
 def split_cuts(timestamps: pd.Series, config: TrainingSetConfig) -> SplitCuts:
     """Cut points from params: explicit timestamps, else the last whole days by fraction."""
     if config.valid_start is not None and config.test_start is not None:
@@ -197,12 +265,22 @@ def split_cuts(timestamps: pd.Series, config: TrainingSetConfig) -> SplitCuts:
 # ---- inputs and report ----------------------------------------------------------------------------
 
 
-def _read_events(path: Path) -> pd.DataFrame:
+def _check_events(path: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The raw contract on the events, a record batch at a time; returns the first and last event time."""
     if not path.exists():
         raise DataContractError(f"{path}: raw table 'events' not found (run the ingest step first)")
-    events = pd.read_parquet(path)
-    check_raw_table("events", events, path)
-    return events
+    parquet = pq.ParquetFile(path)
+    first = last = None
+    for batch in parquet.iter_batches(batch_size=ENTITY_BATCH_ROWS):
+        frame = batch.to_pandas()
+        check_raw_table("events", frame, path)
+        low, high = frame[TIMESTAMP].min(), frame[TIMESTAMP].max()
+        first = low if first is None else min(first, low)
+        last = high if last is None else max(last, high)
+    if first is None or last is None:
+        check_raw_table("events", parquet.schema_arrow.empty_table().to_pandas(), path)  # names the fault
+        raise DataContractError(f"{path}: table 'events' is empty")
+    return first, last
 
 
 class SplitSummary:

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NEWEST_BATCH_ROWS = 1 << 20  # rows of a feature table read at a time when only each entity's newest is kept
+MATERIALIZE_ROWS = 100_000  # entities per Feast materialize call of the online backfill
 
 
 def open_feature_store(feast: FeastConfig) -> FeatureStore:
@@ -133,7 +135,7 @@ def registered_repo(feast: FeastConfig, features: FeaturesConfig, features_dir: 
 
 
 def materialize_online_store(
-    store: FeatureStore, sources: dict[str, pa.Table], build_repo: Callable[[Path], Any]
+    store: FeatureStore, sources: Mapping[str, pa.Table | Path], build_repo: Callable[[Path], Any]
 ) -> tuple[datetime, datetime]:
     """Backfill the online store with every view's latest row up to the end of the data.
 
@@ -145,22 +147,49 @@ def materialize_online_store(
     (``build_repo(folder)``: the definitions over it, in a staging registry whose online store is this
     store's), so the whole history is not read, converted and sorted just to be dropped; the online store
     gets the same rows, and this store's registry records the window as its own ``materialize`` would.
+    A source given as a Parquet path is read a record batch at a time (memory: one row per entity), and
+    each view is materialized ``MATERIALIZE_ROWS`` entities at a time (Feast converts a view's rows to
+    Python protos at once): each entity is in one slice, so the online store gets the same rows.
     """
-    stamps = [table.column(TIMESTAMP) for table in sources.values() if table.num_rows]
-    start = min(pc.min(s).as_py() for s in stamps)
-    end = max(pc.max(s).as_py() for s in stamps) + timedelta(seconds=1)
+    scans = {name: _scan_newest(source, FEATURE_TABLE_KEYS[name]) for name, source in sources.items()}
+    spans = [(first, last) for _, first, last in scans.values() if first is not None]
+    start = min(first for first, _ in spans)
+    end = max(last for _, last in spans) + timedelta(seconds=1)
     with tempfile.TemporaryDirectory(prefix="feast-materialize-") as tmp:
         staging_dir = Path(tmp)
-        for name, table in sources.items():
-            newest = _newest_rows(table, FEATURE_TABLE_KEYS[name])
-            pq.write_table(newest, staging_dir / f"{name}.parquet", coerce_timestamps="us")
+        for name, (newest, _, _) in scans.items():  # the staged sources exist (their schema) before apply
+            pq.write_table(newest.schema.empty_table(), staging_dir / f"{name}.parquet")
         staging = FeatureStore(config=_staging_config(store, staging_dir))
         repo = build_repo(staging_dir)
         staging.apply(repo.objects())
-        staging.materialize(start_date=start, end_date=end)
+        for name, (newest, _, _) in scans.items():
+            for first in range(0, newest.num_rows, MATERIALIZE_ROWS):
+                part = newest.slice(first, MATERIALIZE_ROWS)
+                pq.write_table(part, staging_dir / f"{name}.parquet", coerce_timestamps="us")
+                staging.materialize(start_date=start, end_date=end, feature_views=[name])
     for name in repo.views:
         store.registry.apply_materialization(store.get_feature_view(name), store.project, start, end)
     return start, end
+
+
+def _scan_newest(source: pa.Table | Path, key: str) -> tuple[pa.Table, datetime | None, datetime | None]:
+    """Each entity's newest row of ``source`` and its first and last timestamps (None: no rows)."""
+    if isinstance(source, pa.Table):
+        batches: Iterable[pa.Table] = [source]
+    else:
+        parquet = pq.ParquetFile(source)
+        batches = (pa.Table.from_batches([b]) for b in parquet.iter_batches(batch_size=NEWEST_BATCH_ROWS))
+    newest, first, last = None, None, None
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        low, high = (v.as_py() for v in pc.min_max(batch.column(TIMESTAMP)).values())
+        first = low if first is None else min(first, low)
+        last = high if last is None else max(last, high)
+        newest = _newest_rows(batch if newest is None else pa.concat_tables([newest, batch]), key)
+    if newest is None:
+        newest = source if isinstance(source, pa.Table) else pq.read_schema(source).empty_table()
+    return newest, first, last
 
 
 def _newest_rows(table: pa.Table, key: str) -> pa.Table:
@@ -215,11 +244,16 @@ def _definitions_module(repo_path: Path) -> ModuleType:
 
 
 def read_feature_table(features_dir: Path, name: str) -> pa.Table:
+    return pq.read_table(feature_table_path(features_dir, name))
+
+
+def feature_table_path(features_dir: Path, name: str) -> Path:
+    """Feature table ``name``'s file in ``features_dir``, checked to exist with its key and timestamp."""
     path = features_dir / f"{name}.parquet"
     if not path.exists():
         raise DataContractError(f"{path}: feature table '{name}' not found (run the features step first)")
-    table = pq.read_table(path)
+    columns = pq.read_schema(path).names
     for column in (FEATURE_TABLE_KEYS[name], TIMESTAMP):
-        if column not in table.column_names:
+        if column not in columns:
             raise DataContractError(f"{path}: feature table '{name}' has no column '{column}'")
-    return table
+    return path

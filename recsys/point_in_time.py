@@ -15,13 +15,15 @@ cost is entity rows x feature rows per entity; the join is posed to keep that pr
   gets its own chunks (below), no view's columns ride through another view's join, and each view is
   timed on its own; the views come back in one frame by ``row_id``. The cheap views go first;
 - time chunks, pruned: the time-ordered entity rows are cut into chunks, and each chunk is joined
-  against only the feature rows it can use (``_AsOfRows``): per entity in the chunk, its last row before
-  the chunk starts (unless older than the view's TTL allows for any event of the chunk) plus its rows
-  inside the chunk's time range. Any other row is older than one of those (so never the latest <= the
-  event time), beyond the TTL, or newer than every event of the chunk, so Feast's answer is unchanged;
+  against only the feature rows it can use (``recsys.as_of_rows``: a sweep over the table in time
+  order holding one row per entity and a window, not the table): per entity in the chunk, its last
+  row before the chunk starts (unless older than the view's TTL allows for any event of the chunk)
+  plus its rows inside the chunk's time range. Any other row is older than one of those (so never the
+  latest <= the event time), beyond the TTL, or newer than every event of the chunk, so Feast's answer
+  is unchanged;
   a test compares it with an unpruned join. A chunk is as long as keeps its candidate pairs within
-  ``training_set.chunk_rows`` (``_chunk_bounds``);
-- chunks batched: up to ``training_set.call_rows`` entity rows share one Feast call, each chunk's
+  ``training_set.chunk_rows`` (``chunk_bounds``);
+- chunks batched: a batch of up to ``training_set.call_rows`` entity rows is one Feast call, each chunk's
   entity rows and pruned feature rows under a join key of their own (chunk x entity, ``_join_view``),
   so a call costs the sum of its chunks' pairs, not their product, and the store's fixed cost per call
   (planning, reading the sources) is paid once per batch.
@@ -33,7 +35,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,8 @@ import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 from feast.types import Array, Float32, Float64, Int32, Int64, String
 
+from recsys.as_of_rows import AsOfRows, TimeSorted, chunk_bounds
+from recsys.as_of_rows import ns as _ns
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
     MISSING_CATEGORY,
@@ -77,7 +81,7 @@ def historical_features(
     store: FeatureStore,
     entity_df: pd.DataFrame,
     service: str,
-    sources: dict[str, pa.Table],
+    sources: Mapping[str, pa.Table | TimeSorted],
     build_repo: Callable[[Path], Any],
     chunk_rows: int,
     call_rows: int,
@@ -101,9 +105,9 @@ def historical_features(
 
 def historical_batches(
     store: FeatureStore,
-    entity_df: pd.DataFrame,
+    entity_df: pd.DataFrame | Iterable[pd.DataFrame],
     service: str,
-    sources: dict[str, pa.Table],
+    sources: Mapping[str, pa.Table | TimeSorted],
     build_repo: Callable[[Path], Any],
     chunk_rows: int,
     call_rows: int,
@@ -114,7 +118,10 @@ def historical_batches(
 
     Memory follows the batch, not the events: a batch's views are joined, aligned by ``row_id`` and
     filled in Arrow (list columns never become Python objects), and the caller writes it before the
-    next is built. ``stats`` accumulates the rows given defaults and the seconds per view.
+    next is built. ``entity_df`` is one frame (sorted here) or frames already in (event time,
+    ``row_id``) order, read as they come; a source is a table in memory or a :class:`TimeSorted` copy
+    on disk, swept a record batch at a time (``recsys.as_of_rows``). ``stats`` accumulates the rows
+    given defaults and the seconds per view.
     """
     with tempfile.TemporaryDirectory(prefix="feast-pit-") as tmp:
         staging_dir = Path(tmp)
@@ -124,22 +131,21 @@ def historical_batches(
         if applied != staged:
             raise RuntimeError(f"feature service '{service}': registry and definitions disagree")
         features = _features_by_view(repo.services[service])
-        entity_df = entity_df.sort_values([TIMESTAMP, "row_id"], kind="stable", ignore_index=True)
         for name in features:  # the staged sources exist (with their schema) before apply
-            pq.write_table(sources[name].schema.empty_table(), staging_dir / f"{name}.parquet")
+            pq.write_table(_schema(sources[name]).empty_table(), staging_dir / f"{name}.parquet")
         staging = _staging_store(store.config, staging_dir)
         staging.apply(repo.objects())
         views = sorted(features, key=VIEW_ORDER.index)
         rows = {
-            name: _AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
+            name: AsOfRows(sources[name], FEATURE_TABLE_KEYS[name], _ttl_ns(repo.views[name].ttl))
             for name in views
         }
         for name in views:
             stats.seconds.setdefault(name, 0.0)
             stats.defaulted_rows.setdefault(name, 0)
         schema = training_schema(repo)
-        for first in range(0, len(entity_df), call_rows):
-            batch = entity_df.iloc[first : first + call_rows]
+        done = 0
+        for batch in _entity_batches(entity_df, call_rows):
             row_ids = batch["row_id"].to_numpy()
             joined: dict[str, pa.Array | pa.ChunkedArray] = {}
             for name in views:
@@ -152,7 +158,6 @@ def historical_batches(
                     batch,
                     rows[name],
                     chunk_rows,
-                    call_rows,
                 )
                 aligned = _align(view_rows, row_ids, name)  # rows a store dropped: null
                 if features[name]:
@@ -160,7 +165,30 @@ def historical_batches(
                 joined |= {feature: aligned.column(feature) for feature in features[name]}
                 stats.seconds[name] = round(stats.seconds[name] + time.perf_counter() - t0, 3)
             yield _typed_batch(batch, joined, schema, repo)
-            log.info("point-in-time %s: %d of %d rows", service, first + len(batch), len(entity_df))
+            done += len(batch)
+            log.info("point-in-time %s: %d rows", service, done)
+
+
+def _entity_batches(
+    entity_df: pd.DataFrame | Iterable[pd.DataFrame], call_rows: int
+) -> Iterator[pd.DataFrame]:
+    """Entity rows in (event time, ``row_id``) order, at most ``call_rows`` at a time: a frame is sorted
+    and cut; frames that come one by one must already be in time order (checked, batch to batch)."""
+    if isinstance(entity_df, pd.DataFrame):
+        entity_df = [entity_df.sort_values([TIMESTAMP, "row_id"], kind="stable", ignore_index=True)]
+    last = None
+    for frame in entity_df:
+        times = frame[TIMESTAMP]
+        if len(frame) and ((last is not None and times.iloc[0] < last) or not times.is_monotonic_increasing):
+            raise ValueError("entity rows must come in event-time order")
+        if len(frame):
+            last = times.iloc[-1]
+        for first in range(0, len(frame), call_rows):
+            yield frame.iloc[first : first + call_rows]
+
+
+def _schema(source: pa.Table | TimeSorted) -> pa.Schema:
+    return source.schema if isinstance(source, pa.Table) else pq.read_schema(source.path)
 
 
 def _align(view_rows: pa.Table, row_ids: np.ndarray, name: str) -> pa.Table:
@@ -240,148 +268,57 @@ def feature_columns(repo: Any) -> list[str]:
     return [name for view in order for name in repo.feature_names[view]]
 
 
-class _AsOfRows:
-    """A feature table in time order, swept forward chunk by chunk to find the rows a chunk can use.
-
-    ``latest`` holds, per entity, the index of its newest row before the current chunk's start; chunks
-    must come in time order, so the whole sweep reads every row once. A row older than ``ttl_ns`` before
-    the chunk's first event is of no use to any event of the chunk and is left out.
-    """
-
-    def __init__(self, table: pa.Table, key: str, ttl_ns: int | None):
-        self.key = key
-        self.ttl_ns = ttl_ns
-        ts = _ns(table.column(TIMESTAMP))
-        # the time order as positions, not a sorted copy: the history table holds a list per event
-        self.order = np.argsort(ts, kind="stable")
-        self.table = table
-        self.ts = ts[self.order]
-        self.ids, self.slot = np.unique(table.column(key).to_numpy()[self.order], return_inverse=True)
-        self.latest = np.full(len(self.ids), -1, dtype=np.int64)
-        self.swept = 0
-
-    def rows_for(self, keys: np.ndarray, t_first: int, t_last: int) -> pa.Table:
-        end_before = int(np.searchsorted(self.ts, t_first, side="left"))
-        if end_before < self.swept:
-            raise RuntimeError("chunks must come in time order")
-        span = np.arange(self.swept, end_before, dtype=np.int64)
-        np.maximum.at(self.latest, self.slot[span], span)
-        self.swept = end_before
-        slots = np.intersect1d(np.unique(keys), self.ids, assume_unique=True, return_indices=True)[2]
-        before = self.latest[slots]
-        before = before[before >= 0]
-        if self.ttl_ns is not None:
-            before = before[self.ts[before] >= t_first - self.ttl_ns]
-        end_inside = int(np.searchsorted(self.ts, t_last, side="right"))
-        inside = np.arange(end_before, end_inside, dtype=np.int64)
-        inside = inside[np.isin(self.slot[inside], slots)]
-        return self.table.take(pa.array(self.order[np.concatenate([np.sort(before), inside])]))
-
-
 def _join_view(
     staging: FeatureStore,
     source_path: Path,
     name: str,
     features: list[str],
     entity_df: pd.DataFrame,
-    rows: _AsOfRows,
+    rows: AsOfRows,
     chunk_rows: int,
-    call_rows: int,
 ) -> pa.Table:
-    """One view's features for every entity row: its time chunks, batched into Feast calls.
+    """One view's features for a batch of entity rows: its time chunks in one Feast call.
 
-    The chunks of one call share a table and an entity frame under *partitioned* join keys (chunk
-    number x entity count + the entity's index): an entity row only meets the rows pruned for its own
-    chunk, exactly as if each chunk were a call of its own, without a call's fixed cost per chunk.
-    Returns row_id + features, as Arrow (list columns stay Arrow lists).
+    The chunks share a table and an entity frame under *partitioned* join keys (chunk number x entity
+    count + the entity's index): an entity row only meets the rows pruned for its own chunk, exactly as
+    if each chunk were a call of its own, without a call's fixed cost per chunk. Chunk bounds come one at
+    a time, each after the previous chunk's rows were taken, so ``rows`` holds no more than a chunk's
+    window. Returns row_id + features, as Arrow (list columns stay Arrow lists).
     """
     key = rows.key
     times = _ns(pa.array(entity_df[TIMESTAMP]))
+    if not len(times):
+        return pa.table({"row_id": pa.array([], pa.int64()), **{f: pa.nulls(0) for f in features}})
     keys = entity_df[key].to_numpy()
-    bounds = _chunk_bounds(times, keys, rows, chunk_rows)
     ids = np.union1d(rows.ids, keys)
     index = np.searchsorted(ids, keys)
-    calls: list[list[int]] = [[]]
-    for number, (_, end) in enumerate(bounds):
-        if calls[-1] and end - bounds[calls[-1][0]][0] > call_rows:
-            calls.append([])
-        calls[-1].append(number)
-    parts = []
-    for numbers in calls:
-        if not numbers:
-            continue
-        first, last = bounds[numbers[0]][0], bounds[numbers[-1]][1]
-        tables, chunk_of_row = [], np.empty(last - first, dtype=np.int64)
-        for local, number in enumerate(numbers):
-            start, end = bounds[number]
-            chunk_of_row[start - first : end - first] = local
-            usable = rows.rows_for(keys[start:end], int(times[start]), int(times[end - 1]))
-            partitioned = local * len(ids) + np.searchsorted(ids, usable.column(key).to_numpy())
-            column = usable.schema.get_field_index(key)
-            tables.append(usable.set_column(column, key, pa.array(partitioned, pa.int64())))
-        pq.write_table(pa.concat_tables(tables), source_path, coerce_timestamps="us")
-        entity = pd.DataFrame(
-            {
-                "row_id": entity_df["row_id"].to_numpy()[first:last],
-                key: chunk_of_row * len(ids) + index[first:last],
-                TIMESTAMP: pd.to_datetime(times[first:last], utc=True),
-            }
-        )
-        job = staging.get_historical_features(
-            entity_df=entity, features=[f"{name}:{f}" for f in features], full_feature_names=False
-        )
-        parts.append(job.to_arrow().select(["row_id", *features]))
-    if not parts:
-        return pa.table({"row_id": pa.array([], pa.int64()), **{f: pa.nulls(0) for f in features}})
-    return pa.concat_tables(parts, promote_options="permissive")
+    tables, chunk_of_row = [], np.empty(len(times), dtype=np.int64)
+    for local, (start, end) in enumerate(chunk_bounds(times, keys, rows, chunk_rows)):
+        chunk_of_row[start:end] = local
+        usable = rows.rows_for(keys[start:end], int(times[start]), int(times[end - 1]))
+        partitioned = local * len(ids) + np.searchsorted(ids, usable.column(key).to_numpy())
+        column = usable.schema.get_field_index(key)
+        tables.append(usable.set_column(column, key, pa.array(partitioned, pa.int64())))
+    pq.write_table(pa.concat_tables(tables), source_path, coerce_timestamps="us")
+    del tables
+    entity = pd.DataFrame(
+        {
+            "row_id": entity_df["row_id"].to_numpy(),
+            key: chunk_of_row * len(ids) + index,
+            TIMESTAMP: pd.to_datetime(times, utc=True),
+        }
+    )
+    job = staging.get_historical_features(
+        entity_df=entity, features=[f"{name}:{f}" for f in features], full_feature_names=False
+    )
+    return job.to_arrow().select(["row_id", *features])
 
 
 def _chunk_bounds(
-    times: np.ndarray, keys: np.ndarray, rows: _AsOfRows, chunk_rows: int
+    times: np.ndarray, keys: np.ndarray, rows: AsOfRows, chunk_rows: int
 ) -> list[tuple[int, int]]:
-    """Row ranges of the time-ordered entity rows (``times``, ``keys``) whose join stays within
-    ``chunk_rows`` candidate pairs.
-
-    A store's as-of join pairs each entity row with every usable row of its entity before it filters by
-    time: the last row before the chunk plus the entity's rows inside the chunk's time range. So a chunk
-    costs sum over its entity rows of (1 + rows of that entity inside the range). For a view with one
-    row per entity (profiles) that is the entity row count; for the history (a row per event) it grows
-    with the square of a user's events in the range, and chunks get short. Each chunk is the longest
-    whose cost is at most ``chunk_rows`` (at least one row), to within a quarter of its length: the
-    search starts from the previous chunk's length (exact bounds buy nothing but time).
-    """
-    slot = np.searchsorted(rows.ids, keys)
-    slot[slot >= len(rows.ids)] = 0
-    known = rows.ids[slot] == keys if len(rows.ids) else np.zeros(len(keys), dtype=bool)
-
-    def cost(start: int, end: int) -> int:
-        lo = int(np.searchsorted(rows.ts, times[start], side="left"))
-        hi = int(np.searchsorted(rows.ts, times[end - 1], side="right"))
-        entities, counts = np.unique(rows.slot[lo:hi], return_counts=True)
-        mine = slot[start:end][known[start:end]]
-        at = np.searchsorted(entities, mine).clip(max=max(len(entities) - 1, 0))
-        inside = counts[at][entities[at] == mine] if len(entities) else np.zeros(0, np.int64)
-        return (end - start) + int(inside.sum())
-
-    bounds: list[tuple[int, int]] = []
-    start, length = 0, chunk_rows
-    while start < len(times):
-        cap = min(chunk_rows, len(times) - start)  # a chunk costs at least its rows
-        length = min(length, cap)  # start from the previous chunk's length: neighbours are alike
-        if cost(start, start + length) <= chunk_rows:
-            while length < cap:  # grow by a quarter while it fits
-                longer = min(cap, max(length + 1, length * 5 // 4))
-                if cost(start, start + longer) > chunk_rows:
-                    break
-                length = longer
-        else:
-            while length > 1:  # shrink by a fifth until it fits (one row always goes)
-                length = max(1, length * 4 // 5)
-                if cost(start, start + length) <= chunk_rows:
-                    break
-        bounds.append((start, start + length))
-        start += length
-    return bounds
+    """All chunk bounds at once (``recsys.as_of_rows.chunk_bounds``; the join takes them one by one)."""
+    return list(chunk_bounds(times, keys, rows, chunk_rows))
 
 
 def _staging_store(config: RepoConfig, staging_dir: Path) -> FeatureStore:
@@ -485,7 +422,3 @@ def duckdb_settings() -> dict[str, str]:
     query = "SELECT " + ", ".join(f"current_setting('{n}')" for n in names)
     values = ibis.get_backend().raw_sql(query).fetchone()
     return {name: str(value) for name, value in zip(names, values, strict=True)}
-
-
-def _ns(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return column.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()).to_numpy()

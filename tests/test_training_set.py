@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import online_store, training_set
-from recsys import feature_store, point_in_time, training_data
+from recsys import as_of_rows, feature_store, point_in_time, training_data
 from recsys.config import ConfigError, FeastConfig, load_params
 from recsys.contracts import FEATURE_TABLE_KEYS, stats_features
 from tests.conftest import revalidated, shipped_params
@@ -244,7 +244,7 @@ def test_as_of_rows_keep_the_last_row_before_the_chunk_within_the_ttl_and_the_ro
             "value": pa.array([10, 11, 12, 20, 21, 13], pa.int64()),
         }
     )
-    rows = point_in_time._AsOfRows(table, "user_id", ttl_ns=None)
+    rows = as_of_rows.AsOfRows(table, "user_id", ttl_ns=None)
     first = rows.rows_for(np.array([1]), ns[2], ns[3])  # user 1: last before day 2 is day 1; day 2 inside
     assert _values(first) == [11, 12]
     second = rows.rows_for(np.array([1, 2]), ns[4], ns[5])  # day 2 (user 1), day 3 (user 2), both inside
@@ -252,7 +252,7 @@ def test_as_of_rows_keep_the_last_row_before_the_chunk_within_the_ttl_and_the_ro
     with pytest.raises(RuntimeError, match="time order"):
         rows.rows_for(np.array([1]), ns[0], ns[1])
     one_day = int(pd.Timedelta(days=1).value)
-    fresh = point_in_time._AsOfRows(table, "user_id", ttl_ns=one_day)
+    fresh = as_of_rows.AsOfRows(table, "user_id", ttl_ns=one_day)
     assert _values(fresh.rows_for(np.array([1]), ns[3] + 1, ns[4])) == []  # day 2 is > 1 day before
     assert _values(fresh.rows_for(np.array([1, 2]), ns[4], ns[5])) == [13, 20, 21]  # day 3 just in
 
@@ -261,7 +261,7 @@ def test_chunks_bound_the_pairs_a_join_considers():
     """A chunk's cost is its entity rows plus, per entity row, its entity's feature rows inside the
     chunk's time range: a row per entity costs one pair per event; a row per event, the square."""
     hours = [day(0, h) for h in range(100)]
-    dense = point_in_time._AsOfRows(  # one feature row per hour, each user's own
+    dense = as_of_rows.AsOfRows(  # one feature row per hour, each user's own
         pa.table(
             {
                 "user_id": pa.array(np.arange(100) % 5, pa.int64()),
@@ -273,7 +273,8 @@ def test_chunks_bound_the_pairs_a_join_considers():
     )
     times = point_in_time._ns(pa.array([day(0, h + 0.5) for h in range(100)], pa.timestamp("ns", tz="UTC")))
     keys = np.arange(100) % 5
-    feature_ns, feature_keys = dense.ts, np.arange(100) % 5
+    feature_ns = point_in_time._ns(pa.array(hours, pa.timestamp("ns", tz="UTC")))
+    feature_keys = np.arange(100) % 5
 
     def pairs(start: int, end: int) -> int:  # counted row by row
         inside = (feature_ns >= times[start]) & (feature_ns <= times[end - 1])
@@ -287,7 +288,7 @@ def test_chunks_bound_the_pairs_a_join_considers():
         longer = min(100, start + (end - start) * 5 // 4 + 1)
         assert end == 100 or pairs(start, longer) > 60  # ... and not much shorter than it could be
     assert 5 < len(bounds) < 15
-    static = point_in_time._AsOfRows(  # one row per user, before every event
+    static = as_of_rows.AsOfRows(  # one row per user, before every event
         pa.table(
             {
                 "user_id": pa.array(np.arange(5), pa.int64()),
@@ -365,9 +366,12 @@ def test_generated_history_and_stats_use_only_the_past(tiny_training, tiny_raw, 
 
 
 @pytest.mark.slow
-def test_backfill_gives_the_online_store_of_feasts_own_materialize(tiny_params, tiny_features_dir, tmp_path):
-    """The backfill materializes only each entity's newest row; Feast's materialize over the whole tables
-    must leave the very same online store."""
+def test_backfill_gives_the_online_store_of_feasts_own_materialize(
+    tiny_params, tiny_features_dir, tmp_path, monkeypatch
+):
+    """The backfill materializes only each entity's newest row, a slice of entities at a time; Feast's
+    materialize over the whole tables must leave the very same online store."""
+    monkeypatch.setattr(feature_store, "MATERIALIZE_ROWS", 97)  # several slices per user view
     sources = {n: feature_store.read_feature_table(tiny_features_dir, n) for n in FEATURE_TABLE_KEYS}
     users = sources["user_profile"].column("user_id").to_pylist()
     items = sources["item_profile"].column("item_id").to_pylist()

@@ -334,8 +334,9 @@ class TrainingSetConfig(Section):
     # entity rows per get_historical_features call: the chunks of a call share it (partitioned keys).
     # Also the step's batch: a batch is joined, filled and written (one row group) before the next
     call_rows: int = Field(gt=0)
-    # DuckDB offline store: memory limit (DuckDB syntax, "4GB"; null: DuckDB's 80% of RAM) and the
-    # folder a join spills to beyond it (null: DuckDB's default, <database>.tmp / the working directory)
+    # DuckDB offline store and the step's time-sorted copies (its own connection): memory limit (DuckDB
+    # syntax, "4GB"; null: DuckDB's 80% of RAM) and the folder a join or sort spills to beyond it (null:
+    # DuckDB's default, <database>.tmp / the working directory; the sorted copies: the system temp folder)
     duckdb_memory_limit: str | None = Field(pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
     duckdb_spill_dir: Path | None
 
