@@ -31,6 +31,7 @@ from components.build_index import (
     recall_at_k,
     search,
     tune_search_param,
+    tuning_limits,
 )
 from recsys import artifact_layout as layout
 from recsys.config import IndexConfig, load_params
@@ -150,19 +151,10 @@ def benchmark_dataset(
             print(f"  {method}: skipped ({exc})", flush=True)
             continue
         build_seconds = time.perf_counter() - t0
-        ceiling = method_config.ef_search_max if index_type == "hnsw" else None
         t0 = time.perf_counter()
         try:
-            tuned = tune_search_param(
-                index,
-                index_type,
-                items,
-                tune_q,
-                exact_tune,
-                TARGET_RECALL,
-                ceiling,
-                method_config.tune_margin_sigmas,
-            )
+            limits = tuning_limits(index_type, method_config)
+            tuned = tune_search_param(index, index_type, items, tune_q, exact_tune, TARGET_RECALL, **limits)
             param, reached = tuned.value, True
         except RecallTargetError as err:  # report the best it can do, at its best setting
             param, reached = max(err.curve, key=err.curve.__getitem__), False

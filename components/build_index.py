@@ -114,18 +114,11 @@ def run(
     exact_tune, _ = exact.search(tune_q, k)
 
     started = time.perf_counter()
-    ceiling = config.ef_search_max if index_type == "hnsw" else None
     fallback = None
     try:
+        limits = tuning_limits(index_type, config)
         tuned = tune_search_param(
-            index,
-            index_type,
-            items,
-            tune_q,
-            exact_tune,
-            config.recall_target,
-            ceiling,
-            config.tune_margin_sigmas,
+            index, index_type, items, tune_q, exact_tune, config.recall_target, **limits
         )
     except RecallTargetError as exc:
         if len(items) > config.flat_fallback_max_items:
@@ -268,6 +261,15 @@ def build_index(items: Embeddings, index_type: str, config: IndexConfig, seed: i
     if index.ntotal != n:
         raise IndexContractError(f"{items.source}: index holds {index.ntotal} vectors after adding {n}")
     return index
+
+
+def tuning_limits(index_type: str, config: IndexConfig) -> dict[str, Any]:
+    """:func:`tune_search_param`'s ceiling (efSearch's ``index.ef_search_max``; nprobe's is nlist) and
+    safety margin from the ``index`` section: the step and the ANN benchmark tune alike."""
+    return {
+        "max_value": config.ef_search_max if index_type == "hnsw" else None,
+        "margin_sigmas": config.tune_margin_sigmas,
+    }
 
 
 def tune_search_param(

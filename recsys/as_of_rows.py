@@ -39,13 +39,26 @@ def duckdb_connection(memory_limit: str | None, spill_dir: Path | None) -> Any:
     import duckdb
 
     con = duckdb.connect()
-    if memory_limit is not None:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-    if spill_dir is not None:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        con.execute(f"SET temp_directory = '{Path(spill_dir).resolve()}'")
+    for statement in duckdb_settings_sql(memory_limit, spill_dir):
+        con.execute(statement)
     con.execute("SET preserve_insertion_order = true")  # COPY writes the ORDER BY's order
     return con
+
+
+def duckdb_settings_sql(
+    memory_limit: str | None, spill_dir: Path | None, threads: int | None = None
+) -> list[str]:
+    """The SET statements bounding a DuckDB connection's memory and naming the folder it spills to
+    (created here), for the step's own connection and for the offline store's alike."""
+    statements = []
+    if memory_limit is not None:
+        statements.append(f"SET memory_limit = '{memory_limit}'")
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        statements.append(f"SET temp_directory = '{Path(spill_dir).resolve()}'")
+    if threads is not None:
+        statements.append(f"SET threads = {int(threads)}")
+    return statements
 
 
 def time_sorted_copy(con: Any, source: Path, target: Path, key: str) -> TimeSorted:

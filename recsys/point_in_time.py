@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 from feast.types import Array, Float32, Float64, Int32, Int64, String
 
-from recsys.as_of_rows import AsOfRows, TimeSorted, chunk_bounds
+from recsys.as_of_rows import AsOfRows, TimeSorted, chunk_bounds, duckdb_settings_sql
 from recsys.as_of_rows import ns as _ns
 from recsys.contracts import (
     FEATURE_TABLE_KEYS,
@@ -405,13 +405,8 @@ def configure_duckdb(memory_limit: str | None, spill_dir: Path | None, threads: 
     import ibis
 
     con = ibis.get_backend()
-    if memory_limit is not None:
-        con.raw_sql(f"SET memory_limit = '{memory_limit}'")
-    if spill_dir is not None:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        con.raw_sql(f"SET temp_directory = '{Path(spill_dir).resolve()}'")
-    if threads is not None:
-        con.raw_sql(f"SET threads = {int(threads)}")
+    for statement in duckdb_settings_sql(memory_limit, spill_dir, threads):
+        con.raw_sql(statement)
 
 
 def duckdb_settings() -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -209,16 +211,21 @@ def test_run_writes_index_sidecar_and_metrics_and_load_restores_it(tmp_path, exp
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
-def test_auto_small_catalogue_is_exact(tmp_path, exported):
+def _built(config: Any, tmp_path: Path, exported: tuple[Path, Path]) -> dict[str, Any]:
+    """build_index.run on the exported embeddings, index and metrics under ``tmp_path``."""
     item_file, query_file = exported
-    metrics = bi.run(
-        _index(),
+    return bi.run(
+        config,
         seed=0,
         item_embeddings=item_file,
         query_embeddings=query_file,
         output=tmp_path / "items.faiss",
         metrics_file=tmp_path / "index.json",
     )
+
+
+def test_auto_small_catalogue_is_exact(tmp_path, exported):
+    metrics = _built(_index(), tmp_path, exported)
     assert metrics["type"] == "flat" and metrics["search_param"] is None
     assert metrics["recall_at_k"] == 1.0
 
@@ -401,13 +408,7 @@ def test_coinciding_vectors_fall_back_to_exact_search(tmp_path):
 
 
 def test_approximate_index_reaching_its_target_records_no_fallback(tmp_path, exported):
-    item_file, query_file = exported
-    metrics = bi.run(
-        _index(type="hnsw", hnsw_m=16, hnsw_ef_construction=64, tune_queries=200),
-        seed=0,
-        item_embeddings=item_file,
-        query_embeddings=query_file,
-        output=tmp_path / "items.faiss",
-        metrics_file=tmp_path / "index.json",
+    metrics = _built(
+        _index(type="hnsw", hnsw_m=16, hnsw_ef_construction=64, tune_queries=200), tmp_path, exported
     )
     assert metrics["type"] == "hnsw" and metrics["fallback"] is None
