@@ -16,9 +16,9 @@ from recsys.config import FeastConfig, FeaturesConfig
 from recsys.contracts import FEATURE_TABLE_KEYS
 from recsys.feature_store import (
     feature_repo,
+    feature_table_path,
     materialize_online_store,
     open_feature_store,
-    read_feature_table,
     registered_repo,
 )
 from recsys.step_contract import STEPS
@@ -37,7 +37,8 @@ def run(feast: FeastConfig, features: FeaturesConfig, features_dir: str | Path) 
     store = open_feature_store(feast)
     build_repo = functools.partial(feature_repo, feast, features)
     store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
-    sources = {name: read_feature_table(features_dir, name) for name in FEATURE_TABLE_KEYS}
+    # paths, not tables: the backfill reads each table a record batch at a time (one row per entity held)
+    sources = {name: feature_table_path(features_dir, name) for name in FEATURE_TABLE_KEYS}
     start, end = materialize_online_store(store, sources, build_repo)
     return {"start": start.isoformat(), "end": end.isoformat()}
 
