@@ -295,7 +295,8 @@ def train_only_two_tower(model_dir: Path, train: pd.DataFrame, training: Any) ->
     """The saved two-tower's train-only twin: the same architecture, features and training settings,
     trained from its seed on the train split for the epochs its refit used (the early-stopped count), so
     the validation split it is scored on was never trained on; the refitted model has seen it."""
-    from models import FeatureEncoder, build_model, fit, model_class
+    from models import FeatureEncoder, fit
+    from models.registry import seeded_model
 
     config = json.loads((model_dir / layout.MODEL_CONFIG).read_text())
     refit = (config.get("extra", {}).get("training") or {}).get("refit") or {}
@@ -303,13 +304,8 @@ def train_only_two_tower(model_dir: Path, train: pd.DataFrame, training: Any) ->
         raise ValueError(
             f"{model_dir}: the two-tower records no refit epochs; it cannot be re-trained on train"
         )
-    kind = config["kind"]
     spec = FeatureEncoder.from_dict(config["features"]).spec
-    encoder = FeatureEncoder.fit(spec, train)
-    settings = training.for_model(kind)
-    fitted = model_class(kind).fitted_inputs(encoder, train)
-    torch.manual_seed(settings.seed)
-    model = build_model(kind, config["model_config"], encoder, **fitted)
+    encoder, model, settings = seeded_model(config["kind"], spec, config["model_config"], training, train)
     fit(
         model,
         encoder.encode(train),

@@ -103,13 +103,25 @@ def initial_model(
     with its training section's seed (the initial weights too, not just the batches: same seed, same
     model) and that section. Shared by the train step and the search step's trials, so a trial of
     params.yaml's own configuration is the model the train step trains."""
+    return seeded_model(kind, models.features, models.model(kind), training, train_df)
+
+
+def seeded_model(
+    kind: str,
+    features: Any,
+    config: ModelSection | Mapping[str, Any],
+    training: TrainingConfig,
+    train_df: pd.DataFrame,
+) -> tuple[FeatureEncoder, RecModel, TrainingConfig]:
+    """:func:`initial_model` from a feature spec and a model config given directly (params.yaml's, or a
+    saved model's ``config.json``: the evaluate step re-trains the two-tower's train-only twin from it)."""
     import torch
 
-    encoder = FeatureEncoder.fit(models.features, train_df)
+    encoder = FeatureEncoder.fit(features, train_df)
     training = training.for_model(kind)
     fitted = model_class(kind).fitted_inputs(encoder, train_df)
     torch.manual_seed(training.seed)
-    return encoder, build_model(kind, models.model(kind), encoder, **fitted), training
+    return encoder, build_model(kind, config, encoder, **fitted), training
 
 
 def initial_model_streamed(

@@ -117,7 +117,7 @@ def load_bundle(
     share, blend_ids, blend_vectors = 0.0, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
     if BLEND_MEMBER in files:
         blend = read_blend(bundle_dir / BLEND_MEMBER)
-        rows = _rows_of(catalogue, blend.item_ids)
+        rows = IdPositions(catalogue).positions(blend.item_ids)
         share, blend_ids = blend.share, blend.item_ids[rows >= 0]
         blend_vectors = np.ascontiguousarray(tensors["embeddings"][rows[rows >= 0]], dtype=np.float32)
         if share > 0 and not len(blend_ids):
@@ -140,12 +140,30 @@ def load_bundle(
     )
 
 
-def _rows_of(catalogue: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row of each of ``ids`` in ``catalogue`` (-1 where absent)."""
-    order = np.argsort(catalogue, kind="stable")
-    at = np.clip(np.searchsorted(catalogue[order], ids), 0, max(len(catalogue) - 1, 0))
-    found = len(catalogue) > 0 and catalogue[order][at] == ids
-    return np.where(found, order[at], -1)
+class IdPositions:
+    """Positions of ids in a fixed array (-1 where absent), safe to query from many threads at once.
+
+    Requests run in a thread pool; pandas' ``Index.get_indexer`` fills its hash table lazily on first use
+    and is not thread-safe: concurrent first calls answered "Reindexing only valid with uniquely valued
+    Index objects" (a 500) for a unique index. Sorted ids and ``searchsorted`` are read-only.
+    """
+
+    def __init__(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+        if len(ids) > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
+            raise ValueError("the catalogue has duplicate item ids")
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def positions(self, item_ids: np.ndarray) -> np.ndarray:
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if not len(self._sorted):
+            return np.full(item_ids.shape, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, item_ids), len(self._sorted) - 1)
+        return np.where(self._sorted[at] == item_ids, self._order[at], -1)
 
 
 def _load_models(

@@ -30,7 +30,7 @@ from models import FeatureEncoder
 from models.blend import blend_lists
 from recsys.ann_index import search
 from recsys.config import ServingConfig
-from serving.bundle import ServingBundle
+from serving.bundle import IdPositions, ServingBundle
 from serving.exploration import Explorer
 from serving.online_features import FeatureRows, OnlineFeatures
 
@@ -410,30 +410,6 @@ def _pin_threads(n: int) -> None:
         _PINNED.threads = n
 
 
-class _IdPositions:
-    """Positions of ids in a fixed array (-1 where absent), safe to query from many threads at once.
-
-    Requests run in a thread pool; pandas' ``Index.get_indexer`` fills its hash table lazily on first use
-    and is not thread-safe: concurrent first calls answered "Reindexing only valid with uniquely valued
-    Index objects" (a 500) for a unique index. Sorted ids and ``searchsorted`` are read-only.
-    """
-
-    def __init__(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted = ids[self._order]
-        if len(ids) > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
-            raise ValueError("the catalogue has duplicate item ids")
-
-    def __len__(self) -> int:
-        return len(self._sorted)
-
-    def positions(self, item_ids: np.ndarray) -> np.ndarray:
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._sorted, item_ids), len(self._sorted) - 1)
-        return np.where(self._sorted[at] == item_ids, self._order[at], -1)
-
-
 class _EncodedItems:
     """One ranker's encoded item features for the whole catalogue, gathered by row per request.
 
@@ -453,7 +429,7 @@ class _EncodedItems:
     ) -> None:
         self.encoder = encoder  # the ranker's
         self.names = names
-        self.index = _IdPositions(ids)
+        self.index = IdPositions(ids)
         self.batch = batch
         self.entries: list[tuple[Any, ...] | None] = entries
 

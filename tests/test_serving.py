@@ -547,15 +547,15 @@ def test_catalogue_positions_are_exact_and_safe_under_concurrent_first_use():
 
     import numpy as np
 
-    from serving.recommender import _IdPositions
+    from serving.bundle import IdPositions
 
     ids = np.random.default_rng(0).permutation(np.arange(10, 200_010, 2))
     query = np.array([ids[5], 11, ids[0], 10**12, ids[-1], -3, ids[5]])
     expected = np.array([5, -1, 0, -1, len(ids) - 1, -1, 5])
     for _ in range(20):
-        index = _IdPositions(ids)  # fresh each round: the first queries race
+        index = IdPositions(ids)  # fresh each round: the first queries race
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(index.positions, [query] * 32))
         assert all(np.array_equal(a, expected) for a in answers)
     with pytest.raises(ValueError, match="duplicate item ids"):
-        _IdPositions(np.array([3, 1, 3]))
+        IdPositions(np.array([3, 1, 3]))
