@@ -21,6 +21,7 @@ from kfp import dsl
 
 from pipelines import steps
 from pipelines.recsys_training import configured_task, params_as_text, with_object_store
+from pipelines.spark_task import launches_spark, spark_features_component
 from recsys.config import Params
 
 
@@ -35,7 +36,8 @@ def build_refresh_pipeline(params: Params, scheduled: bool = True) -> Any:
 
     configure_op = component(steps.configure)
     ingest_op = component(steps.ingest)
-    features_op = component(steps.features)
+    spark = launches_spark(params, scheduled)  # a cluster with engine spark: pipelines/spark_task.py
+    features_op = spark_features_component(params) if spark else component(steps.features)
     refresh_op = component(steps.index_refresh)
 
     @dsl.pipeline(
@@ -67,7 +69,10 @@ def build_refresh_pipeline(params: Params, scheduled: bool = True) -> Any:
         ingesting = step(ingest_op(config=config["ingest"]), "ingest")
         with_object_store(ingesting, params)  # data_source=events may name s3:// logs
         raw = ingesting.outputs["raw"]
-        feature_tables = step(features_op(config=config["features"], raw=raw), "features").outputs["features"]
+        featuring = step(features_op(config=config["features"], raw=raw), "features")
+        if spark:
+            with_object_store(featuring, params)
+        feature_tables = featuring.outputs["features"]
         # reads and writes the promote store: never cached
         refresh = step(
             refresh_op(config=config["index_refresh"], features=feature_tables), "index-refresh", cache=False

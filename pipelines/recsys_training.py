@@ -29,6 +29,7 @@ from kfp import compiler, dsl, kubernetes
 from components.deploy import FEAST_CONFIG_DIR, FEAST_PROJECT_ENV, FEAST_YAML_ENV
 from models.registry import MODEL_KINDS
 from pipelines import steps
+from pipelines.spark_task import launches_spark, spark_features_component
 from recsys.config import Params, PipelineConfig, Resources, params_from_yaml_text
 from recsys.gpu_pods import SHM_PATH, SHM_SIZE_LIMIT, SHM_VOLUME, TRAINING_VOLUME_PATH
 
@@ -80,7 +81,9 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
 
     configure_op = component(steps.configure)
     ingest_op = component(steps.ingest)
-    features_op = component(steps.features)
+    # a cluster with engine spark: the task drives a SparkApplication (pipelines/spark_task.py)
+    spark = launches_spark(params, scheduled)
+    features_op = spark_features_component(params) if spark else component(steps.features)
     validate_op = component(steps.validate)
     training_set_op = component(steps.training_set)
     online_store_op = component(steps.online_store)
@@ -132,7 +135,10 @@ def build_pipeline(params: Params, scheduled: bool = True) -> Any:
         ingesting = step(ingest_op(config=config["ingest"]), "ingest")
         with_object_store(ingesting, params)  # data_source=events may name s3:// logs (sources/events.py)
         raw = ingesting.outputs["raw"]
-        feature_tables = step(features_op(config=config["features"], raw=raw), "features").outputs["features"]
+        featuring = step(features_op(config=config["features"], raw=raw), "features")
+        if spark:  # the task and its SparkApplication reach the pipeline root's bucket with these
+            with_object_store(featuring, params)
+        feature_tables = featuring.outputs["features"]
         validate_raw = step(validate_op(config=config["validate"], target="raw", data=raw), "validate-raw")
         training = step(
             training_set_op(config=config["training_set"], features=feature_tables, raw=raw), "training-set"

@@ -16,7 +16,37 @@ through the Kubernetes API and waited for, as components/launch_training.py does
 - The application is owned by the task's Pod (``ownerReferences``): deleting the run's pod deletes it,
   its driver and executors.
 
-CLI (in a pipeline task or by hand with a kube context)::
+In the compiled pipeline (``features.engine: spark``; pipelines/spark_task.py) the features task runs
+:func:`run_task` with its KFP artifacts. What KFP does with them (kubeflow/pipelines backend/src/v2, tags
+2.4.1 and 2.15.0, the same in both):
+
+- An artifact's URI is ``<pipeline root>/<pipeline>/<run id>/<task>/<salt>/<name>``
+  (driver/driver.go: ``GenerateOutputURI(pipelineRoot, [taskName, outputURISalt, name])``), the default
+  root ``minio://mlpipeline/v2/artifacts`` (config/env.go); bucket = the first path segment
+  (objectstore/config.go ``ParseBucketPathToConfig``). In the pod it is the local path ``/minio/<bucket>/
+  <key>`` or ``/s3/<bucket>/<key>`` (component/launcher_v2.go ``LocalPathForURI``).
+- The launcher downloads inputs before the command and, after it exits, uploads each output's *local
+  path* to the output's key (``uploadOutputArtifacts`` -> objectstore ``UploadBlob``, file by file); a
+  missing local path is skipped with a warning. Downstream tasks download the key by *prefix*
+  (``DownloadBlob``: ``List(Prefix: key)``, no trailing slash).
+
+So Spark reads the raw input where the ingest task's launcher uploaded it (``minio://b/k`` and ``s3://b/k``
+become ``s3a://b/k``: :func:`spark_uri`), but does not write the features output's key: writing there
+directly would hand the next tasks Spark's layout (part-file folders, Spark timestamps) instead of the
+local engine's ``<table>.parquet`` files. It writes to ``<task root>/spark-staging/<name>``
+(:func:`staging_uri`: this execution's own salted prefix, and not under the output's key prefix, which
+``DownloadBlob`` would otherwise list too); the task then streams those part files into the output's local
+path as the local engine's files and exact schemas (:func:`collect_feature_tables`), deletes the staging
+prefix, and exits: the launcher uploads the local path as it does for every task.
+
+Endpoint and credentials: the task and the SparkApplication use the object store of the Secret
+``promote.secret`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``; the task gets
+them as environment, the driver and executors by ``envFrom``), so that Secret must reach the pipeline
+root's bucket: with a ``minio://`` root that is KFP's MinIO (``minio-service.kubeflow:9000`` by default,
+objectstore/config.go; credentials of Secret ``mlpipeline-minio-artifact``), and a ``minio://`` URI
+without ``AWS_ENDPOINT_URL`` is refused.
+
+CLI (by hand with a kube context; the pipeline's task passes ``--config`` and ``--features-dir``)::
 
     python -m recsys.spark_application --params params.yaml \\
         --raw-uri s3a://bucket/run/raw --features-uri s3a://bucket/run/features
@@ -26,9 +56,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from recsys.config.schema import FeaturesConfig, SparkApplicationConfig
@@ -42,6 +74,7 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "sparkoperator.k8s.io", "v1beta2", "sparkapplications"
 # pkg/common/spark.go (v2.5.2): LabelSparkAppName, LabelSparkRole / SparkRoleDriver
 APP_NAME_LABEL, ROLE_LABEL = "sparkoperator.k8s.io/app-name", "spark-role"
+STAGING = "spark-staging"  # beside a task's outputs: where its SparkApplication writes
 COMPLETED, FAILED = "COMPLETED", "FAILED"  # terminal ApplicationStateType values with restartPolicy Never
 # keys of BASE_CONF that are runtime settings of the session, passed as sparkConf too
 _SESSION_CONF = ("spark.sql.legacy.parquet.nanosAsLong", "spark.sql.session.timeZone")
@@ -187,47 +220,261 @@ def run_spark_application(
     return application
 
 
+def spark_uri(uri: str, field: str) -> str:
+    """A KFP artifact URI (``minio://`` or ``s3://``, or already ``s3a://``) as the ``s3a://`` URI Spark's
+    S3A filesystem reads: the same bucket (the first path segment) and key."""
+    for scheme in ("minio://", "s3://", "s3a://"):
+        if uri.startswith(scheme):
+            bucket, _, key = uri[len(scheme) :].partition("/")
+            if bucket and key.strip("/") and "?" not in uri:
+                return f"s3a://{bucket}/{key.strip('/')}"
+            raise SparkApplicationError(f"{field}: {uri!r}: needs a bucket and a key, and no query string")
+    raise SparkApplicationError(
+        f"{field}: {uri!r}: a SparkApplication reads and writes S3 (minio://, s3:// or s3a:// URIs); "
+        "set the pipeline root (kfp-launcher ConfigMap defaultPipelineRoot) to a minio:// or s3:// bucket"
+    )
+
+
+def staging_uri(features_uri: str) -> str:
+    """Where the SparkApplication writes for output ``<task root>/<name>``: ``<task root>/spark-staging/
+    <name>``, beside the output and outside its key prefix (see the module docstring)."""
+    parent, _, name = features_uri.rstrip("/").rpartition("/")
+    if not parent or "://" not in parent:
+        raise SparkApplicationError(f"features_uri: {features_uri!r} has no parent prefix to stage under")
+    return f"{parent}/{STAGING}/{name}"
+
+
+def _part_files(keys: list[str]) -> list[str]:
+    """Spark's data files among a dataset folder's keys, in partition order (``part-00000-...``): a sorted
+    write's range partitions, so the rows come out in the sort order. ``_SUCCESS``/``.crc`` are skipped."""
+    return sorted(k for k in keys if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".parquet"))
+
+
+def collect_feature_tables(staged_uri: str, features_dir: str | Path, windows: list[int]) -> dict[str, Path]:
+    """Stream the tables Spark wrote under ``staged_uri`` (``s3a://``; one ``<name>.parquet/`` folder of
+    part files each) into ``features_dir`` as the local engine writes them: one ``<name>.parquet`` file per
+    table with its exact Arrow schema (recsys/spark_features.py ``feature_schemas``), one part file and
+    one record batch at a time; every table is staged before any is renamed into place. Spark writes
+    microsecond timestamps there, so times equal the local engine's when the raw times are whole
+    microseconds (the generated data's are: the end-to-end test compares row for row); finer raw times are
+    truncated to the microsecond."""
+    from recsys.object_store import open_store
+    from recsys.spark_features import feature_schemas
+
+    store = open_store("s3://" + spark_uri(staged_uri, "staged_uri")[len("s3a://") :])
+    out = Path(features_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix=".spark-collect-", dir=out) as tmp:
+        staged = {}
+        for name, schema in feature_schemas(sorted(windows)).items():
+            parts = _part_files(store.keys(f"{name}.parquet/"))
+            if not parts:
+                raise SparkApplicationError(
+                    f"{store.uri(name + '.parquet/')}: the SparkApplication wrote no part files for "
+                    f"table '{name}'"
+                )
+            staged[name] = Path(tmp) / f"{name}.parquet"
+            _copy_table(store, parts, staged[name], schema, name)
+        for name, path in staged.items():
+            written[name] = out / f"{name}.parquet"
+            path.replace(written[name])
+    return written
+
+
+def _copy_table(store: Any, parts: list[str], target: Path, schema: Any, name: str) -> None:
+    """Part files ``parts`` of ``store`` as one Parquet file ``target`` with ``schema`` (Spark's
+    timestamps and list types cast to the local engine's), one part and one record batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = target.with_suffix(".part")
+    with pq.ParquetWriter(target, schema, compression="zstd") as writer:
+        for key in parts:
+            with local.open("wb") as fh:
+                for chunk in store.stream(key) or ():
+                    fh.write(chunk)
+            source = pq.ParquetFile(local)
+            missing = sorted(set(schema.names) - set(source.schema_arrow.names))
+            if missing:
+                raise SparkApplicationError(f"{store.uri(key)}: table '{name}' lacks columns {missing}")
+            for batch in source.iter_batches(batch_size=256 * 1024, columns=schema.names):
+                arrays = [batch.column(field.name).cast(field.type) for field in schema]
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+    local.unlink(missing_ok=True)
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object under ``uri`` (``s3a://``); returns how many."""
+    from recsys.object_store import open_store
+
+    store = open_store("s3://" + spark_uri(uri, "uri")[len("s3a://") :])
+    keys = store.keys()
+    for key in keys:
+        store.delete(key)
+    return len(keys)
+
+
+def _application(
+    features: FeaturesConfig,
+    namespace: str,
+    raw_uri: str,
+    features_uri: str,
+    *,
+    run_as_user: int,
+    s3_secret: str,
+    image_pull_secrets: list[str] | None,
+    core_api: Any = None,
+) -> dict[str, Any]:
+    """The manifest for this launch: a fresh name, the object store of this process's environment, owned
+    by the task's Pod."""
+    from recsys.object_store import s3_endpoint
+
+    if features.spark is None:
+        raise SparkApplicationError("features.spark is missing (the SparkApplication's settings)")
+    return spark_application_manifest(
+        f"recsys-features-{uuid.uuid4().hex[:8]}",
+        namespace,
+        features.spark.application,
+        features,
+        raw_uri,
+        features_uri,
+        run_as_user=run_as_user,
+        s3_secret=s3_secret,
+        s3_endpoint=s3_endpoint(),
+        image_pull_secrets=image_pull_secrets,
+        owner=task_pod_owner(namespace, core_api, kind="SparkApplication"),
+    )
+
+
 def launch(
     params_file: str, raw_uri: str, features_uri: str, *, api: Any = None, core_api: Any = None
 ) -> dict:
     """The features step on the cluster: the SparkApplication from ``params_file``, created and waited for."""
     from recsys.config import load_params
-    from recsys.object_store import s3_endpoint
 
     params = load_params(params_file)
     if params.features.spark is None:
         raise SparkApplicationError(
             f"{params_file}: features.spark is missing (the SparkApplication's settings)"
         )
-    app = params.features.spark.application
     namespace = pod_namespace(SERVICE_ACCOUNT_NAMESPACE) or own_namespace(
         params.pipeline.namespace, "pipeline.namespace", SERVICE_ACCOUNT_NAMESPACE
     )
-    name = f"recsys-features-{uuid.uuid4().hex[:8]}"
-    manifest = spark_application_manifest(
-        name,
-        namespace,
-        app,
+    manifest = _application(
         params.features,
-        raw_uri,
-        features_uri,
+        namespace,
+        spark_uri(raw_uri, "--raw-uri"),
+        spark_uri(features_uri, "--features-uri"),
         run_as_user=params.pipeline.run_as_user,
         s3_secret=params.promote.secret,
-        s3_endpoint=s3_endpoint(),
         image_pull_secrets=params.pipeline.image_pull_secrets,
-        owner=task_pod_owner(namespace, core_api, kind="SparkApplication"),
+        core_api=core_api,
     )
-    return run_spark_application(manifest, app.timeout_s, api=api)
+    return run_spark_application(manifest, params.features.spark.application.timeout_s, api=api)
+
+
+def run_task(
+    features: FeaturesConfig,
+    raw_uri: str,
+    features_uri: str,
+    features_dir: str | Path,
+    *,
+    run_as_user: int,
+    s3_secret: str,
+    image_pull_secrets: list[str] | None = None,
+    api: Any = None,
+    core_api: Any = None,
+    poll_s: float = 15.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Path]:
+    """The pipeline's features task with ``engine: spark``: the SparkApplication over the raw input
+    artifact (``raw_uri``), writing to :func:`staging_uri` of the output (``features_uri``), waited for;
+    then its tables as the local engine's files in ``features_dir`` (the output's local path, which the
+    KFP launcher uploads), and the staging prefix deleted. Returns each table's file."""
+    from recsys.object_store import s3_endpoint
+
+    if features.engine != "spark" or features.spark is None:
+        raise SparkApplicationError(
+            f"features.engine is {features.engine!r} in this run's configuration, but the pipeline was "
+            "compiled for engine spark (with a features.spark section): recompile "
+            "(python -m pipelines compile) or run with features.engine: spark"
+        )
+    uris = {"raw": raw_uri, "features": features_uri}
+    if s3_endpoint() is None and any(uri.startswith("minio://") for uri in uris.values()):
+        raise SparkApplicationError(
+            f"{raw_uri}: a minio:// pipeline root is KFP's MinIO, but AWS_ENDPOINT_URL is not set: give the "
+            "task and the SparkApplication its endpoint and credentials through the Secret promote.secret "
+            "(KFP's default endpoint: http://minio-service.kubeflow:9000)"
+        )
+    raw, staged = spark_uri(raw_uri, "raw"), staging_uri(spark_uri(features_uri, "features"))
+    namespace = own_namespace(None, "the features task's namespace", SERVICE_ACCOUNT_NAMESPACE)
+    manifest = _application(
+        features,
+        namespace,
+        raw,
+        staged,
+        run_as_user=run_as_user,
+        s3_secret=s3_secret,
+        image_pull_secrets=image_pull_secrets,
+        core_api=core_api,
+    )
+    run_spark_application(manifest, features.spark.application.timeout_s, api=api, poll_s=poll_s, sleep=sleep)
+    tables = collect_feature_tables(staged, features_dir, features.stats_windows_days)
+    from recsys.object_store import ObjectStoreError
+
+    try:  # the tables are in place: a staging prefix left behind is only storage, not a failed task
+        log.info(
+            "features (SparkApplication): %s; %d staged objects removed",
+            ", ".join(tables),
+            delete_prefix(staged),
+        )
+    except ObjectStoreError as error:
+        log.warning("features: could not remove the staging prefix %s (%s); delete it by hand", staged, error)
+    return tables
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys.spark_application", description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--raw-uri", required=True, help="s3a:// prefix holding the raw tables")
-    parser.add_argument("--features-uri", required=True, help="s3a:// prefix for the feature tables")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--params", default=None, help="params.yaml (by hand; default: params.yaml)")
+    source.add_argument("--config", default=None, help="the features step's config (a pipeline task's)")
+    parser.add_argument("--raw-uri", required=True, help="raw tables: s3a://, or a KFP minio:// / s3:// URI")
+    parser.add_argument("--features-uri", required=True, help="feature tables: s3a://, minio:// or s3://")
+    parser.add_argument(
+        "--features-dir", default=None, help="with --config: the output's local path the tables go to"
+    )
+    parser.add_argument("--run-as-user", type=int, default=None, help="with --config: pipeline.run_as_user")
+    parser.add_argument("--s3-secret", default=None, help="with --config: promote.secret")
+    parser.add_argument("--image-pull-secret", action="append", default=[], help="with --config; repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    launch(args.params, args.raw_uri, args.features_uri)
+    if args.config is None:
+        launch(args.params or "params.yaml", args.raw_uri, args.features_uri)
+        return 0
+    missing = [
+        flag
+        for flag, value in (
+            ("--features-dir", args.features_dir),
+            ("--run-as-user", args.run_as_user),
+            ("--s3-secret", args.s3_secret),
+        )
+        if value is None
+    ]
+    if missing:
+        parser.error(f"--config needs {', '.join(missing)}")
+    from recsys.step_contract import STEPS, step_params_from_json
+
+    params = step_params_from_json(args.config, STEPS["features"])
+    run_task(
+        params.features,
+        args.raw_uri,
+        args.features_uri,
+        args.features_dir,
+        run_as_user=args.run_as_user,
+        s3_secret=args.s3_secret,
+        image_pull_secrets=args.image_pull_secret or None,
+    )
     return 0
 
 

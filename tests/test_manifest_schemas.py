@@ -157,7 +157,12 @@ def test_the_run_service_account_may_manage_pytorch_jobs_and_nothing_more():
             "apiGroups": ["kubeflow.org"],
             "resources": ["pytorchjobs"],
             "verbs": ["get", "list", "watch", "create", "delete"],
-        }
+        },
+        {  # the features task's SparkApplication (features.engine: spark; recsys/spark_application.py)
+            "apiGroups": ["sparkoperator.k8s.io"],
+            "resources": ["sparkapplications"],
+            "verbs": ["get", "list", "watch", "create", "delete"],
+        },
     ]
     (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
