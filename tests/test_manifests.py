@@ -155,9 +155,12 @@ def test_kustomize_renders_objects_that_round_trip_through_their_sdk_models(rend
         "Role",
         "Role",
         "Role",
+        "Role",
         "RoleBinding",
         "RoleBinding",
         "RoleBinding",
+        "RoleBinding",
+        "ServiceAccount",
         "ServiceAccount",
         "ServiceAccount",
     ]
@@ -354,6 +357,51 @@ def test_the_run_service_account_gets_what_kfp_pods_need():
     ]
     pipeline_account = load_params(REPO_ROOT / "params.yaml").pipeline.service_account
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pipeline_account}]
+
+
+# The Kubeflow Spark Operator Helm chart's Role for a job namespace's Spark driver, verbatim, v2.5.2
+# (commit 43afb8bbd32463037d8fb6e414e252c69081882b):
+# https://github.com/kubeflow/spark-operator/blob/v2.5.2/charts/spark-operator-chart/templates/spark/rbac.yaml
+SPARK_OPERATOR_CHART_SPARK_RULES = [
+    {
+        "apiGroups": [""],
+        "resources": ["pods", "configmaps", "persistentvolumeclaims", "services"],
+        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"],
+    }
+]
+
+
+def test_the_spark_driver_account_is_the_one_the_application_names_with_the_charts_rules():
+    """The SparkApplication's driver runs as features.spark.application.service_account and creates its
+    executors' pods, Service and ConfigMaps itself: that account must exist in the run namespace (renaming
+    the param or the manifest alone fails here) with the operator chart's Spark Role bound to it."""
+    from recsys.spark_application import spark_application_manifest
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.features.spark is not None
+    app = params.features.spark.application
+    objects = _documents(MANIFESTS / "base" / "spark-rbac.yaml")
+    (account,) = _by_kind(objects, "ServiceAccount")
+    (role,) = _by_kind(objects, "Role")
+    (binding,) = _by_kind(objects, "RoleBinding")
+    assert account["metadata"]["name"] == app.service_account
+    assert account["automountServiceAccountToken"] is True  # the driver calls the API with its token
+    driver = spark_application_manifest(
+        "recsys-features", "recsys", app, params.features, "s3a://b/raw", "s3a://b/features",
+        run_as_user=params.pipeline.run_as_user, s3_secret=params.promote.secret, s3_endpoint=None,
+    )["spec"]["driver"]  # fmt: skip
+    assert driver["serviceAccount"] == account["metadata"]["name"]
+    assert role["rules"] == SPARK_OPERATOR_CHART_SPARK_RULES
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": app.service_account}]
+    # its own identity: pod create/delete rights reach neither the run's nor serving's account
+    assert app.service_account not in {params.pipeline.service_account, params.deploy.service_account}
+    kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
+    assert "spark-rbac.yaml" in kustomization["resources"]
 
 
 def test_no_namespace_is_written_outside_the_overlays():
