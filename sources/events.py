@@ -29,6 +29,12 @@ Duplicates and order (the stated rules):
 - the contract keys events by (user, timestamp), so a user's events at the same microsecond are spread
   1 µs apart in item-id order, the user's later events moved on only as far as that needs (an event is
   never moved earlier than logged).
+
+Streamed (``stream``, what ingest calls): each file is read, converted and checked ``batch_rows`` rows at a
+time and spilled to Parquet with its file and row; DuckDB (sources/events_order.py, ``duckdb_memory_limit``,
+spilling to ``spill_dir``) checks the references, deduplicates, spreads and orders the spill on disk, and
+the events come back in batches of ``batch_rows``: memory follows the batch and the entities, not the log.
+A file with a bad value is read again whole to name its first bad row and count them (the error path).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from __future__ import annotations
 import glob
 import io
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +52,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.as_of_rows import duckdb_connection
 from recsys.config import DataConfig
 from recsys.config.schema import EventBounds, EventsSource
 from recsys.contracts import DataContractError, check_raw_table
 from recsys.object_store import ObjectStore, ObjectStoreError, open_store
+from sources.events_order import SPILL_SCHEMA, check_references, first_seen, micros_to_time, write_ordered
 from sources.ratings_files import UNKNOWN
+from sources.stream import RawStream
 
 NAME = "events"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv"}
@@ -81,42 +91,136 @@ def read(data: DataConfig, seed: int) -> dict[str, pd.DataFrame]:
     return read_events(data.events)
 
 
+def stream(data: DataConfig, seed: int) -> RawStream:
+    """The source's streamer (what ingest reads): users and items whole, the events in batches."""
+    return stream_events(data.events)
+
+
 def read_events(cfg: EventsSource, now: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
     """Read, check and map the event logs (and item/user tables) into contract-checked raw tables.
 
     ``now`` (default: the wall clock) is the instant after which an event is in the future.
     """
+    raw = stream_events(cfg, now)
+    events = pd.concat(list(raw.events), ignore_index=True)
+    check_raw_table("events", events, "data.events (events)")
+    return {"users": raw.users, "items": raw.items, "events": events}
+
+
+def stream_events(cfg: EventsSource, now: pd.Timestamp | None = None) -> RawStream:
+    """:func:`read_events` as a stream: the checks run before it returns, the events follow in batches
+    of ``batch_rows`` (the spill folder is removed once they are consumed, or on an error)."""
     now = pd.Timestamp.now(tz="UTC") if now is None else now
-    reader = _Reader()
-    mapping = cfg.columns.model_dump()
-    events = reader.table("events", "data.events.paths", cfg.paths, mapping, cfg.timestamp_unit, cfg.bounds)
-    if events.empty:
+    if cfg.spill_dir is not None:
+        Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.TemporaryDirectory(prefix="events-source-", dir=cfg.spill_dir)
+    try:
+        spill_dir = Path(folder.name)
+        reader = _Reader()
+        mapping = cfg.columns.model_dump()
+        spill, files = _spill_events(reader, cfg, mapping, now, spill_dir / "read.parquet")
+        con = duckdb_connection(cfg.duckdb_memory_limit, spill_dir / "duckdb")
+        try:
+            given: dict[str, pd.DataFrame | None] = {}  # the item and user tables, where paths name them
+            for name, (key, since, noun, verb, _) in _DIMENSIONS.items():
+                section, given[name] = getattr(cfg, name), None
+                if section.paths:
+                    given[name] = reader.table(
+                        name, f"data.events.{name}.paths", section.paths, section.columns.model_dump(),
+                        cfg.timestamp_unit, cfg.bounds,
+                    )  # fmt: skip
+                    _check_unique(given[name], key)
+                    check_references(con, str(spill), files, given[name], key, since, mapping, noun, verb)
+            ordered = spill_dir / "ordered.parquet"
+            write_ordered(con, str(spill), ordered, cfg.duplicate_label, cfg.batch_rows)
+            spill.unlink()
+            tables = {
+                name: _dimension(given[name], first_seen(con, ordered, key), key, since, fills)
+                for name, (key, since, _, _, fills) in _DIMENSIONS.items()
+            }
+        finally:
+            con.close()
+        for name, table in tables.items():
+            check_raw_table(name, table, f"data.events ({name})")
+    except BaseException:
+        folder.cleanup()
+        raise
+    return RawStream(tables["users"], tables["items"], _ordered_batches(ordered, cfg.batch_rows, folder))
+
+
+def _spill_events(
+    reader: _Reader, cfg: EventsSource, mapping: dict[str, str | None], now: pd.Timestamp, target: Path
+) -> tuple[Path, list[str]]:
+    """Every events file read, converted and checked a batch at a time into ``target`` (the spill, with
+    each row's file and row); the files read, in order. No event may be in the future."""
+    files = reader.expand(cfg.paths, "data.events.paths")
+    rows, late, first_late = 0, 0, None
+    now_us = now.value // 1000  # a µs timestamp t is after now exactly when t > floor(now in µs)
+    with pq.ParquetWriter(target, SPILL_SCHEMA) as writer:
+        for index, location in enumerate(files):
+            read = 0
+            for raw in reader.batches(location, "events", mapping, cfg.batch_rows):
+                try:
+                    df = _convert(raw, location, mapping, KINDS["events"], cfg.timestamp_unit, cfg.bounds)
+                except DataContractError:  # the file read whole names its first bad row and counts them
+                    _convert(
+                        reader.read_file(location, "events", mapping), location, mapping, KINDS["events"],
+                        cfg.timestamp_unit, cfg.bounds,
+                    )  # fmt: skip
+                    raise
+                if cfg.columns.rating is not None:
+                    df["label"] = (df["rating"] >= cfg.positive_rating).astype(np.int64)
+                micros = pd.DatetimeIndex(df["timestamp"]).asi8 // 1000
+                bad = micros > now_us
+                if bad.any() and first_late is None:
+                    i = int(np.flatnonzero(bad)[0])
+                    first_late = (location, read + i + 1, df["timestamp"].iloc[i])
+                late += int(bad.sum())
+                n = len(df)
+                writer.write_table(
+                    pa.table(
+                        {
+                            "user_id": df["user_id"].to_numpy(dtype=np.int64),
+                            "item_id": df["item_id"].to_numpy(dtype=np.int64),
+                            "ts": micros,
+                            "label": df["label"].to_numpy(dtype=np.int64),
+                            "seq": np.arange(rows, rows + n, dtype=np.int64),
+                            "file": np.full(n, index, dtype=np.int32),
+                            "row": np.arange(read + 1, read + n + 1, dtype=np.int64),
+                        },
+                        schema=SPILL_SCHEMA,
+                    )
+                )
+                rows, read = rows + n, read + n
+    if rows == 0:
         raise DataContractError(
             f"data.events.paths: {cfg.paths} hold no events (every file matched is empty)"
         )
-    if cfg.columns.rating is not None:
-        events["label"] = (events["rating"] >= cfg.positive_rating).astype(np.int64)
-    late = events["timestamp"] > now
-    _fail_at(events, late, mapping["timestamp"], "timestamp", lambda i: f"is in the future (now {now})")
+    if first_late is not None:
+        location, row, value = first_late
+        raise DataContractError(
+            f"{location}: row {row}, column '{mapping['timestamp']}' (timestamp): {value} is in the future "
+            f"(now {now}) ({late} bad row(s))"
+        )
+    return target, files
 
-    given: dict[str, pd.DataFrame | None] = {}  # the item and user tables, where paths name them
-    for name, (key, since, noun, verb, _) in _DIMENSIONS.items():
-        section, given[name] = getattr(cfg, name), None
-        if section.paths:
-            given[name] = reader.table(
-                name, f"data.events.{name}.paths", section.paths, section.columns.model_dump(),
-                cfg.timestamp_unit, cfg.bounds,
-            )  # fmt: skip
-            _check_dimension(events, given[name], key, since, mapping, noun, verb)
-    ordered = _deduplicated_in_order(events, cfg.duplicate_label)
-    tables = {
-        name: _dimension(given[name], ordered, key, since, fills)
-        for name, (key, since, _, _, fills) in _DIMENSIONS.items()
-    }
-    tables["events"] = ordered
-    for name, table in tables.items():
-        check_raw_table(name, table, f"data.events ({name})")
-    return tables
+
+def _ordered_batches(
+    ordered: Path, batch_rows: int, folder: tempfile.TemporaryDirectory
+) -> Iterator[pd.DataFrame]:
+    """The ordered events as contract frames, ``batch_rows`` at a time; the spill folder goes at the end."""
+    try:
+        for batch in pq.ParquetFile(ordered).iter_batches(batch_size=batch_rows):
+            label = batch.column("label").to_numpy()
+            yield pd.DataFrame({
+                "user_id": batch.column("user_id").to_numpy(),
+                "item_id": batch.column("item_id").to_numpy(),
+                "event_timestamp": micros_to_time(batch.column("ts").to_numpy()),
+                "label": label,
+                "event_type": _EVENT_TYPES[label],
+            })  # fmt: skip
+    finally:
+        folder.cleanup()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +257,14 @@ class _Reader:
         return list(found)
 
     def read_file(self, location: str, table: str, mapping: dict[str, str | None]) -> pd.DataFrame:
+        """The file's mapped columns whole (the item and user tables; an events file on the error path)."""
+        frames = list(self.batches(location, table, mapping, None))
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+    def batches(
+        self, location: str, table: str, mapping: dict[str, str | None], rows: int | None
+    ) -> Iterator[pd.DataFrame]:
+        """The file's mapped columns ``rows`` at a time (None: whole), in file order."""
         source: str | io.BytesIO = location
         if location.startswith("s3://"):
             bucket, key = _split_s3(location)
@@ -164,17 +276,15 @@ class _Reader:
                 raise DataContractError(f"{location}: file not found")
             source = io.BytesIO(data)
         fmt, wanted = _format(location), {column for column in mapping.values() if column}
+        compression = "gzip" if location.endswith(".gz") else None
         try:  # only the mapped columns are read
             if fmt == "parquet":
                 parquet = pq.ParquetFile(source)
                 found = parquet.schema_arrow.names
-                df = parquet.read(columns=[c for c in found if c in wanted]).to_pandas()
             else:
-                compression = "gzip" if location.endswith(".gz") else None
                 found = list(pd.read_csv(source, nrows=0, compression=compression).columns)
                 if isinstance(source, io.BytesIO):
                     source.seek(0)
-                df = pd.read_csv(source, dtype=str, compression=compression, usecols=lambda c: c in wanted)
         except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError) as exc:
             raise DataContractError(f"{location}: not a readable {fmt} file: {exc}") from exc
         missing = [
@@ -185,7 +295,22 @@ class _Reader:
             raise DataContractError(
                 f"{location}: column(s) {', '.join(missing)} not found (mapped in {section}); found {found}"
             )
-        return df
+        try:
+            if fmt == "parquet":
+                columns = [c for c in found if c in wanted]
+                if rows is None:
+                    yield parquet.read(columns=columns).to_pandas()
+                    return
+                for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+                    yield pa.Table.from_batches([batch]).to_pandas()
+            elif rows is None:
+                yield pd.read_csv(source, dtype=str, compression=compression, usecols=lambda c: c in wanted)
+            else:
+                yield from pd.read_csv(
+                    source, dtype=str, compression=compression, usecols=lambda c: c in wanted, chunksize=rows
+                )
+        except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError) as exc:
+            raise DataContractError(f"{location}: not a readable {fmt} file: {exc}") from exc
 
     def _s3_matches(self, pattern: str) -> list[str]:
         bucket, key = _split_s3(pattern)
@@ -328,7 +453,13 @@ def _timestamps(series: pd.Series, unit: str) -> pd.Series:
         # number is a bad row, not an exception
         numbers = pd.to_numeric(series, errors="coerce")
         limit = pd.Timestamp.max.value / pd.Timedelta(1, unit=unit).value
-        times = pd.to_datetime(numbers.where(numbers.abs() < limit), unit=unit, utc=True)
+        in_range = numbers.where(numbers.abs() < limit)
+        # all text (ISO): no numbers to convert (pandas' unit cast of an all-NaN column can raise spuriously)
+        times = (
+            pd.to_datetime(in_range, unit=unit, utc=True)
+            if in_range.notna().any()
+            else pd.Series(pd.NaT, index=series.index, dtype="datetime64[ns, UTC]")
+        )
         text = numbers.isna() & series.notna()
         if text.any():
             iso = pd.to_datetime(series.where(text), utc=True, errors="coerce", format="ISO8601")
@@ -350,21 +481,8 @@ _EXPECTED = {
 # the item and user tables against the events
 
 
-def _fail_at(df: pd.DataFrame, bad: pd.Series, column: str, name: str, problem: Callable[[int], str]) -> None:
-    """Fail naming the file and row of the first ``bad`` row of a concatenated table (read order)."""
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataContractError(
-            f"{df['_file'].iloc[i]}: row {df['_row'].iloc[i]}, column '{column}' ({name}): "
-            f"{df[name].iloc[i]} {problem(i)} ({int(bad.sum())} bad row(s))"
-        )
-
-
-def _check_dimension(
-    events: pd.DataFrame, table: pd.DataFrame, key: str, since: str, mapping: dict[str, str | None],
-    noun: str, verb: str,
-) -> None:  # fmt: skip
-    """Unique ids in ``table``; every event's ``key`` in it, and not before the row's ``since``."""
+def _check_unique(table: pd.DataFrame, key: str) -> None:
+    """An item or user table lists each id once; a repeat names both rows."""
     duplicated = table.duplicated(key)
     if duplicated.any():
         i = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -373,46 +491,6 @@ def _check_dimension(
             f"{table['_file'].iloc[i]}: row {table['_row'].iloc[i]}: {key} {table[key].iloc[i]} is listed "
             f"again (first at {table['_file'].iloc[first]} row {table['_row'].iloc[first]})"
         )
-    tables_files = sorted(set(table["_file"]))
-    known = events[key].isin(table[key])
-    _fail_at(events, ~known, mapping[key], key, lambda i: f"is not in the {noun} table {tables_files}")
-    if since not in table:
-        return
-    at = table.set_index(key)
-    own = events[key].map(at[since])
-    early = events["timestamp"] < own
-
-    def problem(i: int) -> str:
-        own_id = events[key].iloc[i]
-        row = at.loc[own_id]
-        return f"is before its {noun} {own_id} {verb} ({row[since]}, {row['_file']} row {row['_row']})"
-
-    _fail_at(events, early, mapping["timestamp"], "timestamp", problem)
-
-
-def _deduplicated_in_order(events: pd.DataFrame, duplicate_label: str) -> pd.DataFrame:
-    """One row per (user, item, timestamp), ordered by time then user, unique per (user, timestamp)."""
-    keys = ["user_id", "item_id", "timestamp"]
-    df = events[[*keys, "label"]].copy()
-    df["user_id"], df["item_id"] = df["user_id"].astype(np.int64), df["item_id"].astype(np.int64)
-    df["label"] = df["label"].astype(np.int64)
-    df["_seq"] = np.arange(len(df))
-    df = df.sort_values([*keys, "_seq"], kind="stable")
-    if duplicate_label == "any":
-        df["label"] = df.groupby(keys, sort=False)["label"].transform("max")
-    df = df.drop_duplicates(keys, keep="last").sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    # strictly increasing per user in steps of >= 1 µs: t'[i] = i + max_{j <= i}(t[j] - j) within the user
-    micros = pd.DatetimeIndex(df["timestamp"]).asi8 // 1000  # floored to µs on reading
-    position = df.groupby("user_id", sort=False).cumcount().to_numpy()
-    spread = pd.Series(micros - position).groupby(df["user_id"].to_numpy()).cummax().to_numpy() + position
-    out = pd.DataFrame({
-        "user_id": df["user_id"].to_numpy(),
-        "item_id": df["item_id"].to_numpy(),
-        "event_timestamp": pd.to_datetime(spread * 1000, unit="ns", utc=True),
-        "label": df["label"].to_numpy(),
-        "event_type": _EVENT_TYPES[df["label"].to_numpy()],
-    })  # fmt: skip
-    return out.sort_values(["event_timestamp", "user_id"], kind="stable", ignore_index=True)
 
 
 # the contract's columns of the item and user tables that a table may lack: (value when absent, dtype)
@@ -426,16 +504,18 @@ _USER_FILLS = {
 
 
 def _dimension(
-    table: pd.DataFrame | None, events: pd.DataFrame, key: str, since: str, fills: dict[str, tuple[Any, Any]]
+    table: pd.DataFrame | None, first: pd.Series, key: str, since: str, fills: dict[str, tuple[Any, Any]]
 ) -> pd.DataFrame:
-    """The contract's item or user table: the given ``table``'s rows (else the ids in the events), absent
-    columns filled, known ``since`` the table's time (else the id's first event, else the first event)."""
-    ids = pd.Series(np.unique(events[key]) if table is None else table[key].to_numpy(dtype=np.int64))
+    """The contract's item or user table: the given ``table``'s rows (else the ids in the events, ``first``'s
+    index), absent columns filled, known ``since`` the table's time (else the id's first event, ``first``,
+    else the first event)."""
+    ids = pd.Series(
+        first.index.to_numpy(dtype=np.int64) if table is None else table[key].to_numpy(dtype=np.int64)
+    )
     if table is not None and since in table:
         known = table[since].reset_index(drop=True)
     else:
-        first = events.groupby(key)["event_timestamp"].min()
-        known = ids.map(first).fillna(events["event_timestamp"].min()).astype("datetime64[ns, UTC]")
+        known = ids.map(first).fillna(first.min()).astype("datetime64[ns, UTC]")
     columns: dict[str, Any] = {key: ids.to_numpy(dtype=np.int64)}
     for name, (fill, dtype) in fills.items():
         columns[name] = table[name].to_numpy(dtype=dtype) if table is not None and name in table else fill

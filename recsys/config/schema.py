@@ -195,6 +195,11 @@ class EventsSource(Section):
     # exact duplicates of (user, item, timestamp): one row is kept; its label is 1 if any copy is 1
     # ("any") or the last copy read's ("last": the files in the order listed, rows in file order)
     duplicate_label: Literal["any", "last"]
+    # the log is streamed: files read, checked and spilled this many rows at a time, merged, deduplicated
+    # and ordered on disk by DuckDB under its memory limit, in the spill folder (null: system temp folder)
+    batch_rows: int = Field(gt=0)
+    duckdb_memory_limit: str = Field(pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+    spill_dir: Path | None
     items: ItemTable
     users: UserTable
     bounds: EventBounds
