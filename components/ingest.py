@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from recsys.artifact_io import staged_files
 from recsys.config import ConfigError, DataConfig
-from recsys.contracts import KNOWN_SINCE, DataContractError, check_raw_columns, check_raw_table
+from recsys.contracts import KNOWN_SINCE, DataContractError, EventBatches, check_raw_table
 from recsys.step_contract import STEPS
 from sources import stream_source
 
@@ -78,32 +78,32 @@ def checked_events(
     label: str,
     until: pd.Timestamp | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """The event batches cut at ``until`` and checked one at a time: the raw contract and the references
-    to ``entities``, each error naming ``label`` and the batch's rows in the source's order. After the
-    last batch, an empty result is an error (naming the cut where there is one)."""
+    """The event batches cut at ``until`` and checked one at a time: the raw contract
+    (:class:`recsys.contracts.EventBatches`, as every step checks the events) and the references to
+    ``entities``, each error naming ``label`` and the batch's rows in the source's order (before the
+    cut). After the last batch, an empty result is an error (naming the cut where there is one)."""
     known = {key: entities[table][key].to_numpy() for key, table in _REFERENCES}
-    read = kept = 0
+    checker = EventBatches(label)
+    read = 0
     first_time: pd.Timestamp | None = None
     for batch in batches:
-        where = f"{label} (events rows {read + 1:,}-{read + len(batch):,})"
-        read += len(batch)
-        check_raw_columns("events", list(batch.columns), where)
+        rows = range(read, read + len(batch))
+        read = rows.stop
+        checker.check_columns(list(batch.columns), rows)
         if until is not None and len(batch):
             earliest = batch[KNOWN_SINCE["events"]].min()
             first_time = earliest if first_time is None else min(first_time, earliest)
             batch = known_before(batch, "events", until)
         if batch.empty:
             continue
-        check_raw_table("events", batch, where)
-        _check_references(batch, known, where)
-        kept += len(batch)
+        checker.check(batch, rows)
+        _check_references(batch, known, label, checker.rows_named(rows))
         yield batch
-    if kept == 0 and until is not None and read:
+    if checker.rows == 0 and until is not None and read:
         raise DataContractError(f"data.until: {until} keeps no events (the first is at {first_time})")
-    if kept == 0:
-        raise DataContractError(f"{label}: table 'events' is empty")
+    checker.finish()
     if until is not None:
-        log.info("ingest: data until %s: %d of %d events", until, kept, read)
+        log.info("ingest: data until %s: %d of %d events", until, checker.rows, read)
 
 
 def write_raw_tables(
@@ -147,15 +147,15 @@ def known_before(table: pd.DataFrame, name: str, until: pd.Timestamp) -> pd.Data
 _REFERENCES = (("user_id", "users"), ("item_id", "items"))
 
 
-def _check_references(batch: pd.DataFrame, known: dict[str, np.ndarray], where: str) -> None:
+def _check_references(batch: pd.DataFrame, known: dict[str, np.ndarray], label: str, rows: str) -> None:
     """Every event must point at a known user and item; a dangling id is a broken source."""
     for key, table in _REFERENCES:
         unknown = ~batch[key].isin(known[key])
         if unknown.any():
             examples = batch.loc[unknown, key].unique()[:5].tolist()
             raise DataContractError(
-                f"{where}: {int(unknown.sum())} event(s) refer to {key} values missing from "
-                f"table '{table}', e.g. {examples}"
+                f"{label}: {int(unknown.sum())} event(s) refer to {key} values missing from "
+                f"table '{table}', e.g. {examples} {rows}"
             )
 
 

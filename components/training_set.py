@@ -10,10 +10,11 @@ whichever offline store (DuckDB locally, Spark on a cluster) ran the join.
 Splits are by time (train < valid < test, cut points from params), written atomically with a manifest
 that the validation step reads. The join, the defaults and the split run in Arrow on batches of
 ``training_set.call_rows`` entity rows, each written (a row group per split) before the next is built.
-Nothing event-sized is held whole: the events are checked a record batch at a time, and DuckDB (its own
-connection, ``training_set.duckdb_memory_limit``, spilling to ``duckdb_spill_dir``) writes time-ordered
-copies of the entity rows and of every feature table to a scratch folder, which the batches and the
-join's sweep (recsys.as_of_rows) read a record batch at a time.
+Nothing event-sized is held whole, and the events are read once: DuckDB (its own connection,
+``training_set.duckdb_memory_limit``, spilling to ``duckdb_spill_dir``) sorts the event record batches
+as the raw contract check hands them on, and writes time-ordered copies of the entity rows and of every
+feature table to a scratch folder, which the batches and the join's sweep (recsys.as_of_rows) read a
+record batch at a time.
 Afterwards the online store is backfilled with ``materialize(start,
 end)`` up to the end of the data, so serving reads the latest features.
 The join itself is recsys.point_in_time's (its docstring says how it is posed to stay linear); the
@@ -48,7 +49,8 @@ from recsys.contracts import (
     FEATURE_TABLE_KEYS,
     TIMESTAMP,
     DataContractError,
-    check_raw_table,
+    EventBatches,
+    open_events,
 )
 from recsys.feature_store import (
     feature_repo,
@@ -69,6 +71,7 @@ from recsys.training_data import MANIFEST, SPLITS
 
 CONTRACT = STEPS["training_set"]
 ENTITY_BATCH_ROWS = 1 << 20  # event rows read (contract check) and sorted rows written at a time
+ENTITY_COLUMNS = ("user_id", "item_id", TIMESTAMP, "label")  # what the sort reads of the events
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +106,6 @@ def run(
     features_dir = Path(features_dir).resolve()
     output_dir = Path(output_dir)
     events_path = Path(raw_dir) / "events.parquet"
-    first_event, last_event = _check_events(events_path)
-    store = open_feature_store(feast)
-    build_repo = functools.partial(feature_repo, feast, features)
-    repo = build_repo(features_dir)
-    store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
-    cuts = split_cuts(pd.Series([first_event, last_event]), config)
     tables = {name: feature_table_path(features_dir, name) for name in FEATURE_TABLE_KEYS}
     if config.duckdb_spill_dir is not None:
         Path(config.duckdb_spill_dir).mkdir(parents=True, exist_ok=True)
@@ -117,13 +114,24 @@ def run(
     t0 = time.perf_counter()
     con = duckdb_connection(config.duckdb_memory_limit, config.duckdb_spill_dir)
     try:  # time-ordered copies on disk: the join sweeps them, nothing is held whole
-        entity_path = sorted_entity_rows(con, events_path, scratch / "entity_rows.parquet")
+        entity_path = scratch / "entity_rows.parquet"
+        checked = sorted_entity_rows(con, events_path, entity_path)  # the step's one read of the events
         sources = {
             name: time_sorted_copy(con, path, scratch / f"{name}.parquet", FEATURE_TABLE_KEYS[name])
             for name, path in tables.items()
         }
+    except BaseException:
+        sorting.cleanup()
+        raise
     finally:
         con.close()
+    first_event, last_event = checked.first_time, checked.last_time
+    assert first_event is not None and last_event is not None  # finish() raised on no rows
+    store = open_feature_store(feast)
+    build_repo = functools.partial(feature_repo, feast, features)
+    repo = build_repo(features_dir)
+    store.apply(registered_repo(feast, features, features_dir).objects())  # feast.source_uri's copy if set
+    cuts = split_cuts(pd.Series([first_event, last_event]), config)
     configure_duckdb(config.duckdb_memory_limit, config.duckdb_spill_dir)
 
     report: dict[str, Any] = {"sets": {}, "seconds": {}, "view_seconds": {}, "defaulted_rows": {}}
@@ -198,17 +206,40 @@ def entity_frames(events: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"retrieval": retrieval, "ranking": ranking}
 
 
-def sorted_entity_rows(con: Any, events_path: Path, target: Path) -> Path:
+def sorted_entity_rows(con: Any, events_path: Path, target: Path) -> EventBatches:
     """The events' entity columns written to ``target`` in :func:`entity_frames`'s order (time, user,
-    item, then file order: pandas' stable sort), by DuckDB's external sort under its memory limit."""
-    con.execute(
-        f"COPY (SELECT user_id, item_id, {TIMESTAMP}, CAST(label AS BIGINT) AS label "
-        f"FROM read_parquet(?, file_row_number = true) "
-        f"ORDER BY {TIMESTAMP}, user_id, item_id, file_row_number) TO '{target}' "
-        f"(FORMAT parquet, ROW_GROUP_SIZE {ENTITY_BATCH_ROWS})",
-        [str(events_path)],
-    )
-    return target
+    item, then file order: pandas' stable sort), by DuckDB's external sort under its memory limit.
+
+    The sort is the step's only read of the events: DuckDB scans an Arrow stream of the file's record
+    batches, each checked against the raw contract as it passes (:class:`EventBatches`, returned with
+    the row count and the first and last event time) and numbered in file order for the tie-break.
+    """
+    events = open_events(events_path)  # the footer (columns, dtypes, not empty) before any row
+    checker = EventBatches(events_path, ENTITY_COLUMNS)
+    fields = [events.schema_arrow.field(name) for name in ENTITY_COLUMNS]
+    schema = pa.schema([*fields, pa.field("file_row_number", pa.int64())])
+
+    def numbered() -> Iterator[pa.RecordBatch]:
+        for batch in checker.read(events, ENTITY_BATCH_ROWS):
+            numbers = np.arange(checker.rows - batch.num_rows, checker.rows, dtype=np.int64)
+            columns = [batch.column(name) for name in ENTITY_COLUMNS]
+            yield pa.RecordBatch.from_arrays([*columns, pa.array(numbers)], schema=schema)
+
+    con.register("checked_events", pa.RecordBatchReader.from_batches(schema, numbered()))
+    try:
+        con.execute(
+            f"COPY (SELECT user_id, item_id, {TIMESTAMP}, CAST(label AS BIGINT) AS label "
+            f"FROM checked_events ORDER BY {TIMESTAMP}, user_id, item_id, file_row_number) TO '{target}' "
+            f"(FORMAT parquet, ROW_GROUP_SIZE {ENTITY_BATCH_ROWS})"
+        )
+    except Exception:
+        if checker.error is not None:  # DuckDB wraps the failure of the batch it was scanning
+            raise checker.error from None
+        raise
+    finally:
+        con.unregister("checked_events")
+    checker.finish()
+    return checker
 
 
 def entity_batches(path: Path, name: str, call_rows: int) -> Iterator[pd.DataFrame]:
@@ -263,24 +294,6 @@ def split_cuts(timestamps: pd.Series, config: TrainingSetConfig) -> SplitCuts:
 
 
 # ---- inputs and report ----------------------------------------------------------------------------
-
-
-def _check_events(path: Path) -> tuple[pd.Timestamp, pd.Timestamp]:
-    """The raw contract on the events, a record batch at a time; returns the first and last event time."""
-    if not path.exists():
-        raise DataContractError(f"{path}: raw table 'events' not found (run the ingest step first)")
-    parquet = pq.ParquetFile(path)
-    first = last = None
-    for batch in parquet.iter_batches(batch_size=ENTITY_BATCH_ROWS):
-        frame = batch.to_pandas()
-        check_raw_table("events", frame, path)
-        low, high = frame[TIMESTAMP].min(), frame[TIMESTAMP].max()
-        first = low if first is None else min(first, low)
-        last = high if last is None else max(last, high)
-    if first is None or last is None:
-        check_raw_table("events", parquet.schema_arrow.empty_table().to_pandas(), path)  # names the fault
-        raise DataContractError(f"{path}: table 'events' is empty")
-    return first, last
 
 
 class SplitSummary:

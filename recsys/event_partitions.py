@@ -8,13 +8,14 @@
 Partitions are contiguous key *ranges* sized to about ``target_rows`` rows each, so every entity's events
 land in one partition, in file order (a per-entity result computed on a partition equals the one computed
 on all events), and partitions taken in key order concatenate to the key-sorted whole (outputs keep the
-order they have when computed at once). The raw contract is checked on the way, naming file and column.
+order they have when computed at once). The raw contract is checked on the way (recsys.contracts
+``EventBatches``), naming file, rows and column.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,9 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
-from recsys.contracts import TIMESTAMP, DataContractError, check_raw_columns, check_raw_table, parquet_schema
+from recsys.contracts import TIMESTAMP, EventBatches, open_events
 
 KEYS = ("user_id", "item_id")
 # spill files per key, all open at once (two keys: 512 files, under the usual 1024 limit); past
@@ -39,7 +39,6 @@ SPILL_SCHEMA = pa.schema(
         pa.field("label", pa.int8()),
     ]
 )
-_SAMPLE_ROWS = 1_024  # rows read with every column to check the dtypes against the raw contract
 
 
 class Events(NamedTuple):
@@ -119,32 +118,28 @@ def key_ranges(counts: KeyCounts, target_rows: int, extra_per_key: int = 0) -> n
 
 
 class EventsFile:
-    """``events.parquet`` checked against the raw contract and read a batch at a time."""
+    """``events.parquet`` checked against the raw contract and read a batch at a time.
+
+    The footer is checked on opening (columns, dtypes, not empty); every batch a pass reads is checked
+    as it goes by (:class:`recsys.contracts.EventBatches`: nulls, labels, its rows named in the error),
+    so the checks ride on the passes the step makes anyway.
+    """
 
     def __init__(self, path: str | Path, batch_rows: int) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise DataContractError(f"{self.path}: raw table 'events' not found (run the ingest step first)")
-        schema = parquet_schema(self.path)
-        check_raw_columns("events", schema.names, self.path)
         self.batch_rows = batch_rows
-        with self._reading():
-            self.file = pq.ParquetFile(self.path)
-            sample = next(self.file.iter_batches(batch_size=_SAMPLE_ROWS), None)
-        # dtypes, and the emptiness check, exactly as the whole-table check does it
-        sample_frame = (sample or schema.empty_table()).to_pandas()
-        check_raw_table("events", sample_frame, self.path)
+        self.file = open_events(self.path)
 
     @property
     def num_rows(self) -> int:
         return self.file.metadata.num_rows
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        """Record batches of ``columns``; a null in them or a label outside {0, 1} raises naming the file."""
-        with self._reading():
-            for batch in self.file.iter_batches(batch_size=self.batch_rows, columns=columns):
-                self._check(batch)
-                yield batch
+        """Record batches of ``columns``; a null in them or a label outside {0, 1} raises naming the file,
+        the batch's rows and the column."""
+        checker = EventBatches(self.path, columns)
+        yield from checker.read(self.file, self.batch_rows)
+        checker.finish()
 
     def count_keys(self) -> dict[str, KeyCounts]:
         """Events per user and per item (first pass: only the two id columns are read)."""
@@ -154,33 +149,6 @@ class EventsFile:
             for key in KEYS:
                 counts[key] = counts[key].merge(_numpy(batch.column(key)).astype(np.int64, copy=False))
         return counts
-
-    def _check(self, batch: pa.RecordBatch) -> None:
-        for name, column in zip(batch.schema.names, batch.columns, strict=True):
-            if column.null_count:
-                raise DataContractError(
-                    f"{self.path}: column '{name}' of table 'events' has {column.null_count} null value(s)"
-                )
-        if "label" in batch.schema.names:
-            label = _numpy(batch.column("label"))
-            bad = (label != 0) & (label != 1)
-            if bad.any():
-                raise DataContractError(
-                    f"{self.path}: column 'label' of table 'events' must be 0 or 1, "
-                    f"found {sorted(np.unique(label[bad]).tolist())[:5]}"
-                )
-
-    def _reading(self) -> AbstractContextManager[None]:
-        return _naming(self.path)
-
-
-@contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """A damaged file mid-read raises naming it, as :func:`recsys.contracts.read_parquet` does."""
-    try:
-        yield
-    except (OSError, pa.ArrowException) as exc:
-        raise DataContractError(f"{path}: not a readable parquet file: {exc}") from exc
 
 
 @dataclass(frozen=True)

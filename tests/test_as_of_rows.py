@@ -94,29 +94,35 @@ def _events(rng: np.random.Generator, rows: int) -> pd.DataFrame:
     return events
 
 
-def test_entity_rows_sorted_on_disk_equal_the_in_memory_entity_frames(tmp_path):
+@pytest.mark.parametrize("batch_rows", [1 << 20, 64])
+def test_entity_rows_sorted_on_disk_equal_the_in_memory_entity_frames(tmp_path, monkeypatch, batch_rows):
+    """Read once, a batch at a time (ties broken by file order across batches too), checked on the way."""
+    monkeypatch.setattr(training_set, "ENTITY_BATCH_ROWS", batch_rows)
     events = _events(np.random.default_rng(3), rows=300)
-    pq.write_table(pa.Table.from_pandas(events, preserve_index=False), tmp_path / "events.parquet")
+    path = tmp_path / "events.parquet"
+    pq.write_table(pa.Table.from_pandas(events, preserve_index=False), path, row_group_size=50)
     con = duckdb_connection("200MB", None)
-    path = training_set.sorted_entity_rows(con, tmp_path / "events.parquet", tmp_path / "entity.parquet")
+    checked = training_set.sorted_entity_rows(con, path, tmp_path / "entity.parquet")
     con.close()
     frames = training_set.entity_frames(events)
     for name, expected in frames.items():
-        batches = list(training_set.entity_batches(path, name, call_rows=7))
+        batches = list(training_set.entity_batches(tmp_path / "entity.parquet", name, call_rows=7))
         assert [len(b) for b in batches[:-1]] == [7] * (len(batches) - 1) and 0 < len(batches[-1]) <= 7
         got = pd.concat(batches, ignore_index=True)
         pd.testing.assert_frame_equal(got, expected)
-    first, last = training_set._check_events(tmp_path / "events.parquet")
-    assert (first, last) == (events["event_timestamp"].min(), events["event_timestamp"].max())
+    times = events["event_timestamp"]
+    assert (checked.first_time, checked.last_time, checked.rows) == (times.min(), times.max(), 300)
 
 
 def test_events_breaking_the_contract_name_the_file(tmp_path):
     events = _events(np.random.default_rng(4), rows=20).assign(label=2)
     pq.write_table(pa.Table.from_pandas(events, preserve_index=False), tmp_path / "events.parquet")
-    with pytest.raises(ValueError, match=r"events\.parquet.*'label'"):
-        training_set._check_events(tmp_path / "events.parquet")
+    con = duckdb_connection("200MB", None)
+    with pytest.raises(ValueError, match=r"events\.parquet: column 'label' .* \(events rows 1-20\)$"):
+        training_set.sorted_entity_rows(con, tmp_path / "events.parquet", tmp_path / "entity.parquet")
     with pytest.raises(ValueError, match="not found"):
-        training_set._check_events(tmp_path / "missing.parquet")
+        training_set.sorted_entity_rows(con, tmp_path / "missing.parquet", tmp_path / "entity.parquet")
+    con.close()
 
 
 def test_entity_frames_out_of_time_order_are_an_error():

@@ -100,7 +100,8 @@ def test_by_user_is_the_stable_sort_of_the_frame():
     ],
 )
 def test_a_bad_value_in_a_later_row_group_is_named(tmp_path, column, bad, message):
-    """The dtype check sees the first rows only; every batch is checked for nulls and labels."""
+    """The dtypes are checked on the footer; every batch for nulls and labels, its rows named."""
+    message += r" \(events rows 2,001-3,000\)$"
     table = pa.Table.from_pandas(_events(3_000), preserve_index=False)
     values = table.column(column).to_pylist()
     values[2_500] = bad

@@ -95,8 +95,9 @@ def test_a_bad_later_batch_fails_naming_its_rows_and_writes_nothing(
     with pytest.raises(DataContractError) as err:
         ingest.run(tiny_params.data, tiny_params.seed, tmp_path)
     first = len(blocks[0]) + len(blocks[1]) + 1
-    rows = f"source 'synthetic' (events rows {first:,}-{first + len(blocks[2]) - 1:,})"
-    assert str(err.value).startswith(rows) and message in str(err.value)
+    rows = f"(events rows {first:,}-{first + len(blocks[2]) - 1:,})"
+    assert str(err.value).startswith("source 'synthetic': ") and str(err.value).endswith(rows)
+    assert message in str(err.value)
     assert _digests(tmp_path) == before  # the earlier batches were staged only: nothing replaced, no temp
 
 
