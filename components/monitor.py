@@ -33,6 +33,11 @@ It checks:
   the answer, from the raw events) and catalogue coverage; skipped while the events end before the
   answers (a local run serves today on data from the past).
 
+Memory follows the window and the samples, not the data (issue 26): the raw events are read through
+pyarrow filters (the recent days, the answered users' clicks; :class:`EventLog`), the reference split as
+at most ``monitor.reference_rows`` rows (every k-th: :func:`reference_sample`), and the skew join reads
+the sampled users' and items' feature rows only (:func:`entity_rows`).
+
 Each check is ok, warn or fail by the thresholds in params.yaml (``monitor``), or skipped with the reason.
 Writes ``metrics/monitor.json`` (checks and values), ``metrics/monitor.prom`` (the same as Prometheus
 gauges, recsys/monitor_metrics.py; pushed to ``monitor.pushgateway`` when set) and an HTML report.
@@ -109,9 +114,9 @@ def run(
     checks["traffic"] = _check_traffic(answers, monitor, uri)
     enough = checks["traffic"]["status"] == "ok"
     gauges["recsys_monitor_logged_answers"] = [({}, float(len(answers)))]
-    reference_table = pq.read_table(training_dir / f"ranking_{monitor.reference_split}.parquet")
-    reference = reference_table.to_pandas()
-    events = pd.read_parquet(raw_dir / "events.parquet", columns=EVENT_COLUMNS)
+    reference_path = training_dir / f"ranking_{monitor.reference_split}.parquet"
+    reference = reference_sample(reference_path, monitor.reference_rows).to_pandas()
+    events = EventLog(raw_dir / "events.parquet")
     bundle = _load_bundle(bundle_dir) if bundle_dir is not None else None
     served_features = _served_features(answers) if enough else pd.DataFrame()
     docs = docs_dir if docs_dir is not None else report_file.parent / "monitor_expectations"
@@ -124,7 +129,7 @@ def run(
     else:
         checks |= {name: _skipped("too few answers") for name in TRAFFIC_CHECKS}
     checks["online_recall"] = _check_online_recall(
-        served_features, reference_table.schema, bundle, monitor, gauges
+        served_features, pq.read_schema(reference_path), bundle, monitor, gauges
     )
     checks["index_coverage"] = _check_index_coverage(events, bundle, monitor, gauges, now)
     checks["embedding_age"] = _check_embedding_age(bundle, monitor, gauges, now)
@@ -253,22 +258,29 @@ def _check_skew(
     }
 
 
-def _point_in_time(sample: pd.DataFrame, offline: OfflineFeatures) -> tuple[pd.DataFrame, pd.Timestamp]:
+def _point_in_time(
+    sample: pd.DataFrame, offline: OfflineFeatures, sources: Mapping[str, pa.Table] | None = None
+) -> tuple[pd.DataFrame, pd.Timestamp]:
     """The answers' user features as Feast's offline join gives them, as of each answer's time (or the
-    end of the offline data, when later), in ``sample``'s row order; and that end."""
+    end of the offline data, when later), in ``sample``'s row order; and that end. The join reads only
+    the sampled users' and items' rows (:func:`entity_rows`), unless ``sources`` gives the tables: an
+    as-of join picks each entity's value from its own rows, so the answer is the whole tables' one."""
     import functools
 
     from recsys.contracts import FEATURE_TABLE_KEYS
-    from recsys.feature_store import feature_repo, open_feature_store, read_feature_table
+    from recsys.feature_store import feature_repo, feature_table_path, open_feature_store
     from recsys.point_in_time import historical_features
 
-    sources = {name: read_feature_table(offline.features_dir, name) for name in FEATURE_TABLE_KEYS}
-    data_end = max(pd.Timestamp(pc.max(table["event_timestamp"]).as_py()) for table in sources.values())
+    users = sample["user_id"].astype(np.int64).to_numpy()
+    items = np.asarray([int(ids[0]) if len(ids) else 0 for ids in sample["item_ids"]], dtype=np.int64)
+    if sources is None:
+        sources = entity_rows(offline.features_dir, {"user_id": users, "item_id": items})
+    data_end = max(table_end(feature_table_path(offline.features_dir, name)) for name in FEATURE_TABLE_KEYS)
     entity_df = pd.DataFrame(
         {
             "row_id": np.arange(len(sample), dtype=np.int64),
-            "user_id": sample["user_id"].astype(np.int64).to_numpy(),
-            "item_id": [int(items[0]) if len(items) else 0 for items in sample["item_ids"]],
+            "user_id": users,
+            "item_id": items,
             "event_timestamp": sample["time"].clip(upper=data_end).to_numpy(),
             "label": np.zeros(len(sample), dtype=np.int64),
         }
@@ -284,6 +296,39 @@ def _point_in_time(sample: pd.DataFrame, offline: OfflineFeatures) -> tuple[pd.D
         offline.training_set.call_rows,
     )
     return frame.sort_values("row_id", ignore_index=True), data_end
+
+
+def entity_rows(features_dir: Path, keys: Mapping[str, np.ndarray]) -> dict[str, pa.Table]:
+    """Every feature table's rows of the given entities (``keys``: entity key -> ids), in the table's
+    order, read through a pyarrow filter on the key a row group at a time, never the table whole."""
+    from recsys.contracts import FEATURE_TABLE_KEYS
+    from recsys.feature_store import feature_table_path
+
+    tables = {}
+    for name, key in FEATURE_TABLE_KEYS.items():
+        ids = pa.array(np.unique(np.asarray(keys[key], dtype=np.int64)), pa.int64())
+        path = feature_table_path(features_dir, name)
+        tables[name] = pq.read_table(path, filters=pc.field(key).isin(ids), schema=pq.read_schema(path))
+    return tables
+
+
+def table_end(path: Path) -> pd.Timestamp:
+    """A feature table's latest ``event_timestamp`` (the end of the offline data)."""
+    latest = _latest(path)
+    if latest is None:
+        raise ValueError(f"{path}: no feature rows, no offline data end")
+    return latest
+
+
+def _latest(path: Path) -> pd.Timestamp | None:
+    """The latest ``event_timestamp`` in a Parquet file (None when empty): the column alone, a batch at
+    a time."""
+    values = [
+        pc.max(batch.column(0)).as_py()
+        for batch in pq.ParquetFile(path).iter_batches(_BATCH_ROWS, columns=["event_timestamp"])
+    ]
+    values = [v for v in values if v is not None]
+    return pd.Timestamp(max(values)) if values else None
 
 
 def _agreement(served: pd.Series, offline: pd.Series) -> tuple[np.ndarray, float]:
@@ -413,7 +458,7 @@ def _check_online_recall(
 
 
 def _check_index_coverage(
-    events: pd.DataFrame,
+    events: EventLog,
     bundle: Any,
     monitor: MonitorConfig,
     gauges: Gauges,
@@ -421,8 +466,11 @@ def _check_index_coverage(
 ) -> dict[str, Any]:
     if bundle is None:
         return _skipped("no served bundle given")
-    end = min(pd.Timestamp(now), events["event_timestamp"].max())
-    recent = events.loc[events["event_timestamp"] >= end - pd.Timedelta(days=monitor.recent_item_days)]
+    last = events.end()
+    if last is None:
+        return _skipped(f"no events in {events.path}")
+    end = min(pd.Timestamp(now), last)
+    recent = events.rows(["item_id"], since=end - pd.Timedelta(days=monitor.recent_item_days))
     available = np.unique(recent["item_id"].to_numpy(np.int64))
     missing = np.setdiff1d(available, bundle.item_ids)
     share = float(len(missing) / len(available)) if len(available) else 0.0
@@ -453,7 +501,7 @@ def _check_embedding_age(
 
 def _check_outcomes(
     answers: pd.DataFrame,
-    events: pd.DataFrame,
+    events: EventLog,
     bundle: Any,
     monitor: MonitorConfig,
     gauges: Gauges,
@@ -471,13 +519,22 @@ def _check_outcomes(
     served = served_slots(
         answers.loc[answers["endpoint"] == "recommend", ["user_id", "time", "bundle_version", "item_ids"]]
     )
-    if served.empty or events["event_timestamp"].max() < served["time"].min():
+    last = events.end()
+    if served.empty or last is None or last < served["time"].min():
         return _skipped(
             "the events end before the first served answer: no outcome to attribute yet"
             + (f" (coverage {coverage})" if coverage else ""),
             coverage=coverage,
         )
-    per_item = served.assign(clicked=attribute_clicks(served, events, monitor.attribution_hours))
+    window = pd.Timedelta(hours=monitor.attribution_hours)  # the clicks that can count, no others read
+    clicks = events.rows(
+        EVENT_COLUMNS,
+        since=served["time"].min(),
+        until=served["time"].max() + window,
+        users=served["user_id"].to_numpy(np.int64),
+        label=1,
+    )
+    per_item = served.assign(clicked=attribute_clicks(served, clicks, monitor.attribution_hours))
     ctr = per_item.groupby("bundle_version")["clicked"].mean()
     gauges["recsys_monitor_served_ctr"] = [({"bundle_version": str(v)}, float(c)) for v, c in ctr.items()]
     return {
@@ -487,6 +544,85 @@ def _check_outcomes(
         "coverage": coverage,
         "message": "served CTR " + ", ".join(f"{v}: {c:.4f}" for v, c in ctr.items()),
     }
+
+
+# ---- bounded reads ------------------------------------------------------------------------------
+
+_BATCH_ROWS = 1 << 16  # rows decoded at a time from a Parquet file
+
+
+class EventLog:
+    """The raw events, never whole: the checks ask for their end and for the rows they can use (a time
+    window, some users, clicks), read a row group at a time through a pyarrow filter, so memory follows
+    what is asked for, not the log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        schema = pq.read_schema(path)
+        missing = sorted(set(EVENT_COLUMNS) - set(schema.names))
+        if missing:
+            raise ValueError(f"{path}: the monitor reads columns {missing}, which the events lack")
+        self._type = schema.field("event_timestamp").type
+        self._end: pd.Timestamp | None = None
+        self._ended = False
+
+    def end(self) -> pd.Timestamp | None:
+        """The latest event's time (None without events): one column, a batch at a time."""
+        if not self._ended:
+            self._end, self._ended = _latest(self.path), True
+        return self._end
+
+    def rows(
+        self,
+        columns: list[str],
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        users: np.ndarray | None = None,
+        label: int | None = None,
+    ) -> pd.DataFrame:
+        """``columns`` of the events at or after ``since``, at or before ``until``, of ``users``, with
+        ``label``: each condition given narrows what is kept."""
+        time = pc.field("event_timestamp")
+        conditions = []
+        if since is not None:
+            conditions.append(time >= self._bound(since))
+        if until is not None:
+            conditions.append(time <= self._bound(until))
+        if users is not None:
+            conditions.append(pc.field("user_id").isin(pa.array(np.unique(users), pa.int64())))
+        if label is not None:
+            conditions.append(pc.field("label") == label)
+        expression = None
+        for condition in conditions:
+            expression = condition if expression is None else expression & condition
+        return pq.read_table(self.path, columns=columns, filters=expression).to_pandas()
+
+    def _bound(self, moment: pd.Timestamp) -> pa.Scalar:
+        """``moment`` as a scalar of the column's type (tz-aware or not, either way in UTC)."""
+        moment = pd.Timestamp(moment)
+        zone = getattr(self._type, "tz", None)
+        if zone is not None and moment.tzinfo is None:
+            moment = moment.tz_localize("UTC")
+        elif zone is None and moment.tzinfo is not None:
+            moment = moment.tz_convert("UTC").tz_localize(None)
+        return pa.scalar(moment, type=self._type)
+
+
+def reference_sample(path: Path, rows: int) -> pa.Table:
+    """The reference split, or at most ``rows`` of it when larger: every k-th row (k = ceil(total /
+    rows)), read a batch at a time, so the sample spans the whole split (its time order included) and
+    is the same on every run. A split within ``rows`` is read whole, unchanged."""
+    parquet = pq.ParquetFile(path)
+    total = parquet.metadata.num_rows
+    if total <= rows:
+        return parquet.read()
+    step = -(-total // rows)
+    kept, start = [], 0
+    for batch in parquet.iter_batches(_BATCH_ROWS):
+        first = (-start) % step  # the batch's first row at a multiple of step
+        kept.append(batch.take(pa.array(np.arange(first, batch.num_rows, step, dtype=np.int64))))
+        start += batch.num_rows
+    return pa.Table.from_batches(kept, schema=parquet.schema_arrow)
 
 
 # ---- drift --------------------------------------------------------------------------------------

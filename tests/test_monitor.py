@@ -275,3 +275,100 @@ def test_a_failed_check_exits_1_with_stop_on_fail(params, world, tmp_path, monke
     assert step.main(["--params", str(go_on), *common]) == 0
     assert step.main(["--params", str(stop), "--exit-zero", *common]) == 0  # dvc repro: reported, not stopped
     assert json.loads((tmp_path / "m.json").read_text())["checks"]["degraded_answers"]["status"] == "fail"
+
+
+# ---- bounded reads (issue 26): the same answers from the rows that matter --------------------------
+
+
+def test_the_reference_is_every_kth_row_of_a_large_split_and_whole_when_small(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ranking_test.parquet"
+    ids = np.arange(100_000, dtype=np.int64)
+    table = pa.table({"row_id": ids, "hist": [[i % 7] for i in range(len(ids))]})
+    pq.write_table(table, path, row_group_size=30_000)  # batches across row groups of uneven ends
+    sample = step.reference_sample(path, 7_000)
+    assert sample.schema == table.schema
+    assert sample.column("row_id").to_pylist() == list(range(0, 100_000, 15))  # k = ceil(100000 / 7000)
+    assert step.reference_sample(path, 7_000).equals(sample)  # the same on every run
+    assert step.reference_sample(path, 100_000).equals(table)  # within the bound: whole, unchanged
+
+
+def test_a_sampled_reference_keeps_the_checks_results(params, world, tmp_path):
+    serve(world, tmp_path / "log")
+    raw = write_events(world, tmp_path / "raw")
+    whole = check(params, world, tmp_path / "log", raw, "whole")
+    sampled = check(params, world, tmp_path / "log", raw, "sampled", reference_rows=400)
+    assert len(world["train"]) > 400  # the sample is smaller than the split
+    assert {n: c["status"] for n, c in sampled["checks"].items()} == {
+        n: c["status"] for n, c in whole["checks"].items()
+    }
+    assert sampled["checks"]["drift"]["psi"] != whole["checks"]["drift"]["psi"]  # the sample was used
+
+
+def test_the_event_log_reads_only_the_asked_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    seconds = rng.integers(0, 10 * 86_400, 5_000)
+    times = pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(seconds, unit="s")
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 50, 5_000).astype(np.int64),
+            "item_id": rng.integers(0, 200, 5_000).astype(np.int64),
+            "event_timestamp": times,
+            "label": rng.integers(0, 2, 5_000).astype(np.int64),
+        }
+    )
+    path = tmp_path / "events.parquet"
+    events.to_parquet(path, row_group_size=700)
+    log = step.EventLog(path)
+    assert log.end() == events["event_timestamp"].max()
+    since, until = pd.Timestamp("2026-01-04 06:00", tz="UTC"), pd.Timestamp("2026-01-06", tz="UTC")
+    users = np.array([3, 7, 11, 7])
+    got = log.rows(step.EVENT_COLUMNS, since=since, until=until, users=users, label=1)
+    time = events["event_timestamp"]
+    kept = (time >= since) & (time <= until) & events["user_id"].isin(users) & (events["label"] == 1)
+    want = events.loc[kept]
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
+    naive = log.rows(["item_id"], since=since.tz_localize(None))  # a naive bound is UTC
+    assert naive["item_id"].tolist() == events.loc[time >= since, "item_id"].tolist()
+    pd.DataFrame(columns=["user_id", "item_id", "label"]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet.*event_timestamp"):
+        step.EventLog(tmp_path / "bad.parquet")
+
+
+@pytest.mark.slow  # two Feast joins on the tiny preset's tables
+def test_the_skew_join_on_the_sampled_entities_rows_equals_the_whole_tables(
+    tiny_params, tiny_features_dir, tmp_path
+):
+    """The point-in-time join reads only the sampled users' and items' feature rows: the same answer as
+    over the whole tables (the as-of join picks each entity's value from its own rows)."""
+    from recsys.contracts import FEATURE_TABLE_KEYS
+    from recsys.feature_store import open_feature_store, read_feature_table, registered_repo
+    from tests.conftest import revalidated
+    from tests.feast_fixtures import copy_feature_repo
+
+    feast = revalidated(tiny_params.feast, repo_path=copy_feature_repo(tmp_path))
+    open_feature_store(feast).apply(registered_repo(feast, tiny_params.features, tiny_features_dir).objects())
+    offline = step.OfflineFeatures(feast, tiny_params.features, tiny_params.training_set, tiny_features_dir)
+    whole = {name: read_feature_table(tiny_features_dir, name) for name in FEATURE_TABLE_KEYS}
+    stats = whole["user_stats"].to_pandas()
+    rows = stats.sample(n=120, random_state=0)
+    shift = pd.to_timedelta(np.random.default_rng(1).integers(0, 5 * 86_400, len(rows)), unit="s")
+    items = whole["item_stats"].column("item_id").to_numpy()
+    sample = pd.DataFrame(
+        {
+            "user_id": rows["user_id"].to_numpy(),
+            "time": (rows["event_timestamp"] + shift).to_numpy(),  # between snapshots, some past the end
+            "item_ids": [[int(items[i % len(items)]), 0] if i % 5 else [] for i in range(len(rows))],
+        }
+    )
+    sample["time"] = sample["time"].dt.tz_localize("UTC") if sample["time"].dt.tz is None else sample["time"]
+    read = step.entity_rows(tiny_features_dir, {"user_id": sample["user_id"], "item_id": items[:3]})
+    assert all(read[name].num_rows < whole[name].num_rows for name in ("user_stats", "user_history"))
+    bounded, end = step._point_in_time(sample, offline)
+    full, full_end = step._point_in_time(sample, offline, sources=whole)
+    latest = max(pd.Timestamp(t.column("event_timestamp").to_numpy().max(), tz="UTC") for t in whole.values())
+    assert end == full_end == latest
+    assert len(bounded) == len(sample) and bounded["hist_length"].gt(0).any()
+    pd.testing.assert_frame_equal(bounded, full)

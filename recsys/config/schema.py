@@ -797,6 +797,7 @@ class MonitorConfig(Section):
     window_hours: float = Field(gt=0)  # the request log's last hours are checked
     min_answers: int = Field(ge=1)  # fewer logged answers: the traffic checks are skipped
     reference_split: Literal["train", "valid", "test"]  # the training set's split served features face
+    reference_rows: int = Field(ge=1)  # a larger split is sampled (every k-th row) to this many rows
     psi: Limits  # population stability index per user feature, served vs the training set (higher: worse)
     psi_bins: int = Field(ge=2, le=100)  # quantile bins of a numeric feature; top categories + "other"
     skew_match_rate: (
