@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -68,7 +69,6 @@ def run_child(module: str, spec: dict[str, Any]) -> dict[str, Any]:
     """``python -m <module> --child <spec>`` from the checkout's root; the JSON line it printed last."""
     import subprocess
     import sys
-    from pathlib import Path
 
     out = subprocess.run(
         [sys.executable, "-m", module, "--child", json.dumps(spec)],
@@ -78,3 +78,34 @@ def run_child(module: str, spec: dict[str, Any]) -> dict[str, Any]:
         cwd=Path(__file__).resolve().parents[1],
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed_process(command: list[str], cwd: Path, what: str) -> dict[str, float]:
+    """``command`` under ``/usr/bin/time -v`` in ``cwd``: its wall seconds and peak RSS (GB, the child's own
+    maximum resident set, not this process's); a failure raises with ``what`` and the tail of its stderr."""
+    import re
+    import subprocess
+
+    done = subprocess.run(["/usr/bin/time", "-v", *command], cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_kb / 1024**2, 2)}
+
+
+def merge_run(path: Path, run: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """``run`` merged into the results JSON at ``path`` by (label, events), replacing an earlier run of the
+    same pair, so a ``before`` label stays next to the ``after`` one; writes the JSON and its markdown."""
+    import os
+    import platform
+
+    report = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    key = (run["label"], run["events"])
+    report["runs"] = [r for r in report["runs"] if (r["label"], r["events"]) != key] + [run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    return report

@@ -13,11 +13,6 @@ code before a change stays next to the ``after`` one.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +23,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import yaml
+
+from benchmarks.child_runs import merge_run, timed_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,20 +72,9 @@ def events_params(folder: Path, run_dir: Path, root: Path) -> Path:
 
 def run_ingest(params: Path, raw_dir: Path, root: Path) -> dict[str, Any]:
     """``python -m components.ingest`` in a child process under ``/usr/bin/time -v``."""
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "components.ingest"]
-    done = subprocess.run(
-        [*command, "--params", str(params), "--raw-dir", str(raw_dir)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"ingest failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    rows = pq.ParquetFile(raw_dir / "events.parquet").metadata.num_rows
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_kb / 1024**2, 2), "events_out": rows}
+    command = [sys.executable, "-m", "components.ingest", "--params", str(params), "--raw-dir", str(raw_dir)]
+    result = timed_process(command, root, "ingest")
+    return {**result, "events_out": pq.ParquetFile(raw_dir / "events.parquet").metadata.num_rows}
 
 
 def measure(events: int, root: Path, scratch: Path | None) -> dict[str, Any]:
@@ -138,18 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the generated logs")
     parser.add_argument("--output", type=Path, default=RESULTS / "events_source.json", help="results JSON")
     args = parser.parse_args(argv)
-    path: Path = args.output
     report: dict[str, Any] = {"runs": []}
     for events in args.events:
         run = {"label": args.label, **measure(events, args.root.resolve(), args.scratch)}
         print(run, flush=True)
-        report = json.loads(path.read_text()) if path.exists() else {"runs": []}  # merged at each write
-        report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-        report["runs"] = [r for r in report["runs"] if (r["label"], r["events"]) != (args.label, events)]
-        report["runs"].append(run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        path.with_suffix(".md").write_text(_markdown(report))
+        report = merge_run(args.output, run, _markdown)
     print(_markdown(report))
     return 0
 

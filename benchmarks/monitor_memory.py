@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import timedelta
@@ -34,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from benchmarks.child_runs import merge_run, timed_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,13 +70,8 @@ def sized_params(root: Path, scale_dir: Path, work_dir: Path, label: str) -> Pat
 
 def timed(command: list[str], root: Path) -> tuple[float, float]:
     """Run ``command`` under ``/usr/bin/time -v`` in ``root``: its wall seconds and peak RSS (GB)."""
-    done = subprocess.run(["/usr/bin/time", "-v", *command], cwd=root, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{command[:4]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return round(seconds, 1), round(peak_kb / 1024**2, 2)
+    result = timed_process(command, root, " ".join(command[:4]))
+    return result["seconds"], result["peak_rss_gb"]
 
 
 def ensure_training_set(params: Path, scale_dir: Path, work_dir: Path, root: Path) -> Path:
@@ -221,16 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     run = measure(args.scale_dir, args.work_dir, args.root.resolve(), args.label, bundle, args.answers)
     print(json.dumps(run), flush=True)
     json_path = args.out.with_suffix(".json")
-    report = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": []}
-    report["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
-    report["runs"] = [
-        r for r in report["runs"] if (r["label"], r["events"]) != (run["label"], run["events"])
-    ] + [run]
     if args.note is not None:
-        report["note"] = args.note
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(report))
+        report = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": []}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({**report, "note": args.note}, indent=2) + "\n")
+    merge_run(json_path, run, _markdown)
     return 0
 
 

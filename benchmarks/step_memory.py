@@ -12,18 +12,15 @@ a change stays next to the ``after`` one.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from benchmarks.child_runs import merge_run, timed_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,16 +65,8 @@ def _step_args(step: str, params: Path, run_dir: Path) -> list[str]:
 
 def run_step(step: str, params: Path, run_dir: Path, root: Path) -> dict[str, Any]:
     """One step in a child process under ``/usr/bin/time -v``: its wall seconds and peak RSS."""
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", f"components.{step}"]
-    done = subprocess.run(
-        [*command, *_step_args(step, params, run_dir)], cwd=root, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{step} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_kb / 1024**2, 2)}
+    command = [sys.executable, "-m", f"components.{step}", *_step_args(step, params, run_dir)]
+    return timed_process(command, root, step)
 
 
 def measure(
@@ -148,17 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "step_memory.json", help="results JSON")
     args = parser.parse_args(argv)
-    path: Path = args.output
     for events in args.events:
         run = {"label": args.label, **measure(events, args.root.resolve(), args.scratch, tuple(args.steps))}
-        report = json.loads(path.read_text()) if path.exists() else {"runs": []}  # merged at each write
-        report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
-        report["runs"] = [r for r in report["runs"] if (r["label"], r["events"]) != (args.label, events)] + [
-            run
-        ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        path.with_suffix(".md").write_text(_markdown(report))
+        report = merge_run(args.output, run, _markdown)
     print(_markdown(report))
     return 0
 
