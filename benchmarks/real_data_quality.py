@@ -52,7 +52,7 @@ AUC_MARGIN = 0.02
 RECALL_LIFT = 1.3
 BEST_RECALL_LIFT = 1.15  # over the best retrieval baseline
 BEST_AUC_MARGIN = 0.005  # over the best ranking baseline
-BLEND = "two_tower_blend"  # components/evaluate.py's name for the two-tower blended with recent popularity
+BLEND = "two_tower_blend"  # components/evaluate.py's name for the two-tower blended with popularity/item-kNN
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="only retrain the two-tower with each training.seed on the work directory's training sets "
         "and evaluate retrieval (blend included); writes <workdir>/retrieval_seeds.json",
+    )
+    parser.add_argument(
+        "--blend-sources",
+        nargs="*",
+        choices=["popularity", "item_knn"],
+        default=None,
+        help="with --retrieval-seeds: evaluation.blend_sources for those runs (default: params.yaml's)",
     )
     parser.add_argument(
         "--merge",
@@ -205,6 +212,8 @@ def retrieval_seeds(args: argparse.Namespace) -> int:
     workdir = args.workdir.resolve()
     params_file = workdir / "params.yaml"
     overrides = yaml.safe_load(args.overrides.read_text()) if args.overrides else {}
+    if args.blend_sources:
+        overrides = overrides | {"evaluation.blend_sources": list(args.blend_sources)}
     cuts = {
         k: yaml.safe_load(params_file.read_text())["training_set"][k] for k in ("valid_start", "test_start")
     }
@@ -232,6 +241,7 @@ def evaluate_retrieval_only(workdir: Path) -> dict[str, Any]:
     """The evaluate step's retrieval report (models, baselines, blend) for the work directory's models."""
     from components.evaluate import BlendSource, evaluate_retrieval, retrieval_task
     from models.registry import RETRIEVAL_MODEL
+    from recsys.bundle_blend import NEIGHBOURS_MEMBER
     from recsys.catalogue import item_catalogue
     from recsys.step_contract import STEPS
     from recsys.training_data import read_split, test_start_of
@@ -254,6 +264,7 @@ def evaluate_retrieval_only(workdir: Path) -> dict[str, Any]:
         refit=params.training.refit,
         seed=params.training.seed,
         blend=BlendSource(features_dir, params.training, ttl) if cfg.blend_shares else None,
+        neighbours_file=workdir / layout.METRICS_DIR / NEIGHBOURS_MEMBER,
     )
 
 
@@ -264,6 +275,7 @@ def retrieval_summary(retrieval: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"best_baseline": best, "recall@50": recall}
     if BLEND in retrieval:
         summary["share"] = retrieval["blend"]["share"]
+        summary["source"] = retrieval["blend"].get("source", "popularity")
         summary["valid_recall@50"] = retrieval["blend"]["valid_recall"]
     for name in ("two_tower", BLEND):
         if name in recall:
@@ -539,13 +551,25 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     if "blend" in retrieval:
         blend, best = retrieval["blend"], retrieval["best_baseline"]
-        valid = ", ".join(f"{share}: {value:.4f}" for share, value in blend["valid_recall"].items())
+        by_source = blend.get("valid_recall_by_source") or {
+            blend.get("source", "popularity"): blend["valid_recall"]
+        }
+        valid = "; ".join(
+            f"{source}: " + ", ".join(f"{share}: {value:.4f}" for share, value in recall.items())
+            for source, recall in by_source.items()
+        )
+        second = (
+            "item-kNN's list over the user's history feature (the bundle's item_neighbours.npz, "
+            f"{blend.get('item_neighbours', {}).get('neighbours')} neighbours per item)"
+            if blend.get("source") == "item_knn"
+            else f"recent popularity (window {blend['window_days']} days; None = all time)"
+        )
         lines += [
             "",
-            f"{BLEND}: the two-tower's list with a share {blend['share']:g} of every prefix given to recent "
-            f"popularity (window {blend['window_days']} days; None = all time), the share chosen on "
-            f"validation recall@50 with a two-tower fitted on {blend['two_tower_fitted_on']} ({valid}); "
-            "what `recommend` serves (the bundle's retrieval_blend.json).",
+            f"{BLEND}: the two-tower's list with a share {blend['share']:g} of every prefix given to "
+            f"{second}, the source and share chosen on validation recall@50 with a two-tower fitted on "
+            f"{blend['two_tower_fitted_on']} ({valid}); what `recommend` serves (the bundle's "
+            "retrieval_blend.json).",
         ]
         intervals = retrieval["intervals"]
         lines += ["", "| recall@50, bootstrap interval over users | value | low | high |"]
@@ -605,7 +629,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Retrieval per two-tower training seed (same training sets; `--retrieval-seeds`)",
             "",
-            f"| seed | two_tower | {BLEND} | share | best baseline | two_tower / best | {BLEND} / best |",
+            f"| seed | two_tower | {BLEND} | second list, share | best baseline | two_tower / best | "
+            f"{BLEND} / best |",
             "|---|---:|---:|---:|---|---:|---:|",
         ]
         for seed, run in report["retrieval_per_seed"].items():
@@ -614,7 +639,7 @@ def markdown(report: dict[str, Any]) -> str:
                 seed,
                 f"{recall['two_tower']:.4f}",
                 _fmt(recall.get(BLEND)),
-                f"{run.get('share', 0):g}",
+                f"{run.get('source', 'popularity')} {run.get('share', 0):g}",
                 f"{best} {recall[best]:.4f}",
                 _fmt(run.get("two_tower / best baseline")),
                 _fmt(run.get(f"{BLEND} / best baseline")),

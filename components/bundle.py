@@ -18,7 +18,7 @@ from pathlib import Path
 from recsys import artifact_layout as layout
 from recsys.artifact_io import read_json
 from recsys.bundle_assembly import assemble_bundle
-from recsys.bundle_blend import BLEND_MEMBER, blend_of_metrics, write_blend
+from recsys.bundle_blend import BLEND_MEMBER, NEIGHBOURS_MEMBER, blend_of_metrics, write_blend
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 from recsys.step_contract import STEPS
 
@@ -41,7 +41,8 @@ def run(
 ) -> Path:
     """Assemble ``files`` (bundle member name -> file) with the evaluation metrics of ``metrics_file`` and
     the params file's text (the whole configuration the run was built with). When the evaluate step chose
-    a retrieval blend (``retrieval.blend``), it joins the bundle as ``retrieval_blend.json``."""
+    a retrieval blend (``retrieval.blend``), it joins the bundle as ``retrieval_blend.json``; when that
+    blend is item-kNN's, so does the neighbour table the evaluate step wrote beside ``metrics_file``."""
     metrics = read_json(Path(metrics_file), BundleIntegrityError, "evaluation metrics not found")
     params_text = Path(params_path).read_text()
     blend = blend_of_metrics(metrics)
@@ -49,7 +50,26 @@ def run(
         return assemble_bundle(files, Path(out_dir), params_text=params_text, metrics=metrics)
     with tempfile.TemporaryDirectory() as scratch:
         members = {**files, BLEND_MEMBER: write_blend(blend, Path(scratch) / BLEND_MEMBER)}
+        if blend.get("source") == "item_knn":
+            members[NEIGHBOURS_MEMBER] = neighbour_table_file(Path(metrics_file))
         return assemble_bundle(members, Path(out_dir), params_text=params_text, metrics=metrics)
+
+
+def neighbour_table_file(metrics_file: Path) -> Path:
+    """The evaluate step's item-kNN neighbour table beside ``metrics_file``, checked to load."""
+    from models.blend import NeighbourTable
+
+    path = metrics_file.with_name(NEIGHBOURS_MEMBER)
+    if not path.is_file():
+        raise BundleIntegrityError(
+            f"{path}: the evaluation chose the item-kNN blend but its neighbour table is missing "
+            "(the evaluate step writes it beside its metrics)"
+        )
+    try:
+        NeighbourTable.load(path)
+    except ValueError as exc:
+        raise BundleIntegrityError(str(exc)) from exc
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,9 @@ same rows and split.
   Baselines: the item's smoothed CTR, a logistic regression on user + item one-hot (L2 chosen on
   validation) and LightGBM on the rankers' own features (tree size and rounds chosen on validation);
   the same on the rows of users with a click history (``with_history``).
+- **Blend** (what ``recommend`` serves when the two-tower alone loses): the two-tower's list with a share
+  of every prefix given to recent popularity or to item-kNN over the user's history feature, source and
+  share chosen on validation (``evaluation.blend_sources`` / ``blend_shares``), scored on test as served.
 
 Settings are chosen by fitting on the train split and scoring the validation split; with
 ``training.refit`` the baselines are then refitted on train + validation, the rows the models were
@@ -35,10 +38,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.blend import NeighbourTable
 from models.metrics import ItemSets
 from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.artifact_io import read_json, write_json
+from recsys.bundle_blend import HISTORY_FEATURE, NEIGHBOURS_MEMBER
 from recsys.catalogue import item_catalogue
 from recsys.config import EvaluationConfig
 from recsys.contracts import TIMESTAMP
@@ -48,7 +53,7 @@ from recsys.training_data import MANIFEST, read_split, test_start_of
 CONTRACT = STEPS["evaluate"]
 
 RETRIEVAL_BASELINES = ("popularity", "recent_popularity", "item_knn", "ease")
-BLEND = "two_tower_blend"  # the two-tower blended with recent popularity (models/blend.py)
+BLEND = "two_tower_blend"  # the two-tower blended with recent popularity or item-kNN (models/blend.py)
 RANKING_BASELINES = ("item_ctr_baseline", "logistic_regression_baseline", "gbdt_baseline")
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ def run(
         refit=refit,
         seed=seed,
         blend=blend if cfg.blend_shares else None,
+        neighbours_file=Path(output).with_name(NEIGHBOURS_MEMBER),
     )
     report["ranking"] = evaluate_rankers(
         models_dir, training_dir, ranking_test, params.training.eval_batch_size, cfg, refit=refit, seed=seed
@@ -165,25 +171,46 @@ def evaluate_retrieval(
     refit: bool,
     seed: int,
     blend: BlendSource | None = None,
+    neighbours_file: Path | None = None,
 ) -> dict[str, Any]:
     """The two-tower and every retrieval baseline on ``task``, the best baseline at ``headline_k``, the
     two-tower's lift over it and over popularity, bootstrap intervals, and the users with and without
-    clicks before the test window separately. With ``blend``, also the two-tower blended with recent
-    popularity at the share chosen on validation (``two_tower_blend``), and what serving needs to apply
-    it (``blend``: the share and the popularity list, refitted like the models)."""
+    clicks before the test window separately. With ``blend``, also the two-tower blended with the second
+    list (``evaluation.blend_sources``: recent popularity or item-kNN) and share chosen on validation
+    (``two_tower_blend``), and what serving needs to apply it (``blend``: source, share, the popularity
+    list, refitted like the models). When item_knn is a configured source, the neighbour table of the
+    refitted item-kNN is written to ``neighbours_file`` (chosen or not); the bundle step ships it when
+    chosen, and the blend is scored with it, so what is measured is what is served."""
     from models import retrieval_metrics
     from models.blend import blend_topk
     from models.bootstrap import user_mean_intervals
     from models.metrics import per_user_retrieval_metrics
 
     topk = {RETRIEVAL_MODEL: two_tower_topk(model_dir, task)}
-    baselines, settings = retrieval_baselines(training_dir, task, cfg, refit=refit)
+    baselines, settings, knn = retrieval_baselines(training_dir, task, cfg, refit=refit)
     topk.update(baselines)
     served = None
     if blend is not None:
         window = settings["recent_popularity"]["window_days"]
-        served = choose_blend(model_dir, training_dir, blend, cfg, window, refit=refit)
-        topk[BLEND] = blend_topk(topk[RETRIEVAL_MODEL], topk["recent_popularity"], served["share"])
+        items = task.catalogue["item_id"].to_numpy()
+        with_knn = "item_knn" in cfg.blend_sources
+        train_table = knn.train.neighbour_table(items, cfg.blend_neighbours) if with_knn else None
+        served = choose_blend(model_dir, training_dir, blend, cfg, window, refit=refit, table=train_table)
+        if with_knn:  # written whenever configured, chosen or not: the step's outputs follow its config
+            if neighbours_file is None:
+                raise ValueError("evaluate: evaluation.blend_sources names item_knn but no neighbours_file")
+            table = knn.served.neighbour_table(items, cfg.blend_neighbours)
+            table.save(neighbours_file)
+            served["item_neighbours"] = {
+                "items": len(table.item_ids),
+                "neighbours": cfg.blend_neighbours,
+                "fitted_on": "train+valid" if refit else "train",
+            }
+        if served["source"] == "item_knn":
+            second: Any = knn_lists(table, task.users, task.exclude, items, max(task.ks))
+        else:
+            second = topk["recent_popularity"]
+        topk[BLEND] = blend_topk(topk[RETRIEVAL_MODEL], second, served["share"])
         served["popular_item_ids"] = served_popular_list(training_dir, task, window, cfg.blend_popular_items)
     out: dict[str, Any] = {
         name: retrieval_metrics(ranked, task.relevant, task.ks) for name, ranked in topk.items()
@@ -193,7 +220,11 @@ def evaluate_retrieval(
     metric = f"recall@{cfg.headline_k}"
     best = max(baselines, key=lambda name: out[name][metric])
     if served is not None:
-        out[BLEND] |= {"share": served["share"], f"valid_recall@{cfg.headline_k}": served["valid_recall"]}
+        out[BLEND] |= {
+            "source": served["source"],
+            "share": served["share"],
+            f"valid_recall@{cfg.headline_k}": served["valid_recall"],
+        }
         out[BLEND]["lift_over_best_baseline"] = _ratio(out[BLEND][metric], out[best][metric])
         out["blend"] = served
     out["best_baseline"] = best
@@ -247,14 +278,18 @@ def choose_blend(
     window_days: int | None,
     *,
     refit: bool,
+    table: NeighbourTable | None = None,
 ) -> dict[str, Any]:
-    """The share of retrieval slots given to recent popularity (``evaluation.blend_shares``) with the best
-    validation recall@headline_k: the two-tower trained on the train split only (the saved one when it was
-    not refitted, else its train-only twin, :func:`train_only_two_tower`) ranks the validation catalogue
-    for every validation user, the recent-popularity list (the chosen window, counted on train at the
-    validation start) fills the share, both without the user's train clicks when ``exclude_seen``."""
+    """The second list (``evaluation.blend_sources``) and the share of retrieval slots given to it
+    (``evaluation.blend_shares``) with the best validation recall@headline_k (ties: the earlier source,
+    the smaller share): the two-tower trained on the train split only (the saved one when it was not
+    refitted, else its train-only twin, :func:`train_only_two_tower`) ranks the validation catalogue for
+    every validation user; the recent-popularity list (the chosen window, counted on train at the
+    validation start) or item-kNN's list (``table``, fitted on train, over the user's history feature as
+    of their first validation event, as serving scores it) fills the share; none of them lists the
+    user's train clicks when ``exclude_seen``."""
     from models import full_catalogue_topk, load_model
-    from models.blend import choose_share
+    from models.blend import choose_share, choose_source
     from models.retrieval_baselines import history_sets, popularity_scores
 
     train, valid = (read_split(training_dir, "retrieval", s) for s in ("train", "valid"))
@@ -278,17 +313,54 @@ def choose_blend(
     window = None if window_days is None else pd.Timedelta(days=window_days)
     popularity = torch.from_numpy(popularity_scores(train, items, valid_start, window))
     popular_topk = full_catalogue_topk(torch.ones(len(users), 1), popularity[:, None], k, exclude)
-    choice = choose_share(model_topk, popular_topk, relevant, cfg.blend_shares, k)
+    choices = {}
+    for name in cfg.blend_sources:
+        if name == "popularity":
+            choices[name] = choose_share(model_topk, popular_topk, relevant, cfg.blend_shares, k)
+        else:
+            if table is None:
+                raise ValueError("choose_blend: evaluation.blend_sources names item_knn but no table given")
+            lists = knn_lists(table, users, exclude, items, k)
+            choices[name] = choose_share(model_topk, lists, relevant, cfg.blend_shares, k)
+    best = choose_source(choices)
+    choice = choices[best]
     log.info(
-        "evaluate: blend share %g chosen on validation (recall@%d %s)", choice.share, k, choice.valid_recall
+        "evaluate: blend %s share %g chosen on validation (recall@%d %s)",
+        best,
+        choice.share,
+        k,
+        {n: c.valid_recall for n, c in choices.items()},
     )
     return {
+        "source": best,
         "share": choice.share,
         "window_days": window_days,
         "valid_users": len(users),
         "valid_recall": choice.valid_recall,
+        "valid_recall_by_source": {n: c.valid_recall for n, c in choices.items()},
         "two_tower_fitted_on": "train (twin of the refitted model)" if refit else "train",
     }
+
+
+def knn_lists(
+    table: NeighbourTable, users: pd.DataFrame, exclude: ItemSets | None, items: np.ndarray, k: int
+) -> list[np.ndarray]:
+    """Each user's item-kNN list (catalogue indices of ``items``, best first, up to ``k``) from ``table``
+    over their history feature, without their ``exclude`` items: what serving computes per request."""
+    if HISTORY_FEATURE not in users.columns:
+        raise ValueError(f"the item-kNN blend scores the user feature {HISTORY_FEATURE!r}, absent here")
+    index = pd.Index(np.asarray(items, dtype=np.int64))
+    out = []
+    for row, history in enumerate(users[HISTORY_FEATURE].tolist()):
+        excluded = (
+            items[exclude.items[exclude.offsets[row] : exclude.offsets[row + 1]]]
+            if exclude is not None
+            else ()
+        )
+        ids = table.ranked([] if history is None else history, k, excluded)
+        positions = index.get_indexer(np.asarray(ids, dtype=np.int64))
+        out.append(positions[positions >= 0])
+    return out
 
 
 def train_only_two_tower(model_dir: Path, train: pd.DataFrame, training: Any) -> tuple[Any, Any]:
@@ -361,12 +433,21 @@ def _segment_means(per_user: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class FittedKNN:
+    """Item-kNN with the settings chosen on validation: fitted on train (what the blend is chosen with)
+    and the one scored on test (refitted on train + valid when ``training.refit``; what is served)."""
+
+    train: Any  # models.retrieval_baselines.ItemKNN
+    served: Any
+
+
 def retrieval_baselines(
     training_dir: Path, task: RetrievalTask, cfg: EvaluationConfig, *, refit: bool
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], FittedKNN]:
     """Each retrieval baseline's top max(ks) for the test users, and the settings each one chose on the
     validation split (fitted on train, scored on the validation clicks), then refitted on train + valid
-    when ``refit``."""
+    when ``refit``; and the fitted item-kNN models."""
     from models import full_catalogue_topk
     from models.retrieval_baselines import (
         EASE,
@@ -410,6 +491,7 @@ def retrieval_baselines(
     valid_popularity = popularity_scores(train, items, valid_start, None)
 
     knn = ItemKNN.fit_tuned(train, validation=validation, catalogue_items=items, popularity=valid_popularity)
+    train_knn = knn
     if refit:
         knn_recall = knn.valid_recall
         knn = ItemKNN.fit(fit_clicks, items, knn.neighbours, knn.shrink, popularity=popularity)
@@ -434,7 +516,7 @@ def retrieval_baselines(
     else:
         topk["ease"] = ease.topk(task.history, k, task.exclude)
         settings["ease"] = {"l2": ease.l2, f"valid_recall@{hk}": ease.valid_recall}
-    return topk, settings
+    return topk, settings, FittedKNN(train_knn, knn)
 
 
 # ---- ranking ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from models.blend import NeighbourTable
 from models.metrics import ItemSets, full_catalogue_topk, retrieval_metrics
 
 __all__ = [
@@ -377,6 +378,28 @@ class ItemKNN(_ScoreRanker):
 
     def _score_block(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray((history @ self.similarity).toarray(), dtype=np.float64)
+
+    def neighbour_table(self, catalogue_items: np.ndarray, neighbours: int) -> NeighbourTable:
+        """Each item's ``neighbours`` largest similarities (ties: lower item id), in item ids: the
+        table the retrieval blend scores a user's history with, in the evaluation and at serving
+        (models/blend.py). Keeping every neighbour of the fit, its scores are this model's, in float32."""
+        if neighbours < 1:
+            raise ValueError("neighbour_table: neighbours must be >= 1")
+        items = np.asarray(catalogue_items, dtype=np.int64)
+        if len(items) != self.n_items:
+            raise ValueError(f"neighbour_table: {len(items)} catalogue items, the model has {self.n_items}")
+        coo = self.similarity.tocoo()
+        keep = coo.data > 0
+        rows, cols, sims = coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), coo.data[keep]
+        rows, cols, sims = items[rows], items[cols], sims  # item ids from here on
+        order = np.lexsort((cols, -sims, rows))  # by item, then similarity desc, then neighbour id
+        rows, cols, sims = rows[order], cols[order], sims[order]
+        rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+        keep = rank < neighbours
+        rows, cols, sims = rows[keep], cols[keep], sims[keep]
+        item_ids, counts = np.unique(rows, return_counts=True)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return NeighbourTable(item_ids, offsets, cols, sims.astype(np.float32))
 
 
 class CatalogueTooLarge(ValueError):

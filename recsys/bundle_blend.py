@@ -1,10 +1,14 @@
-"""The bundle member that tells serving how to blend two-tower candidates with recent popularity.
+"""The bundle members that tell serving how to blend two-tower candidates with a second list: recent
+popularity, or item-kNN over the user's history.
 
 The evaluate step chooses the share on the validation split and lists the popular items (refitted on
 train + valid, like the models) in ``metrics/evaluation.json`` (``retrieval.blend``); the bundle step
 writes them as ``retrieval_blend.json``, checksummed with the rest, and serving applies the share in
 retrieval (serving/recommender.py, through models/blend.py). A bundle without the member serves the
-two-tower alone (share 0), as bundles did before it.
+two-tower alone (share 0), as bundles did before it. When the evaluate step chose item-kNN
+(``"source": "item_knn"``), its neighbour table (``item_neighbours.npz``, written beside the evaluation
+metrics, :class:`models.blend.NeighbourTable`) joins the bundle too and serving scores each user's history
+feature with it; a document without ``source`` (written before it existed) means popularity.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import numpy as np
 from recsys.bundle_manifest import BundleIntegrityError
 
 BLEND_MEMBER = "retrieval_blend.json"
+NEIGHBOURS_MEMBER = "item_neighbours.npz"
 BLEND_FORMAT = 1
+SOURCES = ("popularity", "item_knn")
+HISTORY_FEATURE = "hist_item_ids"  # the user feature item-kNN scores, offline and served alike
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class RetrievalBlend:
     share: float
     item_ids: np.ndarray  # int64
     window_days: int | None = None
+    source: str = "popularity"  # or "item_knn": the second list is item-kNN's (NEIGHBOURS_MEMBER)
 
 
 def blend_of_metrics(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -47,6 +55,7 @@ def write_blend(blend: Mapping[str, Any], path: str | Path) -> Path:
     document = {
         "format": BLEND_FORMAT,
         "share": float(blend["share"]),
+        "source": str(blend.get("source", "popularity")),
         "window_days": blend.get("window_days"),
         "item_ids": [int(i) for i in blend["popular_item_ids"]],
     }
@@ -71,6 +80,7 @@ def read_blend(path: str | Path) -> RetrievalBlend:
         float(document["share"]),
         np.asarray(document["item_ids"], dtype=np.int64),
         None if window is None else int(window),
+        str(document.get("source", "popularity")),
     )
 
 
@@ -83,5 +93,8 @@ def _check(document: Mapping[str, Any], path: Path) -> None:
         raise BundleIntegrityError(f"{path}: 'item_ids' must be a list of integer item ids")
     if len(set(ids)) != len(ids):
         raise BundleIntegrityError(f"{path}: 'item_ids' lists an item more than once")
-    if float(share) > 0 and not ids:
+    source = document.get("source", "popularity")
+    if source not in SOURCES:
+        raise BundleIntegrityError(f"{path}: 'source' must be one of {list(SOURCES)}, got {source!r}")
+    if float(share) > 0 and source == "popularity" and not ids:
         raise BundleIntegrityError(f"{path}: share {share} needs popular 'item_ids' to blend in")

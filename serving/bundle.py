@@ -18,10 +18,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from models import FeatureEncoder, RecModel, load_model
+from models.blend import NeighbourTable
 from models.registry import RANKERS, RETRIEVAL_MODEL
 from recsys import artifact_layout as layout
 from recsys.ann_index import load_index
-from recsys.bundle_blend import BLEND_MEMBER, read_blend
+from recsys.bundle_blend import BLEND_MEMBER, HISTORY_FEATURE, NEIGHBOURS_MEMBER, read_blend
 from recsys.bundle_manifest import BundleIntegrityError, load_manifest
 
 
@@ -44,6 +45,10 @@ class ServingBundle:
     blend_share: float = 0.0
     blend_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     blend_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    # item-kNN blend (source "item_knn"): the second list is blend_table's over the user's history
+    # feature; blend_ids / blend_vectors are then the whole catalogue, to score what it lists
+    blend_table: NeighbourTable | None = None
+    blend_positions: IdPositions | None = None  # rows of blend_ids, for the item-kNN list's items
 
     @property
     def user_features(self) -> list[str]:
@@ -115,15 +120,21 @@ def load_bundle(
         )
     popular_ids, popular_scores = _popular_items(bundle_dir / layout.POPULAR_ITEMS)
     share, blend_ids, blend_vectors = 0.0, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    table = None
     if BLEND_MEMBER in files:
         blend = read_blend(bundle_dir / BLEND_MEMBER)
-        rows = IdPositions(catalogue).positions(blend.item_ids)
-        share, blend_ids = blend.share, blend.item_ids[rows >= 0]
-        blend_vectors = np.ascontiguousarray(tensors["embeddings"][rows[rows >= 0]], dtype=np.float32)
-        if share > 0 and not len(blend_ids):
-            raise BundleIntegrityError(f"{bundle_dir}: '{BLEND_MEMBER}' lists no item of the catalogue")
+        if blend.source == "item_knn":
+            table = _neighbour_table(bundle_dir, files)
+            share, blend_ids = blend.share, catalogue
+            blend_vectors = np.ascontiguousarray(tensors["embeddings"], dtype=np.float32)
+        else:
+            rows = IdPositions(catalogue).positions(blend.item_ids)
+            share, blend_ids = blend.share, blend.item_ids[rows >= 0]
+            blend_vectors = np.ascontiguousarray(tensors["embeddings"][rows[rows >= 0]], dtype=np.float32)
+            if share > 0 and not len(blend_ids):
+                raise BundleIntegrityError(f"{bundle_dir}: '{BLEND_MEMBER}' lists no item of the catalogue")
     del tensors
-    return ServingBundle(
+    bundle = ServingBundle(
         path=bundle_dir,
         version=str(manifest["version"]),
         manifest=manifest,
@@ -137,7 +148,27 @@ def load_bundle(
         blend_share=share,
         blend_ids=blend_ids,
         blend_vectors=blend_vectors,
+        blend_table=table,
+        blend_positions=IdPositions(blend_ids) if table is not None else None,
     )
+    if table is not None and HISTORY_FEATURE not in bundle.user_features:
+        raise BundleIntegrityError(
+            f"{bundle_dir}: '{BLEND_MEMBER}' blends item-kNN over the user feature '{HISTORY_FEATURE}', "
+            "which no model of the bundle reads, so serving would not fetch it"
+        )
+    return bundle
+
+
+def _neighbour_table(bundle_dir: Path, files: dict[str, Any]) -> NeighbourTable:
+    """The item-kNN blend's neighbour table; a bundle whose blend names item-kNN must carry it."""
+    if NEIGHBOURS_MEMBER not in files:
+        raise BundleIntegrityError(
+            f"{bundle_dir}: '{BLEND_MEMBER}' blends item-kNN but '{NEIGHBOURS_MEMBER}' is not in the bundle"
+        )
+    try:
+        return NeighbourTable.load(bundle_dir / NEIGHBOURS_MEMBER)
+    except ValueError as exc:
+        raise BundleIntegrityError(str(exc)) from exc
 
 
 class IdPositions:

@@ -29,6 +29,7 @@ from prometheus_client import Counter
 from models import FeatureEncoder
 from models.blend import blend_lists
 from recsys.ann_index import search
+from recsys.bundle_blend import HISTORY_FEATURE
 from recsys.config import ServingConfig
 from serving.bundle import IdPositions, ServingBundle
 from serving.exploration import Explorer
@@ -192,8 +193,9 @@ class Recommender:
         """Top-``k[i]`` catalogue items of each user by inner product, leaving out ``exclude[i]``.
 
         When the bundle carries a retrieval blend (share > 0), that share of every prefix of the list is
-        the popular items instead (models/blend.py, as the evaluate step measured it); they are scored by
-        the two-tower too, so the scores are the model's but the order is the blend's."""
+        the popular items, or item-kNN's list over the user's history feature, instead (models/blend.py,
+        as the evaluate step measured it); they are scored by the two-tower too, so the scores are the
+        model's but the order is the blend's."""
         served = served or self._served
         bundle = served.bundle
         vectors = self.user_vectors(users, served)
@@ -208,8 +210,11 @@ class Recommender:
                 keep &= ~np.isin(ids[row], excluded)
             chosen = np.flatnonzero(keep)[: k[row]]
             if bundle.blend_share > 0:
+                history = _history(users, row) if bundle.blend_table is not None else None
                 out.append(
-                    _blended(bundle, ids[row][chosen], scores[row][chosen], vectors[row], excluded, k[row])
+                    _blended(
+                        bundle, ids[row][chosen], scores[row][chosen], vectors[row], excluded, k[row], history
+                    )
                 )
             else:
                 out.append((ids[row][chosen], scores[row][chosen]))
@@ -347,22 +352,38 @@ def _blended(
     user_vector: np.ndarray,
     excluded: np.ndarray | None,
     k: int,
+    history: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``model_ids`` (ANN order) blended with the bundle's popular items not in ``excluded``, at the
-    bundle's share; each item's two-tower score (popular ones: their embedding . the user's vector)."""
-    popular = bundle.blend_ids
-    keep = np.ones(len(popular), dtype=bool) if excluded is None else ~np.isin(popular, excluded)
+    """``model_ids`` (ANN order) blended with the bundle's popular items (or, with a neighbour table,
+    item-kNN's list over ``history``) not in ``excluded``, at the bundle's share; each item's two-tower
+    score (the blended-in ones: their embedding . the user's vector)."""
+    if bundle.blend_table is not None:
+        ranked = bundle.blend_table.ranked(history or [], k, () if excluded is None else excluded)
+        assert bundle.blend_positions is not None  # set with blend_table by load_bundle
+        rows = bundle.blend_positions.positions(np.asarray(ranked, dtype=np.int64))
+        popular = np.asarray(ranked, dtype=np.int64)[rows >= 0]  # only items the index holds
+        vectors, keep = bundle.blend_vectors[rows[rows >= 0]], np.ones(len(popular), dtype=bool)
+    else:
+        popular, vectors = bundle.blend_ids, bundle.blend_vectors
+        keep = np.ones(len(popular), dtype=bool) if excluded is None else ~np.isin(popular, excluded)
     items = np.asarray(
         blend_lists(model_ids.tolist(), popular[keep].tolist(), bundle.blend_share, k), dtype=np.int64
     )
     score_of = dict(zip(model_ids.tolist(), model_scores.astype(np.float32).tolist(), strict=True))
-    popular_scores = bundle.blend_vectors[keep] @ user_vector.astype(np.float32)
+    popular_scores = vectors[keep] @ user_vector.astype(np.float32)
     score_of.update(
         (item, score)
         for item, score in zip(popular[keep].tolist(), popular_scores.tolist(), strict=True)
         if item not in score_of
     )
     return items, np.asarray([score_of[i] for i in items.tolist()], dtype=np.float32)
+
+
+def _history(users: UserFeatures, row: int) -> list[int]:
+    """The user's history feature (item ids), what the item-kNN blend scores; none known: empty."""
+    column = users.columns.get(HISTORY_FEATURE)
+    value = None if column is None else column[row]
+    return [] if value is None else [int(i) for i in value]
 
 
 def _popular(bundle: ServingBundle, user_id: int, n: int, exclude: set[int], degraded: bool) -> Result:

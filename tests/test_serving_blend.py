@@ -153,3 +153,100 @@ def test_a_malformed_blend_member_names_the_file_and_field(tmp_path):
         read_blend(path)
     path.write_text(json.dumps({"format": 1, "share": 0.2, "item_ids": np.arange(3).tolist()}))
     assert read_blend(path).share == 0.2
+
+
+# ---- the item-kNN blend: item-kNN's list over the user's history feature takes the share
+
+HISTORY = "hist_item_ids"
+
+
+@pytest.fixture(scope="module")
+def knn_table(model_ranking):
+    """A neighbour table whose one history item (the model's last) lists the model's next-to-last items,
+    best first, so none of them is retrieved by the model anyway."""
+    from models.blend import NeighbourTable
+
+    neighbours = np.asarray(model_ranking[::-1][1:13], dtype=np.int64)
+    weights = np.linspace(1.0, 0.1, len(neighbours)).astype(np.float32)
+    return NeighbourTable(
+        np.asarray([model_ranking[-1]], dtype=np.int64), np.asarray([0, len(neighbours)]), neighbours, weights
+    )
+
+
+def _knn_bundle(plain_bundle: Path, out: Path, table, share: float, popular: list[int]) -> Path:
+    from components import bundle as step
+    from recsys.bundle_blend import NEIGHBOURS_MEMBER
+
+    manifest = json.loads((plain_bundle / "manifest.json").read_text())
+    files = {name: plain_bundle / name for name in manifest["files"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics = out.parent / "evaluation.json"
+    blend = {"source": "item_knn", "share": share, "popular_item_ids": popular, "valid_recall": {}}
+    metrics.write_text(json.dumps({"retrieval": {"blend": blend}}))
+    table.save(metrics.with_name(NEIGHBOURS_MEMBER))  # where the evaluate step writes it
+    return step.run(ROOT / "params.yaml", metrics, out, files)
+
+
+@pytest.fixture(scope="module")
+def knn_blended(plain_bundle, popular, knn_table, params_file, tmp_path_factory):
+    bundle_dir = _knn_bundle(plain_bundle, tmp_path_factory.mktemp("k") / "bundle", knn_table, 0.5, popular)
+    port = free_port()
+    process = start_server(bundle_dir, params_file, port)
+    yield f"http://127.0.0.1:{port}", bundle_dir
+    stop_server(process)
+
+
+def test_retrieve_serves_item_knn_over_the_users_history_as_measured(
+    params, plain_bundle, knn_blended, knn_table, model_ranking
+):
+    from recsys.bundle_blend import NEIGHBOURS_MEMBER
+    from serving.server import build_models
+
+    url, bundle_dir = knn_blended
+    assert NEIGHBOURS_MEMBER in json.loads((bundle_dir / "manifest.json").read_text())["files"]
+    assert read_blend(bundle_dir / BLEND_MEMBER).source == "item_knn"
+    history = [model_ranking[-1]]
+    rec = build_models(plain_bundle, params.serving, params.feast)[0].recommender
+    ((plain, plain_scores),) = rec.retrieve(rec.user_features([USER], [{HISTORY: history}]), [80])
+    model = plain.tolist()[:RETRIEVE_K]
+    knn = knn_table.ranked(history, RETRIEVE_K)
+    assert knn == model_ranking[::-1][1:11]  # what evaluate scores for this history
+    body = {"instances": [{"user_id": USER, "k": RETRIEVE_K, "features": {HISTORY: history}}]}
+    got = _post(url, "retrieval", body)
+    assert got["item_ids"] == blend_lists(model, knn, 0.5, RETRIEVE_K)
+    assert got["item_ids"][1::2] == knn[:5]
+    score_of = dict(zip(plain.tolist(), plain_scores.tolist(), strict=True))  # two-tower scores throughout
+    assert got["scores"] == pytest.approx([score_of[i] for i in got["item_ids"]], abs=1e-5)
+    # a user without a history (or none the table knows) gets the two-tower alone: nothing to blend in
+    none = _post(
+        url, "retrieval", {"instances": [{"user_id": USER, "k": RETRIEVE_K, "features": {HISTORY: []}}]}
+    )
+    assert none["item_ids"] == _in_process_retrieve(params, plain_bundle, RETRIEVE_K)
+
+
+def test_recommend_blends_item_knn_candidates_without_the_excluded(knn_blended, knn_table, model_ranking):
+    url, _ = knn_blended
+    history, knn = [model_ranking[-1]], model_ranking[::-1][1:13]
+    context = {"features": {HISTORY: history}, "exclude_item_ids": knn[:2]}
+    got = _post(url, "recommend", {"instances": [{"user_id": USER, "n": RETRIEVE_K, "context": context}]})
+    assert got["source"] == "model"
+    assert not set(knn[:2]) & set(got["item_ids"]) and history[0] not in got["item_ids"]
+    assert set(knn[2:7]) <= set(got["item_ids"])  # the next neighbours take the share
+
+
+def test_an_item_knn_blend_without_its_table_is_refused(plain_bundle, popular, tmp_path):
+    from components import bundle as step
+
+    manifest = json.loads((plain_bundle / "manifest.json").read_text())
+    metrics = tmp_path / "evaluation.json"
+    blend = {"source": "item_knn", "share": 0.5, "popular_item_ids": popular}
+    metrics.write_text(json.dumps({"retrieval": {"blend": blend}}))
+    files = {name: plain_bundle / name for name in manifest["files"]}
+    with pytest.raises(
+        BundleIntegrityError, match=r"item_neighbours\.npz: the evaluation chose the item-kNN"
+    ):
+        step.run(ROOT / "params.yaml", metrics, tmp_path / "bundle", files)
+    path = tmp_path / BLEND_MEMBER
+    path.write_text(json.dumps({"format": 1, "share": 0.2, "source": "ease", "item_ids": []}))
+    with pytest.raises(BundleIntegrityError, match="'source' must be one of"):
+        read_blend(path)

@@ -266,3 +266,74 @@ def test_per_model_paths_need_a_single_model(capsys):
     with pytest.raises(SystemExit):
         train.main(["--model", "dlrm", "two_tower", "--metrics", "m.json"])
     assert "--metrics: one model's paths" in capsys.readouterr().err
+
+
+def test_the_item_knn_blend_is_scored_with_the_table_the_bundle_serves(tiny_pipeline, tmp_path):
+    """With evaluation.blend_sources [item_knn], the blend's second list is item-kNN's, from the neighbour
+    table of the item-kNN refitted like the baseline, over each test user's history feature; that table
+    is what the evaluate step writes and the bundle step ships, so the served blend is the measured one."""
+    from components import bundle as bundle_step
+    from components.evaluate import (
+        BLEND,
+        BlendSource,
+        evaluate_retrieval,
+        knn_lists,
+        retrieval_task,
+        two_tower_topk,
+    )
+    from models.blend import NeighbourTable, blend_topk
+    from models.metrics import retrieval_metrics
+    from models.retrieval_baselines import ItemKNN
+    from recsys.bundle_blend import NEIGHBOURS_MEMBER
+    from recsys.catalogue import item_catalogue
+    from recsys.config import load_params
+    from recsys.training_data import read_split, test_start_of
+    from serving.bundle import load_bundle
+
+    params = load_params(tiny_pipeline / "params.yaml")
+    cfg = params.evaluation.model_copy(update={"blend_sources": ["item_knn"], "blend_neighbours": 7})
+    training_dir, features_dir = tiny_pipeline / layout.TRAINING_DIR, tiny_pipeline / layout.FEATURES_DIR
+    model_dir = tiny_pipeline / layout.model_dir("two_tower")
+    ttl = params.feast.ttl_days.item_stats
+    catalogue = item_catalogue(features_dir, test_start_of(training_dir), ttl)
+    task = retrieval_task(
+        training_dir, read_split(training_dir, "ranking", "test"), catalogue, cfg.ks, cfg.exclude_seen
+    )
+    table_file = tmp_path / NEIGHBOURS_MEMBER
+    out = evaluate_retrieval(
+        model_dir,
+        training_dir,
+        task,
+        cfg,
+        refit=True,
+        seed=params.training.seed,
+        blend=BlendSource(features_dir, params.training, ttl),
+        neighbours_file=table_file,
+    )
+    blend = out["blend"]
+    assert blend["source"] == out[BLEND]["source"] == "item_knn"
+    assert set(blend["valid_recall_by_source"]) == {"item_knn"}
+    assert blend["valid_recall"][f"{blend['share']:g}"] == max(blend["valid_recall"].values())
+    table = NeighbourTable.load(table_file)
+    assert table.width == 7 and blend["item_neighbours"]["fitted_on"] == "train+valid"
+    # the table is the baseline's item-kNN (its chosen settings) refitted on train + valid, cut to 7
+    items = catalogue["item_id"].to_numpy()
+    clicks = pd.concat([read_split(training_dir, "retrieval", s) for s in ("train", "valid")])
+    knn = ItemKNN.fit(clicks, items, out["item_knn"]["neighbours"], out["item_knn"]["shrink"])
+    again = knn.neighbour_table(items, 7)
+    assert np.array_equal(again.neighbours, table.neighbours) and np.array_equal(again.offsets, table.offsets)
+    # the test blend: the two-tower's list with the table's lists over the history feature
+    lists = knn_lists(table, task.users, task.exclude, items, max(cfg.ks))
+    assert any(len(row) for row in lists)
+    expected = blend_topk(two_tower_topk(model_dir, task), lists, blend["share"])
+    assert out[BLEND]["recall@50"] == retrieval_metrics(expected, task.relevant, [50])["recall@50"]
+    # and the bundle step ships that table; serving loads it as the blend's second list
+    metrics = tmp_path / "evaluation.json"
+    metrics.write_text(json.dumps({"retrieval": out}, default=float))
+    bundle_dir = tmp_path / "bundle"
+    manifest = json.loads((tiny_pipeline / layout.BUNDLE_DIR / "manifest.json").read_text())
+    files = {n: tiny_pipeline / layout.BUNDLE_DIR / n for n in manifest["files"] if n != NEIGHBOURS_MEMBER}
+    bundle_step.run(tiny_pipeline / "params.yaml", metrics, bundle_dir, files)
+    served = load_bundle(bundle_dir, params.serving.default_ranker)
+    assert served.blend_share == blend["share"] and served.blend_table is not None
+    assert served.blend_table.ranked(table.item_ids[:3], 20) == table.ranked(table.item_ids[:3], 20)

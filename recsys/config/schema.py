@@ -415,6 +415,10 @@ class EvaluationConfig(Section):
     # recall@headline_k and served; 0 = the two-tower alone, 1 = popularity alone; [] = no blend
     blend_shares: list[float]
     blend_popular_items: int = Field(gt=0)  # length of the popularity list the bundle carries for it
+    # the blend's second list, chosen on validation among these: recent popularity, or item-kNN over the
+    # user's history feature (its neighbour table, blend_neighbours per item, joins the bundle)
+    blend_sources: list[Literal["popularity", "item_knn"]] = Field(min_length=1)
+    blend_neighbours: int = Field(gt=0)  # neighbours per item in that table (item_neighbours.npz)
 
     @model_validator(mode="after")
     def _positive_ks(self) -> EvaluationConfig:
